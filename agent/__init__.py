@@ -1,0 +1,1 @@
+"""gradwatch.agent: records gradient norms in the training process and ships them."""

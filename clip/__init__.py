@@ -1,0 +1,1 @@
+"""gradwatch.clip: gradient norms, clippers and spike detectors as lazy MLX ops."""

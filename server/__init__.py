@@ -1,0 +1,1 @@
+"""gradwatch.server: storage, ingest, REST API and live feed for gradient norms."""
