@@ -1,0 +1,1 @@
+"""gradwatch benchmarks: `python -m benchmarks` runs them all and prints one table."""
