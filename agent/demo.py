@@ -1,0 +1,136 @@
+"""The demo training run behind `gradwatch demo`.
+
+A tiny MLP learns to classify synthetic Gaussian clusters (a few thousand
+parameters, seconds on a CPU) with gradwatch attached and clipping at 1.0.
+A few deliberately corrupted batches (inputs blown up, labels shuffled) make
+gradient spikes, so the dashboard has clip events and spikes to show.
+
+    python -m gradwatch.agent.demo --url http://127.0.0.1:8765 --steps 2000 --run demo
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+from gradwatch.agent import GradWatch
+from gradwatch.clip import GlobalNorm
+
+FEATURES = 16
+CLASSES = 8
+BATCH = 64
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int = 64):
+        super().__init__()
+        self.layers = [nn.Linear(FEATURES, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, CLASSES)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.layers[:-1]:
+            x = nn.relu(layer(x))
+        return self.layers[-1](x)
+
+
+def spike_steps(steps: int) -> set[int]:
+    """Steps whose batch is corrupted: after the detectors' warm-up, spread over the run."""
+    return {int(steps * fraction) for fraction in (0.2, 0.45, 0.7, 0.9)}
+
+
+def synthetic_batches(steps: int, seed: int = 0):
+    """Yields (x, y, corrupted) for each step; corrupted batches have inputs scaled by 40
+    and shuffled labels, the kind of bad shard that makes a real run spike."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0.0, 2.0, size=(CLASSES, FEATURES)).astype(np.float32)
+    corrupt = spike_steps(steps)
+    for step in range(steps):
+        labels = rng.integers(0, CLASSES, size=BATCH)
+        inputs = centers[labels] + rng.normal(0.0, 1.0, size=(BATCH, FEATURES)).astype(np.float32)
+        if step in corrupt:
+            inputs *= 40.0
+            labels = rng.permutation(labels)
+        yield mx.array(inputs), mx.array(labels), step in corrupt
+
+
+def learning_rate(step: int, steps: int, peak: float = 3e-3, warmup: int = 50) -> float:
+    """Linear warm-up then cosine decay, as most recipes do."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ProgressBar:
+    """A one-line terminal progress bar on stderr, redrawn at most ten times a second."""
+
+    def __init__(self, total: int, width: int = 30):
+        self.total, self.width = total, width
+        self.started = time.monotonic()
+        self.last_draw = 0.0
+        self.enabled = sys.stderr.isatty()
+
+    def update(self, done: int, loss: float | None = None, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_draw < 0.1:
+            return
+        self.last_draw = now
+        filled = int(self.width * done / self.total)
+        rate = done / max(now - self.started, 1e-9)
+        text = f"\r  training [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} steps"
+        text += f"  {rate:,.0f} steps/s"
+        if loss is not None:
+            text += f"  loss {loss:.3f}"
+        if self.enabled:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        elif force:
+            sys.stderr.write(text.lstrip("\r") + "\n")
+
+    def finish(self, loss: float | None) -> None:
+        self.update(self.total, loss, force=True)
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def train(run: str, url: str | None, steps: int, token: str | None = None, seed: int = 0) -> None:
+    mx.random.seed(seed)
+    model = MLP()
+    optimizer = optim.AdamW(learning_rate=learning_rate(0, steps), weight_decay=0.01)
+    loss_and_grad = nn.value_and_grad(model, lambda m, x, y: nn.losses.cross_entropy(m(x), y, reduction="mean"))
+    progress = ProgressBar(steps)
+    loss = None
+    config = {"model": "MLP 16-64-64-8", "optimizer": "AdamW", "batch": BATCH, "steps": steps,
+              "corrupted_steps": sorted(spike_steps(steps))}
+    with GradWatch(run=run, url=url, token=token, clipper=GlobalNorm(1.0), config=config) as watch:
+        for step, (inputs, labels, _) in enumerate(synthetic_batches(steps, seed)):
+            lr = learning_rate(step, steps)
+            optimizer.learning_rate = lr
+            loss, grads = loss_and_grad(model, inputs, labels)
+            grads = watch.step(grads, loss=loss, lr=lr)
+            optimizer.update(model, grads)
+            mx.eval(model.parameters(), optimizer.state, loss)
+            if step % 25 == 0:
+                progress.update(step + 1, loss.item())
+        progress.finish(loss.item() if loss is not None else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default=None, help="gradwatch server (default: spool only)")
+    parser.add_argument("--token", default=None, help="write token")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--run", default="demo")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    train(args.run, args.url, args.steps, args.token, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

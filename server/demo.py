@@ -1,0 +1,130 @@
+"""`gradwatch demo`: serve, train a small MLX model with the agent attached, summarise.
+
+The server runs as `gradwatch serve` in a child process and the training as
+`python -m gradwatch.agent.demo` in another (the server never imports the
+agent, see DESIGN.md). The dashboard address is printed as soon as the server
+answers; the summary comes from the server's own REST API, so it shows what
+was stored, not what the trainer believes it sent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+STORE_TIMEOUT_S = 60.0
+
+
+class DemoError(RuntimeError):
+    """A problem the user can act on; printed as one line, no traceback."""
+
+
+@dataclass
+class RunSummary:
+    run: str
+    steps: int
+    clip_rate: float
+    clips: int
+    spikes: int
+    threshold: float | None
+    rationale: str
+
+
+def _get_json(url: str, timeout: float = 10.0):
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        return json.loads(answer.read())
+
+
+def start_server(db_url: str, port: int) -> subprocess.Popen:
+    """Start `gradwatch serve` and wait for /healthz; a clear DemoError if it cannot start."""
+    command = [sys.executable, "-m", "gradwatch.server.cli", "serve", "--db", db_url, "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            message = (server.stderr.read() or "").strip().splitlines()
+            raise DemoError(message[-1] if message else f"the server exited with code {server.returncode}")
+        try:
+            _get_json(f"http://127.0.0.1:{port}/healthz", timeout=1.0)
+            return server
+        except (OSError, ValueError):
+            time.sleep(0.1)
+    server.kill()
+    raise DemoError(f"the server did not answer on port {port} within 30 s")
+
+
+def wait_until_stored(base_url: str, run: str, steps: int, timeout: float = STORE_TIMEOUT_S) -> int:
+    """Poll the run list until the run holds `steps` steps; returns what is stored."""
+    stored = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = {entry["name"]: entry for entry in _get_json(f"{base_url}/api/runs")}
+        stored = runs.get(run, {}).get("steps", 0)
+        if stored >= steps:
+            return stored
+        time.sleep(0.2)
+    return stored
+
+
+def summarise(base_url: str, run: str) -> RunSummary:
+    quoted = urllib.parse.quote(run, safe="")
+    stats = _get_json(f"{base_url}/api/runs/{quoted}/stats")
+    recommendation = _get_json(f"{base_url}/api/runs/{quoted}/recommendation")
+    spikes = _get_json(f"{base_url}/api/runs/{quoted}/events?kind=spike&limit=100000")
+    clips = _get_json(f"{base_url}/api/runs/{quoted}/events?kind=clip&limit=100000")
+    return RunSummary(run=run, steps=stats["count"], clip_rate=stats["clip_rate"], clips=len(clips),
+                      spikes=len(spikes), threshold=recommendation.get("threshold"),
+                      rationale=recommendation.get("rationale", ""))
+
+
+def format_summary(summary: RunSummary) -> str:
+    threshold = "n/a" if summary.threshold is None else f"{summary.threshold:.3g}"
+    return (
+        f"Run '{summary.run}': {summary.steps:,} steps stored, clipped at 1.0 on {summary.clips:,} of them "
+        f"({summary.clip_rate:.1%}); {summary.spikes} gradient spike(s) detected. "
+        f"Recommended clip threshold: {threshold} — {summary.rationale}"
+    )
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    base_url = f"http://127.0.0.1:{args.port}"
+    run = time.strftime("demo-%Y%m%d-%H%M%S")
+    server = None
+    try:
+        server = start_server(args.db, args.port)
+        print(f"gradwatch dashboard: {base_url}/?run={urllib.parse.quote(run)}", flush=True)
+        print(f"training a small MLP for {args.steps} steps with gradwatch attached "
+              f"(clip at 1.0, a few corrupted batches to make spikes)", flush=True)
+        trainer = subprocess.run([sys.executable, "-m", "gradwatch.agent.demo", "--url", base_url,
+                                  "--steps", str(args.steps), "--run", run],
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if trainer.returncode != 0:
+            raise DemoError(f"the demo training exited with code {trainer.returncode}")
+        stored = wait_until_stored(base_url, run, args.steps)
+        if stored < args.steps:
+            raise DemoError(f"only {stored} of {args.steps} steps reached the server")
+        print(format_summary(summarise(base_url, run)), flush=True)
+        if args.exit:
+            return 0
+        print(f"serving {base_url} — press Ctrl-C to stop", flush=True)
+        server.wait()
+        return 0
+    except DemoError as error:
+        print(f"gradwatch demo: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server is not None and server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()

@@ -1,0 +1,49 @@
+"""`gradwatch demo --exit` end to end: real server, real MLX training, real agent."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+
+import numpy as np
+
+from tests.procs import ServerProcess, free_port
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def test_demo_stores_a_run_with_clips_spikes_and_a_recommendation(tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'demo.db'}"
+    demo = subprocess.run(
+        [sys.executable, "-m", "gradwatch.server.cli", "demo", "--steps", "300", "--exit",
+         "--port", str(free_port()), "--db", db_url],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert "gradwatch dashboard: http://127.0.0.1:" in demo.stdout
+    assert "Recommended clip threshold" in demo.stdout
+
+    # A fresh server on the same file shows what the demo stored.
+    with ServerProcess(db_url) as server:
+        runs = _get(server.url + "/api/runs")
+        assert len(runs) == 1 and runs[0]["steps"] == 300
+        run = urllib.parse.quote(runs[0]["name"], safe="")
+        series = _get(f"{server.url}/api/runs/{run}/series?points=1000&fields=pre_norm")
+        assert series["step"] == list(range(300))
+        clips = _get(f"{server.url}/api/runs/{run}/events?kind=clip")
+        spikes = _get(f"{server.url}/api/runs/{run}/events?kind=spike")
+        assert len(clips) >= 1 and len(spikes) >= 1
+        # Every clip event is a step whose pre-clip norm exceeded the demo's threshold of 1.0.
+        norms = dict(zip(series["step"], series["pre_norm"]))
+        assert all(float(norms[event["step"]]) > 1.0 for event in clips)
+        recommendation = _get(f"{server.url}/api/runs/{run}/recommendation")
+        finite = np.array([float(value) for value in series["pre_norm"]])
+        finite = finite[np.isfinite(finite)]
+        assert recommendation["threshold"] > 0 and recommendation["rationale"]
+        for candidate in recommendation["candidates"]:
+            assert candidate["clip_rate"] == np.mean(finite > candidate["threshold"])
