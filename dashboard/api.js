@@ -1,0 +1,131 @@
+// Talking to the gradwatch server: JSON over fetch with the read token, the
+// token prompt shown when the server answers 401, the live WebSocket URL.
+'use strict';
+
+const TOKEN_KEY = 'gradwatch.readToken';
+
+export class ApiError extends Error {
+  constructor(status, detail, path) {
+    super(`${path}: ${status} ${detail}`);
+    this.status = status;
+    this.detail = detail;
+    this.path = path;
+  }
+}
+
+export function readToken() {
+  try {
+    return sessionStorage.getItem(TOKEN_KEY) || '';
+  } catch {
+    return '';
+  }
+}
+
+function storeToken(token) {
+  try {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+  } catch {
+    // Storage disabled: the token lasts for this page only.
+  }
+  memoryToken = token;
+}
+
+let memoryToken = '';
+
+function currentToken() {
+  return readToken() || memoryToken;
+}
+
+/** A `?token=` in the page address is stored, then removed from the address bar. */
+export function adoptTokenFromAddress() {
+  const url = new URL(window.location.href);
+  const token = url.searchParams.get('token');
+  if (token) {
+    storeToken(token);
+    url.searchParams.delete('token');
+    window.history.replaceState(window.history.state, '', url.toString());
+  }
+}
+
+// One prompt at a time; every request that got a 401 waits for the same answer.
+let pendingPrompt = null;
+
+export function askForToken(reason) {
+  if (pendingPrompt) return pendingPrompt;
+  const dialog = document.getElementById('token-dialog');
+  const form = document.getElementById('token-form');
+  const input = document.getElementById('token-input');
+  const message = document.getElementById('token-message');
+  message.textContent = reason;
+  input.value = '';
+  pendingPrompt = new Promise((resolve) => {
+    const onSubmit = (event) => {
+      event.preventDefault();
+      const token = input.value.trim();
+      if (!token) return;
+      form.removeEventListener('submit', onSubmit);
+      storeToken(token);
+      dialog.close();
+      pendingPrompt = null;
+      resolve(token);
+    };
+    form.addEventListener('submit', onSubmit);
+  });
+  if (!dialog.open) dialog.showModal();
+  input.focus();
+  return pendingPrompt;
+}
+
+export function authHeaders() {
+  const token = currentToken();
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+/** `GET path?params` as JSON; asks for the read token on 401 and retries. */
+export async function getJSON(path, params = {}, { signal } = {}) {
+  const query = new URLSearchParams();
+  for (const [key, value] of Object.entries(params)) {
+    if (value !== null && value !== undefined && value !== '') query.set(key, String(value));
+  }
+  const url = query.toString() ? `${path}?${query}` : path;
+  for (;;) {
+    const sentToken = currentToken();
+    const response = await fetch(url, {
+      headers: { Accept: 'application/json', ...authHeaders() },
+      cache: 'no-store',
+      signal,
+    });
+    if (response.status === 401 || (response.status === 403 && !sentToken)) {
+      await askForToken(sentToken
+        ? 'The server refused this token. Enter the read token (gradwatch serve --read-token).'
+        : 'This server needs a read token (gradwatch serve --read-token).');
+      continue;
+    }
+    if (!response.ok) {
+      let detail = response.statusText;
+      try {
+        const body = await response.json();
+        detail = typeof body.detail === 'string' ? body.detail : JSON.stringify(body.detail ?? body);
+      } catch {
+        // Not JSON: keep the status text.
+      }
+      throw new ApiError(response.status, detail, path);
+    }
+    return response.json();
+  }
+}
+
+export function runPath(run, tail = '') {
+  return `/api/runs/${encodeURIComponent(run)}${tail}`;
+}
+
+export function liveSocketURL(run) {
+  const scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
+  const token = currentToken();
+  const query = token ? `?token=${encodeURIComponent(token)}` : '';
+  return `${scheme}//${window.location.host}/ws/live/${encodeURIComponent(run)}${query}`;
+}
+
+/** WebSocket close codes that mean "wrong or missing token". */
+export const AUTH_CLOSE_CODES = new Set([4401, 4403, 1008]);
