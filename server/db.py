@@ -1,0 +1,158 @@
+"""Tables, engine and schema creation.
+
+Layout (see `storage.py` for how each table is written and read):
+
+- `runs`: one row per run name, with counters kept up to date by ingest
+  (steps, first/last step, clips, spikes, non-finite) so `GET /api/runs` never
+  scans `steps`, and a `version` bumped by every batch that stores rows.
+- `steps`: one row per (run, step), the primary key; a `WITHOUT ROWID` table in
+  SQLite, so rows are stored clustered by (run_id, step) and range reads are
+  sequential.
+- `tensor_layouts` + `tensor_norms`: per-tensor norms as one packed float32
+  blob per step, the tensor names stored once per run (per layout). Measured on
+  this machine (SQLite, 2,000 steps x 100 tensors): a row per tensor per step
+  stores ~0.35 M values/s and takes ~40 bytes per value; one blob per step
+  stores ~6 M values/s at 4 bytes per value, and reads a step range without
+  pivoting. The heatmap reads whole steps, never one tensor across the run
+  alone, so the blob layout costs the queries nothing.
+- `events`: clip, spike, nonfinite (derived from the columns on ingest),
+  conflict (a re-sent step with different values) and agent reports (drop).
+- `schema_version`: one row, the version of this layout.
+
+Non-finite floats: PostgreSQL's float8 stores NaN and +-Inf, SQLite stores
++-Inf but turns NaN into NULL. To store the same way everywhere, a NaN is
+written as NULL and its bit is set in the row's `nan_mask` (bit i for the i-th
+name in `FLOAT_FIELDS`); NULL without the bit is a missing value.
+"""
+from __future__ import annotations
+
+from sqlalchemy import (BigInteger, Boolean, Double, Engine, ForeignKey, Index, Integer,
+                        LargeBinary, SmallInteger, String, Text, UniqueConstraint, create_engine,
+                        event, select)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = 1
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created: Mapped[float] = mapped_column(Double)
+    updated: Mapped[float] = mapped_column(Double)
+    meta: Mapped[str] = mapped_column(Text, default="{}")
+    steps: Mapped[int] = mapped_column(BigInteger, default=0)
+    first_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    clips: Mapped[int] = mapped_column(BigInteger, default=0)
+    spikes: Mapped[int] = mapped_column(BigInteger, default=0)
+    nonfinite: Mapped[int] = mapped_column(BigInteger, default=0)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Step(Base):
+    __tablename__ = "steps"
+    __table_args__ = {"sqlite_with_rowid": False}
+
+    run_id: Mapped[int] = mapped_column(Integer, ForeignKey("runs.id"), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    pre_norm: Mapped[float | None] = mapped_column(Double, nullable=True)
+    post_norm: Mapped[float | None] = mapped_column(Double, nullable=True)
+    scale: Mapped[float | None] = mapped_column(Double, nullable=True)
+    threshold: Mapped[float | None] = mapped_column(Double, nullable=True)
+    clipped: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    loss: Mapped[float | None] = mapped_column(Double, nullable=True)
+    lr: Mapped[float | None] = mapped_column(Double, nullable=True)
+    z: Mapped[float | None] = mapped_column(Double, nullable=True)
+    ema: Mapped[float | None] = mapped_column(Double, nullable=True)
+    spike: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    nonfinite: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    time: Mapped[float | None] = mapped_column(Double, nullable=True)
+    nan_mask: Mapped[int] = mapped_column(SmallInteger, default=0)
+
+
+class TensorLayout(Base):
+    __tablename__ = "tensor_layouts"
+    __table_args__ = (UniqueConstraint("run_id", "digest"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(Integer, ForeignKey("runs.id"))
+    digest: Mapped[str] = mapped_column(String(64))
+    names: Mapped[str] = mapped_column(Text)
+
+
+class TensorNorms(Base):
+    __tablename__ = "tensor_norms"
+
+    run_id: Mapped[int] = mapped_column(Integer, ForeignKey("runs.id"), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    layout_id: Mapped[int] = mapped_column(Integer, ForeignKey("tensor_layouts.id"))
+    norms: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_run_kind_step", "run_id", "kind", "step"),
+                      Index("ix_events_run_step", "run_id", "step"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(Integer, ForeignKey("runs.id"))
+    step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    value: Mapped[float | None] = mapped_column(Double, nullable=True)
+    threshold: Mapped[float | None] = mapped_column(Double, nullable=True)
+    nan_mask: Mapped[int] = mapped_column(SmallInteger, default=0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    time: Mapped[float | None] = mapped_column(Double, nullable=True)
+
+
+class SchemaVersion(Base):
+    __tablename__ = "schema_version"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class SchemaError(RuntimeError):
+    pass
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets WAL, a busy timeout, foreign keys, explicit BEGIN."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=8, max_overflow=16)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_connection, _record) -> None:
+            dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection) -> None:
+            connection.exec_driver_sql("BEGIN")
+
+        return engine
+    return create_engine(url, pool_size=8, max_overflow=16, pool_pre_ping=True)
+
+
+def create_schema(engine: Engine) -> None:
+    """Create missing tables and check (or record) the schema version."""
+    Base.metadata.create_all(engine, checkfirst=True)
+    with engine.begin() as connection:
+        found = connection.execute(select(SchemaVersion.version)).scalars().all()
+        if not found:
+            connection.execute(SchemaVersion.__table__.insert().values(version=SCHEMA_VERSION))
+        elif max(found) != SCHEMA_VERSION:
+            raise SchemaError(f"database schema version {max(found)} is not the supported "
+                              f"version {SCHEMA_VERSION}")

@@ -1,0 +1,90 @@
+"""Live feed: push newly stored points to `/ws/live/{run}` subscribers.
+
+In one process, ingest publishes to the subscribers right after its commit.
+Across processes (several workers or hosts on one PostgreSQL database), every
+ingest transaction also sends `NOTIFY gradwatch_live` with the run and the
+range of new steps; PostgreSQL delivers it only when the transaction commits.
+Each process listens on one connection and, when one of its own dashboards
+follows that run, reads those steps and pushes them.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from typing import Any, Callable
+
+from gradwatch.server.storage import LIVE_CHANNEL, PROCESS_TOKEN
+
+log = logging.getLogger("gradwatch.server")
+QUEUE_SIZE = 256
+
+
+class LiveHub:
+    """Run name -> subscriber queues, in one event loop."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[str, set[asyncio.Queue]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def has_subscribers(self, run: str) -> bool:
+        return bool(self._subscribers.get(run))
+
+    def subscribe(self, run: str) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_SIZE)
+        self._subscribers.setdefault(run, set()).add(queue)
+        return queue
+
+    def unsubscribe(self, run: str, queue: asyncio.Queue) -> None:
+        queues = self._subscribers.get(run)
+        if queues is not None:
+            queues.discard(queue)
+            if not queues:
+                del self._subscribers[run]
+
+    def publish(self, run: str, message: dict[str, Any]) -> None:
+        """Queue a message for every subscriber of `run` (event-loop thread only)."""
+        for queue in list(self._subscribers.get(run, ())):
+            if queue.full():  # a dashboard that stopped reading: drop its oldest message
+                queue.get_nowait()
+            queue.put_nowait(message)
+
+    def publish_threadsafe(self, run: str, message: dict[str, Any]) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.publish, run, message)
+
+
+class PostgresListener:
+    """LISTEN on the live channel in a thread; hands other processes' commits to `on_notify`."""
+
+    def __init__(self, conninfo: str, on_notify: Callable[[dict], None]):
+        self.conninfo = conninfo
+        self.on_notify = on_notify
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gradwatch-pg-listen", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        import psycopg
+
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.conninfo, autocommit=True) as connection:
+                    connection.execute(f"LISTEN {LIVE_CHANNEL}")
+                    while not self._stop.is_set():
+                        for notify in connection.notifies(timeout=0.5):
+                            try:
+                                payload = json.loads(notify.payload)
+                            except ValueError:
+                                continue
+                            if payload.get("origin") != PROCESS_TOKEN:
+                                self.on_notify(payload)
+            except Exception as error:  # the database went away: retry
+                log.warning("live listener: %s; reconnecting", error)
+                self._stop.wait(1.0)

@@ -1,0 +1,94 @@
+"""`gradwatch serve`: open the database, bind the port, run the app under uvicorn."""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from gradwatch.server.settings import SETTINGS_ENV, Settings
+
+
+def _fail(message: str) -> int:
+    print(f"gradwatch serve: {message}", file=sys.stderr)
+    return 2
+
+
+def _safe_url(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def check_database(url: str) -> str | None:
+    """Open the database and create the schema; None when fine, else one line saying why not."""
+    from gradwatch.server.db import create_schema, make_engine
+
+    try:
+        engine = make_engine(url)
+    except Exception as error:
+        return f"cannot use database URL {_safe_url(url)!r}: {_first_line(error)}"
+    try:
+        create_schema(engine)
+    except Exception as error:
+        return f"cannot open database {_safe_url(url)}: {_first_line(error)}"
+    finally:
+        engine.dispose()
+    return None
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    problem = check_database(settings.db_url)
+    if problem:
+        return _fail(problem)
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as error:
+        return _fail(f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}")
+    common = dict(ws_max_size=settings.max_body, access_log=False, log_level="warning",
+                  timeout_keep_alive=30)
+    print(f"gradwatch serving http://{settings.host}:{settings.port}/ "
+          f"(database {_safe_url(settings.db_url)}, workers {settings.workers})", file=sys.stderr, flush=True)
+    if settings.workers > 1:
+        sock.close()  # uvicorn's supervisor binds it again and shares it with the workers
+        os.environ[SETTINGS_ENV] = settings.to_env()
+        uvicorn.run("gradwatch.server.app:app_from_env", factory=True, host=settings.host,
+                    port=settings.port, workers=settings.workers, **common)
+        return 0
+    from gradwatch.server.app import create_app
+
+    config = uvicorn.Config(create_app(settings), **common)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    return 0
+
+
+def serve_from_args(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        return _fail(f"--port must be 1 to 65535, got {args.port}")
+    if args.max_body <= 0:
+        return _fail(f"--max-body must be positive, got {args.max_body}")
+    return serve(Settings.from_args(args))

@@ -1,0 +1,211 @@
+"""Statistics and threshold recommendations: numpy arrays in, plain dicts out.
+
+Pure functions, no I/O, testable without HTTP. Percentiles are numpy's
+default (linear interpolation) over the finite pre-clip norms; a candidate's
+clip rate is the exact fraction of those norms strictly above its threshold.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p99.9": 99.9}
+CANDIDATE_PERCENTILES = ("p50", "p90", "p95", "p99")
+DRIFT_WARNING_CHANGE = 0.5   # recent median 50 % above (or a third below) the window's
+FEW_NORMS = 100
+
+
+def finite(norms: np.ndarray) -> np.ndarray:
+    return norms[np.isfinite(norms)]
+
+
+def percentiles(finite_norms: np.ndarray) -> dict[str, float | None]:
+    if len(finite_norms) == 0:
+        return {name: None for name in PERCENTILES}
+    values = np.percentile(finite_norms, list(PERCENTILES.values()))
+    return {name: float(value) for name, value in zip(PERCENTILES, values)}
+
+
+def clip_rate_at(finite_norms: np.ndarray, threshold: float) -> float:
+    """Fraction of the norms strictly above `threshold` (0.0 for no norms)."""
+    if len(finite_norms) == 0:
+        return 0.0
+    return float(np.count_nonzero(finite_norms > threshold) / len(finite_norms))
+
+
+def _flag_count(flags: np.ndarray | None) -> int:
+    return 0 if flags is None else int(np.count_nonzero(flags == 1.0))
+
+
+def window_stats(pre_norm: np.ndarray, clipped: np.ndarray | None = None,
+                 nonfinite: np.ndarray | None = None) -> dict:
+    """count, percentiles, clip rate (steps flagged clipped) and non-finite count of a window.
+
+    `clipped` and `nonfinite` are 0.0/1.0 arrays with NaN where unknown. A step
+    counts as non-finite when flagged so or when its pre-clip norm is NaN/Inf.
+    """
+    good = finite(pre_norm)
+    count = len(pre_norm)
+    bad_norm = ~np.isfinite(pre_norm)
+    if nonfinite is not None:
+        bad_norm |= nonfinite == 1.0
+    clip_rate = None
+    if clipped is not None:
+        known = ~np.isnan(clipped)
+        if known.any():
+            clip_rate = float(np.count_nonzero(clipped[known] == 1.0) / np.count_nonzero(known))
+    return {
+        "count": count,
+        "finite": len(good),
+        "percentiles": percentiles(good),
+        "clip_rate": clip_rate,
+        "nonfinite": int(np.count_nonzero(bad_norm)),
+        "mean": float(good.mean()) if len(good) else None,
+        "std": float(good.std()) if len(good) else None,
+        "min": float(good.min()) if len(good) else None,
+        "max": float(good.max()) if len(good) else None,
+    }
+
+
+def whatif(pre_norm: np.ndarray, threshold: float) -> dict:
+    good = finite(pre_norm)
+    clipped = int(np.count_nonzero(good > threshold))
+    return {"threshold": threshold, "count": len(good), "clipped": clipped,
+            "clip_rate": clipped / len(good) if len(good) else None}
+
+
+def histogram(pre_norm: np.ndarray, bins: int = 60) -> dict:
+    """Counts of the finite norms; log-spaced edges when they span two decades or more."""
+    good = finite(pre_norm)
+    if len(good) == 0:
+        return {"edges": [], "counts": [], "log": False, "count": 0}
+    low, high = float(good.min()), float(good.max())
+    use_log = low > 0 and high / low >= 100
+    if use_log:
+        edges = np.geomspace(low, high, bins + 1)
+        edges[0], edges[-1] = low, high
+    elif low == high:
+        edges = np.linspace(low - 0.5, high + 0.5, bins + 1)
+    else:
+        edges = np.linspace(low, high, bins + 1)
+    counts, edges = np.histogram(good, bins=edges)
+    return {"edges": edges.tolist(), "counts": counts.tolist(), "log": use_log, "count": len(good)}
+
+
+def drift(finite_norms: np.ndarray) -> dict:
+    """Median of the first and last tenth of the window against the whole window's."""
+    n = len(finite_norms)
+    if n < 20:
+        return {"start_median": None, "recent_median": None, "window_median": None,
+                "change": None, "warning": None}
+    tenth = max(n // 10, 1)
+    start = float(np.median(finite_norms[:tenth]))
+    recent = float(np.median(finite_norms[-tenth:]))
+    whole = float(np.median(finite_norms))
+    change = (recent - start) / start if start > 0 else None
+    warning = None
+    if whole > 0 and (recent > whole * (1 + DRIFT_WARNING_CHANGE)
+                      or recent < whole / (1 + DRIFT_WARNING_CHANGE)):
+        warning = (f"recent norms have drifted: the median of the last {tenth:,} steps is "
+                   f"{recent:.4g}, {recent / whole:.2f}x the window's median {whole:.4g}; "
+                   f"a shorter window may fit the run as it is now")
+    return {"start_median": start, "recent_median": recent, "window_median": whole,
+            "change": change, "warning": warning}
+
+
+def _quantile_label(quantile: float) -> str:
+    return f"p{quantile * 100:.10g}"
+
+
+def recommend(pre_norm: np.ndarray, threshold: np.ndarray | None = None,
+              target_clip_rate: float = 0.01, window: int | None = None) -> dict:
+    """A clip threshold for the window's norms, with candidates and a plain-language rationale.
+
+    The recommended threshold is the (1 - target_clip_rate) quantile of the
+    finite pre-clip norms: the threshold that would have clipped about
+    `target_clip_rate` of the window's steps. `threshold` is the run's own
+    threshold column (the last finite value is the current threshold).
+    """
+    if not 0.0 <= target_clip_rate < 1.0:
+        raise ValueError(f"target_clip_rate must be in [0, 1), got {target_clip_rate}")
+    good = finite(pre_norm)
+    pcts = percentiles(good)
+    current = None
+    if threshold is not None:
+        known = threshold[np.isfinite(threshold)]
+        current = float(known[-1]) if len(known) else None
+    scope = (f"the last {len(pre_norm):,} steps" if window is not None
+             else f"all {len(pre_norm):,} steps of the run")
+    warnings: list[str] = []
+    drift_info = drift(good)
+    if len(good) == 0:
+        return {"threshold": None, "percentiles": pcts, "candidates": [], "count": 0,
+                "target_clip_rate": target_clip_rate, "current_threshold": current,
+                "drift": drift_info, "warnings": ["no finite pre-clip norms in the window"],
+                "rationale": f"No finite pre-clip norms in {scope}: nothing to recommend yet."}
+    quantile = 1.0 - target_clip_rate
+    recommended = float(np.quantile(good, quantile))
+    rate = clip_rate_at(good, recommended)
+    candidates = [{"label": name, "threshold": pcts[name], "clip_rate": clip_rate_at(good, pcts[name])}
+                  for name in CANDIDATE_PERCENTILES]
+    if current is not None:
+        candidates.append({"label": "current", "threshold": current,
+                           "clip_rate": clip_rate_at(good, current)})
+    candidates.append({"label": f"target {target_clip_rate:.4g}", "threshold": recommended,
+                       "clip_rate": rate})
+    candidates.sort(key=lambda item: item["threshold"])
+    sentences = [f"{_quantile_label(quantile)} of the finite pre-clip norms over {scope}: "
+                 f"{recommended:.4g}; it would have clipped {rate:.1%} of them "
+                 f"(target {target_clip_rate:.1%})."]
+    if current is not None:
+        sentences.append(f"The current threshold {current:.4g} would have clipped "
+                         f"{clip_rate_at(good, current):.1%}.")
+    if drift_info["change"] is not None:
+        change = drift_info["change"]
+        direction = "risen" if change >= 0 else "fallen"
+        sentences.append(f"The median norm has {direction} {abs(change):.0%} from the start of the "
+                         f"window to its end.")
+    if drift_info["warning"]:
+        warnings.append(drift_info["warning"])
+        sentences.append("Warning: " + drift_info["warning"] + ".")
+    if len(good) < FEW_NORMS:
+        warnings.append(f"only {len(good)} finite norms: the recommendation is rough")
+        sentences.append(f"Only {len(good)} finite norms: treat this as a rough guide.")
+    nonfinite = len(pre_norm) - len(good)
+    if nonfinite:
+        sentences.append(f"{nonfinite:,} non-finite norm(s) left out.")
+    return {"threshold": recommended, "rationale": " ".join(sentences), "percentiles": pcts,
+            "candidates": candidates, "count": len(good), "target_clip_rate": target_clip_rate,
+            "current_threshold": current, "drift": drift_info, "warnings": warnings}
+
+
+def downsample_indices(pre_norm: np.ndarray, points: int, keep: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the rows to draw `points` points so that no spike is lost.
+
+    Splits the rows into points/2 buckets of consecutive steps and keeps, per
+    bucket, the rows of the smallest and the largest finite pre-clip norm.
+    Rows in `keep` (spikes, non-finite norms) are always kept, unless there are
+    more of them than `points`. Never samples. With `points` >= rows, every row.
+    """
+    n = len(pre_norm)
+    if points >= n:
+        return np.arange(n)
+    buckets = max(points // 2, 1)
+    size = math.ceil(n / buckets)
+    padded = buckets * size
+    good = np.isfinite(pre_norm)
+    low = np.full(padded, np.inf)
+    high = np.full(padded, -np.inf)
+    low[:n] = np.where(good, pre_norm, np.inf)
+    high[:n] = np.where(good, pre_norm, -np.inf)
+    offsets = np.arange(buckets) * size
+    low_index = offsets + low.reshape(buckets, size).argmin(axis=1)
+    high_index = offsets + high.reshape(buckets, size).argmax(axis=1)
+    chosen = [low_index[low_index < n], high_index[high_index < n]]
+    extra = np.flatnonzero(~good)
+    if keep is not None:
+        extra = np.union1d(extra, np.flatnonzero(keep))
+    if len(extra) <= points:
+        chosen.append(extra)
+    return np.unique(np.concatenate(chosen))

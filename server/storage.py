@@ -1,0 +1,558 @@
+"""Database functions: ingest a validated batch, read runs, series, events, tensors.
+
+Routes stay thin and call these; everything here works without HTTP.
+
+Ingest is one transaction per batch on a raw DBAPI connection (executemany is
+the fast path in both sqlite3 and psycopg). SQLite takes the write lock up
+front (`BEGIN IMMEDIATE`), so the set of steps already stored, read at the
+start, cannot change before the insert. PostgreSQL inserts with `ON CONFLICT
+DO NOTHING`; if another process stored some of the same steps in between
+(the rowcount says so), the transaction is rolled back and replayed once.
+Re-sent rows are compared with the stored ones: equal is a duplicate,
+different is a conflict (stored as a `conflict` event), never an overwrite.
+
+Reads of a run's columns go through `RunCache`: numpy arrays of the run's
+steps, refreshed by reading only the rows past the cached last step when the
+run's row count says that is all that changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import orjson
+from sqlalchemy import Engine
+
+from gradwatch.server.schemas import (BOOL_FIELDS, COLUMNS, FLOAT_FIELDS, NAN_BITS, VALUE_COLUMNS,
+                                      Batch, Column, encode_bools, encode_float, encode_floats)
+
+STEP_COLUMNS = ", ".join(COLUMNS)
+LIVE_CHANNEL = "gradwatch_live"
+PROCESS_TOKEN = f"{os.getpid()}-{os.urandom(4).hex()}"
+
+
+class UnknownRun(LookupError):
+    pass
+
+
+class IngestRace(RuntimeError):
+    """Another process stored some of this batch's steps during our transaction."""
+
+
+@dataclass
+class IngestResult:
+    run: str
+    accepted: int
+    duplicates: int
+    conflicts: int
+    new_mask: np.ndarray | None = None   # which rows of the batch were stored now
+
+    def answer(self) -> dict[str, int]:
+        return {"accepted": self.accepted, "duplicates": self.duplicates, "conflicts": self.conflicts}
+
+
+@dataclass
+class RunArrays:
+    """A run's steps as numpy arrays (float64; bools as 0/1; NaN where NaN or missing)."""
+
+    count: int
+    steps: np.ndarray
+    values: dict[str, np.ndarray]
+    missing: dict[str, np.ndarray | None]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def last_step(self) -> int:
+        return int(self.steps[-1]) if len(self.steps) else -1
+
+    def column(self, name: str) -> Column:
+        return Column(self.values[name], self.missing[name])
+
+
+def now() -> float:
+    return time.time()
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + f".{int(timestamp % 1 * 1000):03d}Z"
+
+
+def _event_row(run_id: int, step: int | None, kind: str, value: float | None, threshold: float | None,
+               message: str, detail: Any, timestamp: float | None) -> tuple:
+    mask = 0
+    if value is not None and value != value:
+        value, mask = None, mask | 1
+    if threshold is not None and threshold != threshold:
+        threshold, mask = None, mask | 2
+    detail_text = orjson.dumps(detail).decode() if detail is not None else None
+    return (run_id, step, kind, value, threshold, mask, message, detail_text, timestamp)
+
+
+def _column_lists(batch: Batch) -> tuple[list[list], np.ndarray]:
+    """The batch as per-column Python lists ready for executemany, and each row's nan_mask."""
+    n = len(batch)
+    nan_mask = np.zeros(n, dtype=np.int64)
+    lists: list[list] = []
+    for name in VALUE_COLUMNS:
+        column = batch.columns.get(name)
+        if column is None:
+            lists.append([None] * n)
+            continue
+        values = column.values
+        if name in BOOL_FIELDS:
+            lists.append(encode_bools(values) if column.missing is not None else (values == 1.0).tolist())
+            continue
+        items = values.tolist()
+        nans = np.isnan(values)
+        if nans.any():
+            if column.missing is not None:
+                nan_mask |= (nans & ~column.missing).astype(np.int64) * NAN_BITS[name]
+            else:
+                nan_mask |= nans.astype(np.int64) * NAN_BITS[name]
+            for index in np.flatnonzero(nans).tolist():
+                items[index] = None
+        lists.append(items)
+    return lists, nan_mask
+
+
+class Store:
+    """All database access of one server process."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self.is_sqlite = self.dialect == "sqlite"
+        self.is_postgres = self.dialect == "postgresql"
+        self._write_lock = threading.Lock() if self.is_sqlite else None
+        self._run_ids: dict[str, int] = {}
+        self.cache = RunCache(self)
+
+    # ----- raw connections -----
+
+    def _sql(self, statement: str) -> str:
+        return statement if self.is_sqlite else statement.replace("?", "%s")
+
+    def _begin(self, cursor, write: bool) -> None:
+        if self.is_sqlite:
+            cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    def read(self, statement: str, params: tuple = ()) -> list[tuple]:
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute(self._sql(statement), params)
+            rows = cursor.fetchall()
+            cursor.close()
+            if not self.is_sqlite:
+                raw.rollback()
+            return rows
+        finally:
+            raw.close()
+
+    # ----- runs -----
+
+    def run_id(self, name: str) -> int:
+        cached = self._run_ids.get(name)
+        if cached is not None:
+            return cached
+        rows = self.read("SELECT id FROM runs WHERE name = ?", (name,))
+        if not rows:
+            raise UnknownRun(name)
+        self._run_ids[name] = rows[0][0]
+        return rows[0][0]
+
+    def _ensure_run(self, cursor, name: str) -> tuple[int, bool]:
+        cursor.execute(self._sql("SELECT id FROM runs WHERE name = ?"), (name,))
+        row = cursor.fetchone()
+        if row:
+            return row[0], False
+        stamp = now()
+        cursor.execute(self._sql("INSERT INTO runs (name, created, updated, meta, steps, clips, spikes, "
+                                 "nonfinite, version) VALUES (?, ?, ?, '{}', 0, 0, 0, 0, 0) "
+                                 "ON CONFLICT (name) DO NOTHING"), (name, stamp, stamp))
+        cursor.execute(self._sql("SELECT id FROM runs WHERE name = ?"), (name,))
+        return cursor.fetchone()[0], True
+
+    def list_runs(self) -> list[dict]:
+        rows = self.read("SELECT name, steps, first_step, last_step, created, updated, clips, spikes, "
+                         "nonfinite, meta FROM runs ORDER BY updated DESC")
+        out = []
+        for name, steps, first, last, created, updated, clips, spikes, nonfinite, meta in rows:
+            out.append({"name": name, "steps": steps, "first_step": first, "last_step": last,
+                        "created": iso(created), "updated": iso(updated),
+                        "clip_rate": clips / steps if steps else None, "clips": clips,
+                        "spikes": spikes, "nonfinite": nonfinite, "meta": json.loads(meta or "{}")})
+        return out
+
+    # ----- ingest -----
+
+    def ingest(self, run: str, batch: Batch | None, meta: dict | None = None,
+               events: list[dict] | None = None) -> IngestResult:
+        """Store one batch in one transaction; returns counts once it is committed."""
+        for attempt in range(3):
+            try:
+                if self._write_lock is not None:
+                    with self._write_lock:
+                        return self._ingest_once(run, batch, meta, events)
+                return self._ingest_once(run, batch, meta, events)
+            except IngestRace:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _ingest_once(self, run: str, batch: Batch | None, meta: dict | None,
+                     events: list[dict] | None) -> IngestResult:
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            try:
+                self._begin(cursor, write=True)
+                result = self._ingest_in_transaction(cursor, run, batch, meta, events)
+                if self.is_sqlite:
+                    cursor.execute("COMMIT")
+                else:
+                    raw.commit()
+                return result
+            except BaseException:
+                try:
+                    if self.is_sqlite:
+                        if raw.driver_connection.in_transaction:
+                            cursor.execute("ROLLBACK")
+                    else:
+                        raw.rollback()
+                except Exception:
+                    pass
+                raise
+        finally:
+            raw.close()
+
+    def _ingest_in_transaction(self, cursor, run: str, batch: Batch | None, meta: dict | None,
+                               events: list[dict] | None) -> IngestResult:
+        run_id, _ = self._ensure_run(cursor, run)
+        self._run_ids[run] = run_id
+        stamp = now()
+        accepted = duplicates = conflicts = 0
+        new_mask = None
+        event_rows: list[tuple] = []
+        counts = {"steps": 0, "clips": 0, "spikes": 0, "nonfinite": 0}
+        first = last = None
+        if batch is not None and len(batch):
+            lists, nan_mask = _column_lists(batch)
+            steps = batch.steps
+            step_list = steps.tolist()
+            lo, hi = int(steps.min()), int(steps.max())
+            cursor.execute(self._sql(f"SELECT {STEP_COLUMNS}, nan_mask FROM steps "
+                                     "WHERE run_id = ? AND step BETWEEN ? AND ?"), (run_id, lo, hi))
+            stored = {row[0]: row for row in cursor.fetchall()}
+            rows = list(zip(step_list, *lists, nan_mask.tolist()))
+            if stored:
+                new_mask = np.fromiter((step not in stored for step in step_list), dtype=bool, count=len(steps))
+            else:
+                new_mask = np.ones(len(steps), dtype=bool)
+            new_rows = [(run_id,) + row for row, new in zip(rows, new_mask.tolist()) if new]
+            if new_rows:
+                placeholders = ", ".join(["?"] * (len(COLUMNS) + 2))
+                cursor.executemany(self._sql(f"INSERT INTO steps (run_id, {STEP_COLUMNS}, nan_mask) "
+                                             f"VALUES ({placeholders}) ON CONFLICT DO NOTHING"), new_rows)
+                if cursor.rowcount is not None and 0 <= cursor.rowcount < len(new_rows):
+                    raise IngestRace(run)
+            accepted = len(new_rows)
+            for row in (rows[i] for i in np.flatnonzero(~new_mask).tolist()):
+                old = stored[row[0]]
+                differing = [name for name, a, b in zip(COLUMNS[1:] + ("nan_mask",), row[1:], old[1:])
+                             if not (a == b or (a is None and b is None))]
+                if not differing:
+                    duplicates += 1
+                    continue
+                conflicts += 1
+                event_rows.append(_event_row(
+                    run_id, row[0], "conflict", None, None,
+                    f"step {row[0]} was sent again with different values ({', '.join(differing)}); "
+                    f"the stored values were kept",
+                    {"fields": differing}, stamp))
+            if accepted:
+                event_rows.extend(self._derived_events(run_id, batch, new_mask))
+                counts["steps"] = accepted
+                new_steps = steps[new_mask]
+                first, last = int(new_steps.min()), int(new_steps.max())
+                for name, key in (("clipped", "clips"), ("spike", "spikes")):
+                    column = batch.columns.get(name)
+                    if column is not None:
+                        counts[key] = int(np.count_nonzero(column.values[new_mask] == 1.0))
+                counts["nonfinite"] = int(np.count_nonzero(self._nonfinite_rows(batch)[new_mask]))
+                if batch.tensor_norms is not None:
+                    self._store_tensor_norms(cursor, run_id, batch, new_mask)
+        for item in events or []:
+            event_rows.append(_event_row(run_id, item.get("step"), item["kind"], item.get("value"),
+                                         item.get("threshold"), item.get("message", ""),
+                                         item.get("detail"), item.get("time", stamp)))
+        if event_rows:
+            cursor.executemany(self._sql("INSERT INTO events (run_id, step, kind, value, threshold, "
+                                         "nan_mask, message, detail, time) "
+                                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"), event_rows)
+        meta_text = None
+        if meta:
+            cursor.execute(self._sql("SELECT meta FROM runs WHERE id = ?"), (run_id,))
+            merged = json.loads(cursor.fetchone()[0] or "{}")
+            merged.update(meta)
+            meta_text = orjson.dumps(merged).decode()
+        cursor.execute(self._sql(
+            "UPDATE runs SET steps = steps + ?, clips = clips + ?, spikes = spikes + ?, "
+            "nonfinite = nonfinite + ?, updated = ?, version = version + ?, "
+            "first_step = CASE WHEN ? IS NOT NULL AND (first_step IS NULL OR ? < first_step) THEN ? "
+            "ELSE first_step END, "
+            "last_step = CASE WHEN ? IS NOT NULL AND (last_step IS NULL OR ? > last_step) THEN ? "
+            "ELSE last_step END, meta = COALESCE(?, meta) WHERE id = ?"),
+            (counts["steps"], counts["clips"], counts["spikes"], counts["nonfinite"], stamp,
+             1 if accepted else 0, first, first, first, last, last, last, meta_text, run_id))
+        if accepted and self.is_postgres:
+            payload = json.dumps({"origin": PROCESS_TOKEN, "run": run, "run_id": run_id,
+                                  "lo": first, "hi": last})
+            cursor.execute("SELECT pg_notify(%s, %s)", (LIVE_CHANNEL, payload))
+        return IngestResult(run=run, accepted=accepted, duplicates=duplicates, conflicts=conflicts,
+                            new_mask=new_mask)
+
+    @staticmethod
+    def _nonfinite_rows(batch: Batch) -> np.ndarray:
+        bad = ~np.isfinite(batch.columns["pre_norm"].values)
+        flagged = batch.columns.get("nonfinite")
+        if flagged is not None:
+            bad |= flagged.values == 1.0
+        return bad
+
+    def _derived_events(self, run_id: int, batch: Batch, new_mask: np.ndarray) -> list[tuple]:
+        pre = batch.columns["pre_norm"].values
+        threshold = batch.columns.get("threshold")
+        times = batch.columns.get("time")
+        z = batch.columns.get("z")
+        rows = []
+
+        def make(index: int, kind: str, message: str) -> tuple:
+            limit = float(threshold.values[index]) if threshold is not None else None
+            if threshold is not None and threshold.missing is not None and threshold.missing[index]:
+                limit = None
+            stamp = float(times.values[index]) if times is not None else None
+            if stamp is not None and stamp != stamp:
+                stamp = None
+            return _event_row(run_id, int(batch.steps[index]), kind, float(pre[index]), limit,
+                              message, None, stamp)
+
+        clipped = batch.columns.get("clipped")
+        if clipped is not None:
+            for index in np.flatnonzero((clipped.values == 1.0) & new_mask).tolist():
+                rows.append(make(index, "clip", f"pre-clip norm {encode_float(float(pre[index]))} clipped"))
+        spike = batch.columns.get("spike")
+        if spike is not None:
+            for index in np.flatnonzero((spike.values == 1.0) & new_mask).tolist():
+                detail = ""
+                if z is not None and math.isfinite(z.values[index]):
+                    detail = f" (z = {z.values[index]:.3g})"
+                rows.append(make(index, "spike", f"gradient-norm spike: pre-clip norm "
+                                                 f"{encode_float(float(pre[index]))}{detail}"))
+        for index in np.flatnonzero(self._nonfinite_rows(batch) & new_mask).tolist():
+            rows.append(make(index, "nonfinite", f"non-finite gradient: pre-clip norm "
+                                                 f"{encode_float(float(pre[index]))}"))
+        return rows
+
+    def _store_tensor_norms(self, cursor, run_id: int, batch: Batch, new_mask: np.ndarray) -> None:
+        names_text = orjson.dumps(batch.tensor_names).decode()
+        digest = hashlib.sha256(names_text.encode()).hexdigest()
+        cursor.execute(self._sql("SELECT id FROM tensor_layouts WHERE run_id = ? AND digest = ?"),
+                       (run_id, digest))
+        row = cursor.fetchone()
+        if row is None:
+            cursor.execute(self._sql("INSERT INTO tensor_layouts (run_id, digest, names) VALUES (?, ?, ?) "
+                                     "ON CONFLICT DO NOTHING"), (run_id, digest, names_text))
+            cursor.execute(self._sql("SELECT id FROM tensor_layouts WHERE run_id = ? AND digest = ?"),
+                           (run_id, digest))
+            row = cursor.fetchone()
+        layout_id = row[0]
+        norms = np.ascontiguousarray(batch.tensor_norms, dtype="<f4")
+        rows = [(run_id, int(batch.steps[i]), layout_id, norms[i].tobytes())
+                for i in np.flatnonzero(new_mask).tolist()]
+        cursor.executemany(self._sql("INSERT INTO tensor_norms (run_id, step, layout_id, norms) "
+                                     "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"), rows)
+
+    # ----- reads -----
+
+    def run_counters(self, run_id: int) -> tuple[int, int | None]:
+        rows = self.read("SELECT steps, last_step FROM runs WHERE id = ?", (run_id,))
+        return rows[0][0], rows[0][1]
+
+    def fetch_steps(self, run_id: int, after: int = -1, lo: int | None = None,
+                    hi: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray | None]]:
+        """Rows of a run with step > after (or in [lo, hi]) as arrays, ordered by step."""
+        if lo is not None:
+            where, params = "run_id = ? AND step BETWEEN ? AND ?", (run_id, lo, hi)
+        else:
+            where, params = "run_id = ? AND step > ?", (run_id, after)
+        rows = self.read(f"SELECT {STEP_COLUMNS}, nan_mask FROM steps WHERE {where} ORDER BY step", params)
+        return arrays_from_rows(rows)
+
+    def events(self, run_id: int, kind: str | None, limit: int) -> list[dict]:
+        if kind:
+            rows = self.read("SELECT step, kind, value, threshold, nan_mask, message, detail, time FROM events "
+                             "WHERE run_id = ? AND kind = ? ORDER BY step DESC, id DESC LIMIT ?",
+                             (run_id, kind, limit))
+        else:
+            rows = self.read("SELECT step, kind, value, threshold, nan_mask, message, detail, time FROM events "
+                             "WHERE run_id = ? ORDER BY step DESC, id DESC LIMIT ?", (run_id, limit))
+        out = []
+        for step, kind_, value, threshold, mask, message, detail, stamp in rows:
+            if mask & 1:
+                value = math.nan
+            if mask & 2:
+                threshold = math.nan
+            item = {"step": step, "kind": kind_, "value": encode_float(value),
+                    "threshold": encode_float(threshold), "message": message, "time": stamp}
+            if detail:
+                item["detail"] = json.loads(detail)
+            out.append(item)
+        return out
+
+    def tensor_rows(self, run_id: int, start: int | None, end: int | None) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(names, steps, norms[steps, names]) over a step range; NaN where a tensor is absent."""
+        lo = start if start is not None else 0
+        hi = end if end is not None else 2**62
+        layouts = {row[0]: json.loads(row[1]) for row in
+                   self.read("SELECT id, names FROM tensor_layouts WHERE run_id = ?", (run_id,))}
+        rows = self.read("SELECT step, layout_id, norms FROM tensor_norms WHERE run_id = ? "
+                         "AND step BETWEEN ? AND ? ORDER BY step", (run_id, lo, hi))
+        names: list[str] = []
+        index: dict[str, int] = {}
+        for layout in layouts.values():
+            for name in layout:
+                if name not in index:
+                    index[name] = len(names)
+                    names.append(name)
+        steps = np.array([row[0] for row in rows], dtype=np.int64)
+        norms = np.full((len(rows), len(names)), np.nan, dtype=np.float32)
+        by_layout: dict[int, list[int]] = {}
+        for position, row in enumerate(rows):
+            by_layout.setdefault(row[1], []).append(position)
+        for layout_id, positions in by_layout.items():
+            columns = [index[name] for name in layouts[layout_id]]
+            block = np.frombuffer(b"".join(rows[p][2] for p in positions), dtype="<f4")
+            block = block.reshape(len(positions), len(columns))
+            norms[np.ix_(positions, columns)] = block
+        return names, steps, norms
+
+
+def arrays_from_rows(rows: list[tuple]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray | None]]:
+    width = len(COLUMNS) + 1
+    table = np.array(rows, dtype=np.float64).reshape(len(rows), width) if rows else np.zeros((0, width))
+    steps = table[:, 0].astype(np.int64)
+    nan_mask = table[:, -1].astype(np.int64)
+    values: dict[str, np.ndarray] = {}
+    missing: dict[str, np.ndarray | None] = {}
+    for position, name in enumerate(VALUE_COLUMNS, start=1):
+        column = np.ascontiguousarray(table[:, position])
+        nulls = np.isnan(column)
+        if name in FLOAT_FIELDS and nulls.any():
+            is_nan = (nan_mask & NAN_BITS[name]) != 0
+            absent = nulls & ~is_nan
+            missing[name] = absent if absent.any() else None
+        else:
+            missing[name] = None if name in FLOAT_FIELDS or not nulls.any() else nulls
+        values[name] = column
+    return steps, values, missing
+
+
+class RunCache:
+    """Per-process cache of runs' arrays, keyed by the run's stored row count.
+
+    Rows are never deleted or overwritten, so an unchanged count means
+    unchanged rows; a larger count whose new rows all lie past the cached last
+    step is an append (only those rows are read); anything else reloads.
+    """
+
+    def __init__(self, store: Store, max_runs: int = 4):
+        self.store = store
+        self.max_runs = max_runs
+        self._runs: OrderedDict[int, RunArrays] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, run_id: int) -> RunArrays:
+        count, _ = self.store.run_counters(run_id)
+        with self._lock:
+            arrays = self._runs.get(run_id)
+            if arrays is None:
+                arrays = RunArrays(count=0, steps=np.zeros(0, dtype=np.int64),
+                                   values={name: np.zeros(0) for name in VALUE_COLUMNS},
+                                   missing={name: None for name in VALUE_COLUMNS})
+                self._runs[run_id] = arrays
+            self._runs.move_to_end(run_id)
+            while len(self._runs) > self.max_runs:
+                self._runs.popitem(last=False)
+        with arrays.lock:
+            if arrays.count == count:
+                return arrays
+            steps, values, missing = self.store.fetch_steps(run_id, after=arrays.last_step)
+            if arrays.count + len(steps) == count or arrays.count == 0:
+                fresh = _concat(arrays, steps, values, missing) if arrays.count else \
+                    RunArrays(count=len(steps), steps=steps, values=values, missing=missing)
+            else:
+                steps, values, missing = self.store.fetch_steps(run_id)
+                fresh = RunArrays(count=len(steps), steps=steps, values=values, missing=missing)
+            fresh.count = len(fresh.steps)
+        with self._lock:
+            self._runs[run_id] = fresh
+        return fresh
+
+
+def _concat(old: RunArrays, steps: np.ndarray, values: dict[str, np.ndarray],
+            missing: dict[str, np.ndarray | None]) -> RunArrays:
+    merged_missing: dict[str, np.ndarray | None] = {}
+    for name in VALUE_COLUMNS:
+        a, b = old.missing[name], missing[name]
+        if a is None and b is None:
+            merged_missing[name] = None
+        else:
+            merged_missing[name] = np.concatenate([
+                a if a is not None else np.zeros(len(old.steps), dtype=bool),
+                b if b is not None else np.zeros(len(steps), dtype=bool)])
+    return RunArrays(count=len(old.steps) + len(steps), steps=np.concatenate([old.steps, steps]),
+                     values={name: np.concatenate([old.values[name], values[name]]) for name in VALUE_COLUMNS},
+                     missing=merged_missing)
+
+
+def encode_series(steps: np.ndarray, values: dict[str, np.ndarray], missing: dict[str, np.ndarray | None],
+                  fields: tuple[str, ...]) -> dict[str, list]:
+    """Columnar JSON-ready series: non-finite floats as strings, missing as null."""
+    out: dict[str, list] = {"step": steps.tolist()}
+    for name in fields:
+        if name == "step":
+            continue
+        if name in BOOL_FIELDS:
+            out[name] = encode_bools(values[name])
+        else:
+            out[name] = encode_floats(values[name], missing[name])
+    return out
+
+
+def csv_lines(arrays: RunArrays, chunk: int = 10_000) -> Iterator[str]:
+    """Every step as CSV: NaN/Infinity spelled as on the wire, missing values empty."""
+    yield ",".join(COLUMNS) + "\n"
+    for begin in range(0, len(arrays.steps), chunk):
+        stop = begin + chunk
+        part = encode_series(arrays.steps[begin:stop],
+                             {k: v[begin:stop] for k, v in arrays.values.items()},
+                             {k: (m[begin:stop] if m is not None else None) for k, m in arrays.missing.items()},
+                             VALUE_COLUMNS)
+        columns = [part[name] for name in COLUMNS]
+        lines = []
+        for row in zip(*columns):
+            lines.append(",".join("" if item is None else ("true" if item is True else "false" if item is False
+                                                           else repr(item) if isinstance(item, float)
+                                                           else str(item)) for item in row))
+        yield "\n".join(lines) + "\n"
