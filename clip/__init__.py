@@ -7,23 +7,37 @@ arrays (empty for stateless clippers), so a step compiles with
 Detectors are called as ``info = detector(norm)`` and return a
 :class:`DetectorInfo`. ``config()`` gives each one's name and arguments.
 """
+from .adagc import AdaGC
+from .agc import AGC, unitwise_squared_norm
+from .autoclip import AutoClip, quantile_of_first
 from .base import NONFINITE_POLICIES, Clipper
 from .detectors import EMADetector, SpikeDetector, ZScoreDetector
 from .global_norm import GlobalNorm
 from .info import ClipInfo, DetectorInfo
 from .norms import global_norm, norms_and_global, squared_norm, tensor_norms
+from .per_tensor import PerTensorNorm
+from .value_clip import ValueClip
+from .zclip import ZClip
 
 __all__ = [
+    "AGC",
+    "AdaGC",
+    "AutoClip",
     "ClipInfo",
     "Clipper",
     "DetectorInfo",
     "EMADetector",
     "GlobalNorm",
     "NONFINITE_POLICIES",
+    "PerTensorNorm",
     "SpikeDetector",
+    "ValueClip",
+    "ZClip",
     "ZScoreDetector",
     "global_norm",
     "norms_and_global",
+    "quantile_of_first",
     "squared_norm",
     "tensor_norms",
+    "unitwise_squared_norm",
 ]

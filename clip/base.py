@@ -16,7 +16,7 @@ import numbers
 from typing import Any, Optional
 
 import mlx.core as mx
-from mlx.utils import tree_map
+from mlx.utils import tree_map, tree_map_with_path
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
@@ -71,6 +71,11 @@ def scale_tree(grads: Any, factor: mx.array) -> Any:
             return (g * factor).astype(g.dtype)
         return g
     return tree_map(scale, grads)
+
+
+def replace_leaves(grads: Any, new_by_name: dict[str, mx.array]) -> Any:
+    """``grads`` with the leaves named in ``new_by_name`` replaced (structure kept)."""
+    return tree_map_with_path(lambda path, g: new_by_name.get(path or "", g), grads)
 
 
 def zero_if(condition: mx.array, grads: Any) -> Any:
