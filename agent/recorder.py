@@ -1,0 +1,175 @@
+"""From lazy clip results to plain numbers, one step late.
+
+`Recorder.build` is the pure, lazy part of a step: it runs the clipper and
+the detectors and packs every scalar of the step (norms, scale, flags,
+detector scores, loss, learning rate, per-tensor norms) into ONE float32
+vector. The returned gradients are tied to that vector and to the new
+clipper/detector state with `mx.depends`, so the user's own
+`mx.eval(model.parameters(), ...)` computes them in the same graph
+evaluation as the update: the agent adds no evaluation of its own.
+
+`Recorder.take` runs on the next step (or at flush): the vector is already
+computed, and one `memoryview` copy turns it into a `StepRecord` of bytes.
+"""
+from __future__ import annotations
+
+import struct
+import time
+from typing import Any, NamedTuple, Sequence
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from gradwatch.clip import EMADetector, ZScoreDetector, norms_and_global
+
+
+class Layout(NamedTuple):
+    """What the numbers of a record are: `columns` (wire names of the first values),
+    then one value per name in `tensor_names`; `extra_columns` name the Python
+    values recorded beside the vector (a float learning rate, say)."""
+
+    columns: tuple[str, ...]
+    tensor_names: tuple[str, ...]
+    extra_columns: tuple[str, ...] = ()
+
+    @property
+    def width(self) -> int:
+        return len(self.columns) + len(self.tensor_names)
+
+
+class StepRecord(NamedTuple):
+    """One step as plain data: what the training thread hands to the sender."""
+
+    step: int
+    time: float
+    layout: Layout
+    values: bytes  # float32, little-endian, `layout.width` of them
+    extras: tuple = ()
+
+    def floats(self) -> tuple[float, ...]:
+        return struct.unpack(f"<{self.layout.width}f", self.values)
+
+    def value(self, column: str) -> float:
+        if column in self.layout.extra_columns:
+            return float(self.extras[self.layout.extra_columns.index(column)])
+        return struct.unpack_from("<f", self.values, 4 * self.layout.columns.index(column))[0]
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """The pre-clip gradient norm was NaN or infinite and the clipper's policy is "raise"."""
+
+    def __init__(self, step: int, pre_norm: float, run: str):
+        self.step, self.pre_norm, self.run = step, pre_norm, run
+        super().__init__(f"gradwatch: non-finite gradient norm ({pre_norm}) at step {step} of run "
+                         f"{run!r} (clipper nonfinite='raise'); the step is recorded and was sent")
+
+
+class _Pending(NamedTuple):
+    step: int
+    time: float
+    layout: Layout
+    vector: mx.array
+    extras: tuple
+
+
+class Recorder:
+    """Builds a step's lazy vector, keeps it until the next step, converts it then."""
+
+    def __init__(self, clipper: Any = None, detectors: Sequence[Any] = (), tensor_norms: bool = True):
+        self.clipper = clipper
+        self.detectors = list(detectors)
+        self.tensor_norms = tensor_norms
+        self._layouts: dict[tuple, Layout] = {}
+        self.last_layout: Layout | None = None
+        self._pending: _Pending | None = None
+        self.shapes: dict[str, list[int]] = {}
+        # The arrays a compiled step takes in and gives back (`inputs=`/`outputs=`).
+        self.state = {"clipper": getattr(clipper, "state", {}) if clipper is not None else {},
+                      "detectors": [detector.state for detector in self.detectors]}
+
+    # -- the lazy part (may run inside mx.compile) --------------------------
+    def build(self, grads: Any, arrays: dict[str, mx.array]) -> tuple[Any, mx.array]:
+        """`(clipped grads, record vector)`; `arrays` may hold `params`, `loss`, `lr`."""
+        params = arrays.get("params")
+        if self.clipper is not None:
+            clipped, info = self.clipper(grads, params=params)
+            pre_norm, norms = info.pre_norm, info.tensor_norms
+        else:
+            clipped, info = grads, None
+            norms, pre_norm = norms_and_global(grads)
+
+        columns: list[str] = []
+        values: list[mx.array] = []
+
+        def add(name: str, value) -> None:
+            columns.append(name)
+            if not isinstance(value, mx.array):
+                value = mx.array(value)
+            values.append(value.astype(mx.float32).reshape(()))
+
+        add("pre_norm", pre_norm)
+        if info is not None:
+            add("post_norm", info.post_norm)
+            add("scale", info.scale)
+            add("threshold", info.threshold)
+            add("clipped", info.clipped)
+            add("nonfinite", info.nonfinite)
+        else:
+            add("post_norm", pre_norm)
+            add("scale", mx.array(1.0))
+            add("clipped", mx.array(False))
+            add("nonfinite", ~mx.isfinite(pre_norm))
+        spike = None
+        for detector in self.detectors:
+            detected = detector(pre_norm)
+            spike = detected.spike if spike is None else spike | detected.spike
+            if isinstance(detector, ZScoreDetector) and "z" not in columns:
+                add("z", detected.score)
+            elif isinstance(detector, EMADetector) and "ema" not in columns:
+                add("ema", detected.score)
+        if spike is not None:
+            add("spike", spike)
+        for name in ("loss", "lr"):
+            if name in arrays:
+                add(name, arrays[name])
+        names: tuple[str, ...] = ()
+        if self.tensor_norms:
+            names = tuple(norms)
+            values.extend(norm.astype(mx.float32).reshape(()) for norm in norms.values())
+        vector = mx.stack(values)
+
+        self.last_layout = Layout(tuple(columns), names)
+        self._layouts[self._layout_key(arrays)] = self.last_layout
+        # Tie the vector and the new state to the gradients the user will evaluate.
+        flat = tree_flatten(clipped)
+        state_leaves = [leaf for _, leaf in tree_flatten(self.state)]
+        tied = mx.depends([leaf for _, leaf in flat], [vector, *state_leaves])
+        return tree_unflatten([(name, leaf) for (name, _), leaf in zip(flat, tied)]), vector
+
+    @staticmethod
+    def _layout_key(arrays: dict) -> tuple:
+        return ("loss" in arrays, "lr" in arrays)
+
+    # -- the Python part (training thread, outside any compile) --------------
+    def hold(self, step: int, vector: mx.array, arrays: dict | None, extras: dict[str, float]) -> None:
+        """Keep this step's lazy vector until the next step (`arrays`: what `build` got,
+        None for the layout of the latest `build`)."""
+        layout = self.last_layout if arrays is None else self._layouts[self._layout_key(arrays)]
+        if extras:
+            layout = layout._replace(extra_columns=tuple(extras))
+        self._pending = _Pending(step, time.time(), layout, vector, tuple(extras.values()))
+
+    def take(self) -> StepRecord | None:
+        """The held step as plain numbers (its vector was computed by the user's eval)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        return StepRecord(pending.step, pending.time, pending.layout,
+                          bytes(memoryview(pending.vector)), pending.extras)
+
+    def drop_pending(self) -> None:
+        self._pending = None
+
+    def note_shapes(self, grads: Any) -> None:
+        self.shapes = {name: list(leaf.shape) for name, leaf in tree_flatten(grads)
+                       if isinstance(leaf, mx.array)}

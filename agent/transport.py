@@ -1,0 +1,114 @@
+"""One WebSocket to the server's `/ws/ingest`, with errors sorted into two kinds.
+
+`Refused`: the server will never take this data from us as configured (a
+refused token, close code 4401/4403 or HTTP 401/403 at the handshake). The
+sender reports it once and stops trying. `TransportError`: anything else
+(connection refused, reset, timeout, a 1011 close, a 503); the sender backs
+off and tries again.
+"""
+from __future__ import annotations
+
+import json
+
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, WebSocketException
+from websockets.sync.client import ClientConnection, connect
+
+from .wire import ingest_url
+
+REFUSED_CLOSE_CODES = (4401, 4403)
+REFUSED_HTTP_STATUS = (401, 403)
+
+
+class TransportError(Exception):
+    """A transient failure: reconnect later."""
+
+
+class Refused(Exception):
+    """The server refuses our credentials: do not retry."""
+
+
+class WebSocketTransport:
+    def __init__(self, url: str, token: str | None = None, open_timeout: float = 5.0,
+                 max_message_bytes: int = 64 << 20):
+        self.url = ingest_url(url)
+        self.token = token
+        self.open_timeout = open_timeout
+        self.max_message_bytes = max_message_bytes
+        self._connection: ClientConnection | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None
+
+    def connect(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        try:
+            self._connection = connect(self.url, additional_headers=headers, open_timeout=self.open_timeout,
+                                       close_timeout=1.0, compression=None, max_size=self.max_message_bytes)
+        except InvalidStatus as error:
+            status = error.response.status_code
+            if status in REFUSED_HTTP_STATUS:
+                raise Refused(f"the server refused the token (HTTP {status} on {self.url})") from None
+            raise TransportError(f"handshake answered HTTP {status}") from None
+        except ConnectionClosed as error:
+            raise self._closed(error) from None
+        except (OSError, InvalidHandshake, WebSocketException, TimeoutError) as error:
+            raise TransportError(f"cannot connect to {self.url}: {error}") from None
+
+    def send(self, text: str) -> None:
+        if self._connection is None:
+            raise TransportError("not connected")
+        try:
+            self._connection.send(text)
+        except ConnectionClosed as error:
+            raise self._closed(error) from None
+        except (OSError, WebSocketException) as error:
+            self.close()
+            raise TransportError(f"send failed: {error}") from None
+
+    def recv(self, timeout: float) -> dict | None:
+        """The next message from the server as a dict, or None when none came within `timeout`."""
+        if self._connection is None:
+            raise TransportError("not connected")
+        try:
+            text = self._connection.recv(timeout=max(0.0, timeout))
+        except TimeoutError:
+            return None
+        except ConnectionClosed as error:
+            raise self._closed(error) from None
+        except (OSError, WebSocketException) as error:
+            self.close()
+            raise TransportError(f"receive failed: {error}") from None
+        try:
+            message = json.loads(text)
+        except ValueError:
+            raise TransportError(f"the server sent something that is not JSON: {text[:200]!r}") from None
+        return message if isinstance(message, dict) else {}
+
+    def _closed(self, error: ConnectionClosed) -> Exception:
+        self.close()
+        frame = error.rcvd
+        if frame is not None and frame.code in REFUSED_CLOSE_CODES:
+            reason = f": {frame.reason}" if frame.reason else ""
+            return Refused(f"the server refused the token (close code {frame.code}{reason})")
+        code = frame.code if frame is not None else "none"
+        return TransportError(f"connection closed (code {code})")
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except (OSError, WebSocketException, RuntimeError):
+                pass
+
+    def abandon(self) -> None:
+        """Forget the connection without a closing handshake (in a forked child)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.socket.close()
+            except OSError:
+                pass
+
+

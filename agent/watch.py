@@ -1,0 +1,291 @@
+"""`GradWatch`: two lines in a training loop.
+
+    with GradWatch(run="tiny-gpt", url="http://127.0.0.1:8765", clipper=GlobalNorm(1.0)) as watch:
+        for batch in batches:
+            loss, grads = loss_and_grad(model, *batch)
+            grads = watch.step(grads, loss=loss)
+            optimizer.update(model, grads)
+            mx.eval(model.parameters(), optimizer.state)
+
+`step()` builds lazy MLX ops only (compiled once per gradient-tree shape),
+hands the *previous* step's numbers (already computed by the user's
+`mx.eval`) to a bounded buffer, and returns. Everything else (batching,
+the WebSocket, the spool, fsync, backoff) happens on the sender thread.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import socket
+import threading
+import time
+import weakref
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import mlx.core as mx
+
+from gradwatch.clip import EMADetector, ZScoreDetector
+
+from .buffer import RecordBuffer
+from .recorder import NonFiniteGradientError, Recorder, StepRecord
+from .sender import Sender, Stats, encode_batches
+from .spool import DEFAULT_CAP_BYTES, Spool, SpoolBusy
+from .transport import WebSocketTransport
+
+DEFAULT_SPOOL_ROOT = "gradwatch-spool"
+_LIVE: "weakref.WeakSet[GradWatch]" = weakref.WeakSet()
+
+
+def default_spool_dir(run: str) -> Path:
+    """`./gradwatch-spool/<run>/`, with the run name made safe as a folder name."""
+    return Path(DEFAULT_SPOOL_ROOT) / (re.sub(r"[^A-Za-z0-9._-]+", "_", run).strip(".") or "run")
+
+
+class GradWatch:
+    """Clip (optionally), watch and stream the gradient norm of an MLX training run.
+
+    Args:
+        run: run name on the server (one run = one series of steps).
+        url: server address, `http://host:port`; None writes the spool only
+            (upload it later with `gradwatch push DIR`).
+        clipper: a `gradwatch.clip` clipper (`GlobalNorm(1.0)`, ...); None
+            monitors without clipping (the gradients are returned unchanged).
+        detectors: spike detectors on the pre-clip norm; default
+            `[ZScoreDetector(), EMADetector()]`, `[]` for none.
+        token: write token of the server (`gradwatch serve --token`).
+        spool_dir: folder for this run's spool (default `./gradwatch-spool/<run>/`).
+        tensor_norms: also record every tensor's norm (free: computed on the
+            way to the global norm).
+        config: a JSON-serialisable dict stored with the run's metadata.
+        compile: compile the step's math with `mx.compile` (clipper and
+            detector state as inputs/outputs).
+        all_ranks: with a distributed clipper (`group=`), stream every rank
+            (as run `<run>-rank<r>`) instead of rank 0 only.
+        start_step: number of the first step (for a resumed run).
+        queue_size, batch_steps, batch_interval, spool_cap_bytes, close_timeout:
+            sizes and times of the pipeline (records in the buffer, records
+            per batch, seconds before a partial batch goes, bytes of spool on
+            disk, seconds `close()` waits).
+    """
+
+    def __init__(self, run: str, url: str | None = None, clipper: Any = None,
+                 detectors: Sequence[Any] | None = None, token: str | None = None,
+                 spool_dir: str | os.PathLike | None = None, tensor_norms: bool = True, *,
+                 config: dict | None = None, compile: bool = True, all_ranks: bool = False,
+                 start_step: int = 0, queue_size: int = 10_000, batch_steps: int = 1000,
+                 batch_interval: float = 0.25, spool_cap_bytes: int = DEFAULT_CAP_BYTES,
+                 close_timeout: float = 10.0, max_inflight: int = 8, backoff_cap: float = 30.0):
+        if not isinstance(run, str) or not run:
+            raise ValueError(f"run must be a non-empty string, got {run!r}")
+        self.clipper = clipper
+        self.detectors = [ZScoreDetector(), EMADetector()] if detectors is None else list(detectors)
+        group = getattr(clipper, "group", None)
+        self.rank = group.rank() if group is not None else 0
+        self.world_size = group.size() if group is not None else 1
+        if all_ranks and self.world_size > 1:
+            run = f"{run}-rank{self.rank}"
+        self.run = run
+        self.url = url
+        self.config = config
+        self.close_timeout = float(close_timeout)
+        self.recording = self.rank == 0 or all_ranks
+        self.spool_dir = Path(spool_dir) if spool_dir is not None else default_spool_dir(run)
+        self._raise_nonfinite = getattr(clipper, "nonfinite", None) == "raise"
+        self._recorder = Recorder(clipper, self.detectors, tensor_norms)
+        self._compiled = (mx.compile(self._recorder.build, inputs=self._recorder.state,
+                                     outputs=self._recorder.state) if compile else self._recorder.build)
+        self._next_step = int(start_step)
+        self._recorded = 0
+        self._buffered = 0
+        self._overflow_dropped: dict[str, int] = {}
+        self._meta_sent = False
+        self._closed = False
+        self._forked = False
+        self._started_at = time.time()
+        self._buffer: RecordBuffer[StepRecord] = RecordBuffer(queue_size, wake_at=batch_steps)
+        self._sender: Sender | None = None
+        if self.recording:
+            self._spool = Spool(self.spool_dir, cap_bytes=spool_cap_bytes)
+            transport = WebSocketTransport(url, token) if url else None
+            self._sender = Sender(run, self._buffer, self._spool, transport, batch_steps=batch_steps,
+                                  batch_interval=batch_interval, max_inflight=max_inflight,
+                                  backoff_cap=backoff_cap)
+            self._sender.start()
+        _LIVE.add(self)
+
+    # -- the training loop -----------------------------------------------------
+    def step(self, grads: Any, loss: Any = None, lr: Any = None, params: Any = None) -> Any:
+        """Clip `grads` (when a clipper is set) and record this step; returns the gradients
+        to give the optimizer. Lazy: nothing is evaluated here."""
+        self._emit_pending(raise_nonfinite=True)
+        arrays: dict[str, mx.array] = {}
+        extras: dict[str, float] = {}
+        if params is not None:
+            arrays["params"] = params
+        for name, value in (("loss", loss), ("lr", lr)):
+            if isinstance(value, mx.array):
+                arrays[name] = value
+            elif value is not None:
+                extras[name] = float(value)
+        clipped, vector = self._compiled(grads, arrays)
+        self._hold(vector, arrays, extras, grads)
+        return clipped
+
+    @property
+    def state(self) -> dict:
+        """The clipper's and detectors' arrays, for `mx.compile(inputs=..., outputs=...)`
+        of a training step that calls `compute()`."""
+        return self._recorder.state
+
+    def compute(self, grads: Any, loss: mx.array | None = None, lr: mx.array | None = None,
+                params: Any = None) -> tuple[Any, mx.array]:
+        """The pure part of `step()`, for use inside your own `mx.compile`d step:
+        returns `(grads, record)`; pass `record` to `record()` outside the compiled function."""
+        arrays = {name: value for name, value in (("params", params), ("loss", loss), ("lr", lr))
+                  if value is not None}
+        return self._recorder.build(grads, arrays)
+
+    def record(self, record: mx.array, lr: float | None = None, loss: float | None = None) -> None:
+        """Record a step computed by `compute()` (Python floats `lr`/`loss` go beside it)."""
+        self._emit_pending(raise_nonfinite=True)
+        extras = {name: float(value) for name, value in (("loss", loss), ("lr", lr)) if value is not None}
+        self._hold(record, None, extras, None)
+
+    def _hold(self, vector: mx.array, arrays: dict | None, extras: dict, grads: Any) -> None:
+        if self.recording and not self._closed:
+            self._recorder.hold(self._next_step, vector, arrays, extras)
+            if not self._meta_sent:
+                self._send_meta(grads)
+        self._next_step += 1
+
+    def _emit_pending(self, raise_nonfinite: bool) -> None:
+        record = self._recorder.take()
+        if record is None:
+            return
+        self._recorded += 1
+        if self._forked or self._sender is None:
+            self._count_drop("forked_child" if self._forked else "not_recording")
+        elif self._buffer.put(record):
+            self._buffered += 1
+        else:
+            self._overflow(record)
+        if raise_nonfinite and self._raise_nonfinite and record.value("nonfinite"):
+            raise NonFiniteGradientError(record.step, record.value("pre_norm"), self.run)
+
+    def _overflow(self, record: StepRecord) -> None:
+        """The buffer is full: write this record to the spool if its lock is free, else drop it."""
+        written = None
+        try:
+            (payload, steps), = encode_batches(self.run, [record])
+            written = self._spool.append(payload, steps, blocking=False)
+        except (OSError, SpoolBusy):
+            written = None
+        if written:
+            self._sender.stats.spooled += 1
+        else:
+            self._count_drop("queue_full" if written is None else "spool_full")
+
+    def _count_drop(self, reason: str) -> None:
+        if self._sender is not None and not self._forked:
+            self._sender.count_drop(reason)
+        else:
+            self._overflow_dropped[reason] = self._overflow_dropped.get(reason, 0) + 1
+
+    def _send_meta(self, grads: Any) -> None:
+        self._meta_sent = True
+        if grads is not None:
+            self._recorder.note_shapes(grads)
+        layout = self._recorder.last_layout
+        meta = {
+            "clipper": self.clipper.config() if self.clipper is not None else None,
+            "detectors": [detector.config() for detector in self.detectors if hasattr(detector, "config")],
+            "tensors": {"names": list(layout.tensor_names) if layout else [],
+                        "shapes": self._recorder.shapes},
+            "mlx": mx.__version__,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "start_time": self._started_at,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "config": self.config,
+        }
+        self._sender.set_meta(meta)
+
+    # -- lifecycle ---------------------------------------------------------------
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Hand over the last step and wait until everything recorded is acknowledged by the
+        server (or, while it is away, fsynced to the spool). False if `timeout` ran out."""
+        self._emit_pending(raise_nonfinite=True)
+        if self._sender is None or self._forked:
+            return True
+        return self._sender.flush(self._buffered, timeout)
+
+    def close(self, timeout: float | None = None, *, raise_nonfinite: bool = True) -> None:
+        """Flush within `timeout` (default `close_timeout`), spool what is left, stop the
+        sender thread. Never hangs; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        _LIVE.discard(self)
+        timeout = self.close_timeout if timeout is None else timeout
+        error = None
+        try:
+            self._emit_pending(raise_nonfinite=True)
+        except NonFiniteGradientError as raised:
+            error = raised
+        if self._sender is not None and not self._forked:
+            self._sender.stop(timeout)
+        if error is not None and raise_nonfinite:
+            raise error
+
+    def __enter__(self) -> "GradWatch":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(raise_nonfinite=exc_type is None)
+
+    @property
+    def stats(self) -> Stats:
+        """A snapshot of the counts (see `Stats`)."""
+        if self._sender is None or self._forked:
+            return Stats(recorded=self._recorded, dropped=dict(self._overflow_dropped))
+        stats = self._sender.stats
+        return replace(stats, recorded=self._recorded, dropped=dict(stats.dropped))
+
+    def __repr__(self) -> str:
+        return f"GradWatch(run={self.run!r}, url={self.url!r}, clipper={self.clipper!r})"
+
+    # -- process events ------------------------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        """The child of a fork gets no sender: it never sends or spools the parent's records."""
+        self._forked = True
+        self._recorder.drop_pending()
+        self._buffer.clear()
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            if sender.transport is not None:
+                sender.transport.abandon()
+            if sender.spool is not None:
+                sender.spool.forget_after_fork()
+        self._overflow_dropped = {}
+
+
+def _close_all_at_exit() -> None:
+    for watch in list(_LIVE):
+        try:
+            watch.close(raise_nonfinite=False)
+        except Exception:  # at exit, a warning is all we can give
+            pass
+
+
+def _after_fork_in_child() -> None:
+    for watch in list(_LIVE):
+        watch._after_fork_in_child()
+
+
+atexit.register(_close_all_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
