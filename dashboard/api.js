@@ -96,7 +96,7 @@ export async function getJSON(path, params = {}, { signal } = {}) {
       cache: 'no-store',
       signal,
     });
-    if (response.status === 401 || (response.status === 403 && !sentToken)) {
+    if (response.status === 401 || response.status === 403) {
       await askForToken(sentToken
         ? 'The server refused this token. Enter the read token (gradwatch serve --read-token).'
         : 'This server needs a read token (gradwatch serve --read-token).');
@@ -120,11 +120,15 @@ export function runPath(run, tail = '') {
   return `/api/runs/${encodeURIComponent(run)}${tail}`;
 }
 
-export function liveSocketURL(run) {
+/** `/ws/live/{run}`; `since` asks for the points stored after that step first. */
+export function liveSocketURL(run, since = null) {
   const scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
+  const query = new URLSearchParams();
   const token = currentToken();
-  const query = token ? `?token=${encodeURIComponent(token)}` : '';
-  return `${scheme}//${window.location.host}/ws/live/${encodeURIComponent(run)}${query}`;
+  if (token) query.set('token', token);
+  if (since !== null && since !== undefined) query.set('since', String(since));
+  const text = query.toString();
+  return `${scheme}//${window.location.host}/ws/live/${encodeURIComponent(run)}${text ? `?${text}` : ''}`;
 }
 
 /** WebSocket close codes that mean "wrong or missing token". */

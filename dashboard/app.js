@@ -46,6 +46,7 @@ const state = {
   liveTail: [],
   liveTailPoints: 0,
   appendedSinceFetch: 0,
+  maxStep: -Infinity, // highest step seen (fetch or live)
   seriesSeq: 0,
   marks: { spike: [], nonfinite: [] },
   events: [],
@@ -262,6 +263,7 @@ function openRun(name, { push } = { push: false }) {
   state.liveTail = [];
   state.liveTailPoints = 0;
   state.appendedSinceFetch = 0;
+  state.maxStep = -Infinity;
   state.marks = { spike: [], nonfinite: [] };
   state.events = [];
   state.stats = null;
@@ -323,6 +325,7 @@ async function loadSeries() {
   }
   state.series = series;
   state.appendedSinceFetch = 0;
+  if (!view) state.maxStep = Math.max(state.maxStep, lastStep(series));
   await renderNorm();
   renderSummary();
 }
@@ -479,7 +482,9 @@ function openSocket() {
   setIndicator('wait', 'connecting…');
   let socket;
   try {
-    socket = new WebSocket(liveSocketURL(run));
+    // After a disconnect, ask the server for what was stored meanwhile.
+    const since = live.everOpened && Number.isFinite(state.maxStep) ? state.maxStep : null;
+    socket = new WebSocket(liveSocketURL(run, since));
   } catch {
     scheduleReconnect();
     return;
@@ -530,9 +535,8 @@ function scheduleReconnect() {
   }, delay);
 }
 
-/** After a reconnect: fetch what was stored while we were away. */
+/** After a reconnect: the socket's `since` brings the missed points; refresh the rest. */
 function resync() {
-  loadSeries();
   loadMarks();
   loadEvents();
   loadThresholdSoon();
@@ -547,6 +551,7 @@ function onLivePoints(data) {
   const chunk = parseSeries(data);
   if (!chunk.step.length) return;
   probe.livePoints += chunk.step.length;
+  state.maxStep = Math.max(state.maxStep, lastStep(chunk));
   state.liveTail.push(chunk);
   state.liveTailPoints += chunk.step.length;
   while (state.liveTailPoints > LIVE_TAIL_LIMIT && state.liveTail.length > 1) {
@@ -664,12 +669,15 @@ function renderRecommendation() {
   const rows = candidates.map((candidate) => {
     const value = wireNumber(candidate.threshold);
     const row = el('tr', { className: value === threshold ? 'recommended' : '' },
+      el('td', {}, candidate.label == null ? '' : String(candidate.label)),
       el('td', { className: 'num' }, formatNumber(value)),
       el('td', { className: 'num' }, formatRate(candidate.clip_rate)));
     row.title = 'try this threshold';
-    row.addEventListener('click', () => setWhatif(value, { fromUser: true }));
+    if (value !== null && Number.isFinite(value)) row.addEventListener('click', () => setWhatif(value, { fromUser: true }));
     return row;
   });
+  const warnings = Array.isArray(recommendation.warnings) ? recommendation.warnings : [];
+  $('rec-warnings').replaceChildren(...warnings.map((warning) => el('p', { className: 'warning' }, `⚠ ${warning}`)));
   $('candidate-rows').replaceChildren(...rows);
 }
 
