@@ -5,7 +5,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from .base import Clipper, check_count, check_fraction, scale_tree
+from .base import Clipper, check_count, check_fraction
 from .info import ClipInfo
 from .norms import _norms_from_leaves, floating_leaves
 
@@ -72,10 +72,4 @@ class AutoClip(Clipper):
         self.state["norms"] = mx.where(slot & finite, pre_norm, history)
         self.state["count"] = mx.where(finite, count + 1, count)
 
-        nonfinite = ~finite
-        clipped = self._apply_policy(scale_tree(grads, scale), nonfinite)
-        if self.nonfinite == "skip":
-            scale = mx.where(nonfinite, 0.0, scale)
-        return clipped, ClipInfo(pre_norm=pre_norm, post_norm=pre_norm * scale, scale=scale,
-                                 threshold=threshold, clipped=scale < 1, nonfinite=nonfinite,
-                                 tensor_norms=norms)
+        return self._scaled_result(grads, pre_norm, scale, threshold, norms)

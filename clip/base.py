@@ -18,6 +18,8 @@ from typing import Any, Optional
 import mlx.core as mx
 from mlx.utils import tree_map, tree_map_with_path
 
+from .info import ClipInfo
+
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
 
@@ -127,6 +129,19 @@ class Clipper:
         if self.nonfinite == "skip":
             return zero_if(nonfinite, clipped)
         return clipped
+
+    def _scaled_result(self, grads: Any, pre_norm: mx.array, scale: mx.array,
+                       threshold: mx.array, norms: dict[str, mx.array]):
+        """Result of a clipper that multiplies the whole tree by one factor."""
+        nonfinite = ~mx.isfinite(pre_norm)
+        clipped = self._apply_policy(scale_tree(grads, scale), nonfinite)
+        post_norm = pre_norm * scale
+        if self.nonfinite == "skip":
+            scale = mx.where(nonfinite, 0.0, scale)
+            post_norm = mx.where(nonfinite, 0.0, post_norm)
+        return clipped, ClipInfo(pre_norm=pre_norm, post_norm=post_norm, scale=scale,
+                                 threshold=threshold, clipped=scale < 1, nonfinite=nonfinite,
+                                 tensor_norms=norms)
 
     def __call__(self, grads: Any, params: Any = None):
         raise NotImplementedError

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from .base import Clipper, check_bound, scale_tree
+from .base import Clipper, check_bound
 from .info import ClipInfo
 from .norms import _global_from_leaves, _norms_from_leaves, check_ord, floating_leaves
 
@@ -64,11 +64,5 @@ class GlobalNorm(Clipper):
         pre_norm = l2_norm if self.ord == 2 else _global_from_leaves(leaves, self.ord, self.group)
         # The expression of mlx.optimizers.clip_grad_norm, so the result is identical.
         scale = mx.minimum(self.max_norm / (pre_norm + 1e-6), 1.0)
-        nonfinite = ~mx.isfinite(pre_norm)
-        clipped = self._apply_policy(scale_tree(grads, scale), nonfinite)
-        if self.nonfinite == "skip":
-            scale = mx.where(nonfinite, 0.0, scale)
-        info = ClipInfo(pre_norm=pre_norm, post_norm=pre_norm * scale, scale=scale,
-                        threshold=mx.array(self.max_norm, mx.float32), clipped=scale < 1,
-                        nonfinite=nonfinite, tensor_norms=norms)
-        return clipped, info
+        return self._scaled_result(grads, pre_norm, scale,
+                                   mx.array(self.max_norm, mx.float32), norms)

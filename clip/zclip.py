@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from .base import Clipper, check_bound, check_count, check_fraction, scale_tree
+from .base import Clipper, check_bound, check_count, check_fraction
 from .info import ClipInfo
 from .norms import _norms_from_leaves, floating_leaves
 from .stats import ema_mean_var, warmup_update
@@ -135,12 +135,6 @@ class ZClip(Clipper):
         self.state["mean"] = mx.where(update, ema_mean, mean_w)
         self.state["var"] = mx.where(init_now, m2_w / count_w, mx.where(update, ema_var, var))
 
-        scale = mx.where(warming, warm_scale, post_scale)
         threshold = mx.where(warming, cap, mx.minimum(detect, cap)).astype(mx.float32)
-        nonfinite = ~finite
-        clipped = self._apply_policy(scale_tree(grads, scale), nonfinite)
-        if self.nonfinite == "skip":
-            scale = mx.where(nonfinite, 0.0, scale)
-        return clipped, ClipInfo(pre_norm=x, post_norm=x * scale, scale=scale,
-                                 threshold=threshold, clipped=scale < 1, nonfinite=nonfinite,
-                                 tensor_norms=norms)
+        return self._scaled_result(grads, x, mx.where(warming, warm_scale, post_scale),
+                                   threshold, norms)
