@@ -24,12 +24,14 @@ class ClipInfo(NamedTuple):
         scale: the factor applied to the whole gradient (``post_norm /
             pre_norm`` for clippers that do not apply one factor; 1 when
             ``pre_norm`` is 0; 0 when a non-finite step was skipped).
-        threshold: the bound ``post_norm`` is held under, in the same units
-            as ``pre_norm``. For global clippers, the clip norm of this step;
-            for per-piece clippers, the global norm of a gradient whose every
-            piece sits exactly at its bound (an upper bound on ``post_norm``);
-            ``inf`` when nothing is bounded (``AutoClip``'s first step, ZClip
-            without ``max_grad_norm`` when the norm is not an outlier).
+        threshold: in the units of ``pre_norm``. For clippers that apply one
+            factor (GlobalNorm, ZClip, AutoClip): the smallest ``pre_norm``
+            this step would clip (ZClip: its detection bound; the norm it
+            clipped to is ``post_norm``); ``inf`` when nothing would be
+            clipped (AutoClip's first step, ZClip's warm-up without
+            ``max_grad_norm``). For per-tensor/unit/element clippers: the
+            global norm of a gradient whose every piece sits exactly at its
+            bound, an upper bound of ``post_norm``.
         clipped: bool scalar, True when anything was scaled down this step.
         nonfinite: bool scalar, True when ``pre_norm`` is NaN or infinite.
         tensor_norms: ``{flat name: L2 norm}`` of every floating-point tensor

@@ -104,6 +104,13 @@ def global_norm(grads: Any, ord: float = 2, group: Optional[mx.distributed.Group
             sharded: the local sums ``Σ|g|^p`` are added across ranks with
             ``mx.distributed.all_sum`` (``all_max`` for ``inf``) before the root,
             as ``mlx.nn.utils.clip_grad_norm_sharded`` does.
+
+    Example:
+        >>> grads = {"w": mx.array([3.0, -4.0]), "b": [mx.array([12.0])]}
+        >>> global_norm(grads).item(), global_norm(grads, ord=1).item()
+        (13.0, 19.0)
+        >>> global_norm(grads, ord=float("inf")).item()
+        12.0
     """
     return _global_from_leaves(floating_leaves(grads), check_ord(ord), group)
 
@@ -113,6 +120,11 @@ def tensor_norms(grads: Any) -> dict[str, mx.array]:
 
     Names are spelled as :func:`mlx.utils.tree_flatten` spells them,
     e.g. ``{"layers.0.weight": ...}``.
+
+    Example:
+        >>> norms = tensor_norms({"layers": [{"weight": mx.array([3.0, 4.0])}]})
+        >>> {name: norm.item() for name, norm in norms.items()}
+        {'layers.0.weight': 5.0}
     """
     return {name: mx.sqrt(squared_norm(g)) for name, g in floating_leaves(grads)}
 
@@ -124,6 +136,11 @@ def norms_and_global(grads: Any, group: Optional[mx.distributed.Group] = None
     Returns ``(tensor_norms, global_norm)``; the global norm is the root of the
     per-tensor squared norms added in tree order (with ``group``, summed across
     ranks first; the per-tensor norms are then those of the local shards).
+
+    Example:
+        >>> norms, total = norms_and_global({"a": mx.array([3.0]), "b": mx.array([4.0])})
+        >>> norms["a"].item(), norms["b"].item(), total.item()
+        (3.0, 4.0, 5.0)
     """
     return _norms_from_leaves(floating_leaves(grads), group)
 

@@ -23,6 +23,11 @@ class ValueClip(Clipper):
     ``threshold = c·√N`` for N floating-point entries (the largest
     ``post_norm`` possible); ``clipped`` is True when some ``|g_i| > c``.
 
+    Example:
+        >>> clipped, info = ValueClip(1.0)({"w": mx.array([0.5, -3.0])})
+        >>> clipped["w"].tolist(), info.clipped.item()
+        ([0.5, -1.0], True)
+
     References:
         Mikolov, "Statistical Language Models Based on Neural Networks",
         PhD thesis, Brno University of Technology, 2012.
