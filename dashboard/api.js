@@ -33,7 +33,7 @@ function storeToken(token) {
 
 let memoryToken = '';
 
-function currentToken() {
+export function currentToken() {
   return readToken() || memoryToken;
 }
 
@@ -97,6 +97,8 @@ export async function getJSON(path, params = {}, { signal } = {}) {
       signal,
     });
     if (response.status === 401 || response.status === 403) {
+      // Another request may have got the token from the user meanwhile: just retry with it.
+      if (currentToken() !== sentToken) continue;
       await askForToken(sentToken
         ? 'The server refused this token. Enter the read token (gradwatch serve --read-token).'
         : 'This server needs a read token (gradwatch serve --read-token).');

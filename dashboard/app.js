@@ -9,7 +9,7 @@ import {
   median, throttle, debounce,
 } from './util.js';
 import {
-  getJSON, runPath, liveSocketURL, adoptTokenFromAddress, askForToken, AUTH_CLOSE_CODES, ApiError,
+  getJSON, runPath, liveSocketURL, adoptTokenFromAddress, askForToken, currentToken, AUTH_CLOSE_CODES, ApiError,
 } from './api.js';
 import { normFigure, histogramFigure, heatmapFigure, contributionFigure } from './charts.js';
 
@@ -111,19 +111,23 @@ const plotly = plotlyLoaded();
 
 // ---------------------------------------------------------------- errors
 
-function showError(message) {
+// Errors by source ("runs", "series", ...): a source that works again clears its own.
+const errors = new Map();
+
+function showError(source, message) {
+  if (message) errors.set(source, message);
+  else errors.delete(source);
   const banner = $('error-banner');
-  banner.textContent = message;
-  banner.hidden = !message;
+  banner.textContent = [...errors.values()].join(' · ');
+  banner.hidden = errors.size === 0;
 }
 
-function reportError(error, what) {
+function reportError(source, error, what) {
   if (error && error.name === 'AbortError') return;
-  if (error instanceof ApiError && error.status === 404) {
-    showError(`${what}: ${error.detail || 'not found'}`);
-  } else {
-    showError(`${what}: ${error && error.message ? error.message : error}`);
-  }
+  let text = error && error.message ? error.message : String(error);
+  if (error instanceof ApiError) text = `${error.detail || error.status}`;
+  else if (error instanceof TypeError) text = 'the server did not answer';
+  showError(source, `${what}: ${text}`);
 }
 
 // ---------------------------------------------------------------- runs
@@ -147,8 +151,9 @@ async function loadRuns() {
   let runs;
   try {
     runs = await getJSON('/api/runs');
+    showError('runs', '');
   } catch (error) {
-    reportError(error, 'Run list');
+    reportError('runs', error, 'Run list');
     return state.runs;
   }
   const previous = new Map(state.runs.map((run) => [run.name, run]));
@@ -273,7 +278,8 @@ function openRun(name, { push } = { push: false }) {
   state.whatifTouched = false;
   $('run-title').textContent = name;
   document.title = `${name} · gradwatch`;
-  showError('');
+  errors.clear();
+  showError('', '');
   if (push) {
     const url = new URL(window.location.href);
     url.searchParams.set('run', name);
@@ -311,8 +317,9 @@ async function loadSeries() {
   let raw;
   try {
     raw = await getJSON(runPath(state.run, '/series'), params);
+    showError('series', '');
   } catch (error) {
-    if (generation === state.generation) reportError(error, `Run "${state.run}"`);
+    if (generation === state.generation) reportError('series', error, `Run "${state.run}"`);
     return;
   }
   if (generation !== state.generation || seq !== state.seriesSeq) return;
@@ -444,7 +451,7 @@ async function loadOverlay(name) {
     state.overlaySeries.set(name, parseSeries(raw));
     scheduleRenderNorm();
   } catch (error) {
-    reportError(error, `Overlay "${name}"`);
+    reportError(`overlay:${name}`, error, `Overlay "${name}"`);
   }
 }
 
@@ -490,6 +497,7 @@ function openSocket() {
     return;
   }
   live.socket = socket;
+  const tokenUsed = currentToken();
   socket.addEventListener('open', () => {
     if (socket !== live.socket) return;
     const reconnected = live.everOpened;
@@ -514,6 +522,7 @@ function openSocket() {
     if (socket !== live.socket) return;
     live.socket = null;
     if (AUTH_CLOSE_CODES.has(event.code)) {
+      if (currentToken() !== tokenUsed) { openSocket(); return; } // a token arrived meanwhile
       setIndicator('off', 'disconnected: needs read token');
       askForToken('The live feed needs the read token (gradwatch serve --read-token).').then(() => {
         if (live.run === run) openSocket();
@@ -584,7 +593,7 @@ async function loadMarks() {
     scheduleRenderNorm();
     renderSummary();
   } catch (error) {
-    if (generation === state.generation) reportError(error, 'Events');
+    if (generation === state.generation) reportError('events', error, 'Events');
   }
 }
 
@@ -595,9 +604,10 @@ async function loadEvents() {
     const events = await getJSON(runPath(state.run, '/events'), { kind, limit: EVENT_LIMIT });
     if (generation !== state.generation || kind !== $('event-kind').value) return;
     state.events = Array.isArray(events) ? events : [];
+    showError('events', '');
     renderEvents();
   } catch (error) {
-    if (generation === state.generation) reportError(error, 'Events');
+    if (generation === state.generation) reportError('events', error, 'Events');
   }
 }
 
@@ -637,8 +647,9 @@ async function loadThreshold() {
     state.stats = stats;
     state.recommendation = recommendation;
     state.histogram = histogram;
+    showError('threshold', '');
   } catch (error) {
-    if (generation === state.generation) reportError(error, 'Threshold');
+    if (generation === state.generation) reportError('threshold', error, 'Threshold');
     return;
   }
   renderRecommendation();
@@ -758,7 +769,7 @@ const requestWhatif = debounce(async () => {
     output.dataset.clipRate = String(result.clip_rate);
     probe.whatif = { threshold, clip_rate: result.clip_rate, clipped: result.clipped, count: result.count };
   } catch (error) {
-    reportError(error, 'What-if');
+    reportError('whatif', error, 'What-if');
   }
 }, 120);
 
@@ -772,7 +783,7 @@ async function loadTensors() {
   try {
     tensors = await getJSON(runPath(state.run, '/tensors'), params);
   } catch (error) {
-    if (generation === state.generation) reportError(error, 'Per-tensor norms');
+    if (generation === state.generation) reportError('tensors', error, 'Per-tensor norms');
     return;
   }
   if (generation !== state.generation) return;
@@ -825,7 +836,7 @@ async function selectStep(step) {
       start: Math.max(0, step - CONTRIBUTION_CONTEXT), end: step, points: CONTRIBUTION_CONTEXT + 1,
     });
   } catch (error) {
-    reportError(error, 'Per-tensor norms');
+    reportError('tensors', error, 'Per-tensor norms');
     return;
   }
   if (generation !== state.generation || step !== state.selectedStep) return;
@@ -936,5 +947,5 @@ async function start() {
   setInterval(loadRuns, 5000);
 }
 
-plotly.catch((error) => showError(`${error.message}: charts cannot be drawn.`));
+plotly.catch((error) => showError('plotly', `${error.message}: charts cannot be drawn.`));
 start();
