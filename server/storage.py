@@ -25,6 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Iterator
 
 import numpy as np
@@ -37,6 +38,7 @@ from gradwatch.server.schemas import (BOOL_FIELDS, COLUMNS, FLOAT_FIELDS, NAN_BI
 STEP_COLUMNS = ", ".join(COLUMNS)
 LIVE_CHANNEL = "gradwatch_live"
 PROCESS_TOKEN = f"{os.getpid()}-{os.urandom(4).hex()}"
+INSERT_CHUNK = 2000  # 2,000 rows x 15 values stays under SQLite's 32,766 bound parameters
 
 
 class UnknownRun(LookupError):
@@ -135,6 +137,7 @@ class Store:
         self.is_postgres = self.dialect == "postgresql"
         self._write_lock = threading.Lock() if self.is_sqlite else None
         self._run_ids: dict[str, int] = {}
+        self._insert_sql: dict[int, str] = {}
         self.cache = RunCache(self)
 
     # ----- raw connections -----
@@ -261,11 +264,7 @@ class Store:
                 new_mask = np.ones(len(steps), dtype=bool)
             new_rows = [(run_id,) + row for row, new in zip(rows, new_mask.tolist()) if new]
             if new_rows:
-                placeholders = ", ".join(["?"] * (len(COLUMNS) + 2))
-                cursor.executemany(self._sql(f"INSERT INTO steps (run_id, {STEP_COLUMNS}, nan_mask) "
-                                             f"VALUES ({placeholders}) ON CONFLICT DO NOTHING"), new_rows)
-                if cursor.rowcount is not None and 0 <= cursor.rowcount < len(new_rows):
-                    raise IngestRace(run)
+                self._insert_steps(cursor, new_rows, run)
             accepted = len(new_rows)
             for row in (rows[i] for i in np.flatnonzero(~new_mask).tolist()):
                 old = stored[row[0]]
@@ -309,10 +308,11 @@ class Store:
         cursor.execute(self._sql(
             "UPDATE runs SET steps = steps + ?, clips = clips + ?, spikes = spikes + ?, "
             "nonfinite = nonfinite + ?, updated = ?, version = version + ?, "
-            "first_step = CASE WHEN ? IS NOT NULL AND (first_step IS NULL OR ? < first_step) THEN ? "
-            "ELSE first_step END, "
-            "last_step = CASE WHEN ? IS NOT NULL AND (last_step IS NULL OR ? > last_step) THEN ? "
-            "ELSE last_step END, meta = COALESCE(?, meta) WHERE id = ?"),
+            "first_step = CASE WHEN CAST(? AS BIGINT) IS NOT NULL AND (first_step IS NULL "
+            "OR CAST(? AS BIGINT) < first_step) THEN CAST(? AS BIGINT) ELSE first_step END, "
+            "last_step = CASE WHEN CAST(? AS BIGINT) IS NOT NULL AND (last_step IS NULL "
+            "OR CAST(? AS BIGINT) > last_step) THEN CAST(? AS BIGINT) ELSE last_step END, "
+            "meta = COALESCE(CAST(? AS TEXT), meta) WHERE id = ?"),
             (counts["steps"], counts["clips"], counts["spikes"], counts["nonfinite"], stamp,
              1 if accepted else 0, first, first, first, last, last, last, meta_text, run_id))
         if accepted and self.is_postgres:
@@ -321,6 +321,23 @@ class Store:
             cursor.execute("SELECT pg_notify(%s, %s)", (LIVE_CHANNEL, payload))
         return IngestResult(run=run, accepted=accepted, duplicates=duplicates, conflicts=conflicts,
                             new_mask=new_mask)
+
+    def _insert_steps(self, cursor, rows: list[tuple], run: str) -> None:
+        """Multi-row `INSERT ... VALUES (...), (...)` in chunks: about twice as fast as executemany
+        in sqlite3 (one statement step per chunk instead of per row); fine in psycopg too."""
+        width = len(rows[0])
+        for begin in range(0, len(rows), INSERT_CHUNK):
+            chunk = rows[begin:begin + INSERT_CHUNK]
+            statement = self._insert_sql.get(len(chunk))
+            if statement is None:
+                one = "(" + ", ".join(["?"] * width) + ")"
+                statement = self._sql(f"INSERT INTO steps (run_id, {STEP_COLUMNS}, nan_mask) VALUES "
+                                      + ", ".join([one] * len(chunk)) + " ON CONFLICT DO NOTHING")
+                if len(self._insert_sql) < 64:
+                    self._insert_sql[len(chunk)] = statement
+            cursor.execute(statement, list(chain.from_iterable(chunk)))
+            if cursor.rowcount is not None and 0 <= cursor.rowcount < len(chunk):
+                raise IngestRace(run)
 
     @staticmethod
     def _nonfinite_rows(batch: Batch) -> np.ndarray:
