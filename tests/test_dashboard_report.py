@@ -1,0 +1,108 @@
+"""`gradwatch report RUN -o FILE`: one offline HTML file from a real server's REST API."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.procs import ServerProcess, free_port
+from tests.test_dashboard_support import launch_chromium, post_steps, synthetic_batch
+
+RUN = 'report <run> & "quotes"'
+
+
+def plotly_js_version() -> str:
+    import plotly
+
+    bundle = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    return re.search(r"plotly\.js v[0-9.]+", bundle.read_text(encoding="utf-8")[:500]).group(0)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("report")
+    with ServerProcess(f"sqlite:///{folder / 'gradwatch.db'}", log_path=folder / "server.log") as process:
+        batch, run = synthetic_batch(0, 1200, seed=11)
+        post_steps(process.url, RUN, batch)
+        process.run = run
+        yield process
+
+
+def report(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "report", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def embedded_figures(document: str) -> list[list[dict]]:
+    """The `data` argument of every Plotly.newPlot call in the file."""
+    figures = []
+    for match in re.finditer(r'Plotly\.newPlot\(\s*"[^"]+",\s*', document):
+        data, _ = json.JSONDecoder().raw_decode(document, match.end())
+        figures.append(data)
+    return figures
+
+
+def test_report_writes_one_offline_file_with_plotly_and_the_run_data(server, tmp_path, output_dir):
+    target = tmp_path / "out" / "report.html"
+    done = report(RUN, "-o", str(target), "--url", server.url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(target)
+    document = target.read_text(encoding="utf-8")
+    assert plotly_js_version() in document  # plotly.js itself is embedded ...
+    assert document.count(plotly_js_version()) == 1  # ... once
+    assert '<script src=' not in document and 'src="http' not in document  # nothing to download
+    assert "report &lt;run&gt; &amp; &quot;quotes&quot;" in document  # the name, escaped, in the title
+    assert "<run>" not in document
+
+    figures = embedded_figures(document)
+    assert len(figures) == 3  # norm chart, histogram, per-tensor heatmap
+    norm = {trace.get("name"): trace for trace in figures[0]}
+    expected = server.run
+    assert norm["pre-clip norm"]["x"] == expected.steps.tolist()
+    shown = np.array([np.nan if v is None else v for v in norm["pre-clip norm"]["y"]])
+    np.testing.assert_allclose(shown, expected.pre_norm, rtol=1e-9)
+    assert norm["spike"]["x"] == expected.spike_steps
+    histogram_counts = figures[1][0]["y"][:-1]
+    assert sum(histogram_counts) == len(expected.finite_norms)
+    (output_dir / "report.html").write_text(document, encoding="utf-8")
+
+
+def test_report_opens_offline_in_chromium(server, tmp_path, chromium_path):
+    from playwright.sync_api import sync_playwright
+
+    target = tmp_path / "report.html"
+    assert report(RUN, "-o", str(target), "--url", server.url).returncode == 0
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright, chromium_path)
+        page = browser.new_page()
+        requests, errors = [], []
+        page.on("request", lambda request: requests.append(request.url))
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(target.as_uri())
+        page.wait_for_selector(".js-plotly-plot .main-svg")
+        plots = page.evaluate("document.querySelectorAll('.js-plotly-plot').length")
+        browser.close()
+    assert plots == 3
+    assert all(url.startswith("file://") for url in requests), requests
+    assert not errors
+
+
+def test_report_of_an_unknown_run_is_a_one_line_error(server, tmp_path):
+    done = report("no-such-run", "-o", str(tmp_path / "x.html"), "--url", server.url)
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0
+    assert "no run named 'no-such-run'" in done.stderr
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_report_without_a_server_is_a_one_line_error(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    done = report("anything", "-o", str(tmp_path / "x.html"), "--url", url)
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0
+    assert f"cannot reach the server at {url}" in done.stderr
