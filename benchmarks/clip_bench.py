@@ -27,7 +27,7 @@ from gradwatch.clip import GlobalNorm
 
 LAYERS = 12
 HIDDEN = 1024
-ROUNDS = 25
+ROUNDS = 50
 WARMUP_ROUNDS = 3
 
 
