@@ -43,8 +43,10 @@ class WebSocketTransport:
     def connect(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         try:
-            self._connection = connect(self.url, additional_headers=headers, open_timeout=self.open_timeout,
-                                       close_timeout=1.0, compression=None, max_size=self.max_message_bytes)
+            connection = connect(self.url, additional_headers=headers, open_timeout=self.open_timeout,
+                                 close_timeout=1.0, compression=None, max_size=self.max_message_bytes)
+            # Entered as a context manager (closed by `close()`): the form websockets >= 17 asks for.
+            self._connection = connection.__enter__()
         except InvalidStatus as error:
             status = error.response.status_code
             if status in REFUSED_HTTP_STATUS:

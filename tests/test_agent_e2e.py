@@ -1,0 +1,217 @@
+"""The agent against a real `gradwatch serve` process: kills, restarts, no server, push,
+a refused token, a corrupt spool, drop reports. Values are checked against an independent
+reference: each step's gradient is one float32 value v per tensor, so its exact global norm is
+sqrt(k) * |v| computed here in float32 arithmetic, and it is compared bit for bit."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from gradwatch.agent import GradWatch
+from gradwatch.clip import GlobalNorm
+from tests.procs import ServerProcess, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def get(url: str, token: str | None = None):
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+def stored(server: ServerProcess, run: str, fields: str = "pre_norm,loss", points: int = 10**6) -> dict:
+    quoted = urllib.parse.quote(run, safe="")
+    return get(f"{server.url}/api/runs/{quoted}/series?points={points}&fields={fields}")
+
+
+def wait_for_steps(server: ServerProcess, run: str, count: int, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while time.monotonic() < deadline:
+        runs = {entry["name"]: entry for entry in get(server.url + "/api/runs")}
+        seen = runs.get(run, {}).get("steps", 0)
+        if seen >= count:
+            return seen
+        time.sleep(0.2)
+    return seen
+
+
+def value_of(step: int) -> np.float32:
+    """The gradient value of a step: varied, exactly representable, never repeating."""
+    return np.float32(1.0 + (step * 7919 % 10007) / 1024.0)
+
+
+def grads_of(step: int) -> dict:
+    v = float(value_of(step))
+    return {"a": mx.array([v]), "b": [mx.array([v])]}
+
+
+def expected_norm(step: int) -> float:
+    v = value_of(step)
+    return float(np.sqrt(np.float32(v * v) + np.float32(v * v)))  # float32, in tree order
+
+
+def check_series(series: dict, steps: int) -> None:
+    assert series["step"] == list(range(steps))  # each step once, none missing
+    assert series["pre_norm"] == [expected_norm(step) for step in range(steps)]
+    assert series["loss"] == [step / 4 for step in range(steps)]
+
+
+def push(directory: Path, url: str, token: str | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "gradwatch.server.cli", "push", str(directory), "--url", url]
+    if token:
+        command += ["--token", token]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+@pytest.fixture
+def server(tmp_path):
+    process = ServerProcess(f"sqlite:///{tmp_path / 'gradwatch.db'}", log_path=tmp_path / "server.log")
+    process.start()
+    yield process
+    process.stop()
+
+
+def test_every_step_is_stored_exactly_once_through_repeated_server_kills(server, tmp_path):
+    steps = 20_000
+    kills = {3_000, 7_000, 11_000, 15_000}
+    restarter = None
+    watch = GradWatch("kills", url=server.url, clipper=GlobalNorm(1.0), spool_dir=tmp_path / "spool",
+                      detectors=[], batch_steps=500, backoff_cap=1.0)
+    for step in range(steps):
+        mx.eval(watch.step(grads_of(step), loss=step / 4))
+        if step in kills:
+            if restarter is not None:
+                restarter.join()
+            server.kill()  # SIGKILL: no clean shutdown, acks in flight are lost
+            restarter = threading.Timer(1.0, server.start)
+            restarter.start()
+    restarter.join()
+    assert watch.flush(timeout=60)
+    assert wait_for_steps(server, "kills", steps) == steps
+    watch.close()
+    check_series(stored(server, "kills"), steps)
+    stats = watch.stats
+    assert stats.recorded == steps and not stats.dropped
+    assert stats.spooled > 0  # the kills did send data to the spool
+    assert stats.accepted == steps and stats.conflicts == 0
+    # Nothing left to replay: the spool was drained and acknowledged.
+    assert not list((tmp_path / "spool").glob("*.gws"))
+
+
+def test_without_a_server_close_is_quick_and_push_delivers_every_step_once(server, tmp_path):
+    spool_dir = tmp_path / "spool"
+    steps = 2_500
+    watch = GradWatch("offline", url=None, clipper=GlobalNorm(1.0), spool_dir=spool_dir,
+                      config={"note": "no server"})
+    for step in range(steps):
+        mx.eval(watch.step(grads_of(step), loss=step / 4))
+    started = time.monotonic()
+    watch.close()
+    assert time.monotonic() - started < 15  # a hang check, not a performance claim
+    assert watch.stats.spooled == steps
+
+    first = push(spool_dir, server.url)
+    assert first.returncode == 0, first.stderr
+    assert f"{steps} step(s) sent, {steps} stored, 0 duplicate(s)" in first.stdout
+    check_series(stored(server, "offline"), steps)
+    (run,) = get(server.url + "/api/runs")
+    assert run["meta"]["config"] == {"note": "no server"} and run["meta"]["clipper"]["max_norm"] == 1.0
+
+    second = push(spool_dir, server.url)
+    assert second.returncode == 0, second.stderr
+    assert "0 step(s) sent, 0 stored" in second.stdout
+    check_series(stored(server, "offline"), steps)
+
+
+def test_a_corrupt_spool_tail_is_skipped_and_the_rest_pushed(server, tmp_path):
+    spool_dir = tmp_path / "spool"
+    with GradWatch("torn", spool_dir=spool_dir, batch_steps=100, detectors=[]) as watch:
+        for step in range(1_000):
+            mx.eval(watch.step(grads_of(step), loss=step / 4))
+    (segment,) = sorted(spool_dir.glob("*.gws"))
+    data = segment.read_bytes()
+    segment.write_bytes(data[:-50] + b"\x00garbage")  # the last batch torn, junk after it
+    result = push(spool_dir, server.url)
+    assert result.returncode == 0, result.stderr
+    assert "torn or corrupt tail" in result.stderr
+    check_series(stored(server, "torn"), 900)  # batches 0..8 intact, the 10th lost
+    # The rest of the spool was acknowledged: a second push sends nothing.
+    assert "0 step(s) sent" in push(spool_dir, server.url).stdout
+
+
+def test_a_refused_token_is_reported_once_and_the_data_stays_in_the_spool(tmp_path):
+    spool_dir = tmp_path / "spool"
+    with ServerProcess(f"sqlite:///{tmp_path / 'db.sqlite'}", extra_args=["--token", "right"]) as server:
+        with pytest.warns(RuntimeWarning, match="refused the token") as caught:
+            watch = GradWatch("guarded", url=server.url, token="wrong", spool_dir=spool_dir,
+                              batch_interval=0.05)
+            for step in range(300):
+                mx.eval(watch.step(grads_of(step), loss=step / 4))
+                if step == 100:
+                    time.sleep(0.5)  # let the sender meet the refusal mid-run
+            watch.close()
+        assert sum("refused the token" in str(warning.message) for warning in caught) == 1
+        assert watch.stats.refused and watch.stats.acked == 0 and watch.stats.spooled == 300
+        assert get(server.url + "/api/runs") == []
+        assert push(spool_dir, server.url, token="wrong").returncode != 0
+        result = push(spool_dir, server.url, token="right")
+        assert result.returncode == 0, result.stderr
+        check_series(stored(server, "guarded"), 300)
+
+
+def test_drops_past_the_spool_cap_are_reported_to_the_server_as_a_drop_event(tmp_path):
+    port = free_port()
+    server = ServerProcess(f"sqlite:///{tmp_path / 'db.sqlite'}", port=port)
+    watch = GradWatch("dropping", url=server.url, spool_dir=tmp_path / "spool", spool_cap_bytes=20_000,
+                      batch_steps=50, batch_interval=0.05, backoff_cap=0.5, detectors=[])
+    for step in range(2_000):  # server not started yet: spool, then drop past the cap
+        mx.eval(watch.step(grads_of(step), loss=step / 4))
+    watch.flush(timeout=10)
+    dropped = watch.stats.dropped.get("spool_full", 0)
+    assert dropped > 0
+    with server:
+        assert watch.flush(timeout=30)
+        kept = watch.stats.recorded - dropped
+        assert wait_for_steps(server, "dropping", kept) == kept
+        deadline = time.monotonic() + 20
+        events = []
+        while not events and time.monotonic() < deadline:
+            events = get(f"{server.url}/api/runs/dropping/events?kind=drop")
+            time.sleep(0.1)
+        watch.close()
+        assert len(events) == 1 and f"{dropped} step record(s)" in events[0]["message"]
+
+
+def test_tensor_norms_and_run_metadata_reach_the_server(server, tmp_path):
+    rng = np.random.default_rng(0)
+    trees = [{"layers": [{"weight": mx.array(rng.standard_normal((3, 2)).astype(np.float32))}],
+              "bias": mx.array(rng.standard_normal(2).astype(np.float32))} for _ in range(30)]
+    with GradWatch("tensors", url=server.url, clipper=GlobalNorm(1.0), spool_dir=tmp_path / "spool",
+                   config={"lr": 3e-4}) as watch:
+        for tree in trees:
+            mx.eval(watch.step(tree))
+        assert watch.flush(timeout=20)
+    answer = get(f"{server.url}/api/runs/tensors/tensors?points=1000")
+    assert answer["names"] == ["layers.0.weight", "bias"] and answer["step"] == list(range(30))
+    for row, name in zip(answer["norms"], answer["names"]):
+        expected = [float(np.sqrt(np.float32((np.array(tree["layers"][0]["weight"] if name != "bias"
+                                                         else tree["bias"]) ** 2).sum())))
+                    for tree in trees]
+        assert np.allclose([float(value) for value in row], expected, rtol=1e-6)
+    (run,) = get(server.url + "/api/runs")
+    meta = run["meta"]
+    assert meta["tensors"]["shapes"] == {"layers.0.weight": [3, 2], "bias": [2]}
+    assert meta["mlx"] == mx.__version__ and meta["config"] == {"lr": 3e-4}
+    assert {"host", "pid", "start_time"} <= set(meta)
