@@ -1,0 +1,104 @@
+"""The pure statistics module against numpy, without HTTP."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from gradwatch.server import stats
+from gradwatch.server.schemas import BatchError, parse_batch
+
+
+def norms(n: int = 5000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    values = np.exp(rng.normal(0, 0.4, n))
+    values[::101] = np.nan
+    values[::211] = np.inf
+    return values
+
+
+def test_window_stats_equal_numpy_over_finite_norms():
+    values = norms()
+    clipped = (values > 1.3).astype(float)
+    clipped[::7] = np.nan  # unknown
+    result = stats.window_stats(values, clipped, None)
+    good = values[np.isfinite(values)]
+    assert result["count"] == len(values) and result["finite"] == len(good)
+    assert list(result["percentiles"].values()) == np.percentile(good, [50, 90, 95, 99, 99.9]).tolist()
+    known = ~np.isnan(clipped)
+    assert result["clip_rate"] == (clipped[known] == 1).mean()
+    assert result["nonfinite"] == int((~np.isfinite(values)).sum())
+
+
+def test_recommendation_is_the_target_quantile_with_exact_candidate_rates():
+    values = norms()
+    threshold = np.full(len(values), 1.0)
+    rec = stats.recommend(values, threshold, target_clip_rate=0.05, window=len(values))
+    good = values[np.isfinite(values)]
+    assert rec["threshold"] == np.quantile(good, 0.95)
+    by_label = {c["label"]: c for c in rec["candidates"]}
+    assert by_label["current"]["threshold"] == 1.0
+    for candidate in rec["candidates"]:
+        assert candidate["clip_rate"] == np.count_nonzero(good > candidate["threshold"]) / len(good)
+    assert [c["threshold"] for c in rec["candidates"]] == sorted(c["threshold"] for c in rec["candidates"])
+    assert "p95" in rec["rationale"] and "last 5,000 steps" in rec["rationale"]
+    assert f"{by_label['current']['clip_rate']:.1%}" in rec["rationale"]
+
+
+def test_drift_warning_when_recent_norms_move_far_from_the_window():
+    steady = np.exp(np.random.default_rng(1).normal(0, 0.1, 4000))
+    assert stats.recommend(steady)["drift"]["warning"] is None
+    drifting = steady * np.linspace(1.0, 4.0, len(steady))
+    rec = stats.recommend(drifting)
+    assert rec["drift"]["warning"] and rec["warnings"]
+    assert rec["drift"]["change"] > 2.0 and "risen" in rec["rationale"]
+
+
+def test_recommendation_without_finite_norms_says_so():
+    rec = stats.recommend(np.array([np.nan, np.inf]))
+    assert rec["threshold"] is None and rec["candidates"] == [] and "No finite" in rec["rationale"]
+    with pytest.raises(ValueError):
+        stats.recommend(norms(), target_clip_rate=1.5)
+
+
+def test_histogram_uses_log_edges_across_decades():
+    wide = np.geomspace(0.01, 100, 1000)
+    result = stats.histogram(wide, bins=20)
+    assert result["log"] and sum(result["counts"]) == 1000
+    assert np.allclose(np.diff(np.log(result["edges"])), np.log(1e4) / 20)
+    narrow = stats.histogram(np.linspace(1, 2, 100), bins=10)
+    assert not narrow["log"] and narrow["counts"] == np.histogram(np.linspace(1, 2, 100), 10)[0].tolist()
+
+
+@pytest.mark.parametrize("n, points", [(10, 100), (1000, 100), (100_003, 2000), (50, 20)])
+def test_downsample_keeps_bucket_extremes_and_flagged_rows(n, points):
+    rng = np.random.default_rng(n)
+    values = rng.random(n)
+    keep = np.zeros(n, dtype=bool)
+    keep[rng.choice(n, min(5, n), replace=False)] = True
+    values[n // 2] = np.nan
+    chosen = stats.downsample_indices(values, points, keep)
+    if points >= n:
+        assert chosen.tolist() == list(range(n))
+        return
+    assert set(np.flatnonzero(keep)) <= set(chosen.tolist()) and n // 2 in chosen
+    assert len(chosen) <= points + keep.sum() + 1 and np.all(np.diff(chosen) > 0)
+    assert np.nanargmax(values) in chosen and np.nanargmin(values) in chosen
+
+
+def test_parse_batch_validates_columns_with_field_names():
+    batch = parse_batch({"step": [0, 1, 2], "pre_norm": [1, "NaN", "-Infinity"], "lr": [None, 0.1, None],
+                         "clipped": [True, None, 0]})
+    assert batch.steps.tolist() == [0, 1, 2]
+    pre = batch.columns["pre_norm"].values
+    assert pre[0] == 1.0 and math.isnan(pre[1]) and pre[2] == -math.inf
+    assert batch.columns["lr"].missing.tolist() == [True, False, True]
+    assert batch.columns["clipped"].values[0] == 1.0 and math.isnan(batch.columns["clipped"].values[1])
+    for bad, field in [({"step": [0], "pre_norm": [None]}, "pre_norm"),
+                       ({"step": [True], "pre_norm": [1.0]}, "step"),
+                       ({"step": [0], "pre_norm": ["inf"]}, "pre_norm"),
+                       ({"step": [0], "pre_norm": [1.0], "loss": [[1.0]]}, "loss"),
+                       ({"step": [2**70], "pre_norm": [1.0]}, "step")]:
+        with pytest.raises(BatchError, match=field):
+            parse_batch(bad)
