@@ -30,6 +30,7 @@ const probe = {
   livePoints: 0,
   whatif: null,
   run: null,
+  marks: { appStart: performance.now() }, // ms since navigation, for the benchmark's breakdown
 };
 window.gradwatch = probe;
 
@@ -108,6 +109,7 @@ function plotlyLoaded() {
   });
 }
 const plotly = plotlyLoaded();
+plotly.then(() => { probe.marks.plotlyReady = performance.now(); }, () => {});
 
 // ---------------------------------------------------------------- errors
 
@@ -323,6 +325,7 @@ async function loadSeries() {
     return;
   }
   if (generation !== state.generation || seq !== state.seriesSeq) return;
+  if (probe.marks.seriesReceived === undefined) probe.marks.seriesReceived = performance.now();
   let series = parseSeries(raw);
   if (!view) {
     // Live points that arrived while this request was in flight may be missing from it.
@@ -371,6 +374,7 @@ async function renderNorm() {
   });
   const draw = async () => {
     if (!state.normDrawn) {
+      probe.marks.newPlotStart = performance.now();
       await Plotly.newPlot(element, fig.data, fig.layout, PLOT_CONFIG);
       state.normDrawn = true;
       if (probe.firstNormChartMs === null) {
@@ -555,6 +559,7 @@ function resync() {
 const loadThresholdSoon = throttle(() => loadThreshold(), 5000);
 const loadEventsSoon = throttle(() => { loadMarks(); loadEvents(); }, 2000);
 const loadRunsSoon = throttle(() => loadRuns(), 2000);
+const loadTensorsLive = throttle(() => { if (!state.view) loadTensors(); }, 15000);
 
 function onLivePoints(data) {
   const chunk = parseSeries(data);
@@ -574,6 +579,7 @@ function onLivePoints(data) {
   if (chunk.spike.some(Boolean) || chunk.nonfinite.some(Boolean) || chunk.clipped.some(Boolean)) loadEventsSoon();
   loadThresholdSoon();
   loadRunsSoon();
+  loadTensorsLive();
   renderSummary();
 }
 

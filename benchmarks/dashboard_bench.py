@@ -1,0 +1,169 @@
+"""Dashboard benchmark: time to the first norm chart for a 1,000,000-step run.
+
+1. Start a fresh `gradwatch serve` (subprocess, SQLite in a temporary folder).
+2. Post a 1,000,000-step run over HTTP in columnar batches (5,000 steps each).
+3. Open `/?run=NAME` in headless Chromium several times and read back
+   `window.gradwatch.firstNormChartMs`: app.js sets it when the first
+   `Plotly.newPlot` of the norm chart has resolved; it is `performance.now()`,
+   so it counts from the start of the navigation.
+
+Cold loads use a fresh browser context each (empty HTTP cache: plotly.js is
+downloaded and compiled every time); warm loads reload in one context.
+Goal: median cold load <= 2 s.
+
+    python benchmarks/dashboard_bench.py [--steps N] [--batch N] [--loads N]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.procs import ServerProcess  # noqa: E402
+from tests.test_dashboard_support import CHROMIUM_ARGS  # noqa: E402
+
+RUN = "bench-1m"
+GOAL_S = 2.0
+CHROMIUM = "/usr/bin/chromium"
+
+
+def make_batches(steps: int, batch: int, seed: int = 0):
+    """Columnar batches of a realistic-looking run: log-normal norms, rare spikes and NaNs."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, steps, batch):
+        count = min(batch, steps - start)
+        step = np.arange(start, start + count, dtype=np.int64)
+        pre = np.exp(rng.normal(0.0, 0.3, count)) * (1.0 + 2.0 * np.exp(-step / 3000.0))
+        spike = rng.random(count) < 2e-4
+        pre[spike] *= 20.0
+        nonfinite = rng.random(count) < 1e-5
+        clipped = pre > 2.0
+        loss = 3.0 * np.exp(-step / 200_000.0) + 0.1
+        pre_wire: list = pre.tolist()
+        for index in np.flatnonzero(nonfinite):
+            pre_wire[index] = "NaN"
+        yield {"step": step.tolist(), "pre_norm": pre_wire, "threshold": [2.0] * count,
+               "clipped": (clipped & ~nonfinite).tolist(), "loss": loss.tolist(),
+               "spike": spike.tolist(), "nonfinite": nonfinite.tolist()}
+
+
+def post(url: str, run: str, body: bytes) -> None:
+    request = urllib.request.Request(f"{url}/api/runs/{urllib.parse.quote(run, safe='')}/steps", data=body,
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        answer.read()
+
+
+def ingest(url: str, steps: int, batch: int) -> float:
+    bodies = [orjson.dumps(b) for b in make_batches(steps, batch)]  # encoded before the clock starts
+    began = time.perf_counter()
+    for body in bodies:
+        post(url, RUN, body)
+    return time.perf_counter() - began
+
+
+def first_chart_ms(page, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = page.evaluate("window.gradwatch ? window.gradwatch.firstNormChartMs : null")
+        if value is not None:
+            timing = page.evaluate("""(() => {
+                const entry = (part) => performance.getEntriesByType('resource').find((e) => e.name.includes(part));
+                const series = entry('/series'), plotly = entry('plotly.min.js');
+                return {series_ms: series ? series.responseEnd - series.requestStart : null,
+                        plotly_loaded_ms: plotly ? plotly.responseEnd : null,
+                        points: document.getElementById('norm-chart').data[0].x.length,
+                        marks: window.gradwatch.marks};
+            })()""")
+            return {"first_chart_ms": value, **timing}
+        time.sleep(0.02)
+    raise TimeoutError("the norm chart was not drawn")
+
+
+def measure_loads(url: str, loads: int, chromium: str) -> dict:
+    from playwright.sync_api import sync_playwright
+
+    address = f"{url}/?run={urllib.parse.quote(RUN, safe='')}"
+    cold, warm = [], []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            # One throw-away load so that Chromium's own start-up is not counted.
+            context = browser.new_context(viewport={"width": 1500, "height": 1000})
+            page = context.new_page()
+            page.goto(address)
+            first_chart_ms(page)
+            context.close()
+            for _ in range(loads):
+                context = browser.new_context(viewport={"width": 1500, "height": 1000})
+                page = context.new_page()
+                page.goto(address)
+                cold.append(first_chart_ms(page))
+                page.reload()
+                warm.append(first_chart_ms(page))
+                context.close()
+        finally:
+            browser.close()
+    return {"cold": cold, "warm": warm}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1_000_000)
+    parser.add_argument("--batch", type=int, default=5_000)
+    parser.add_argument("--loads", type=int, default=5)
+    parser.add_argument("--chromium", default=CHROMIUM)
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="gradwatch-dashboard-bench-") as folder:
+        with ServerProcess(f"sqlite:///{Path(folder) / 'bench.db'}",
+                           log_path=Path(folder) / "server.log") as server:
+            ingest_s = ingest(server.url, args.steps, args.batch)
+            loads = measure_loads(server.url, args.loads, args.chromium)
+
+    cold_s = [load["first_chart_ms"] / 1000 for load in loads["cold"]]
+    warm_s = [load["first_chart_ms"] / 1000 for load in loads["warm"]]
+    figures = {
+        "steps": args.steps,
+        "batch": args.batch,
+        "ingest_s": round(ingest_s, 2),
+        "ingest_steps_per_s": round(args.steps / ingest_s),
+        "first_chart_cold_median_s": round(statistics.median(cold_s), 3),
+        "first_chart_warm_median_s": round(statistics.median(warm_s), 3),
+        "first_chart_cold_s": [round(v, 3) for v in cold_s],
+        "first_chart_warm_s": [round(v, 3) for v in warm_s],
+        "series_request_median_ms": round(statistics.median(
+            [load["series_ms"] for load in loads["cold"] if load["series_ms"] is not None] or [float("nan")]), 1),
+        "plotly_js_loaded_median_ms": round(statistics.median(
+            [load["plotly_loaded_ms"] for load in loads["cold"] if load["plotly_loaded_ms"] is not None]
+            or [float("nan")]), 1),
+        "points_drawn": loads["cold"][-1]["points"],
+        "goal_s": GOAL_S,
+    }
+    figures["meets_goal"] = figures["first_chart_cold_median_s"] <= GOAL_S
+    print(f"ingest: {args.steps:,} steps in {figures['ingest_s']} s "
+          f"({figures['ingest_steps_per_s']:,} steps/s, batches of {args.batch:,})")
+    print(f"first norm chart, cold load (median of {args.loads}): {figures['first_chart_cold_median_s']} s "
+          f"{figures['first_chart_cold_s']}")
+    print(f"first norm chart, warm reload (median of {args.loads}): {figures['first_chart_warm_median_s']} s "
+          f"{figures['first_chart_warm_s']}")
+    print(f"  /series request: {figures['series_request_median_ms']} ms; plotly.min.js loaded at "
+          f"{figures['plotly_js_loaded_median_ms']} ms; {figures['points_drawn']:,} points drawn")
+    print(f"goal <= {GOAL_S} s: {'met' if figures['meets_goal'] else 'NOT met'}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
