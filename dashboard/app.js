@@ -343,21 +343,26 @@ async function loadSeries() {
 const loadSeriesSoon = debounce(() => { loadSeries(); }, 150);
 const refetchWholeRun = throttle(() => { if (!state.view) loadSeries(); }, 3000);
 
+// Draws are serialised: each one builds its figure from the state at the time it runs.
+let normChain = Promise.resolve();
 let renderQueued = false;
-let renderRunning = null;
 
 function scheduleRenderNorm() {
   if (renderQueued) return;
   renderQueued = true;
-  const run = async () => {
-    if (renderRunning) await renderRunning;
+  window.requestAnimationFrame(() => {
     renderQueued = false;
-    await renderNorm();
-  };
-  window.requestAnimationFrame(() => { run(); });
+    renderNorm();
+  });
 }
 
-async function renderNorm() {
+function renderNorm() {
+  const next = normChain.then(drawNorm, drawNorm);
+  normChain = next.catch(() => {});
+  return next;
+}
+
+async function drawNorm() {
   const Plotly = await plotly;
   const element = $('norm-chart');
   const overlays = [...state.overlay]
@@ -372,28 +377,20 @@ async function renderNorm() {
     selectedStep: state.selectedStep,
     uirevision: `${state.run}#${state.generation}`,
   });
-  const draw = async () => {
-    if (!state.normDrawn) {
-      probe.marks.newPlotStart = performance.now();
-      await Plotly.newPlot(element, fig.data, fig.layout, PLOT_CONFIG);
-      state.normDrawn = true;
-      if (probe.firstNormChartMs === null) {
-        probe.firstNormChartMs = performance.now();
-        performance.mark('gradwatch:first-norm-chart');
-      }
-      element.on('plotly_relayout', onNormRelayout);
-      element.on('plotly_click', onNormClick);
-    } else {
-      await Plotly.react(element, fig.data, fig.layout, PLOT_CONFIG);
+  if (!state.normDrawn) {
+    probe.marks.newPlotStart = performance.now();
+    await Plotly.newPlot(element, fig.data, fig.layout, PLOT_CONFIG);
+    state.normDrawn = true;
+    if (probe.firstNormChartMs === null) {
+      probe.firstNormChartMs = performance.now();
+      performance.mark('gradwatch:first-norm-chart');
     }
-    probe.renders.norm += 1;
-  };
-  renderRunning = draw();
-  try {
-    await renderRunning;
-  } finally {
-    renderRunning = null;
+    element.on('plotly_relayout', onNormRelayout);
+    element.on('plotly_click', onNormClick);
+  } else {
+    await Plotly.react(element, fig.data, fig.layout, PLOT_CONFIG);
   }
+  probe.renders.norm += 1;
 }
 
 function onNormRelayout(event) {
@@ -598,6 +595,12 @@ async function loadMarks() {
     state.marks = { spike: spikes.map(mark), nonfinite: nonfinite.map(mark) };
     scheduleRenderNorm();
     renderSummary();
+    // Show at once which tensors made the latest spike (or NaN), without moving the chart.
+    if (state.selectedStep === null) {
+      const latest = [state.marks.spike[0], state.marks.nonfinite[0]].filter(Boolean)
+        .sort((a, b) => b.step - a.step)[0];
+      if (latest) selectStep(latest.step);
+    }
   } catch (error) {
     if (generation === state.generation) reportError('events', error, 'Events');
   }
@@ -817,12 +820,12 @@ async function renderHeatmap() {
   element.style.height = `${Math.max(220, Math.min(700, 60 + names.length * 14))}px`;
   const fig = heatmapFigure({ tensors, selectedStep: state.selectedStep, uirevision: `${state.run}#${state.generation}` });
   await Plotly.react(element, fig.data, fig.layout, PLOT_CONFIG);
-  if (!heatmapWired) {
+  if (!heatmapWired && element.on) {
+    heatmapWired = true;
     element.on('plotly_click', (event) => {
       const point = event && event.points && event.points[0];
       if (point && typeof point.x === 'number') selectStep(Math.round(point.x));
     });
-    heatmapWired = true;
   }
   probe.renders.heatmap += 1;
 }
