@@ -316,3 +316,32 @@ def test_read_token_is_asked_for_kept_and_sent(browser, tmp_path):
         wait_until(page, "window.gradwatch && window.gradwatch.firstNormChartMs !== null")
         assert not page.evaluate("document.getElementById('token-dialog').open")
     context.close()
+
+
+def test_dashboard_sources_have_no_inline_script_and_never_parse_html():
+    from html.parser import HTMLParser
+
+    from gradwatch.dashboard import STATIC_DIR
+
+    class Checker(HTMLParser):
+        problems: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            names = dict(attrs)
+            if tag == "script" and not names.get("src"):
+                self.problems.append("inline <script>")
+            self.problems += [f"<{tag} {name}=...>" for name in names if name.startswith("on")]
+
+        def handle_data(self, data):
+            if self.lasttag == "script" and data.strip():
+                self.problems.append("script text")
+
+    checker = Checker()
+    checker.feed((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
+    assert checker.problems == []
+    for source in sorted(STATIC_DIR.glob("*.js")):
+        text = source.read_text(encoding="utf-8")
+        for forbidden in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                          "new Function"):
+            assert forbidden not in text, f"{source.name} uses {forbidden}"
+        assert text.lstrip().startswith("//") and "'use strict';" in text
