@@ -71,6 +71,11 @@ def _window(arrays: RunArrays, window: int | None) -> slice:
     return slice(max(len(arrays.steps) - window, 0), None) if window else slice(None)
 
 
+def _ordered(arrays: RunArrays, window: int | None) -> np.ndarray | None:
+    """The cached sorted finite norms when the window is the whole run, else None."""
+    return arrays.ordered_pre_norm() if not window or window >= len(arrays.steps) else None
+
+
 def _ingest_message(store: Store, text: str | bytes) -> tuple[dict, str | None, Any]:
     """Handle one `/ws/ingest` message; returns (reply, run, result)."""
     seq = None
@@ -387,7 +392,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         arrays = arrays_of(run)
         part = _window(arrays, window)
         result = stats.window_stats(arrays.values["pre_norm"][part], arrays.values["clipped"][part],
-                                    arrays.values["nonfinite"][part])
+                                    arrays.values["nonfinite"][part], ordered=_ordered(arrays, window))
         steps = arrays.steps[part]
         result["first_step"] = int(steps[0]) if len(steps) else None
         result["last_step"] = int(steps[-1]) if len(steps) else None
@@ -400,18 +405,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         arrays = arrays_of(run)
         part = _window(arrays, window)
         return json_response(stats.recommend(arrays.values["pre_norm"][part], arrays.values["threshold"][part],
-                                             target_clip_rate=target_clip_rate, window=window))
+                                             target_clip_rate=target_clip_rate, window=window,
+                                             ordered=_ordered(arrays, window)))
 
     @app.get("/api/runs/{run}/whatif", tags=["statistics"], dependencies=read, response_model=WhatIfOut)
     def whatif(run: str, threshold: float = Query(..., allow_inf_nan=False),
                window: int | None = Query(None, ge=1)) -> Response:
         arrays = arrays_of(run)
-        return json_response(stats.whatif(arrays.values["pre_norm"][_window(arrays, window)], threshold))
+        return json_response(stats.whatif(arrays.values["pre_norm"][_window(arrays, window)], threshold,
+                                          ordered=_ordered(arrays, window)))
 
     @app.get("/api/runs/{run}/histogram", tags=["statistics"], dependencies=read, response_model=HistogramOut)
     def histogram(run: str, window: int | None = Query(None, ge=1), bins: int = Query(60, ge=1, le=1000)) -> Response:
         arrays = arrays_of(run)
-        return json_response(stats.histogram(arrays.values["pre_norm"][_window(arrays, window)], bins))
+        return json_response(stats.histogram(arrays.values["pre_norm"][_window(arrays, window)], bins,
+                                             ordered=_ordered(arrays, window)))
 
     @app.get("/api/runs/{run}/tensors", tags=["runs"], dependencies=read, response_model=TensorsOut)
     def tensors(run: str, start: int | None = None, end: int | None = None,

@@ -20,6 +20,11 @@ def finite(norms: np.ndarray) -> np.ndarray:
     return norms[np.isfinite(norms)]
 
 
+def sorted_finite(norms: np.ndarray) -> np.ndarray:
+    """The finite norms, sorted: percentiles and clip rates are then cheap (see `Sample`)."""
+    return np.sort(finite(norms))
+
+
 def percentiles(finite_norms: np.ndarray) -> dict[str, float | None]:
     if len(finite_norms) == 0:
         return {name: None for name in PERCENTILES}
@@ -27,11 +32,12 @@ def percentiles(finite_norms: np.ndarray) -> dict[str, float | None]:
     return {name: float(value) for name, value in zip(PERCENTILES, values)}
 
 
-def clip_rate_at(finite_norms: np.ndarray, threshold: float) -> float:
-    """Fraction of the norms strictly above `threshold` (0.0 for no norms)."""
-    if len(finite_norms) == 0:
+def clip_rate_at(ordered: np.ndarray, threshold: float) -> float:
+    """Fraction of the (sorted, finite) norms strictly above `threshold` (0.0 for no norms)."""
+    if len(ordered) == 0:
         return 0.0
-    return float(np.count_nonzero(finite_norms > threshold) / len(finite_norms))
+    above = len(ordered) - int(np.searchsorted(ordered, threshold, side="right"))
+    return above / len(ordered)
 
 
 def _flag_count(flags: np.ndarray | None) -> int:
@@ -39,13 +45,14 @@ def _flag_count(flags: np.ndarray | None) -> int:
 
 
 def window_stats(pre_norm: np.ndarray, clipped: np.ndarray | None = None,
-                 nonfinite: np.ndarray | None = None) -> dict:
+                 nonfinite: np.ndarray | None = None, ordered: np.ndarray | None = None) -> dict:
     """count, percentiles, clip rate (steps flagged clipped) and non-finite count of a window.
 
     `clipped` and `nonfinite` are 0.0/1.0 arrays with NaN where unknown. A step
     counts as non-finite when flagged so or when its pre-clip norm is NaN/Inf.
+    `ordered` is `sorted_finite(pre_norm)` when the caller has it already.
     """
-    good = finite(pre_norm)
+    good = ordered if ordered is not None else sorted_finite(pre_norm)
     count = len(pre_norm)
     bad_norm = ~np.isfinite(pre_norm)
     if nonfinite is not None:
@@ -63,21 +70,21 @@ def window_stats(pre_norm: np.ndarray, clipped: np.ndarray | None = None,
         "nonfinite": int(np.count_nonzero(bad_norm)),
         "mean": float(good.mean()) if len(good) else None,
         "std": float(good.std()) if len(good) else None,
-        "min": float(good.min()) if len(good) else None,
-        "max": float(good.max()) if len(good) else None,
+        "min": float(good[0]) if len(good) else None,
+        "max": float(good[-1]) if len(good) else None,
     }
 
 
-def whatif(pre_norm: np.ndarray, threshold: float) -> dict:
-    good = finite(pre_norm)
-    clipped = int(np.count_nonzero(good > threshold))
+def whatif(pre_norm: np.ndarray, threshold: float, ordered: np.ndarray | None = None) -> dict:
+    good = ordered if ordered is not None else sorted_finite(pre_norm)
+    clipped = len(good) - int(np.searchsorted(good, threshold, side="right"))
     return {"threshold": threshold, "count": len(good), "clipped": clipped,
             "clip_rate": clipped / len(good) if len(good) else None}
 
 
-def histogram(pre_norm: np.ndarray, bins: int = 60) -> dict:
+def histogram(pre_norm: np.ndarray, bins: int = 60, ordered: np.ndarray | None = None) -> dict:
     """Counts of the finite norms; log-spaced edges when they span two decades or more."""
-    good = finite(pre_norm)
+    good = ordered if ordered is not None else finite(pre_norm)
     if len(good) == 0:
         return {"edges": [], "counts": [], "log": False, "count": 0}
     low, high = float(good.min()), float(good.max())
@@ -93,8 +100,8 @@ def histogram(pre_norm: np.ndarray, bins: int = 60) -> dict:
     return {"edges": edges.tolist(), "counts": counts.tolist(), "log": use_log, "count": len(good)}
 
 
-def drift(finite_norms: np.ndarray) -> dict:
-    """Median of the first and last tenth of the window against the whole window's."""
+def drift(finite_norms: np.ndarray, whole_median: float | None = None) -> dict:
+    """Median of the first and last tenth of the window (in step order) against the whole window's."""
     n = len(finite_norms)
     if n < 20:
         return {"start_median": None, "recent_median": None, "window_median": None,
@@ -102,7 +109,7 @@ def drift(finite_norms: np.ndarray) -> dict:
     tenth = max(n // 10, 1)
     start = float(np.median(finite_norms[:tenth]))
     recent = float(np.median(finite_norms[-tenth:]))
-    whole = float(np.median(finite_norms))
+    whole = float(np.median(finite_norms)) if whole_median is None else whole_median
     change = (recent - start) / start if start > 0 else None
     warning = None
     if whole > 0 and (recent > whole * (1 + DRIFT_WARNING_CHANGE)
@@ -119,7 +126,8 @@ def _quantile_label(quantile: float) -> str:
 
 
 def recommend(pre_norm: np.ndarray, threshold: np.ndarray | None = None,
-              target_clip_rate: float = 0.01, window: int | None = None) -> dict:
+              target_clip_rate: float = 0.01, window: int | None = None,
+              ordered: np.ndarray | None = None) -> dict:
     """A clip threshold for the window's norms, with candidates and a plain-language rationale.
 
     The recommended threshold is the (1 - target_clip_rate) quantile of the
@@ -129,7 +137,7 @@ def recommend(pre_norm: np.ndarray, threshold: np.ndarray | None = None,
     """
     if not 0.0 <= target_clip_rate < 1.0:
         raise ValueError(f"target_clip_rate must be in [0, 1), got {target_clip_rate}")
-    good = finite(pre_norm)
+    good = ordered if ordered is not None else sorted_finite(pre_norm)
     pcts = percentiles(good)
     current = None
     if threshold is not None:
@@ -138,7 +146,7 @@ def recommend(pre_norm: np.ndarray, threshold: np.ndarray | None = None,
     scope = (f"the last {len(pre_norm):,} steps" if window is not None
              else f"all {len(pre_norm):,} steps of the run")
     warnings: list[str] = []
-    drift_info = drift(good)
+    drift_info = drift(finite(pre_norm), whole_median=pcts["p50"])
     if len(good) == 0:
         return {"threshold": None, "percentiles": pcts, "candidates": [], "count": 0,
                 "target_clip_rate": target_clip_rate, "current_threshold": current,

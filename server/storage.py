@@ -71,6 +71,14 @@ class RunArrays:
     missing: dict[str, np.ndarray | None]
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    _ordered: np.ndarray | None = None
+
+    def ordered_pre_norm(self) -> np.ndarray:
+        """The run's finite pre-clip norms, sorted; computed once per cached version."""
+        if self._ordered is None:
+            self._ordered = np.sort(self.values["pre_norm"][np.isfinite(self.values["pre_norm"])])
+        return self._ordered
+
     @property
     def last_step(self) -> int:
         return int(self.steps[-1]) if len(self.steps) else -1
