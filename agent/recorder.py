@@ -81,6 +81,7 @@ class Recorder:
         self.tensor_norms = tensor_norms
         self._layouts: dict[tuple, Layout] = {}
         self.last_layout: Layout | None = None
+        self._with_extras: dict[tuple, Layout] = {}
         self._pending: _Pending | None = None
         self.shapes: dict[str, list[int]] = {}
         # The arrays a compiled step takes in and gives back (`inputs=`/`outputs=`).
@@ -156,7 +157,10 @@ class Recorder:
         None for the layout of the latest `build`)."""
         layout = self.last_layout if arrays is None else self._layouts[self._layout_key(arrays)]
         if extras:
-            layout = layout._replace(extra_columns=tuple(extras))
+            key = (layout, tuple(extras))
+            layout = self._with_extras.get(key)
+            if layout is None:  # one Layout object per shape of step, not one per step
+                layout = self._with_extras[key] = key[0]._replace(extra_columns=key[1])
         self._pending = _Pending(step, time.time(), layout, vector, tuple(extras.values()))
 
     def take(self) -> StepRecord | None:

@@ -194,7 +194,7 @@ class Sender:
                         self.spool.sync_if_due()
                 self._check_flushed()
                 if stopping and (self._idle() or time.monotonic() >= self._stop_deadline
-                                 or not self._connected_usefully()):
+                                 or self._server_away()):
                     break
         except Exception as error:  # never die silently: say it, then keep data on disk below
             self._warn_once("crash", f"gradwatch sender stopped on an unexpected error: {error!r}")
@@ -210,12 +210,18 @@ class Sender:
                 self._warn_once("busy", f"gradwatch: {error}; this run will not spool")
                 self.spool = None
 
-    def _connected_usefully(self) -> bool:
-        return self.transport is not None and self.transport.connected
+    def _server_away(self) -> bool:
+        """Records cannot go to the server now: no url, a refused token, or the last
+        connection attempt failed (before the first attempt, the server is not "away")."""
+        transport = self.transport
+        return (transport is None or self.stats.refused is not None
+                or (not transport.connected and self._failures > 0))
 
     def _connect_if_due(self) -> None:
         transport = self.transport
-        if transport is None or transport.connected or self.stats.refused or self._stop.is_set():
+        if transport is None or transport.connected or self.stats.refused:
+            return
+        if self._stop.is_set() and self._failures > 0:
             return
         if time.monotonic() < self._next_attempt:
             return
@@ -361,10 +367,17 @@ class Sender:
             if full or due:
                 records, self._open = self._open, []
                 self.last_step = records[-1].step
-                for payload, steps in encode_batches(self.run, records):
-                    self._route(payload, steps)
+                if self._spool_full_and_offline():
+                    self.count_drop("spool_full", len(records))  # no need to encode what cannot be kept
+                else:
+                    for payload, steps in encode_batches(self.run, records):
+                        self._route(payload, steps)
             if not taken or not (full or force):
                 return
+
+    def _spool_full_and_offline(self) -> bool:
+        return (self.spool is not None and self.spool.full
+                and (self.transport is None or not self.transport.connected))
 
     def _route(self, payload: bytes, steps: int) -> None:
         transport = self.transport
@@ -478,8 +491,7 @@ class Sender:
         if len(self.buffer) or self._open or self._taken < target:
             return
         delivered = self._idle() and not self._unsent_live()
-        durable = not self._connected_usefully() and not any(
-            item.kind == "live" for item in self._inflight.values())
+        durable = self._server_away() and not self._unsent_live()
         if delivered or durable:
             with self._cond:
                 self._flushed = target

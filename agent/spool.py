@@ -138,6 +138,7 @@ class Spool:
         self.synced_steps = 0  # steps appended and fsynced by this process
         self.appended_steps = 0
         self.bytes_on_disk = 0
+        self.full = False  # the last append met the cap (cleared when acks free space)
 
     # -- opening -----------------------------------------------------------
     def exists(self) -> bool:
@@ -196,6 +197,7 @@ class Spool:
             self._open_locked()
             frame = encode_frame(payload, steps)
             if self.bytes_on_disk + len(frame) > self.cap_bytes:
+                self.full = True
                 return False
             size = self._segments.get(self._write_segment)
             if self._write_fd is None or size is None or size + len(frame) > self.segment_bytes and size > 0:
@@ -309,6 +311,7 @@ class Spool:
             os.close(self._write_fd)
             self._write_fd = None
         self.bytes_on_disk -= self._segments.pop(number)
+        self.full = False
         self._segment_path(number).unlink(missing_ok=True)
 
     def _write_acked(self) -> None:

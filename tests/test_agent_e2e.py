@@ -215,3 +215,14 @@ def test_tensor_norms_and_run_metadata_reach_the_server(server, tmp_path):
     assert meta["tensors"]["shapes"] == {"layers.0.weight": [3, 2], "bias": [2]}
     assert meta["mlx"] == mx.__version__ and meta["config"] == {"lr": 3e-4}
     assert {"host", "pid", "start_time"} <= set(meta)
+
+
+def test_the_example_training_loop_streams_every_step(server):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "train_mlp.py"), "--url", server.url,
+                             "--steps", "200", "--run", "example"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "200 steps recorded, 200 acknowledged by the server" in result.stdout
+    answer = stored(server, "example", fields="pre_norm,loss,lr,clipped")
+    assert answer["step"] == list(range(200))
+    assert all(isinstance(value, float) and value > 0 for value in answer["pre_norm"])

@@ -1,0 +1,202 @@
+"""What the agent costs the training loop.
+
+    python benchmarks/agent_bench.py
+
+1. Overhead: `watch.step(grads)` + `mx.eval` against bare
+   `mlx.optimizers.clip_grad_norm` + `mx.eval` on the same gradient tree
+   (64 float32 tensors, 1,048,576 parameters), interleaved in rounds in one
+   process, with a `gradwatch serve` child process receiving the stream,
+   per-tensor norms and both detectors on. Goal: median ratio <= 1.10.
+2. The training thread while the server is down: p50/p99/max time of the
+   `step()` call alone (what blocks the loop), same tree. Goal: p99 <= 1 ms.
+3. Memory with the server down for 1,000,000 steps and a spool cap: RSS at
+   checkpoints and tracemalloc over the last 100,000 steps. The MLX math
+   of a step costs ~0.3 ms on a CPU, so these steps go through
+   `watch.record()` with a computed record vector (the agent's whole Python
+   pipeline: recorder, buffer, sender thread, spool, cap, drop counts) and
+   the MLX part is left out. Goal: memory bounded by the queue, flat in steps.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import urllib.request
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.optimizers as optim
+
+from gradwatch.agent import GradWatch
+from gradwatch.clip import EMADetector, GlobalNorm, ZScoreDetector
+
+TENSORS = 64
+SHAPE = (128, 128)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "gradwatch.server.cli", "serve", "--db",
+                                f"sqlite:///{folder / 'bench.db'}", "--port", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=1):
+                return process, url
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("gradwatch serve did not start")
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_tree() -> dict:
+    keys = mx.random.split(mx.random.key(0), TENSORS)
+    tree = {"layers": [{"weight": mx.random.normal(SHAPE, key=key)} for key in keys]}
+    mx.eval(tree)
+    return tree
+
+
+def overhead(url: str, folder: Path, rounds: int = 15, per_round: int = 20) -> dict:
+    grads = make_tree()
+    watch = GradWatch("bench-overhead", url=url, clipper=GlobalNorm(1.0),
+                      detectors=[ZScoreDetector(), EMADetector()], tensor_norms=True,
+                      spool_dir=folder / "spool-overhead")
+
+    def bare():
+        clipped, _ = optim.clip_grad_norm(grads, 1.0)
+        mx.eval(clipped)
+
+    def watched():
+        mx.eval(watch.step(grads))
+
+    for _ in range(20):  # compile, warm caches
+        bare()
+        watched()
+    bare_times, watched_times = [], []
+    for _ in range(rounds):
+        for fn, out in ((bare, bare_times), (watched, watched_times)):
+            for _ in range(per_round):
+                started = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - started)
+    ok = watch.flush(timeout=30)
+    stats = watch.stats
+    watch.close()
+    bare_ms = statistics.median(bare_times) * 1e3
+    watched_ms = statistics.median(watched_times) * 1e3
+    return {"params": TENSORS * SHAPE[0] * SHAPE[1], "tensors": TENSORS,
+            "bare_clip_grad_norm_ms": bare_ms, "watch_step_ms": watched_ms,
+            "overhead_ratio": watched_ms / bare_ms,
+            "overhead_ratio_mean": statistics.fmean(watched_times) / statistics.fmean(bare_times),
+            "overhead_steps_acked": stats.acked, "overhead_flushed": ok}
+
+
+def step_latency_server_down(folder: Path, steps: int = 2000) -> dict:
+    grads = make_tree()
+    dead = f"http://127.0.0.1:{free_port()}"
+    watch = GradWatch("bench-down", url=dead, clipper=GlobalNorm(1.0), spool_dir=folder / "spool-down",
+                      spool_cap_bytes=256 << 20)
+    for _ in range(20):
+        mx.eval(watch.step(grads))
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        clipped = watch.step(grads)
+        times.append(time.perf_counter() - started)
+        mx.eval(clipped)
+    started = time.perf_counter()
+    watch.close()
+    close_s = time.perf_counter() - started
+    times.sort()
+    return {"down_step_p50_ms": times[len(times) // 2] * 1e3,
+            "down_step_p99_ms": times[int(len(times) * 0.99)] * 1e3,
+            "down_step_max_ms": times[-1] * 1e3,
+            "down_spooled": watch.stats.spooled, "down_close_s": close_s}
+
+
+def memory_million_steps(folder: Path, steps: int = 1_000_000, cap_bytes: int = 32 << 20) -> dict:
+    dead = f"http://127.0.0.1:{free_port()}"
+    watch = GradWatch("bench-memory", url=dead, clipper=GlobalNorm(1.0), spool_dir=folder / "spool-memory",
+                      spool_cap_bytes=cap_bytes)
+    grads = {"w": mx.array([3.0, 4.0])}
+    _, record = watch.compute(grads, loss=mx.array(0.5))
+    mx.eval(record)
+    rss = {}
+    traced_start = None
+    started = time.perf_counter()
+    record_fn = watch.record
+    for step in range(steps):
+        record_fn(record, lr=1e-3)
+        if step % 250_000 == 0:
+            rss[step] = rss_mb()
+        if step == steps - 100_000:
+            tracemalloc.start()
+            traced_start = tracemalloc.get_traced_memory()[0]
+    elapsed = time.perf_counter() - started
+    traced_end, traced_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    rss[steps] = rss_mb()
+    watch.close(timeout=10)
+    stats = watch.stats
+    spool_bytes = sum(path.stat().st_size for path in (folder / "spool-memory").glob("*.gws"))
+    return {"mem_steps": steps, "mem_steps_per_s": steps / elapsed,
+            "mem_rss_mb_at_250k": rss[250_000], "mem_rss_mb_at_1m": rss[steps],
+            "mem_rss_growth_250k_to_1m_mb": rss[steps] - rss[250_000],
+            "mem_tracemalloc_growth_last_100k_kb": (traced_end - traced_start) / 1024,
+            "mem_tracemalloc_peak_last_100k_kb": traced_peak / 1024,
+            "mem_spool_mb": spool_bytes / 2**20, "mem_spool_cap_mb": cap_bytes / 2**20,
+            "mem_spooled": stats.spooled, "mem_dropped": stats.dropped_total}
+
+
+def main() -> dict:
+    folder = Path(tempfile.mkdtemp(prefix="gradwatch-agent-bench-"))
+    server = None
+    try:
+        server, url = start_server(folder)
+        figures = overhead(url, folder)
+        server.terminate()
+        server.wait(timeout=10)
+        server = None
+        figures.update(step_latency_server_down(folder))
+        figures.update(memory_million_steps(folder))
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"agent overhead: watch.step+eval {figures['watch_step_ms']:.3f} ms vs clip_grad_norm+eval "
+          f"{figures['bare_clip_grad_norm_ms']:.3f} ms on {figures['params']:,} params in "
+          f"{figures['tensors']} tensors: ratio {figures['overhead_ratio']:.3f} (goal <= 1.10)")
+    print(f"server down: step() p50 {figures['down_step_p50_ms']:.3f} ms, p99 {figures['down_step_p99_ms']:.3f} ms "
+          f"(goal <= 1 ms), max {figures['down_step_max_ms']:.3f} ms; close() {figures['down_close_s']:.2f} s")
+    print(f"1M steps, server down, spool cap {figures['mem_spool_cap_mb']:.0f} MiB: RSS "
+          f"{figures['mem_rss_mb_at_250k']:.1f} MiB at 250k -> {figures['mem_rss_mb_at_1m']:.1f} MiB at 1M; "
+          f"tracemalloc growth over the last 100k steps {figures['mem_tracemalloc_growth_last_100k_kb']:.1f} KiB; "
+          f"{figures['mem_spooled']:,} spooled, {figures['mem_dropped']:,} dropped (cap); "
+          f"{figures['mem_steps_per_s']:,.0f} steps/s")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
