@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Iterator
 
@@ -69,7 +69,6 @@ class RunArrays:
     steps: np.ndarray
     values: dict[str, np.ndarray]
     missing: dict[str, np.ndarray | None]
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     _ordered: np.ndarray | None = None
 
@@ -424,6 +423,20 @@ class Store:
         rows = self.read(f"SELECT {STEP_COLUMNS}, nan_mask FROM steps WHERE {where} ORDER BY step", params)
         return arrays_from_rows(rows)
 
+    def fetch_steps_counted(self, run_id: int, after: int = -1) -> tuple[int, tuple]:
+        """Rows with step > after and the run's stored row count, read in one statement.
+
+        One statement sees one snapshot (SQLite and PostgreSQL alike), so the
+        count and the rows agree even while other transactions commit.
+        """
+        columns = ", ".join(f"s.{name}" for name in COLUMNS)
+        rows = self.read(f"SELECT r.steps, {columns}, s.nan_mask FROM runs r LEFT JOIN steps s "
+                         "ON s.run_id = r.id AND s.step > ? WHERE r.id = ? ORDER BY s.step",
+                         (after, run_id))
+        count = rows[0][0] if rows else 0
+        body = [row[1:] for row in rows if row[1] is not None]
+        return count, arrays_from_rows(body)
+
     def events(self, run_id: int, kind: str | None, limit: int) -> list[dict]:
         if kind:
             rows = self.read("SELECT step, kind, value, threshold, nan_mask, message, detail, time FROM events "
@@ -505,33 +518,34 @@ class RunCache:
         self.store = store
         self.max_runs = max_runs
         self._runs: OrderedDict[int, RunArrays] = OrderedDict()
+        self._locks: dict[int, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get(self, run_id: int) -> RunArrays:
         count, _ = self.store.run_counters(run_id)
         with self._lock:
-            arrays = self._runs.get(run_id)
-            if arrays is None:
-                arrays = RunArrays(count=0, steps=np.zeros(0, dtype=np.int64),
-                                   values={name: np.zeros(0) for name in VALUE_COLUMNS},
-                                   missing={name: None for name in VALUE_COLUMNS})
-                self._runs[run_id] = arrays
-            self._runs.move_to_end(run_id)
-            while len(self._runs) > self.max_runs:
-                self._runs.popitem(last=False)
-        with arrays.lock:
-            if arrays.count == count:
-                return arrays
-            steps, values, missing = self.store.fetch_steps(run_id, after=arrays.last_step)
-            if arrays.count + len(steps) == count or arrays.count == 0:
-                fresh = _concat(arrays, steps, values, missing) if arrays.count else \
-                    RunArrays(count=len(steps), steps=steps, values=values, missing=missing)
-            else:
-                steps, values, missing = self.store.fetch_steps(run_id)
+            run_lock = self._locks.setdefault(run_id, threading.Lock())
+            current = self._runs.get(run_id)
+        if current is not None and current.count == count:
+            return current
+        with run_lock:
+            current = self._runs.get(run_id)
+            if current is not None and current.count >= count:
+                return current
+            if current is not None:
+                total, (steps, values, missing) = self.store.fetch_steps_counted(run_id, current.last_step)
+                if current.count + len(steps) == total:
+                    fresh = _concat(current, steps, values, missing)
+                else:
+                    current = None
+            if current is None:
+                total, (steps, values, missing) = self.store.fetch_steps_counted(run_id)
                 fresh = RunArrays(count=len(steps), steps=steps, values=values, missing=missing)
-            fresh.count = len(fresh.steps)
-        with self._lock:
-            self._runs[run_id] = fresh
+            with self._lock:
+                self._runs[run_id] = fresh
+                self._runs.move_to_end(run_id)
+                while len(self._runs) > self.max_runs:
+                    self._runs.popitem(last=False)
         return fresh
 
 
