@@ -279,6 +279,7 @@ function openRun(name, { push } = { push: false }) {
   state.selectedStep = null;
   state.whatifTouched = false;
   $('run-title').textContent = name;
+  updateExportLink();
   document.title = `${name} · gradwatch`;
   errors.clear();
   showError('', '');
@@ -902,7 +903,15 @@ function applyWindowChoice() {
   if (state.run) loadThreshold();
 }
 
+/** The CSV download of the current run; a link cannot send a header, so the token rides in the query. */
+function updateExportLink() {
+  const token = currentToken();
+  $('export-csv').href = state.run
+    ? runPath(state.run, '/export.csv') + (token ? `?token=${encodeURIComponent(token)}` : '') : '#';
+}
+
 function wireControls() {
+  $('export-csv').addEventListener('click', updateExportLink);
   $('log-scale').addEventListener('change', async (event) => {
     state.log = event.target.checked;
     if (!state.normDrawn) return;

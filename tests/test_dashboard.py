@@ -112,6 +112,7 @@ def test_run_page_draws_norm_chart_and_histogram_from_the_api(page, server, outp
     assert recommended == pytest.approx(np.quantile(expected.finite_norms, 0.99), rel=5e-3)
     assert page.text_content("#rec-rationale").strip()
     assert page.evaluate("document.querySelectorAll('#event-rows tr').length") > 0
+    assert page.get_attribute("#export-csv", "href") == f"/api/runs/{MAIN_RUN}/export.csv"
 
     # The live indicator says so once the socket is open.
     wait_until(page, "document.getElementById('live-indicator').dataset.state === 'live'")
