@@ -101,6 +101,7 @@ class GradWatch:
         self._recorded = 0
         self._buffered = 0
         self._overflow_dropped: dict[str, int] = {}
+        self._overflow_spooled = 0
         self._meta_sent = False
         self._closed = False
         self._forked = False
@@ -184,7 +185,7 @@ class GradWatch:
         except (OSError, SpoolBusy):
             written = None
         if written:
-            self._sender.stats.spooled += 1
+            self._overflow_spooled += 1  # the sender thread owns its own counters
         else:
             self._count_drop("queue_full" if written is None else "spool_full")
 
@@ -253,7 +254,8 @@ class GradWatch:
         if self._sender is None or self._forked:
             return Stats(recorded=self._recorded, dropped=dict(self._overflow_dropped))
         stats = self._sender.stats
-        return replace(stats, recorded=self._recorded, dropped=dict(stats.dropped))
+        return replace(stats, recorded=self._recorded, dropped=dict(stats.dropped),
+                       spooled=stats.spooled + self._overflow_spooled)
 
     def __repr__(self) -> str:
         return f"GradWatch(run={self.run!r}, url={self.url!r}, clipper={self.clipper!r})"

@@ -409,3 +409,32 @@ def _closed_port() -> int:
     from tests.procs import free_port
 
     return free_port()  # nothing listens there
+
+
+ATEXIT_SCRIPT = textwrap.dedent("""
+    import sys
+    import mlx.core as mx
+    from gradwatch.agent import GradWatch
+    watch = GradWatch("atexit", spool_dir=sys.argv[1], url=sys.argv[2])
+    for step in range(123):
+        mx.eval(watch.step({"w": mx.array([float(step)])}))
+    # no close(): the atexit hook must hand over the last step and spool everything
+""")
+
+
+def test_the_atexit_hook_flushes_a_watch_that_was_never_closed(tmp_path):
+    result = subprocess.run([sys.executable, "-c", ATEXIT_SCRIPT, str(tmp_path),
+                             f"http://127.0.0.1:{_closed_port()}"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(spooled_steps(tmp_path)) == list(range(123))
+
+
+def test_the_buffer_never_blocks_and_says_when_it_is_full():
+    from gradwatch.agent.buffer import RecordBuffer
+
+    buffer = RecordBuffer(3, wake_at=2)
+    assert buffer.put(1) and not buffer.wake.is_set()
+    assert buffer.put(2) and buffer.wake.is_set()  # a batch is waiting: wake the sender
+    assert buffer.put(3) and not buffer.put(4)  # full: the caller spools or counts a drop
+    assert buffer.take(2) == [1, 2] and buffer.take(10) == [3] and buffer.take(10) == []
