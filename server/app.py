@@ -425,19 +425,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def tensors(run: str, start: int | None = None, end: int | None = None,
                 points: int = Query(500, ge=1, le=100_000)) -> Response:
         """Per-tensor norms, one row per tensor; downsampled by the max per bucket of steps."""
-        names, steps, norms = store.tensor_rows(store.run_id(validate_run_name(run)), start, end)
-        if len(steps) > points:
-            size = -(-len(steps) // points)
-            starts = np.arange(0, len(steps), size)
-            with np.errstate(invalid="ignore"):
-                filled = np.where(np.isnan(norms), -np.inf, norms)
-                reduced = np.maximum.reduceat(filled, starts, axis=0).astype(np.float64)
-            any_nan = np.logical_or.reduceat(np.isnan(norms), starts, axis=0)
-            all_nan = np.logical_and.reduceat(np.isnan(norms), starts, axis=0)
-            reduced[any_nan & (reduced < np.inf)] = np.nan  # a NaN in a bucket is worth showing
-            reduced[all_nan] = np.nan
-            steps, norms = steps[starts], reduced
-        rows = [encode_floats(np.asarray(norms[:, i], dtype=np.float64)) for i in range(len(names))]
+        names, steps, norms, absent = store.tensor_norms(store.run_id(validate_run_name(run)), start, end, points)
+        rows = [encode_floats(np.asarray(norms[:, i], dtype=np.float64), absent[:, i]) for i in range(len(names))]
         return json_response({"names": names, "step": steps.tolist(), "norms": rows})
 
     @app.get("/api/runs/{run}/export.csv", tags=["runs"], dependencies=read)

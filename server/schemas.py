@@ -45,6 +45,7 @@ class Column:
 
     values: np.ndarray
     missing: np.ndarray | None = None
+    raw: list | None = None   # the decoded JSON list, when it held only plain numbers/bools
 
     def is_missing(self) -> np.ndarray:
         if self.missing is None:
@@ -128,7 +129,7 @@ def _parse_float(name: str, values: list) -> Column:
     except (ValueError, OverflowError, TypeError):
         array = None
     if array is not None and array.ndim == 1 and array.dtype.kind in "fi":
-        return Column(array.astype(np.float64, copy=False))
+        return Column(array.astype(np.float64, copy=False), raw=values)
     return _parse_float_slow(name, values)
 
 
@@ -138,7 +139,7 @@ def _parse_bool(name: str, values: list) -> Column:
     except (ValueError, TypeError):
         array = None
     if array is not None and array.ndim == 1 and array.dtype.kind == "b":
-        return Column(array.astype(np.float64))
+        return Column(array.astype(np.float64), raw=values)
     out = np.empty(len(values), dtype=np.float64)
     missing = np.zeros(len(values), dtype=bool)
     for index, value in enumerate(values):

@@ -107,8 +107,13 @@ def _event_row(run_id: int, step: int | None, kind: str, value: float | None, th
     return (run_id, step, kind, value, threshold, mask, message, detail_text, timestamp)
 
 
-def _column_lists(batch: Batch) -> tuple[list[list], np.ndarray]:
-    """The batch as per-column Python lists ready for executemany, and each row's nan_mask."""
+def _column_lists(batch: Batch, reuse_raw: bool = False) -> tuple[list[list], np.ndarray]:
+    """The batch as per-column Python lists ready to bind, and each row's nan_mask.
+
+    With `reuse_raw` (SQLite: REAL affinity stores ints as floats), a column that
+    arrived as plain JSON numbers is bound from the decoded list itself: JSON
+    has no NaN, so there is nothing to encode.
+    """
     n = len(batch)
     nan_mask = np.zeros(n, dtype=np.int64)
     lists: list[list] = []
@@ -116,6 +121,9 @@ def _column_lists(batch: Batch) -> tuple[list[list], np.ndarray]:
         column = batch.columns.get(name)
         if column is None:
             lists.append([None] * n)
+            continue
+        if reuse_raw and column.raw is not None:
+            lists.append(column.raw)
             continue
         values = column.values
         if name in BOOL_FIELDS:
@@ -257,7 +265,7 @@ class Store:
         counts = {"steps": 0, "clips": 0, "spikes": 0, "nonfinite": 0}
         first = last = None
         if batch is not None and len(batch):
-            lists, nan_mask = _column_lists(batch)
+            lists, nan_mask = _column_lists(batch, reuse_raw=self.is_sqlite)
             steps = batch.steps
             step_list = steps.tolist()
             lo, hi = int(steps.min()), int(steps.max())
@@ -458,14 +466,20 @@ class Store:
             out.append(item)
         return out
 
-    def tensor_rows(self, run_id: int, start: int | None, end: int | None) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(names, steps, norms[steps, names]) over a step range; NaN where a tensor is absent."""
+    def tensor_norms(self, run_id: int, start: int | None, end: int | None,
+                     points: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """(names, steps, norms[steps, names], absent[steps, names]) over a step range,
+        at most `points` steps; `absent` marks tensors a step (bucket) did not report.
+
+        Past `points` steps, consecutive steps are grouped into equal buckets and
+        each tensor keeps its largest norm in the bucket (a NaN wins: it is the
+        thing to see); a bucket is labelled by its first step. Rows are read in
+        chunks, so a long run never sits in memory whole.
+        """
         lo = start if start is not None else 0
         hi = end if end is not None else 2**62
         layouts = {row[0]: json.loads(row[1]) for row in
                    self.read("SELECT id, names FROM tensor_layouts WHERE run_id = ?", (run_id,))}
-        rows = self.read("SELECT step, layout_id, norms FROM tensor_norms WHERE run_id = ? "
-                         "AND step BETWEEN ? AND ? ORDER BY step", (run_id, lo, hi))
         names: list[str] = []
         index: dict[str, int] = {}
         for layout in layouts.values():
@@ -473,17 +487,53 @@ class Store:
                 if name not in index:
                     index[name] = len(names)
                     names.append(name)
-        steps = np.array([row[0] for row in rows], dtype=np.int64)
-        norms = np.full((len(rows), len(names)), np.nan, dtype=np.float32)
-        by_layout: dict[int, list[int]] = {}
-        for position, row in enumerate(rows):
-            by_layout.setdefault(row[1], []).append(position)
-        for layout_id, positions in by_layout.items():
-            columns = [index[name] for name in layouts[layout_id]]
-            block = np.frombuffer(b"".join(rows[p][2] for p in positions), dtype="<f4")
-            block = block.reshape(len(positions), len(columns))
-            norms[np.ix_(positions, columns)] = block
-        return names, steps, norms
+        columns = {layout_id: np.array([index[n] for n in layout], dtype=np.intp)
+                   for layout_id, layout in layouts.items()}
+        total = self.read("SELECT COUNT(*) FROM tensor_norms WHERE run_id = ? AND step BETWEEN ? AND ?",
+                          (run_id, lo, hi))[0][0]
+        size = max(-(-total // points), 1) if total else 1
+        buckets = -(-total // size) if total else 0
+        out = np.full((buckets, len(names)), -np.inf, dtype=np.float32)
+        has_nan = np.zeros((buckets, len(names)), dtype=bool)
+        seen = np.zeros((buckets, len(names)), dtype=bool)
+        labels = np.zeros(buckets, dtype=np.int64)
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute(self._sql("SELECT step, layout_id, norms FROM tensor_norms WHERE run_id = ? "
+                                     "AND step BETWEEN ? AND ? ORDER BY step"), (run_id, lo, hi))
+            position = 0
+            while position < total:
+                rows = cursor.fetchmany(20_000)[:total - position]
+                if not rows:
+                    break
+                chunk_positions = np.arange(position, position + len(rows))
+                chunk_buckets = chunk_positions // size
+                starts_here = chunk_positions % size == 0
+                labels[chunk_buckets[starts_here]] = [row[0] for row, first in zip(rows, starts_here) if first]
+                layout_ids = np.array([row[1] for row in rows])
+                for layout_id in np.unique(layout_ids).tolist():
+                    picked = np.flatnonzero(layout_ids == layout_id)
+                    target = columns[layout_id]
+                    block = np.frombuffer(b"".join(rows[i][2] for i in picked.tolist()), dtype="<f4")
+                    block = block.reshape(len(picked), len(target))
+                    ids = chunk_buckets[picked]
+                    cuts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+                    nan = np.isnan(block)
+                    highest = np.maximum.reduceat(np.where(nan, -np.inf, block), cuts, axis=0)
+                    any_nan = np.logical_or.reduceat(nan, cuts, axis=0)
+                    rows_at = ids[cuts][:, None]
+                    out[rows_at, target] = np.maximum(out[rows_at, target], highest)
+                    has_nan[rows_at, target] |= any_nan
+                    seen[rows_at, target] = True
+                position += len(rows)
+            cursor.close()
+            if not self.is_sqlite:
+                raw.rollback()
+        finally:
+            raw.close()
+        out[has_nan | ~seen] = np.nan
+        return names, labels, out, ~seen
 
 
 def arrays_from_rows(rows: list[tuple]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray | None]]:

@@ -199,3 +199,18 @@ def test_unknown_run_is_404_with_a_message(client):
         answer = client.get(f"/api/runs/no-such-run/{path}")
         assert answer.status_code == 404, path
         assert "no-such-run" in answer.json()["detail"]
+
+
+def test_tensor_names_may_change_between_batches(client):
+    first = {"step": [0, 1], "pre_norm": [1.0, 1.0],
+             "tensor_norms": {"names": ["a", "b"], "norms": [[1.0, 2.0], [3.0, 4.0]]}}
+    second = {"step": [2, 3], "pre_norm": [1.0, 1.0],
+              "tensor_norms": {"names": ["b", "c"], "norms": [[5.0, 6.0], [7.0, "Infinity"]]}}
+    assert post(client, "layouts", first).status_code == 200
+    assert post(client, "layouts", second).status_code == 200
+    full = client.get("/api/runs/layouts/tensors").json()
+    assert full["names"] == ["a", "b", "c"] and full["step"] == [0, 1, 2, 3]
+    assert full["norms"] == [[1.0, 3.0, None, None], [2.0, 4.0, 5.0, 7.0], [None, None, 6.0, "Infinity"]]
+    two = client.get("/api/runs/layouts/tensors", params={"points": 2}).json()
+    assert two["step"] == [0, 2]
+    assert two["norms"] == [[3.0, None], [4.0, 7.0], [None, "Infinity"]]
