@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 from .buffer import RecordBuffer
@@ -57,7 +56,7 @@ def push(directory: str | os.PathLike, url: str = DEFAULT_URL, token: str | None
         sender.set_meta(meta_file["meta"])
     drops = spool.read_json("drops.json") or {}
     if drops:
-        sender._unreported = Counter({str(k): int(v) for k, v in drops.items()})
+        sender.report_drops(drops)
     sender.start()
     deadline = time.monotonic() + timeout
     try:
@@ -65,11 +64,9 @@ def push(directory: str | os.PathLike, url: str = DEFAULT_URL, token: str | None
             stats = sender.stats
             if stats.refused:
                 raise PushError(stats.refused)
-            if sender._failures >= max_failures:
-                raise PushError(f"cannot reach {url} (tried {sender._failures} times)")
-            settled = (stats.connected and not spool.pending() and not sender._inflight
-                       and (sender._meta_acked or sender.meta is None) and not sender._unreported)
-            if settled:
+            if sender.failures >= max_failures:
+                raise PushError(f"cannot reach {url} (tried {sender.failures} times)")
+            if sender.delivered():
                 break
             time.sleep(0.05)
         else:

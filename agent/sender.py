@@ -146,6 +146,22 @@ class Sender:
         self._meta_version += 1
         self.buffer.wake.set()
 
+    def report_drops(self, dropped: dict[str, int]) -> None:
+        """Drops counted by an earlier process (a spool's drops.json), to report as an event."""
+        with self._cond:
+            self._unreported.update({str(reason): int(count) for reason, count in dropped.items()})
+
+    @property
+    def failures(self) -> int:
+        """Connection attempts that failed in a row."""
+        return self._failures
+
+    def delivered(self) -> bool:
+        """Connected, and the spool, the in-flight window, the metadata and the drop
+        counts are all acknowledged (what `gradwatch push` waits for)."""
+        return (self.stats.connected and not self._inflight and self._idle()
+                and (self._meta_acked or self.meta is None) and not self._unreported)
+
     def count_drop(self, reason: str, steps: int = 1) -> None:
         with self._cond:
             self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + steps
