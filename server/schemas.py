@@ -91,10 +91,11 @@ def _parse_steps(values: list) -> np.ndarray:
     if len(steps) and (steps.min() < 0 or steps.max() >= MAX_STEP):
         bad = int(steps.min()) if steps.min() < 0 else int(steps.max())
         raise BatchError(f"column 'step' must hold integers from 0 to 2**62, got {bad}")
-    if len(np.unique(steps)) != len(steps):
+    if len(steps) > 1 and not bool(np.all(steps[1:] > steps[:-1])):  # the usual batch is ascending
         ordered = np.sort(steps)
-        repeated = int(ordered[np.flatnonzero(ordered[1:] == ordered[:-1])[0]])
-        raise BatchError(f"column 'step' repeats step {repeated} within the batch")
+        repeats = np.flatnonzero(ordered[1:] == ordered[:-1])
+        if len(repeats):
+            raise BatchError(f"column 'step' repeats step {int(ordered[repeats[0]])} within the batch")
     return steps
 
 
