@@ -294,8 +294,9 @@ function openRun(name, { push } = { push: false }) {
   plotly.then((Plotly) => Plotly.purge($('contributions'))).catch(() => {});
   connectLive(name);
   const generation = state.generation;
-  loadSeries().finally(() => {
-    if (generation !== state.generation) return;
+  loadSeries().then((ok) => {
+    // An unknown run: one message, not one per panel; the live feed brings it in if it starts.
+    if (!ok || generation !== state.generation) return;
     loadMarks();
     loadEvents();
     loadThreshold();
@@ -323,9 +324,9 @@ async function loadSeries() {
     showError('series', '');
   } catch (error) {
     if (generation === state.generation) reportError('series', error, `Run "${state.run}"`);
-    return;
+    return false;
   }
-  if (generation !== state.generation || seq !== state.seriesSeq) return;
+  if (generation !== state.generation || seq !== state.seriesSeq) return true;
   if (probe.marks.seriesReceived === undefined) probe.marks.seriesReceived = performance.now();
   let series = parseSeries(raw);
   if (!view) {
@@ -339,6 +340,7 @@ async function loadSeries() {
   if (!view) state.maxStep = Math.max(state.maxStep, lastStep(series));
   await renderNorm();
   renderSummary();
+  return true;
 }
 
 const loadSeriesSoon = debounce(() => { loadSeries(); }, 150);
@@ -548,6 +550,7 @@ function scheduleReconnect() {
 
 /** After a reconnect: the socket's `since` brings the missed points; refresh the rest. */
 function resync() {
+  if (errors.has('series')) openRun(state.run, { push: false });
   loadMarks();
   loadEvents();
   loadThresholdSoon();
@@ -562,6 +565,10 @@ const loadTensorsLive = throttle(() => { if (!state.view) loadTensors(); }, 1500
 function onLivePoints(data) {
   const chunk = parseSeries(data);
   if (!chunk.step.length) return;
+  if (errors.has('series')) { // the run did not exist when the page opened; now it does
+    openRun(state.run, { push: false });
+    return;
+  }
   probe.livePoints += chunk.step.length;
   state.maxStep = Math.max(state.maxStep, lastStep(chunk));
   state.liveTail.push(chunk);

@@ -124,7 +124,7 @@ export function normFigure({ series, marks, overlays, log, recommended, selected
   if (loss.some((v) => v !== null)) {
     data.push({
       type: 'scatter', mode: 'lines', name: TRACE.loss, x: steps, y: loss, yaxis: 'y2',
-      line: { color: COLORS.loss, width: 1 }, opacity: 0.8,
+      line: { color: COLORS.loss, width: 1 }, opacity: 0.55,
       hovertemplate: 'step %{x}<br>loss %{y:.4g}<extra></extra>',
     });
   }

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from tests.procs import ServerProcess
-from tests.test_dashboard_support import (SPIKY_TENSOR, launch_chromium, post_steps, synthetic_batch,
-                                          wait_until)
+from tests.test_dashboard_support import (SPIKY_TENSOR, get_json, launch_chromium, post_steps,
+                                          synthetic_batch, wait_until)
 
 MAIN_RUN = "tiny-gpt"
 MAIN_STEPS = 1500
@@ -122,12 +122,14 @@ def test_run_page_draws_norm_chart_and_histogram_from_the_api(page, server, outp
 
 
 def test_page_opens_the_most_recently_updated_run_and_lists_every_run(page, server):
+    runs = get_json(server.url, "/api/runs")
+    newest = max(runs, key=lambda run: run["updated"])["name"]  # MAIN_RUN unless other tests posted since
     open_run(page, server)
-    assert page.text_content("#run-title") == MAIN_RUN
+    assert page.text_content("#run-title") == newest
     rows = page.evaluate("""[...document.querySelectorAll('#run-rows tr')].map((tr) =>
         [...tr.querySelectorAll('td')].slice(1).map((td) => td.textContent))""")
     by_name = {row[0]: row for row in rows}
-    assert set(by_name) == {MAIN_RUN, OTHER_RUN, EVIL_RUN}
+    assert set(by_name) == {run["name"] for run in runs} >= {MAIN_RUN, OTHER_RUN, EVIL_RUN}
     assert by_name[MAIN_RUN][1] == f"{MAIN_STEPS:,}" and by_name[MAIN_RUN][2] == f"{MAIN_STEPS - 1:,}"
     assert by_name[OTHER_RUN][1] == "800"
     assert by_name[MAIN_RUN][4].endswith("%")  # clip rate
@@ -152,6 +154,21 @@ def test_points_posted_after_load_appear_without_reload(page, server):
     assert page.evaluate("window.__before") == page.evaluate("performance.timeOrigin")  # no reload
     assert page.evaluate("document.getElementById('norm-chart').data[0].x.length") == 290
     assert max(latencies) < 1.0, f"live points took {latencies} s to appear"
+
+
+def test_a_run_opened_before_it_exists_appears_when_its_first_points_arrive(page, server):
+    run = "not-yet-started"
+    page.goto(f"{server.url}/?run={run}")
+    wait_until(page, "!document.getElementById('error-banner').hidden", what="the unknown-run message")
+    banner = page.text_content("#error-banner")
+    assert run in banner and " · " not in banner  # one message, not one per panel
+    wait_until(page, "window.gradwatch.live === 'live'")
+    batch, _ = synthetic_batch(0, 50, seed=13, tensors=False)
+    post_steps(server.url, run, batch)
+    wait_until(page, "window.gradwatch.firstNormChartMs !== null && "
+               "document.getElementById('norm-chart').data[0].x.length === 50", what="the new run's points")
+    wait_until(page, "document.getElementById('error-banner').hidden", what="the message to go")
+    assert not page.recorded.page_errors
 
 
 def test_live_feed_reconnects_after_a_server_restart(browser, tmp_path):
