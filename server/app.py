@@ -205,8 +205,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for error_type in DB_ERRORS:
         app.add_exception_handler(error_type, _db_error)
 
-    def arrays_of(run: str) -> RunArrays:
-        return store.cache.get(store.run_id(validate_run_name(run)))
+    def arrays_of(run: str, fields: tuple[str, ...] = COLUMNS[1:]) -> RunArrays:
+        return store.cache.get(store.run_id(validate_run_name(run)), fields)
 
     # ----- health and dashboard -----
 
@@ -368,7 +368,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for name in wanted:
             if name not in COLUMNS:
                 raise BatchError(f"unknown field '{name}' in fields; choose from {', '.join(COLUMNS)}")
-        arrays = arrays_of(run)
+        arrays = arrays_of(run, tuple(wanted) + ("pre_norm", "spike", "nonfinite"))
         low = 0 if start is None else int(np.searchsorted(arrays.steps, start, side="left"))
         high = len(arrays.steps) if end is None else int(np.searchsorted(arrays.steps, end, side="right"))
         pre = arrays.values["pre_norm"][low:high]
@@ -389,7 +389,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/api/runs/{run}/stats", tags=["statistics"], dependencies=read, response_model=StatsOut)
     def run_stats(run: str, window: int | None = Query(None, ge=1)) -> Response:
-        arrays = arrays_of(run)
+        arrays = arrays_of(run, ("pre_norm", "clipped", "nonfinite"))
         part = _window(arrays, window)
         result = stats.window_stats(arrays.values["pre_norm"][part], arrays.values["clipped"][part],
                                     arrays.values["nonfinite"][part], ordered=_ordered(arrays, window))
@@ -402,7 +402,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
              response_model=RecommendationOut)
     def recommendation(run: str, window: int | None = Query(None, ge=1),
                        target_clip_rate: float = Query(0.01, ge=0.0, lt=1.0)) -> Response:
-        arrays = arrays_of(run)
+        arrays = arrays_of(run, ("pre_norm", "threshold"))
         part = _window(arrays, window)
         return json_response(stats.recommend(arrays.values["pre_norm"][part], arrays.values["threshold"][part],
                                              target_clip_rate=target_clip_rate, window=window,
@@ -411,13 +411,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/api/runs/{run}/whatif", tags=["statistics"], dependencies=read, response_model=WhatIfOut)
     def whatif(run: str, threshold: float = Query(..., allow_inf_nan=False),
                window: int | None = Query(None, ge=1)) -> Response:
-        arrays = arrays_of(run)
+        arrays = arrays_of(run, ("pre_norm",))
         return json_response(stats.whatif(arrays.values["pre_norm"][_window(arrays, window)], threshold,
                                           ordered=_ordered(arrays, window)))
 
     @app.get("/api/runs/{run}/histogram", tags=["statistics"], dependencies=read, response_model=HistogramOut)
     def histogram(run: str, window: int | None = Query(None, ge=1), bins: int = Query(60, ge=1, le=1000)) -> Response:
-        arrays = arrays_of(run)
+        arrays = arrays_of(run, ("pre_norm",))
         return json_response(stats.histogram(arrays.values["pre_norm"][_window(arrays, window)], bins,
                                              ordered=_ordered(arrays, window)))
 

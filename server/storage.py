@@ -436,19 +436,22 @@ class Store:
         rows = self.read(f"SELECT {STEP_COLUMNS}, nan_mask FROM steps WHERE {where} ORDER BY step", params)
         return arrays_from_rows(rows)
 
-    def fetch_steps_counted(self, run_id: int, after: int = -1) -> tuple[int, tuple]:
-        """Rows with step > after and the run's stored row count, read in one statement.
+    def fetch_steps_counted(self, run_id: int, columns: tuple[str, ...], after: int = -1,
+                            upto: int | None = None) -> tuple[int, tuple]:
+        """Rows with after < step (<= upto) and the run's stored row count, in one statement.
 
-        One statement sees one snapshot (SQLite and PostgreSQL alike), so the
-        count and the rows agree even while other transactions commit.
+        Only `columns` (value columns) are read. One statement sees one snapshot
+        (SQLite and PostgreSQL alike), so the count and the rows agree even
+        while other transactions commit.
         """
-        columns = ", ".join(f"s.{name}" for name in COLUMNS)
-        rows = self.read(f"SELECT r.steps, {columns}, s.nan_mask FROM runs r LEFT JOIN steps s "
-                         "ON s.run_id = r.id AND s.step > ? WHERE r.id = ? ORDER BY s.step",
-                         (after, run_id))
+        selected = ", ".join(f"s.{name}" for name in ("step",) + columns)
+        bound = "" if upto is None else " AND s.step <= ?"
+        params = (after,) + (() if upto is None else (upto,)) + (run_id,)
+        rows = self.read(f"SELECT r.steps, {selected}, s.nan_mask FROM runs r LEFT JOIN steps s "
+                         f"ON s.run_id = r.id AND s.step > ?{bound} WHERE r.id = ? ORDER BY s.step", params)
         count = rows[0][0] if rows else 0
         body = [row[1:] for row in rows if row[1] is not None]
-        return count, arrays_from_rows(body)
+        return count, arrays_from_rows(body, columns)
 
     def events(self, run_id: int, kind: str | None, limit: int) -> list[dict]:
         if kind:
@@ -541,14 +544,17 @@ class Store:
         return names, labels, out, ~seen
 
 
-def arrays_from_rows(rows: list[tuple]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray | None]]:
-    width = len(COLUMNS) + 1
+def arrays_from_rows(rows: list[tuple], columns: tuple[str, ...] = VALUE_COLUMNS
+                     ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray | None]]:
+    """Rows of (step, *columns, nan_mask) as arrays: float64, NaN where NaN or NULL,
+    bools as 0/1/NaN, and per float column a mask of the missing (NULL, not NaN) values."""
+    width = len(columns) + 2
     table = np.array(rows, dtype=np.float64).reshape(len(rows), width) if rows else np.zeros((0, width))
     steps = table[:, 0].astype(np.int64)
     nan_mask = table[:, -1].astype(np.int64)
     values: dict[str, np.ndarray] = {}
     missing: dict[str, np.ndarray | None] = {}
-    for position, name in enumerate(VALUE_COLUMNS, start=1):
+    for position, name in enumerate(columns, start=1):
         column = np.ascontiguousarray(table[:, position])
         nulls = np.isnan(column)
         if name in FLOAT_FIELDS and nulls.any():
@@ -562,11 +568,13 @@ def arrays_from_rows(rows: list[tuple]) -> tuple[np.ndarray, dict[str, np.ndarra
 
 
 class RunCache:
-    """Per-process cache of runs' arrays, keyed by the run's stored row count.
+    """Per-process cache of runs' columns as arrays, keyed by the run's stored row count.
 
     Rows are never deleted or overwritten, so an unchanged count means
     unchanged rows; a larger count whose new rows all lie past the cached last
     step is an append (only those rows are read); anything else reloads.
+    Columns are read when first asked for (a stats request reads three of the
+    twelve), each checked to line up with the cached steps.
     """
 
     def __init__(self, store: Store, max_runs: int = 4):
@@ -576,25 +584,22 @@ class RunCache:
         self._locks: dict[int, threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def get(self, run_id: int) -> RunArrays:
+    def get(self, run_id: int, fields: tuple[str, ...] | set[str] = VALUE_COLUMNS) -> RunArrays:
+        wanted = {name for name in fields if name != "step"}
         count, _ = self.store.run_counters(run_id)
         with self._lock:
             run_lock = self._locks.setdefault(run_id, threading.Lock())
             current = self._runs.get(run_id)
-        if current is not None and current.count == count:
+        if current is not None and current.count == count and wanted <= current.values.keys():
             return current
         with run_lock:
             current = self._runs.get(run_id)
-            if current is not None and current.count >= count:
+            if current is not None and current.count >= count and wanted <= current.values.keys():
                 return current
-            if current is not None:
-                total, (steps, values, missing) = self.store.fetch_steps_counted(run_id, current.last_step)
-                if current.count + len(steps) == total:
-                    fresh = _concat(current, steps, values, missing)
-                else:
-                    current = None
-            if current is None:
-                total, (steps, values, missing) = self.store.fetch_steps_counted(run_id)
+            fresh = self._refresh(run_id, current, wanted) if current is not None else None
+            if fresh is None:
+                columns = _ordered_columns(wanted | (set(current.values) if current is not None else set()))
+                total, (steps, values, missing) = self.store.fetch_steps_counted(run_id, columns)
                 fresh = RunArrays(count=len(steps), steps=steps, values=values, missing=missing)
             with self._lock:
                 self._runs[run_id] = fresh
@@ -603,11 +608,31 @@ class RunCache:
                     self._runs.popitem(last=False)
         return fresh
 
+    def _refresh(self, run_id: int, current: RunArrays, wanted: set[str]) -> RunArrays | None:
+        """Append new rows and add columns to `current`; None when only a reload will do."""
+        loaded = _ordered_columns(set(current.values))
+        total, (steps, values, missing) = self.store.fetch_steps_counted(run_id, loaded, after=current.last_step)
+        if current.count + len(steps) != total:
+            return None
+        merged = _concat(current, steps, values, missing) if len(steps) else current
+        extra = _ordered_columns(wanted - set(merged.values))
+        if extra:
+            _, (steps, values, missing) = self.store.fetch_steps_counted(run_id, extra, upto=merged.last_step)
+            if not np.array_equal(steps, merged.steps):
+                return None
+            merged = RunArrays(count=merged.count, steps=merged.steps, values={**merged.values, **values},
+                               missing={**merged.missing, **missing})
+        return merged
+
+
+def _ordered_columns(names: set[str]) -> tuple[str, ...]:
+    return tuple(name for name in VALUE_COLUMNS if name in names)
+
 
 def _concat(old: RunArrays, steps: np.ndarray, values: dict[str, np.ndarray],
             missing: dict[str, np.ndarray | None]) -> RunArrays:
     merged_missing: dict[str, np.ndarray | None] = {}
-    for name in VALUE_COLUMNS:
+    for name in old.values:
         a, b = old.missing[name], missing[name]
         if a is None and b is None:
             merged_missing[name] = None
@@ -616,7 +641,7 @@ def _concat(old: RunArrays, steps: np.ndarray, values: dict[str, np.ndarray],
                 a if a is not None else np.zeros(len(old.steps), dtype=bool),
                 b if b is not None else np.zeros(len(steps), dtype=bool)])
     return RunArrays(count=len(old.steps) + len(steps), steps=np.concatenate([old.steps, steps]),
-                     values={name: np.concatenate([old.values[name], values[name]]) for name in VALUE_COLUMNS},
+                     values={name: np.concatenate([old.values[name], values[name]]) for name in old.values},
                      missing=merged_missing)
 
 
