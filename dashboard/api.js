@@ -72,6 +72,11 @@ export function askForToken(reason) {
     };
     form.addEventListener('submit', onSubmit);
   });
+  // Escape would close the dialog and leave every request waiting: the page needs the token.
+  if (!dialog.dataset.guarded) {
+    dialog.dataset.guarded = 'yes';
+    dialog.addEventListener('cancel', (event) => event.preventDefault());
+  }
   if (!dialog.open) dialog.showModal();
   input.focus();
   return pendingPrompt;
