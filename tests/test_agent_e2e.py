@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import warnings
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from gradwatch.agent import GradWatch
+from gradwatch.agent.spool import read_frames
 from gradwatch.clip import GlobalNorm
 from tests.procs import ServerProcess, free_port
 
@@ -226,3 +228,20 @@ def test_the_example_training_loop_streams_every_step(server):
     answer = stored(server, "example", fields="pre_norm,loss,lr,clipped")
     assert answer["step"] == list(range(200))
     assert all(isinstance(value, float) and value > 0 for value in answer["pre_norm"])
+
+
+def test_a_batch_the_server_refuses_for_good_is_reported_once_and_kept_aside(server, tmp_path):
+    spool_dir = tmp_path / "spool"
+    with pytest.warns(RuntimeWarning, match="refused a batch") as caught:
+        with GradWatch("bad/name", url=server.url, spool_dir=spool_dir, batch_steps=10,
+                       batch_interval=0.02) as watch:  # '/' is not allowed in a run name: HTTP 422
+            for step in range(50):
+                mx.eval(watch.step(grads_of(step)))
+            watch.flush(timeout=20)
+    assert sum("refused a batch" in str(warning.message) for warning in caught) == 1
+    assert get(server.url + "/api/runs") == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = [json.loads(payload) for _, _, payload, _ in read_frames((spool_dir / "rejected.gws").read_bytes())]
+    assert sorted(step for body in kept if "batch" in body for step in body["batch"]["step"]) == list(range(50))
+
