@@ -359,12 +359,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return json_response(store.list_runs())
 
     @app.get("/api/runs/{run}/series", tags=["runs"], dependencies=read)
-    def series(run: str, fields: str | None = Query(None, description="comma-separated columns; default all"),
+    def series(run: str, fields: str | None = Query(
+                   None, description="comma-separated columns, or 'all'; default: step, pre_norm, post_norm, "
+                                     "threshold, clipped, loss, spike, nonfinite (the live feed's columns)"),
                start: int | None = None, end: int | None = None,
                points: int = Query(2000, ge=2, le=10_000_000)) -> Response:
         """Columnar series; downsampled to about `points` rows by per-bucket min/max of the
         pre-clip norm, always keeping spikes and non-finite steps; never sampled."""
-        wanted = COLUMNS[1:] if not fields else tuple(f.strip() for f in fields.split(",") if f.strip())
+        if not fields:
+            wanted = LIVE_FIELDS[1:]
+        elif fields.strip() == "all":
+            wanted = COLUMNS[1:]
+        else:
+            wanted = tuple(dict.fromkeys(f.strip() for f in fields.split(",") if f.strip()))
         for name in wanted:
             if name not in COLUMNS:
                 raise BatchError(f"unknown field '{name}' in fields; choose from {', '.join(COLUMNS)}")

@@ -42,7 +42,7 @@ def test_ingest_read_round_trip_keeps_nan_inf_and_nulls(client):
     answer = post(client, "round-trip", batch)
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"accepted": 50, "duplicates": 0, "conflicts": 0}
-    series = client.get("/api/runs/round-trip/series", params={"points": 100}).json()
+    series = client.get("/api/runs/round-trip/series", params={"points": 100, "fields": "all"}).json()
     assert series["step"] == batch["step"]
     for name in FLOAT_FIELDS:
         assert all(same_float(a, b) for a, b in zip(series[name], batch[name])), name
@@ -50,6 +50,8 @@ def test_ingest_read_round_trip_keeps_nan_inf_and_nulls(client):
         assert series[name] == batch[name], name
     assert series["pre_norm"][1] == "NaN" and series["pre_norm"][2] == "Infinity"
     assert series["lr"][5] is None and series["clipped"][6] is None
+    default = client.get("/api/runs/round-trip/series").json()
+    assert set(default) == {"step", "pre_norm", "post_norm", "threshold", "clipped", "loss", "spike", "nonfinite"}
     only = client.get("/api/runs/round-trip/series", params={"fields": "pre_norm,loss", "start": 3,
                                                              "end": 9}).json()
     assert set(only) == {"step", "pre_norm", "loss"}
