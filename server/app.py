@@ -38,6 +38,7 @@ log = logging.getLogger("gradwatch.server")
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
        "img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
        "frame-ancestors 'none'; form-action 'self'")
+LIVE_BACKLOG = 20_000  # most points replayed to a live socket that connects with ?since=
 STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
 STATIC_SUFFIXES = {".html", ".js", ".css", ".svg", ".png", ".ico", ".map", ".json", ".txt", ".woff2"}
 DB_ERRORS: tuple[type[BaseException], ...] = (SQLAlchemyError, sqlite3.Error)
@@ -320,6 +321,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 try:
                     run_id = await run_in_threadpool(store.run_id, name)
                     steps, values, missing = await run_in_threadpool(store.fetch_steps, run_id, since)
+                    if len(steps) > LIVE_BACKLOG:  # a dashboard far behind reloads /series instead
+                        steps = steps[-LIVE_BACKLOG:]
+                        values = {name: column[-LIVE_BACKLOG:] for name, column in values.items()}
+                        missing = {name: (mask[-LIVE_BACKLOG:] if mask is not None else None)
+                                   for name, mask in missing.items()}
                     if len(steps):
                         await websocket.send_text(orjson.dumps({
                             "type": "points", "run": name,
