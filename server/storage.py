@@ -189,17 +189,19 @@ class Store:
         self._run_ids[name] = rows[0][0]
         return rows[0][0]
 
-    def _ensure_run(self, cursor, name: str) -> tuple[int, bool]:
-        cursor.execute(self._sql("SELECT id FROM runs WHERE name = ?"), (name,))
+    def _ensure_run(self, cursor, name: str) -> tuple[int, int | None]:
+        """The run's id (creating the run) and its last stored step."""
+        cursor.execute(self._sql("SELECT id, last_step FROM runs WHERE name = ?"), (name,))
         row = cursor.fetchone()
         if row:
-            return row[0], False
+            return row[0], row[1]
         stamp = now()
         cursor.execute(self._sql("INSERT INTO runs (name, created, updated, meta, steps, clips, spikes, "
                                  "nonfinite, version) VALUES (?, ?, ?, '{}', 0, 0, 0, 0, 0) "
                                  "ON CONFLICT (name) DO NOTHING"), (name, stamp, stamp))
-        cursor.execute(self._sql("SELECT id FROM runs WHERE name = ?"), (name,))
-        return cursor.fetchone()[0], True
+        cursor.execute(self._sql("SELECT id, last_step FROM runs WHERE name = ?"), (name,))
+        row = cursor.fetchone()
+        return row[0], row[1]
 
     def list_runs(self) -> list[dict]:
         rows = self.read("SELECT name, steps, first_step, last_step, created, updated, clips, spikes, "
@@ -256,7 +258,7 @@ class Store:
 
     def _ingest_in_transaction(self, cursor, run: str, batch: Batch | None, meta: dict | None,
                                events: list[dict] | None) -> IngestResult:
-        run_id, _ = self._ensure_run(cursor, run)
+        run_id, last_stored = self._ensure_run(cursor, run)
         self._run_ids[run] = run_id
         stamp = now()
         accepted = duplicates = conflicts = 0
@@ -269,9 +271,11 @@ class Store:
             steps = batch.steps
             step_list = steps.tolist()
             lo, hi = int(steps.min()), int(steps.max())
-            cursor.execute(self._sql(f"SELECT {STEP_COLUMNS}, nan_mask FROM steps "
-                                     "WHERE run_id = ? AND step BETWEEN ? AND ?"), (run_id, lo, hi))
-            stored = {row[0]: row for row in cursor.fetchall()}
+            stored: dict[int, tuple] = {}
+            if last_stored is not None and lo <= last_stored:  # appends past the last step skip this
+                cursor.execute(self._sql(f"SELECT {STEP_COLUMNS}, nan_mask FROM steps "
+                                         "WHERE run_id = ? AND step BETWEEN ? AND ?"), (run_id, lo, hi))
+                stored = {row[0]: row for row in cursor.fetchall()}
             columns = [step_list, *lists, nan_mask.tolist()]
             if stored:
                 new_mask = np.fromiter((step not in stored for step in step_list), dtype=bool, count=len(steps))
