@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,7 +38,7 @@ def _postgres_bin() -> Path | None:
 
 
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory) -> str:
+def postgres_url() -> str:
     """A SQLAlchemy URL for a fresh PostgreSQL database on 127.0.0.1.
 
     `GRADWATCH_TEST_POSTGRES_URL` points at an existing server; otherwise a
@@ -51,7 +51,8 @@ def postgres_url(tmp_path_factory) -> str:
     bin_dir = _postgres_bin()
     if bin_dir is None:
         missing("PostgreSQL server binaries not found (apt-get install -y postgresql)")
-    data_dir = tmp_path_factory.mktemp("pgdata")
+    # Not under pytest's temp folder: that is 0700 and initdb runs as `postgres`.
+    data_dir = Path(tempfile.mkdtemp(prefix="gradwatch-pg-"))
     run_as: list[str] = []
     if os.geteuid() == 0:  # initdb refuses to run as root
         shutil.chown(data_dir, "postgres")
@@ -71,6 +72,7 @@ def postgres_url(tmp_path_factory) -> str:
     finally:
         subprocess.run(run_as + [str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-m", "immediate",
                                  "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

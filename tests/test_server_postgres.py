@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.test_server_support import fresh_postgres_db, make_batch, post, postgres_base_url, start_server
+from tests.test_server_support import fresh_postgres_db, make_batch, post, start_server
 
 
 @pytest.fixture(scope="module")
 def two_servers(request, tmp_path_factory):
-    url = fresh_postgres_db(postgres_base_url(request))
+    url = fresh_postgres_db(request.getfixturevalue("postgres_url"))
     first = start_server(url, tmp_path_factory.mktemp("pg-a"))
     second = start_server(url, tmp_path_factory.mktemp("pg-b"))
     yield first, second

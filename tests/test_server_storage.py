@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.test_server_support import (BOOL_FIELDS, FLOAT_FIELDS, fresh_postgres_db, from_wire, make_batch,
-                                       post, postgres_base_url, same_float, start_server)
+                                       post, same_float, start_server)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -19,7 +19,7 @@ def server(request, tmp_path_factory):
     if request.param == "sqlite":
         url = f"sqlite:///{folder / 'gradwatch.db'}"
     else:
-        url = fresh_postgres_db(postgres_base_url(request))
+        url = fresh_postgres_db(request.getfixturevalue("postgres_url"))
     process = start_server(url, folder)
     yield process
     process.stop()

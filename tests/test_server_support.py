@@ -32,26 +32,10 @@ def fresh_postgres_db(postgres_url: str) -> str:
     return postgres_url.rsplit("/", 1)[0] + "/" + name
 
 
-def postgres_base_url(request) -> str:
-    """The session's `postgres_url`, after letting the `postgres` user into pytest's temp folders.
-
-    pytest makes its base temp folder (and /tmp/pytest-of-USER) 0700; conftest's
-    fixture runs initdb as `postgres` under it, which needs to traverse them.
-    """
-    import os
-
-    if os.geteuid() == 0 and not os.environ.get("GRADWATCH_TEST_POSTGRES_URL"):
-        base = request.config._tmp_path_factory.getbasetemp()
-        for folder in (base, base.parent):
-            if folder.name.startswith("pytest-"):
-                folder.chmod(folder.stat().st_mode | 0o011)
-    return request.getfixturevalue("postgres_url")
-
-
 def db_url_for(kind: str, tmp_path: Path, request) -> str:
     if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'gradwatch.db'}"
-    return fresh_postgres_db(postgres_base_url(request))
+    return fresh_postgres_db(request.getfixturevalue("postgres_url"))
 
 
 def start_server(db_url: str, tmp_path: Path, extra_args: list[str] | None = None) -> ServerProcess:
