@@ -14,13 +14,18 @@ import math
 import sys
 import time
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 
-from gradwatch.agent import GradWatch
-from gradwatch.clip import EMADetector, GlobalNorm, ZScoreDetector
+try:
+    from gradwatch.clip import EMADetector, GlobalNorm, ZScoreDetector  # first: says what MLX lacks
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from gradwatch.agent import GradWatch
+except ImportError as error:
+    sys.exit(f"gradwatch demo: {error}")
 
 FEATURES = 16
 CLASSES = 8

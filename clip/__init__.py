@@ -7,6 +7,14 @@ arrays (empty for stateless clippers), so a step compiles with
 Detectors are called as ``info = detector(norm)`` and return a
 :class:`DetectorInfo`. ``config()`` gives each one's name and arguments.
 """
+try:
+    import mlx.core  # noqa: F401  (checked first: the usual failure on Linux is here)
+except ImportError as error:  # plain `mlx` on Linux ships no backend: "libmlx.so: cannot open ..."
+    raise ImportError(
+        f"MLX cannot load ({error}). On Linux MLX runs on its CPU backend: "
+        "pip install 'mlx[cpu]' (gradwatch's own install does this)"
+    ) from error
+
 from .adagc import AdaGC
 from .agc import AGC, unitwise_squared_norm
 from .autoclip import AutoClip, quantile_of_first

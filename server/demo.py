@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -42,18 +44,40 @@ def _get_json(url: str, timeout: float = 10.0):
         return json.loads(answer.read())
 
 
+def ensure_mlx_loads() -> None:
+    """Check in a child process (the server never imports MLX) that the trainer can load MLX."""
+    check = subprocess.run([sys.executable, "-c", "import gradwatch.clip"], capture_output=True, text=True)
+    if check.returncode != 0:
+        lines = check.stderr.strip().splitlines()
+        raise DemoError(lines[-1].removeprefix("ImportError: ") if lines else "MLX cannot load")
+
+
+def ensure_port_free(port: int) -> None:
+    """Refuse a busy port up front: otherwise another server there would answer our health check."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise DemoError(f"port {port} is already in use; choose another with --port") from None
+
+
 def start_server(db_url: str, port: int) -> subprocess.Popen:
     """Start `gradwatch serve` and wait for /healthz; a clear DemoError if it cannot start."""
+    ensure_port_free(port)
     command = [sys.executable, "-m", "gradwatch.server.cli", "serve", "--db", db_url, "--port", str(port)]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A file, not a pipe: nobody reads a pipe while the demo serves, and a full one blocks the server.
+    errors = tempfile.TemporaryFile(mode="w+")
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True)
     deadline = time.monotonic() + 30.0
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            message = (server.stderr.read() or "").strip().splitlines()
+            errors.seek(0)
+            message = errors.read().strip().splitlines()
             raise DemoError(message[-1] if message else f"the server exited with code {server.returncode}")
         try:
             _get_json(f"http://127.0.0.1:{port}/healthz", timeout=1.0)
-            return server
+            if server.poll() is None:
+                return server
         except (OSError, ValueError):
             time.sleep(0.1)
     server.kill()
@@ -98,6 +122,7 @@ def run_demo(args: argparse.Namespace) -> int:
     run = time.strftime("demo-%Y%m%d-%H%M%S")
     server = None
     try:
+        ensure_mlx_loads()
         server = start_server(args.db, args.port)
         print(f"gradwatch dashboard: {base_url}/?run={urllib.parse.quote(run)}", flush=True)
         print(f"training a small MLP for {args.steps} steps with gradwatch attached "
@@ -106,7 +131,7 @@ def run_demo(args: argparse.Namespace) -> int:
                                   "--steps", str(args.steps), "--run", run],
                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if trainer.returncode != 0:
-            raise DemoError(f"the demo training exited with code {trainer.returncode}")
+            raise DemoError(f"the training process failed (exit code {trainer.returncode}); its error is above")
         stored = wait_until_stored(base_url, run, args.steps)
         if stored < args.steps:
             raise DemoError(f"only {stored} of {args.steps} steps reached the server")

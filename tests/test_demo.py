@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import urllib.parse
@@ -47,3 +49,38 @@ def test_demo_stores_a_run_with_clips_spikes_and_a_recommendation(tmp_path):
         assert recommendation["threshold"] > 0 and recommendation["rationale"]
         for candidate in recommendation["candidates"]:
             assert candidate["clip_rate"] == np.mean(finite > candidate["threshold"])
+
+
+def test_demo_on_a_busy_port_says_so_in_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        demo = subprocess.run(
+            [sys.executable, "-m", "gradwatch.server.cli", "demo", "--steps", "10", "--exit",
+             "--port", str(port), "--db", f"sqlite:///{tmp_path / 'demo.db'}"],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )
+    assert demo.returncode == 1
+    assert demo.stderr.strip() == f"gradwatch demo: port {port} is already in use; choose another with --port"
+    assert not (tmp_path / "demo.db").exists()
+
+
+def test_demo_without_an_mlx_backend_says_what_to_install(tmp_path):
+    # What plain `mlx` on Linux does: the package is there, its backend library is not.
+    fake = tmp_path / "fake" / "mlx"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "core.py").write_text(
+        "raise ImportError('libmlx.so: cannot open shared object file: No such file or directory')\n")
+    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    demo = subprocess.run(
+        [sys.executable, "-m", "gradwatch.server.cli", "demo", "--steps", "10", "--exit",
+         "--port", str(free_port()), "--db", f"sqlite:///{tmp_path / 'demo.db'}"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+    )
+    assert demo.returncode == 1
+    lines = demo.stderr.strip().splitlines()
+    assert len(lines) == 1, demo.stderr
+    assert "libmlx.so: cannot open shared object file" in lines[0]
+    assert "pip install 'mlx[cpu]'" in lines[0]
