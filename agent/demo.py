@@ -46,9 +46,14 @@ class MLP(nn.Module):
         return self.layers[-1](x)
 
 
+DETECTOR_WARMUP = 100
+
+
 def spike_steps(steps: int) -> set[int]:
-    """Steps whose batch is corrupted: after the detectors' warm-up, spread over the run."""
-    return {int(steps * fraction) for fraction in (0.2, 0.45, 0.7, 0.9)}
+    """Steps whose batch is corrupted: spread over the part of the run after the detectors'
+    warm-up (runs shorter than the warm-up get them anyway, undetected)."""
+    start = min(DETECTOR_WARMUP, steps // 2)
+    return {start + int((steps - start) * fraction) for fraction in (0.2, 0.45, 0.7, 0.9)}
 
 
 def synthetic_batches(steps: int, seed: int = 0):
@@ -117,7 +122,8 @@ def train(run: str, url: str | None, steps: int, token: str | None = None, seed:
               "corrupted_steps": sorted(spike_steps(steps))}
     # Small batches make a noisy norm: the detectors start after the learning-rate
     # warm-up and ask for a clearer outlier than their defaults (2.5 sigma, 2x EMA).
-    detectors = [ZScoreDetector(z_thresh=3.5, warmup_steps=100), EMADetector(ratio=3.0, warmup_steps=100)]
+    detectors = [ZScoreDetector(z_thresh=3.5, warmup_steps=DETECTOR_WARMUP),
+                 EMADetector(ratio=3.0, warmup_steps=DETECTOR_WARMUP)]
     with GradWatch(run=run, url=url, token=token, clipper=GlobalNorm(1.0), detectors=detectors,
                    config=config) as watch:
         for step, (inputs, labels, _) in enumerate(synthetic_batches(steps, seed)):

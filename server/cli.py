@@ -22,6 +22,13 @@ DEFAULT_DB = "sqlite:///gradwatch.db"
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradwatch",
@@ -45,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     demo = commands.add_parser("demo", help="serve and train a small MLX model with the agent attached")
-    demo.add_argument("--steps", type=int, default=2000, help="training steps (default: %(default)s)")
+    demo.add_argument("--steps", type=positive_int, default=2000, help="training steps (default: %(default)s)")
     demo.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
     demo.add_argument("--db", default="sqlite:///gradwatch-demo.db",
                       help="SQLAlchemy database URL (default: %(default)s)")

@@ -44,6 +44,13 @@ def _get_json(url: str, timeout: float = 10.0):
         return json.loads(answer.read())
 
 
+def demo_environment() -> dict[str, str]:
+    """The environment without the team server's tokens: the demo's own server runs open on
+    127.0.0.1, and a token exported for another server must not lock the demo out of it."""
+    return {name: value for name, value in os.environ.items()
+            if name not in ("GRADWATCH_TOKEN", "GRADWATCH_READ_TOKEN")} | {"PYTHONUNBUFFERED": "1"}
+
+
 def ensure_mlx_loads() -> None:
     """Check in a child process (the server never imports MLX) that the trainer can load MLX."""
     check = subprocess.run([sys.executable, "-c", "import gradwatch.clip"], capture_output=True, text=True)
@@ -67,7 +74,7 @@ def start_server(db_url: str, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "gradwatch.server.cli", "serve", "--db", db_url, "--port", str(port)]
     # A file, not a pipe: nobody reads a pipe while the demo serves, and a full one blocks the server.
     errors = tempfile.TemporaryFile(mode="w+")
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True, env=demo_environment())
     deadline = time.monotonic() + 30.0
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -99,12 +106,10 @@ def wait_until_stored(base_url: str, run: str, steps: int, timeout: float = STOR
 
 def summarise(base_url: str, run: str) -> RunSummary:
     quoted = urllib.parse.quote(run, safe="")
-    stats = _get_json(f"{base_url}/api/runs/{quoted}/stats")
+    entry = {entry["name"]: entry for entry in _get_json(f"{base_url}/api/runs")}[run]
     recommendation = _get_json(f"{base_url}/api/runs/{quoted}/recommendation")
-    spikes = _get_json(f"{base_url}/api/runs/{quoted}/events?kind=spike&limit=100000")
-    clips = _get_json(f"{base_url}/api/runs/{quoted}/events?kind=clip&limit=100000")
-    return RunSummary(run=run, steps=stats["count"], clip_rate=stats["clip_rate"], clips=len(clips),
-                      spikes=len(spikes), threshold=recommendation.get("threshold"),
+    return RunSummary(run=run, steps=entry["steps"], clip_rate=entry["clip_rate"], clips=entry["clips"],
+                      spikes=entry["spikes"], threshold=recommendation.get("threshold"),
                       rationale=recommendation.get("rationale", ""))
 
 
@@ -129,7 +134,7 @@ def run_demo(args: argparse.Namespace) -> int:
               f"(clip at 1.0, a few corrupted batches to make spikes)", flush=True)
         trainer = subprocess.run([sys.executable, "-m", "gradwatch.agent.demo", "--url", base_url,
                                   "--steps", str(args.steps), "--run", run],
-                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                 env=demo_environment())
         if trainer.returncode != 0:
             raise DemoError(f"the training process failed (exit code {trainer.returncode}); its error is above")
         stored = wait_until_stored(base_url, run, args.steps)
@@ -143,6 +148,9 @@ def run_demo(args: argparse.Namespace) -> int:
         return 0
     except DemoError as error:
         print(f"gradwatch demo: {error}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as error:  # urllib's URLError/HTTPError are OSErrors
+        print(f"gradwatch demo: the server at {base_url} failed to answer: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

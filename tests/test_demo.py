@@ -21,10 +21,12 @@ def _get(url: str):
 
 def test_demo_stores_a_run_with_clips_spikes_and_a_recommendation(tmp_path):
     db_url = f"sqlite:///{tmp_path / 'demo.db'}"
+    # Tokens exported for a team server (as the README suggests) must not lock the demo out.
+    env = {**os.environ, "GRADWATCH_TOKEN": "team-write", "GRADWATCH_READ_TOKEN": "team-read"}
     demo = subprocess.run(
         [sys.executable, "-m", "gradwatch.server.cli", "demo", "--steps", "300", "--exit",
          "--port", str(free_port()), "--db", db_url],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env,
     )
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert "gradwatch dashboard: http://127.0.0.1:" in demo.stdout
@@ -40,6 +42,10 @@ def test_demo_stores_a_run_with_clips_spikes_and_a_recommendation(tmp_path):
         clips = _get(f"{server.url}/api/runs/{run}/events?kind=clip")
         spikes = _get(f"{server.url}/api/runs/{run}/events?kind=spike")
         assert len(clips) >= 1 and len(spikes) >= 1
+        # Each deliberately corrupted batch (inputs x40, listed in the run's config) is a spike.
+        corrupted = runs[0]["meta"]["config"]["corrupted_steps"]
+        assert len(corrupted) == 4
+        assert set(corrupted) <= {event["step"] for event in spikes}
         # Every clip event is a step whose pre-clip norm exceeded the demo's threshold of 1.0.
         norms = dict(zip(series["step"], series["pre_norm"]))
         assert all(float(norms[event["step"]]) > 1.0 for event in clips)

@@ -23,3 +23,22 @@ def test_cli_help_lists_subcommands():
                          capture_output=True, text=True, check=True).stdout
     for command in ("serve", "demo", "recommend", "push", "report"):
         assert command in out
+
+
+def test_server_never_imports_the_agent_clip_or_mlx():
+    """DESIGN.md: the wire format is the only contract between agent and server."""
+    code = (
+        "import sys, gradwatch.server.app, gradwatch.server.cli, gradwatch.server.demo, "
+        "gradwatch.server.report, gradwatch.server.recommend_cmd\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('gradwatch.agent', 'gradwatch.clip', 'mlx')))\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_demo_steps_must_be_positive():
+    result = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "demo", "--steps", "0"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "must be at least 1, got 0" in result.stderr
