@@ -7,7 +7,6 @@ import mlx.core as mx
 
 from .base import Clipper, check_bound, check_count, check_fraction
 from .norms import _norms_from_leaves, floating_leaves, sum_in_order
-from .value_clip import finish
 
 
 class AdaGC(Clipper):
@@ -96,5 +95,5 @@ class AdaGC(Clipper):
 
         post_norm = mx.sqrt(sum_in_order(post_squares))
         threshold = mx.where(warming, self.lambda_abs, mx.sqrt(sum_in_order(bound_squares)))
-        return finish(self, grads, new, norms, pre_norm, post_norm,
+        return self._per_piece_result(grads, new, norms, pre_norm, post_norm,
                       threshold.astype(mx.float32), any_cut)

@@ -9,7 +9,6 @@ from mlx.utils import tree_flatten
 from .base import Clipper, check_bound
 from .info import ClipInfo
 from .norms import floating_leaves, sum_in_order
-from .value_clip import finish
 
 
 def unitwise_squared_norm(x: mx.array) -> mx.array:
@@ -88,4 +87,4 @@ class AGC(Clipper):
         pre_norm = mx.sqrt(sum_in_order(pre_squares))
         post_norm = mx.sqrt(sum_in_order(post_squares))
         threshold = mx.sqrt(sum_in_order(bound_squares)).astype(mx.float32)
-        return finish(self, grads, new, norms, pre_norm, post_norm, threshold, any_cut)
+        return self._per_piece_result(grads, new, norms, pre_norm, post_norm, threshold, any_cut)

@@ -130,18 +130,32 @@ class Clipper:
             return zero_if(nonfinite, clipped)
         return clipped
 
-    def _scaled_result(self, grads: Any, pre_norm: mx.array, scale: mx.array,
-                       threshold: mx.array, norms: dict[str, mx.array]):
-        """Result of a clipper that multiplies the whole tree by one factor."""
+    def _result(self, clipped: Any, pre_norm: mx.array, post_norm: mx.array, scale: mx.array,
+                threshold: mx.array, was_clipped: mx.array, norms: dict[str, mx.array]):
+        """Apply the non-finite policy and assemble ``(clipped_grads, ClipInfo)``."""
         nonfinite = ~mx.isfinite(pre_norm)
-        clipped = self._apply_policy(scale_tree(grads, scale), nonfinite)
-        post_norm = pre_norm * scale
+        clipped = self._apply_policy(clipped, nonfinite)
         if self.nonfinite == "skip":
             scale = mx.where(nonfinite, 0.0, scale)
             post_norm = mx.where(nonfinite, 0.0, post_norm)
         return clipped, ClipInfo(pre_norm=pre_norm, post_norm=post_norm, scale=scale,
-                                 threshold=threshold, clipped=scale < 1, nonfinite=nonfinite,
+                                 threshold=threshold, clipped=was_clipped, nonfinite=nonfinite,
                                  tensor_norms=norms)
+
+    def _scaled_result(self, grads: Any, pre_norm: mx.array, scale: mx.array,
+                       threshold: mx.array, norms: dict[str, mx.array]):
+        """Result of a clipper that multiplies the whole tree by one factor."""
+        return self._result(scale_tree(grads, scale), pre_norm, pre_norm * scale, scale, threshold,
+                            scale < 1, norms)
+
+    def _per_piece_result(self, grads: Any, new: dict[str, mx.array], norms: dict[str, mx.array],
+                          pre_norm: mx.array, post_norm: mx.array, threshold: mx.array,
+                          was_clipped: mx.array):
+        """Result of a clipper that cuts tensors, units or elements on their own:
+        ``new`` holds the clipped floating leaves by name; ``scale = post/pre``."""
+        scale = mx.where(pre_norm > 0, post_norm / pre_norm, 1.0)
+        return self._result(replace_leaves(grads, new), pre_norm, post_norm, scale, threshold,
+                            was_clipped, norms)
 
     def __call__(self, grads: Any, params: Any = None):
         raise NotImplementedError

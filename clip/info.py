@@ -36,8 +36,9 @@ class ClipInfo(NamedTuple):
         nonfinite: bool scalar, True when ``pre_norm`` is NaN or infinite.
         tensor_norms: ``{flat name: L2 norm}`` of every floating-point tensor
             before clipping, names as :func:`mlx.utils.tree_flatten` spells
-            them (``"layers.0.weight"``); free, computed on the way to the
-            global norm.
+            them (``"layers.0.weight"``); computed on the way to the global
+            L2 norm, so free for ``ord=2`` clippers (a p-norm or inf-norm
+            clipper pays one extra pass for them).
     """
 
     pre_norm: mx.array

@@ -9,7 +9,6 @@ import mlx.core as mx
 from .base import Clipper, check_bound
 from .info import ClipInfo
 from .norms import _norms_from_leaves, floating_leaves, sum_in_order
-from .value_clip import finish
 
 
 class PerTensorNorm(Clipper):
@@ -45,4 +44,4 @@ class PerTensorNorm(Clipper):
             any_cut = any_cut | (s < 1)
         post_norm = mx.sqrt(sum_in_order(post_squares))
         threshold = mx.array(self.max_norm * math.sqrt(len(leaves)), mx.float32)
-        return finish(self, grads, new, norms, pre_norm, post_norm, threshold, any_cut)
+        return self._per_piece_result(grads, new, norms, pre_norm, post_norm, threshold, any_cut)

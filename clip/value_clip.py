@@ -6,7 +6,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .base import Clipper, check_bound, replace_leaves
+from .base import Clipper, check_bound
 from .info import ClipInfo
 from .norms import _norms_from_leaves, floating_leaves, squared_norm, sum_in_order
 
@@ -52,19 +52,5 @@ class ValueClip(Clipper):
         for _, g in leaves:
             any_cut = any_cut | (mx.abs(g).max() > c)
         size = sum(g.size for _, g in leaves)
-        return finish(self, grads, new, norms, pre_norm, post_norm,
+        return self._per_piece_result(grads, new, norms, pre_norm, post_norm,
                       mx.array(c * math.sqrt(size), mx.float32), any_cut)
-
-
-def finish(clipper: Clipper, grads: Any, new: dict[str, mx.array], norms: dict[str, mx.array],
-           pre_norm: mx.array, post_norm: mx.array, threshold: mx.array, clipped: mx.array
-           ) -> tuple[Any, ClipInfo]:
-    """Assemble the result of a per-piece clipper: policy, ``scale = post/pre``, ClipInfo."""
-    nonfinite = ~mx.isfinite(pre_norm)
-    scale = mx.where(pre_norm > 0, post_norm / pre_norm, 1.0)
-    out = clipper._apply_policy(replace_leaves(grads, new), nonfinite)
-    if clipper.nonfinite == "skip":
-        scale = mx.where(nonfinite, 0.0, scale)
-        post_norm = mx.where(nonfinite, 0.0, post_norm)
-    return out, ClipInfo(pre_norm=pre_norm, post_norm=post_norm, scale=scale, threshold=threshold,
-                         clipped=clipped, nonfinite=nonfinite, tensor_norms=norms)
