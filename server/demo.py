@@ -9,17 +9,16 @@ was stored, not what the trainer believes it sent.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
+
+from .client import ApiClient, ApiError, run_path
 
 STORE_TIMEOUT_S = 60.0
 
@@ -37,11 +36,6 @@ class RunSummary:
     spikes: int
     threshold: float | None
     rationale: str
-
-
-def _get_json(url: str, timeout: float = 10.0):
-    with urllib.request.urlopen(url, timeout=timeout) as answer:
-        return json.loads(answer.read())
 
 
 def demo_environment() -> dict[str, str]:
@@ -82,21 +76,21 @@ def start_server(db_url: str, port: int) -> subprocess.Popen:
             message = errors.read().strip().splitlines()
             raise DemoError(message[-1] if message else f"the server exited with code {server.returncode}")
         try:
-            _get_json(f"http://127.0.0.1:{port}/healthz", timeout=1.0)
+            ApiClient(f"http://127.0.0.1:{port}", timeout=1.0).get("/healthz")
             if server.poll() is None:
                 return server
-        except (OSError, ValueError):
+        except ApiError:
             time.sleep(0.1)
     server.kill()
     raise DemoError(f"the server did not answer on port {port} within 30 s")
 
 
-def wait_until_stored(base_url: str, run: str, steps: int, timeout: float = STORE_TIMEOUT_S) -> int:
+def wait_until_stored(api: ApiClient, run: str, steps: int, timeout: float = STORE_TIMEOUT_S) -> int:
     """Poll the run list until the run holds `steps` steps; returns what is stored."""
     stored = 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = {entry["name"]: entry for entry in _get_json(f"{base_url}/api/runs")}
+        runs = {entry["name"]: entry for entry in api.get("/api/runs")}
         stored = runs.get(run, {}).get("steps", 0)
         if stored >= steps:
             return stored
@@ -104,10 +98,9 @@ def wait_until_stored(base_url: str, run: str, steps: int, timeout: float = STOR
     return stored
 
 
-def summarise(base_url: str, run: str) -> RunSummary:
-    quoted = urllib.parse.quote(run, safe="")
-    entry = {entry["name"]: entry for entry in _get_json(f"{base_url}/api/runs")}[run]
-    recommendation = _get_json(f"{base_url}/api/runs/{quoted}/recommendation")
+def summarise(api: ApiClient, run: str) -> RunSummary:
+    entry = {entry["name"]: entry for entry in api.get("/api/runs")}[run]
+    recommendation = api.get(run_path(run, "/recommendation"))
     return RunSummary(run=run, steps=entry["steps"], clip_rate=entry["clip_rate"], clips=entry["clips"],
                       spikes=entry["spikes"], threshold=recommendation.get("threshold"),
                       rationale=recommendation.get("rationale", ""))
@@ -137,10 +130,11 @@ def run_demo(args: argparse.Namespace) -> int:
                                  env=demo_environment())
         if trainer.returncode != 0:
             raise DemoError(f"the training process failed (exit code {trainer.returncode}); its error is above")
-        stored = wait_until_stored(base_url, run, args.steps)
+        api = ApiClient(base_url)
+        stored = wait_until_stored(api, run, args.steps)
         if stored < args.steps:
             raise DemoError(f"only {stored} of {args.steps} steps reached the server")
-        print(format_summary(summarise(base_url, run)), flush=True)
+        print(format_summary(summarise(api, run)), flush=True)
         if args.exit:
             return 0
         print(f"serving {base_url} — press Ctrl-C to stop", flush=True)
@@ -149,8 +143,8 @@ def run_demo(args: argparse.Namespace) -> int:
     except DemoError as error:
         print(f"gradwatch demo: {error}", file=sys.stderr)
         return 1
-    except (OSError, ValueError) as error:  # urllib's URLError/HTTPError are OSErrors
-        print(f"gradwatch demo: the server at {base_url} failed to answer: {error}", file=sys.stderr)
+    except ApiError as error:
+        print(f"gradwatch demo: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

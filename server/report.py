@@ -15,12 +15,11 @@ import json
 import math
 import re
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .client import ApiClient, ApiError, run_path
 
 SERIES_POINTS = 5000
 TENSOR_POINTS = 400
@@ -32,7 +31,7 @@ COLORS = {"norm": "#1f77b4", "threshold": "#ff7f0e", "clipped": "#ff7f0e", "spik
 
 
 class ReportError(Exception):
-    """A one-line reason the report could not be written."""
+    """A one-line reason the report could not be written (beside the API's own `ApiError`)."""
 
 
 @dataclass
@@ -49,43 +48,7 @@ class RunData:
 
 # ----------------------------------------------------------------- fetching
 
-class Api:
-    def __init__(self, url: str, token: str | None, timeout: float = 60.0):
-        self.url = url.rstrip("/")
-        self.token = token
-        self.timeout = timeout
-
-    def get(self, path: str, **query: Any) -> Any:
-        params = {key: value for key, value in query.items() if value is not None}
-        address = self.url + path + (("?" + urllib.parse.urlencode(params)) if params else "")
-        request = urllib.request.Request(address, headers={"Accept": "application/json"})
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
-                return json.loads(answer.read())
-        except urllib.error.HTTPError as error:
-            raise ReportError(self._http_reason(error, path)) from None
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise ReportError(f"cannot reach the server at {self.url}: {reason}") from None
-
-    def _http_reason(self, error: urllib.error.HTTPError, path: str) -> str:
-        try:
-            detail = json.loads(error.read()).get("detail")
-        except Exception:
-            detail = error.reason
-        if error.code in (401, 403):
-            return (f"the server at {self.url} refused the read token ({error.code}: {detail}); "
-                    "pass --token or set GRADWATCH_READ_TOKEN")
-        return f"{error.code} from {self.url}{path}: {detail}"
-
-
-def run_path(run: str, tail: str = "") -> str:
-    return f"/api/runs/{urllib.parse.quote(run, safe='')}{tail}"
-
-
-def fetch_run(api: Api, run: str) -> RunData:
+def fetch_run(api: ApiClient, run: str) -> RunData:
     runs = api.get("/api/runs")
     info = next((item for item in runs if item.get("name") == run), None)
     if info is None:
@@ -100,7 +63,7 @@ def fetch_run(api: Api, run: str) -> RunData:
     events = api.get(run_path(run, "/events"), limit=EVENT_LIMIT)
     try:
         tensors = api.get(run_path(run, "/tensors"), points=TENSOR_POINTS)
-    except ReportError:
+    except ApiError:
         tensors = None  # the report is still useful without the heatmap
     return RunData(run, info, series, stats, recommendation, histogram, events, tensors)
 
@@ -327,7 +290,7 @@ def default_output(run: str) -> Path:
 
 
 def write_report(run: str, output: Path, url: str, token: str | None = None) -> Path:
-    data = fetch_run(Api(url, token), run)
+    data = fetch_run(ApiClient(url, token), run)
     document = render_report(data, url)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(document, encoding="utf-8")
@@ -338,7 +301,7 @@ def write_report_from_args(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else default_output(args.run)
     try:
         path = write_report(args.run, output, args.url, getattr(args, "token", None))
-    except ReportError as error:
+    except (ReportError, ApiError) as error:
         print(f"gradwatch report: {error}", file=sys.stderr)
         return 1
     except OSError as error:
