@@ -16,10 +16,10 @@ import subprocess
 import sys
 from typing import Sequence
 
+from gradwatch.server.settings import DEFAULT_DB, DEFAULT_MAX_BODY
+
 DEFAULT_PORT = 8765
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_DB = "sqlite:///gradwatch.db"
-DEFAULT_MAX_BODY = 32 * 1024 * 1024
 
 
 def positive_int(text: str) -> int:
