@@ -358,8 +358,12 @@ class Store:
                                       + ", ".join([one] * size) + " ON CONFLICT DO NOTHING")
                 if len(self._insert_sql) < 64:
                     self._insert_sql[size] = statement
-            part = columns if size == total else [column[begin:begin + size] for column in columns]
-            cursor.execute(statement, list(chain.from_iterable(zip(repeat(run_id, size), *part))))
+            # Row-major parameters by strided slice assignment: about 3x cheaper than
+            # flattening zip(*columns) through chain.
+            params = [run_id] * (size * width)
+            for position, column in enumerate(columns, start=1):
+                params[position::width] = column if size == total else column[begin:begin + size]
+            cursor.execute(statement, params)
             if cursor.rowcount is not None and 0 <= cursor.rowcount < size:
                 raise IngestRace(run)
 
@@ -372,37 +376,61 @@ class Store:
         return bad
 
     def _derived_events(self, run_id: int, batch: Batch, new_mask: np.ndarray) -> list[tuple]:
+        """clip, spike and nonfinite events of the newly stored rows, in that order (each by
+        row), as `_event_row` tuples; built column-wise (a batch may clip hundreds of steps)."""
         pre = batch.columns["pre_norm"].values
         threshold = batch.columns.get("threshold")
         times = batch.columns.get("time")
         z = batch.columns.get("z")
-        rows = []
+        rows: list[tuple] = []
 
-        def make(index: int, kind: str, message: str) -> tuple:
-            limit = float(threshold.values[index]) if threshold is not None else None
-            if threshold is not None and threshold.missing is not None and threshold.missing[index]:
-                limit = None
-            stamp = float(times.values[index]) if times is not None else None
-            if stamp is not None and stamp != stamp:
-                stamp = None
-            return _event_row(run_id, int(batch.steps[index]), kind, float(pre[index]), limit,
-                              message, None, stamp)
+        def add(indices: np.ndarray, kind: str, messages) -> None:
+            if not len(indices):
+                return
+            values = pre[indices]
+            value_nan = np.isnan(values)
+            mask = value_nan.astype(np.int64)
+            value_list = values.tolist()
+            if threshold is not None:
+                limits = threshold.values[indices]
+                limit_nan = np.isnan(limits)
+                limit_list = limits.tolist()
+                absent = threshold.missing[indices] if threshold.missing is not None else None
+                # a NaN threshold sets bit 2; a missing one is a plain NULL
+                mask |= (limit_nan if absent is None else limit_nan & ~absent).astype(np.int64) * 2
+                for index in np.flatnonzero(limit_nan).tolist():
+                    limit_list[index] = None
+            else:
+                limit_list = [None] * len(indices)
+            if times is not None:
+                stamps = times.values[indices]
+                time_list = stamps.tolist()
+                for index in np.flatnonzero(np.isnan(stamps)).tolist():
+                    time_list[index] = None
+            else:
+                time_list = [None] * len(indices)
+            for index in np.flatnonzero(value_nan).tolist():
+                value_list[index] = None
+            rows.extend(zip(repeat(run_id), batch.steps[indices].tolist(), repeat(kind), value_list,
+                            limit_list, mask.tolist(), messages(indices), repeat(None), time_list))
+
+        def norms(indices: np.ndarray) -> list:
+            return encode_floats(pre[indices])
 
         clipped = batch.columns.get("clipped")
         if clipped is not None:
-            for index in np.flatnonzero((clipped.values == 1.0) & new_mask).tolist():
-                rows.append(make(index, "clip", f"pre-clip norm {encode_float(float(pre[index]))} clipped"))
+            add(np.flatnonzero((clipped.values == 1.0) & new_mask), "clip",
+                lambda indices: [f"pre-clip norm {norm} clipped" for norm in norms(indices)])
         spike = batch.columns.get("spike")
         if spike is not None:
-            for index in np.flatnonzero((spike.values == 1.0) & new_mask).tolist():
-                detail = ""
-                if z is not None and math.isfinite(z.values[index]):
-                    detail = f" (z = {z.values[index]:.3g})"
-                rows.append(make(index, "spike", f"gradient-norm spike: pre-clip norm "
-                                                 f"{encode_float(float(pre[index]))}{detail}"))
-        for index in np.flatnonzero(self._nonfinite_rows(batch) & new_mask).tolist():
-            rows.append(make(index, "nonfinite", f"non-finite gradient: pre-clip norm "
-                                                 f"{encode_float(float(pre[index]))}"))
+            def spike_messages(indices: np.ndarray) -> list[str]:
+                scores = z.values[indices].tolist() if z is not None else [math.nan] * len(indices)
+                return [f"gradient-norm spike: pre-clip norm {norm}"
+                        + (f" (z = {score:.3g})" if math.isfinite(score) else "")
+                        for norm, score in zip(norms(indices), scores)]
+            add(np.flatnonzero((spike.values == 1.0) & new_mask), "spike", spike_messages)
+        add(np.flatnonzero(self._nonfinite_rows(batch) & new_mask), "nonfinite",
+            lambda indices: [f"non-finite gradient: pre-clip norm {norm}" for norm in norms(indices)])
         return rows
 
     def _store_tensor_norms(self, cursor, run_id: int, batch: Batch, new_mask: np.ndarray) -> None:
