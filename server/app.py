@@ -6,6 +6,8 @@ and call `storage.Store` for the database and `stats` for the numbers.
 from __future__ import annotations
 
 import asyncio
+import functools
+import gzip
 import importlib.util
 import logging
 import mimetypes
@@ -66,6 +68,13 @@ def plotly_js_path() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0]) / "package_data" / "plotly.min.js"
+
+
+@functools.lru_cache(maxsize=1)
+def plotly_js_gzip(path: Path) -> bytes:
+    """plotly.min.js gzipped once per process: 4.8 MB becomes about 1.4 MB on the wire,
+    which matters for a dashboard opened from another machine."""
+    return gzip.compress(path.read_bytes(), compresslevel=6, mtime=0)
 
 
 def _window(arrays: RunArrays, window: int | None) -> slice:
@@ -227,11 +236,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(path.read_bytes(), media_type="text/html; charset=utf-8", headers=headers)
 
     @app.get("/static/{name}", include_in_schema=False)
-    def static_file(name: str) -> Response:
+    def static_file(name: str, request: Request) -> Response:
         headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
         if name == "plotly.min.js":
             path = plotly_js_path()
             headers["Cache-Control"] = "public, max-age=86400"
+            headers["Vary"] = "Accept-Encoding"
+            if path is not None and "gzip" in request.headers.get("accept-encoding", ""):
+                return Response(plotly_js_gzip(path), media_type="text/javascript; charset=utf-8",
+                                headers={**headers, "Content-Encoding": "gzip"})
         else:
             path = None
             if STATIC_NAME.match(name) and ".." not in name and Path(name).suffix in STATIC_SUFFIXES:
