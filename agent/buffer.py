@@ -3,8 +3,9 @@
 Like OpenTelemetry's BatchSpanProcessor queue: the training thread only
 appends (a `deque.append`, atomic under the GIL) and never waits; when the
 buffer is full, `put` says so and the caller decides where the record goes.
-The sender is woken only when a full batch is waiting, otherwise it runs on
-its own timer.
+`put` wakes the sender when a full batch is waiting (`wake_at` records);
+the sender's own callers also set `wake` (new metadata, `flush`, `stop`, a
+finished connection attempt); otherwise the sender runs on its own timer.
 """
 from __future__ import annotations
 

@@ -10,6 +10,12 @@ evaluation as the update: the agent adds no evaluation of its own.
 
 `Recorder.take` runs on the next step (or at flush): the vector is already
 computed, and one `memoryview` copy turns it into a `StepRecord` of bytes.
+
+Which numbers a vector holds (its `Layout`) depends on the gradient tree
+and on whether `loss`/`lr` were arrays. Under `mx.compile`, `build` runs as
+Python only while tracing a new input shape, so the Python side cannot know
+which trace produced a given vector. The vector says it itself: its last
+value is the id of its layout, a constant baked into each trace.
 """
 from __future__ import annotations
 
@@ -55,6 +61,10 @@ class StepRecord(NamedTuple):
         return struct.unpack_from("<f", self.values, 4 * self.layout.columns.index(column))[0]
 
 
+class RecordError(ValueError):
+    """A record vector that matches no layout this recorder built (a bug, never user error)."""
+
+
 class NonFiniteGradientError(FloatingPointError):
     """The pre-clip gradient norm was NaN or infinite and the clipper's policy is "raise"."""
 
@@ -67,9 +77,8 @@ class NonFiniteGradientError(FloatingPointError):
 class _Pending(NamedTuple):
     step: int
     time: float
-    layout: Layout
     vector: mx.array
-    extras: tuple
+    extras: dict[str, float]
 
 
 class Recorder:
@@ -79,7 +88,8 @@ class Recorder:
         self.clipper = clipper
         self.detectors = list(detectors)
         self.tensor_norms = tensor_norms
-        self._layouts: dict[tuple, Layout] = {}
+        self._layout_ids: dict[Layout, int] = {}
+        self._layouts: list[Layout] = []  # by id
         self.last_layout: Layout | None = None
         self._with_extras: dict[tuple, Layout] = {}
         self._pending: _Pending | None = None
@@ -137,39 +147,50 @@ class Recorder:
         if self.tensor_norms:
             names = tuple(norms)
             values.extend(norm.astype(mx.float32).reshape(()) for norm in norms.values())
+        layout = self.last_layout = Layout(tuple(columns), names)
+        layout_id = self._layout_ids.get(layout)
+        if layout_id is None:
+            layout_id = self._layout_ids[layout] = len(self._layouts)
+            self._layouts.append(layout)
+        # The layout id travels in the vector: a constant of this trace (exact in float32).
+        values.append(mx.array(float(layout_id), dtype=mx.float32))
         vector = mx.stack(values)
 
-        self.last_layout = Layout(tuple(columns), names)
-        self._layouts[self._layout_key(arrays)] = self.last_layout
         # Tie the vector and the new state to the gradients the user will evaluate.
         flat = tree_flatten(clipped)
         state_leaves = [leaf for _, leaf in tree_flatten(self.state)]
         tied = mx.depends([leaf for _, leaf in flat], [vector, *state_leaves])
         return tree_unflatten([(name, leaf) for (name, _), leaf in zip(flat, tied)]), vector
 
-    @staticmethod
-    def _layout_key(arrays: dict) -> tuple:
-        return ("loss" in arrays, "lr" in arrays)
-
     # -- the Python part (training thread, outside any compile) --------------
-    def hold(self, step: int, vector: mx.array, arrays: dict | None, extras: dict[str, float]) -> None:
-        """Keep this step's lazy vector until the next step (`arrays`: what `build` got,
-        None for the layout of the latest `build`)."""
-        layout = self.last_layout if arrays is None else self._layouts[self._layout_key(arrays)]
-        if extras:
-            key = (layout, tuple(extras))
-            layout = self._with_extras.get(key)
-            if layout is None:  # one Layout object per shape of step, not one per step
-                layout = self._with_extras[key] = key[0]._replace(extra_columns=key[1])
-        self._pending = _Pending(step, time.time(), layout, vector, tuple(extras.values()))
+    def hold(self, step: int, vector: mx.array, extras: dict[str, float]) -> None:
+        """Keep this step's lazy vector until the next step."""
+        self._pending = _Pending(step, time.time(), vector, extras)
 
     def take(self) -> StepRecord | None:
-        """The held step as plain numbers (its vector was computed by the user's eval)."""
+        """The held step as plain numbers (its vector was computed by the user's eval).
+        Raises `RecordError` for a vector that does not match the layout it names."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        return StepRecord(pending.step, pending.time, pending.layout,
-                          bytes(memoryview(pending.vector)), pending.extras)
+        view = memoryview(pending.vector)
+        size = len(view) if view.ndim == 1 else -1
+        layout_id = view[-1] if size > 0 else -1.0
+        layout = None
+        if 0 <= layout_id < len(self._layouts) and layout_id == int(layout_id):  # False for NaN
+            layout_id = int(layout_id)
+            layout = self._layouts[layout_id]
+        if layout is None or size != layout.width + 1:
+            raise RecordError(f"gradwatch: the record of step {pending.step} ({size} values, layout id "
+                              f"{layout_id}) matches no layout this watch built; the step is dropped")
+        extras = pending.extras
+        if extras:
+            key = (layout_id, tuple(extras))
+            with_extras = self._with_extras.get(key)
+            if with_extras is None:  # one Layout object per shape of step, not one per step
+                with_extras = self._with_extras[key] = layout._replace(extra_columns=key[1])
+            layout = with_extras
+        return StepRecord(pending.step, pending.time, layout, bytes(view[:-1]), tuple(extras.values()))
 
     def drop_pending(self) -> None:
         self._pending = None

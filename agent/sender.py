@@ -2,17 +2,25 @@
 
 One background thread owns the WebSocket and the spool's read side
 (OpenTelemetry's BatchSpanProcessor worker, with a transport that can be
-away). Each loop it (1) connects when due, with jittered exponential backoff,
-(2) reads acknowledgements, (3) takes records from the buffer and closes a
-columnar batch every `batch_steps` records or `batch_interval` seconds,
-(4) sends: live while connected with nothing spooled, otherwise the batch is
-appended to the spool and the spool is replayed in order, and (5) fsyncs the
-spool at most every 500 ms.
+away). Each loop it (1) starts a connection attempt when due, with jittered
+exponential backoff, in a helper thread (so a server that is slow to answer
+never stops the draining), (2) reads acknowledgements, (3) takes records
+from the buffer and closes a columnar batch every `batch_steps` records,
+`max_batch_bytes` encoded bytes or `batch_interval` seconds, (4) sends: live
+while connected with nothing spooled, otherwise the batch is appended to the
+spool and the spool is replayed in order, and (5) fsyncs the spool at most
+every 500 ms.
 
 At-least-once: every batch carries a sequence number and stays in flight until
 its ack; on a lost connection, in-flight live batches are written to the
 spool and in-flight spool batches are read again from the last acknowledged
 position. The server's unique (run, step) key makes the result exactly-once.
+
+Message size: the server closes the socket with code 1009 when a message is
+over its limit (`gradwatch serve --max-body`). The sender then halves its
+byte budget below the largest unacknowledged message and sends again, cut
+smaller; a single step that is still too big is set aside in `rejected.gws`
+with one warning (like a batch the server refuses with a 4xx).
 """
 from __future__ import annotations
 
@@ -23,15 +31,21 @@ import time
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import orjson
 
 from .buffer import RecordBuffer
-from .recorder import StepRecord
+from .recorder import Layout, StepRecord
 from .spool import Position, Spool, SpoolBusy
 from .transport import Refused, TransportError, WebSocketTransport
-from .wire import BOOL_COLUMNS, drop_event, encode_message, encode_payload, wire_floats
+from .wire import BOOL_COLUMNS, drop_event, encode_message, encode_payload, split_payload, wire_floats
 
 log = logging.getLogger("gradwatch.agent")
+
+DEFAULT_BATCH_BYTES = 4 << 20  # encoded bytes per message; the server's default limit is 32 MiB
+MESSAGE_TOO_BIG = 1009  # WebSocket close code: a message was over the server's limit
 
 
 @dataclass
@@ -41,8 +55,11 @@ class Stats:
     `recorded`: handed over by the training thread; `sent`: step records in
     batches written to the socket (a replayed batch counts again); `acked`:
     step records in batches the server acknowledged; `spooled`: step records
-    written to the spool; `dropped`: records lost, by reason
-    (`spool_full`, `queue_full`, `spool_unavailable`, `forked_child`).
+    written to the spool; `dropped`: records lost, by reason (`spool_full`:
+    past the spool's disk cap; `queue_full`: the buffer was full because the
+    sender thread could not keep up; `spool_unavailable`; `forked_child`;
+    `encode_error`: a record that could not be encoded; `too_big`: a single
+    step over the server's message limit, kept in `rejected.gws`).
     `accepted`/`duplicates`/`conflicts` are the server's own counts from its acks.
     """
 
@@ -68,32 +85,93 @@ class _Inflight(NamedTuple):
     steps: int
     end: Position | None  # for "spool": the spool position just after the frame
     drops: dict | None = None  # for "events": the drop counts it reports
+    size: int = 0  # bytes of the message as sent
 
 
-def encode_batches(run: str, records: Sequence[StepRecord]) -> list[tuple[bytes, int]]:
-    """Records -> `[(payload JSON, step count)]`, one columnar batch per run of equal layouts."""
-    out = []
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+
+
+def layout_runs(records: Sequence[StepRecord]) -> Iterator[Sequence[StepRecord]]:
+    """Consecutive records of equal layout, as slices of `records`."""
     start = 0
     while start < len(records):
         layout = records[start].layout
-        stop = start
-        while stop < len(records) and records[stop].layout == layout:
+        stop = start + 1
+        while stop < len(records) and (records[stop].layout is layout or records[stop].layout == layout):
             stop += 1
-        chunk = records[start:stop]
-        rows = [record.floats() for record in chunk]
-        batch: dict = {"step": [record.step for record in chunk],
-                       "time": [round(record.time, 6) for record in chunk]}
-        for index, name in enumerate(layout.columns):
-            column = [row[index] for row in rows]
-            batch[name] = [value != 0.0 for value in column] if name in BOOL_COLUMNS else wire_floats(column)
-        for index, name in enumerate(layout.extra_columns):
-            batch[name] = wire_floats(float(record.extras[index]) for record in chunk)
-        if layout.tensor_names:
-            first = len(layout.columns)
-            batch["tensor_norms"] = {"names": list(layout.tensor_names),
-                                     "norms": [wire_floats(row[first:]) for row in rows]}
-        out.append((encode_payload(run, batch), len(chunk)))
+        yield records[start:stop]
         start = stop
+
+
+def _float_column(values: np.ndarray):
+    """float32 values for orjson: the array itself when all finite (written as the shortest
+    decimal that reads back as the same float32), else a list with the wire's strings."""
+    if np.isfinite(values).all():
+        return np.ascontiguousarray(values)
+    return [value if np.isfinite(value) else _wire_string(value) for value in values]
+
+
+def _wire_string(value: np.float32) -> str:
+    return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+
+
+def encode_chunk(run: str, records: Sequence[StepRecord]) -> bytes:
+    """Records of one layout -> the JSON payload of one columnar batch.
+
+    Float32 values are written as the shortest decimal that reads back as the same float32
+    (`0.1`, not `0.10000000149011612`): half the bytes, and exact for a reader that parses
+    float64 and compares as float32. Python floats (`lr`, `loss` given as numbers) keep
+    float64's shortest form.
+    """
+    layout: Layout = records[0].layout
+    rows = np.frombuffer(b"".join(record.values for record in records), dtype="<f4")
+    rows = rows.reshape(len(records), layout.width)
+    batch: dict = {"step": [record.step for record in records],
+                   "time": [round(record.time, 6) for record in records]}
+    for index, name in enumerate(layout.columns):
+        column = rows[:, index]
+        batch[name] = np.ascontiguousarray(column != 0.0) if name in BOOL_COLUMNS else _float_column(column)
+    for index, name in enumerate(layout.extra_columns):
+        batch[name] = wire_floats(float(record.extras[index]) for record in records)
+    if layout.tensor_names:
+        block = rows[:, len(layout.columns):]
+        norms = (np.ascontiguousarray(block) if np.isfinite(block).all()
+                 else [_float_column(row) for row in block])
+        batch["tensor_norms"] = {"names": list(layout.tensor_names), "norms": norms}
+    return orjson.dumps({"run": run, "batch": batch}, option=_NUMPY)
+
+
+def encode_within(run: str, records: Sequence[StepRecord], max_bytes: int) -> list[tuple[bytes, int]]:
+    """Records of one layout -> `[(payload, steps)]`, cut by steps so that each payload is at
+    most `max_bytes` (a single step over it stays one payload)."""
+    count = len(records)
+    if count > 2:  # size the pieces from one and two steps (names and columns are per batch)
+        one, two = len(encode_chunk(run, records[:1])), len(encode_chunk(run, records[:2]))
+        per_step = max(1, two - one)
+        fits = max(1, int((max_bytes - (one - per_step)) / per_step * 0.95))
+        if fits < count:
+            out: list[tuple[bytes, int]] = []
+            for start in range(0, count, fits):
+                out.extend(_encode_checked(run, records[start:start + fits], max_bytes))
+            return out
+    return _encode_checked(run, records, max_bytes)
+
+
+def _encode_checked(run: str, records: Sequence[StepRecord], max_bytes: int) -> list[tuple[bytes, int]]:
+    payload = encode_chunk(run, records)
+    if len(payload) <= max_bytes or len(records) == 1:
+        return [(payload, len(records))]
+    half = len(records) // 2
+    return _encode_checked(run, records[:half], max_bytes) + _encode_checked(run, records[half:], max_bytes)
+
+
+def encode_batches(run: str, records: Sequence[StepRecord],
+                   max_bytes: int = DEFAULT_BATCH_BYTES) -> list[tuple[bytes, int]]:
+    """Records -> `[(payload JSON, step count)]`: one columnar batch per run of equal layouts,
+    cut so that each payload is at most `max_bytes`."""
+    out = []
+    for chunk in layout_runs(records):
+        out.extend(encode_within(run, chunk, max_bytes))
     return out
 
 
@@ -101,7 +179,7 @@ class Sender:
     def __init__(self, run: str, buffer: RecordBuffer, spool: Spool | None,
                  transport: WebSocketTransport | None, *, batch_steps: int = 1000,
                  batch_interval: float = 0.25, max_inflight: int = 8, backoff_base: float = 0.1,
-                 backoff_cap: float = 30.0):
+                 backoff_cap: float = 30.0, max_batch_bytes: int = DEFAULT_BATCH_BYTES):
         self.run = run
         self.buffer = buffer
         self.spool = spool
@@ -111,6 +189,7 @@ class Sender:
         self.max_inflight = max_inflight
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
+        self.max_batch_bytes = int(max_batch_bytes)  # shrinks when the server says 1009
         self.stats = Stats()
         self.meta: dict | None = None
         self.last_step = -1
@@ -118,14 +197,26 @@ class Sender:
         self._meta_version = 0
         self._meta_spooled = -1
         self._unreported: Counter = Counter()
+        # Drops counted by the training thread (it only ever writes here; no lock on its path).
+        self.training_drops: dict[str, int] = {}
+        self._training_drops_seen: dict[str, int] = {}
         self._open: list[StepRecord] = []
         self._open_since = 0.0
         self._inflight: OrderedDict[int, _Inflight] = OrderedDict()
         self._acked_seqs: set[int] = set()
+        # Spool frames never to send again (set aside as too big, or written again cut smaller),
+        # until acknowledged in order; a lost connection reads the spool again from its ack.
+        self._skip_frames: set[Position] = set()
+        self._largest_acked = 0  # bytes of the largest message the server acknowledged
+        self._suspects = 0  # connections lost without a close code, a message bigger than that in flight
         self._seq = 0
         self._cursor: Position | None = None
         self._failures = 0
         self._next_attempt = 0.0
+        self._connect_thread: threading.Thread | None = None
+        self._connect_outcome = None  # a connection or the exception of the last attempt
+        self._connect_lock = threading.Lock()
+        self._shut = False
         self._warned: set[str] = set()
         self._cond = threading.Condition()
         self._flush_target = 0
@@ -150,6 +241,22 @@ class Sender:
         """Drops counted by an earlier process (a spool's drops.json), to report as an event."""
         with self._cond:
             self._unreported.update({str(reason): int(count) for reason, count in dropped.items()})
+
+    def count_training_drop(self, reason: str) -> None:
+        """A record the training thread could not hand over (the buffer was full): O(1), no
+        lock, no I/O. The sender thread folds these into `stats` and the drop report."""
+        drops = self.training_drops
+        drops[reason] = drops.get(reason, 0) + 1
+
+    def dropped(self) -> dict[str, int]:
+        """Drops by reason, including those the training thread counted a moment ago."""
+        with self._cond:
+            dropped = dict(self.stats.dropped)
+            for reason, count in self.training_drops.copy().items():
+                unseen = count - self._training_drops_seen.get(reason, 0)
+                if unseen:
+                    dropped[reason] = dropped.get(reason, 0) + unseen
+        return dropped
 
     @property
     def failures(self) -> int:
@@ -197,26 +304,46 @@ class Sender:
         try:
             self._open_existing_spool()
             while True:
-                self._connect_if_due()
-                self._wait_and_receive()
-                stopping = self._stop.is_set()
-                flushing = self._flush_target > self._flushed
-                self._collect(force=stopping or flushing)
-                self._pump()
-                if self.spool is not None:
-                    if flushing or stopping:
-                        self._sync_spool()
-                    else:
-                        self.spool.sync_if_due()
-                self._check_flushed()
-                if stopping and (self._idle() or time.monotonic() >= self._stop_deadline
-                                 or self._server_away()):
-                    break
-        except Exception as error:  # never die silently: say it, then keep data on disk below
-            self._warn_once("crash", f"gradwatch sender stopped on an unexpected error: {error!r}")
-            log.exception("gradwatch sender crashed")
+                try:
+                    if self._loop_once():
+                        break
+                except Exception as error:  # never die: say it once, keep the records, go on
+                    self._warn_once("crash", f"gradwatch sender: unexpected error, continuing: {error!r}")
+                    log.debug("gradwatch sender error", exc_info=True)
+                    if self._stop.is_set():
+                        break
+                    self._stop.wait(0.05)
         finally:
             self._shutdown()
+
+    def _loop_once(self) -> bool:
+        """One round of the loop; True when the thread should end."""
+        self._connect_if_due()
+        self._wait_and_receive()
+        self._fold_training_drops()
+        stopping = self._stop.is_set()
+        flushing = self._flush_target > self._flushed
+        self._collect(force=stopping or flushing)
+        self._pump()
+        if self.spool is not None:
+            if flushing or stopping:
+                self._sync_spool()
+            else:
+                self.spool.sync_if_due()
+        self._check_flushed()
+        return stopping and (self._idle() or time.monotonic() >= self._stop_deadline or self._server_away())
+
+    def _fold_training_drops(self) -> None:
+        drops = self.training_drops
+        if not drops:
+            return
+        with self._cond:
+            for reason, count in drops.copy().items():
+                unseen = count - self._training_drops_seen.get(reason, 0)
+                if unseen:
+                    self._training_drops_seen[reason] = count
+                    self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + unseen
+                    self._unreported[reason] += unseen
 
     def _open_existing_spool(self) -> None:
         if self.spool is not None and self.spool.exists():
@@ -233,26 +360,78 @@ class Sender:
         return (transport is None or self.stats.refused is not None
                 or (not transport.connected and self._failures > 0))
 
+    # -- connecting (the attempt runs in a helper thread) ---------------------
     def _connect_if_due(self) -> None:
         transport = self.transport
         if transport is None or transport.connected or self.stats.refused:
+            return
+        if self._connect_thread is not None:
+            if self._connect_thread.is_alive():
+                return
+            self._connect_thread = None
+            with self._connect_lock:
+                outcome, self._connect_outcome = self._connect_outcome, None
+            if isinstance(outcome, BaseException):
+                self._transport_failed(outcome)
+                return
+            transport.adopt(outcome)
+            self._failures = 0
+            self.stats.connected = True
+            self._cursor = self.spool.acked if self.spool is not None else None
+            log.info("gradwatch: connected to %s", transport.url)
             return
         if self._stop.is_set() and self._failures > 0:
             return
         if time.monotonic() < self._next_attempt:
             return
+        self._connect_thread = threading.Thread(target=self._attempt, args=(transport,),
+                                                name="gradwatch-connect", daemon=True)
+        self._connect_thread.start()
+
+    def _attempt(self, transport: WebSocketTransport) -> None:
         try:
-            transport.connect()
-        except Refused as error:
+            outcome = transport.open()
+        except (Refused, TransportError) as error:
+            outcome = error
+        except Exception as error:  # anything else is a failed attempt too, not a dead thread
+            outcome = TransportError(f"cannot connect to {transport.url}: {error!r}")
+        with self._connect_lock:
+            if self._shut:  # the sender ended meanwhile: nobody will use this connection
+                if not isinstance(outcome, BaseException):
+                    transport.discard(outcome)
+                return
+            self._connect_outcome = outcome
+        self.buffer.wake.set()
+
+    def _transport_failed(self, error: Exception) -> None:
+        """What every failed connect, send or receive comes to: a refusal ends the trying; a
+        1009 (message too big) cuts smaller and reconnects at once; the rest backs off."""
+        if isinstance(error, Refused):
             self._refused(str(error))
             return
-        except TransportError as error:
+        code = getattr(error, "code", None)
+        too_big = code == MESSAGE_TOO_BIG
+        # The server's 1009 can be lost: it closes with our next bytes unread, and the reset
+        # may overtake the close frame. A connection that ends without a close code while a
+        # message bigger than any acknowledged so far is in flight is a suspect; twice in a
+        # row (no ack between) counts as a 1009.
+        suspect = (not too_big and code is None
+                   and any(item.size > self._largest_acked for seq, item in self._inflight.items()
+                           if seq not in self._acked_seqs))
+        if suspect:
+            self._suspects += 1
+            too_big = self._suspects >= 2
+        if too_big:
+            self._suspects = 0
+            self._message_too_big()
+        self._lost_connection()
+        if too_big or suspect:  # the server is likely there: try again now (a failed connect backs off)
+            self._next_attempt = time.monotonic() + self.backoff_base * random.uniform(0.5, 1.0)
+            if too_big:
+                log.info("gradwatch: a message was over the server's size limit; now cutting messages "
+                         "at %d bytes", self.max_batch_bytes)
+        else:
             self._backoff(str(error))
-            return
-        self._failures = 0
-        self.stats.connected = True
-        self._cursor = self.spool.acked if self.spool is not None else None
-        log.info("gradwatch: connected to %s", transport.url)
 
     def _backoff(self, reason: str) -> None:
         self._failures += 1
@@ -267,6 +446,39 @@ class Sender:
         self._lost_connection()
         self._warn_once("refused", f"gradwatch: {reason}. Not retrying; records stay in the spool "
                                    f"({self.spool.directory if self.spool else 'no spool'}) for `gradwatch push`.")
+
+    def _message_too_big(self) -> None:
+        """The server closed with 1009. The culprit is unacknowledged, and no message is bigger
+        than the largest unacknowledged one: halve the budget below it (it is cut again when
+        sent again), or, when it cannot be cut (one step, metadata), set it aside."""
+        unacked = [(seq, item) for seq, item in self._inflight.items() if seq not in self._acked_seqs]
+        if not unacked:
+            return
+        seq, item = max(unacked, key=lambda pair: pair[1].size)
+        self.max_batch_bytes = max(1, min(self.max_batch_bytes, item.size // 2))
+        if item.kind in ("live", "spool") and item.steps > 1:
+            return
+        del self._inflight[seq]
+        where = f"{self.spool.directory}/rejected.gws" if self.spool is not None else "nowhere (no spool)"
+        if item.kind in ("live", "spool"):
+            self._warn_once("too-big", f"gradwatch: one step of run {self.run!r} is {item.size} bytes, over "
+                                       f"the server's message limit (gradwatch serve --max-body); it is kept "
+                                       f"in {where} and not retried")
+            if self.spool is not None and item.payload:
+                self.spool.reject(item.payload, item.steps)
+            if item.kind == "spool" and item.end is not None:
+                self._skip_frames.add(item.end)
+            self.count_drop("too_big", item.steps)
+        elif item.kind == "meta":
+            self._warn_once("meta-too-big", f"gradwatch: the run metadata of {self.run!r} is {item.size} "
+                                             f"bytes, over the server's message limit; it is not sent")
+            self._meta_acked = True
+        elif item.kind == "events" and item.drops:
+            self._warn_once("events-too-big", "gradwatch: the drop report is over the server's message "
+                                              "limit; it is not sent")
+            with self._cond:
+                self._unreported.subtract(item.drops)
+                self._unreported = +self._unreported
 
     def _warn_once(self, key: str, message: str) -> None:
         if key in self._warned:
@@ -285,11 +497,8 @@ class Sender:
                 while message is not None:
                     self._on_message(message)
                     message = transport.recv(0) if self._inflight else None
-            except Refused as error:
-                self._refused(str(error))
-            except TransportError as error:
-                self._lost_connection()
-                self._backoff(str(error))
+            except (Refused, TransportError) as error:
+                self._transport_failed(error)
             remaining = deadline - time.monotonic()
             if remaining > 0 and not self._inflight and not self.buffer.wake.is_set():
                 self.buffer.wake.wait(min(remaining, 0.02))
@@ -305,7 +514,8 @@ class Sender:
             waits.append(self._open_since + self.batch_interval - time.monotonic())
         elif len(self.buffer):
             waits.append(self.batch_interval)
-        if self.transport is not None and not self.transport.connected and not self.stats.refused:
+        if (self.transport is not None and not self.transport.connected and not self.stats.refused
+                and self._connect_thread is None):  # an attempt in progress wakes us when done
             waits.append(self._next_attempt - time.monotonic())
         return max(0.0, min(waits))
 
@@ -320,6 +530,8 @@ class Sender:
                 self._warn_once("conflicts", f"gradwatch: the server reported {message['conflicts']} "
                                              f"conflicting step(s) in run {self.run!r} (same step, other values)")
             self._acked_seqs.add(seq)
+            self._largest_acked = max(self._largest_acked, self._inflight[seq].size)
+            self._suspects = 0
         elif kind == "error" and seq in self._inflight:
             status = int(message.get("status", 0) or 0)
             detail = message.get("detail")
@@ -386,34 +598,67 @@ class Sender:
                 if self._spool_full_and_offline():
                     self.count_drop("spool_full", len(records))  # no need to encode what cannot be kept
                 else:
-                    for payload, steps in encode_batches(self.run, records):
-                        self._route(payload, steps)
+                    for chunk in layout_runs(records):
+                        for payload, steps in self._encode(chunk):
+                            self._route(payload, steps)
             if not taken or not (full or force):
                 return
+
+    def _encode(self, records: Sequence[StepRecord]) -> list[tuple[bytes, int]]:
+        """Records of one layout -> payloads within the byte budget. A record that cannot be
+        encoded is dropped (counted as `encode_error`, one warning); the others still go."""
+        try:
+            return encode_within(self.run, records, self.max_batch_bytes)
+        except Exception as error:
+            good = [record for record in records if self._encodable(record)]
+            if len(good) == len(records):  # no record is to blame: the batch cannot go
+                good = []
+            self._warn_once("encode", f"gradwatch: cannot encode step records of run {self.run!r} "
+                                      f"({error!r}); they are dropped (counted as encode_error)")
+            self.count_drop("encode_error", len(records) - len(good))
+        if not good:
+            return []
+        try:
+            return encode_within(self.run, good, self.max_batch_bytes)
+        except Exception:
+            self.count_drop("encode_error", len(good))
+            return []
+
+    def _encodable(self, record: StepRecord) -> bool:
+        try:
+            encode_chunk(self.run, [record])
+            return True
+        except Exception:
+            return False
 
     def _spool_full_and_offline(self) -> bool:
         return (self.spool is not None and self.spool.full
                 and (self.transport is None or not self.transport.connected))
 
-    def _route(self, payload: bytes, steps: int) -> None:
-        transport = self.transport
-        live = (transport is not None and transport.connected and len(self._inflight) < self.max_inflight
-                and (self.spool is None or not self.spool.pending()))
-        if live:
-            try:
-                self._send("live", payload, steps)
-                return
-            except Refused as error:
-                self._refused(str(error))
-            except TransportError as error:
-                self._lost_connection()
-                self._backoff(str(error))
-        self._to_spool(payload, steps)
+    def _fits(self, payload: bytes) -> bool:
+        return len(payload) + 64 <= self.max_batch_bytes  # 64: the message's own fields
 
-    def _to_spool(self, payload: bytes, steps: int) -> None:
+    def _route(self, payload: bytes, steps: int) -> None:
+        parts = [(payload, steps)] if self._fits(payload) else split_payload(payload, self.max_batch_bytes - 64)
+        for part, count in parts:
+            transport = self.transport
+            live = (transport is not None and transport.connected and len(self._inflight) < self.max_inflight
+                    and (self.spool is None or not self.spool.pending()))
+            if live:
+                try:
+                    self._send("live", part, count)
+                    continue
+                except (Refused, TransportError) as error:
+                    self._transport_failed(error)  # the part was in flight: now in the spool
+                    continue
+            self._to_spool(part, count)
+
+    def _to_spool(self, payload: bytes, steps: int, *, new: bool = True) -> bool:
+        """Append to the spool; a drop is counted when that fails. `new=False` for steps
+        already counted as spooled (a spooled batch written again, cut smaller)."""
         if self.spool is None:
             self.count_drop("spool_unavailable", steps)
-            return
+            return False
         try:
             written = self.spool.append(payload, steps)
         except SpoolBusy as error:
@@ -424,11 +669,13 @@ class Sender:
             self._warn_once("spool-io", f"gradwatch: cannot write the spool: {error}; records are dropped")
             written = False
         if written:
-            self.stats.spooled += steps
+            if new:
+                self.stats.spooled += steps
             self._write_meta_file()
         else:
             reason = "spool_full" if self.spool is not None else "spool_unavailable"
             self.count_drop(reason, steps)
+        return bool(written)
 
     def _write_meta_file(self) -> None:
         if self.spool is not None and self._meta_spooled != self._meta_version and self.meta is not None:
@@ -442,10 +689,21 @@ class Sender:
             text = encode_message(self._seq, payload, meta)
         else:
             text = encode_message(self._seq, encode_payload(self.run), meta)
-        self._inflight[self._seq] = _Inflight(kind, payload, steps, end, drops)
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+        self._inflight[self._seq] = _Inflight(kind, payload, steps, end, drops, size)
         self.transport.send(text)
         if kind in ("live", "spool"):
             self.stats.sent += steps
+
+    def _frame_done(self, end: Position) -> None:
+        """A spool frame that needs no ack (bad bytes, set aside, or written again cut smaller):
+        acknowledged now, or in order after the frames in flight before it."""
+        if not self._inflight:
+            self.spool.ack(end)
+        else:
+            self._seq += 1
+            self._inflight[self._seq] = _Inflight("spool", b"", 0, end)
+            self._acked_seqs.add(self._seq)
 
     def _pump(self) -> None:
         transport = self.transport
@@ -471,21 +729,20 @@ class Sender:
                     break
                 for frame in frames:
                     self._cursor = frame.end
-                    if frame.payload:
+                    if not frame.payload or frame.end in self._skip_frames:
+                        self._frame_done(frame.end)  # bad bytes, or a step set aside as too big
+                    elif self._fits(frame.payload) or frame.steps <= 1:
                         self._send("spool", frame.payload, frame.steps, end=frame.end)
-                    elif not self._inflight:
-                        spool.ack(frame.end)  # only bad bytes: nothing to send
                     else:
-                        self._seq += 1  # bad bytes after frames in flight: ack in order
-                        self._inflight[self._seq] = _Inflight("spool", b"", 0, frame.end)
-                        self._acked_seqs.add(self._seq)
+                        # Over the byte budget: write it again cut smaller, at the spool's end.
+                        for part, count in split_payload(frame.payload, self.max_batch_bytes - 64):
+                            self._to_spool(part, count, new=False)
+                        self._skip_frames.add(frame.end)
+                        self._frame_done(frame.end)
                 if self._cursor >= spool.end():
                     break
-        except Refused as error:
-            self._refused(str(error))
-        except TransportError as error:
-            self._lost_connection()
-            self._backoff(str(error))
+        except (Refused, TransportError) as error:
+            self._transport_failed(error)
 
     def _sync_spool(self) -> None:
         if self.spool is None:
@@ -517,7 +774,13 @@ class Sender:
         return any(item.kind == "live" for item in self._inflight.values())
 
     def _shutdown(self) -> None:
+        with self._connect_lock:
+            self._shut = True
+            outcome, self._connect_outcome = self._connect_outcome, None
+        if outcome is not None and not isinstance(outcome, BaseException) and self.transport is not None:
+            self.transport.discard(outcome)
         try:
+            self._fold_training_drops()
             self._collect(force=True)
             if self._inflight:
                 self._lost_connection()

@@ -113,10 +113,10 @@ def _frame_at(data: bytes, offset: int):
 class Spool:
     """Append-only, checksummed, capped store of batch payloads in one folder.
 
-    Thread-safe: the sender thread appends, reads and acknowledges; the
-    training thread may append with `blocking=False` (it never waits for the
-    lock). The folder is created and locked (`flock`) on first use, so a run
-    that never needs its spool leaves nothing on disk.
+    Used by the sender thread only (it appends, reads and acknowledges; the
+    training thread never touches the disk); a lock guards it all the same.
+    The folder is created and locked (`flock`) on first use, so a run that
+    never needs its spool leaves nothing on disk.
     """
 
     def __init__(self, directory: str | os.PathLike, cap_bytes: int = DEFAULT_CAP_BYTES,
@@ -134,9 +134,6 @@ class Spool:
         self._acked = Position(0, 0)
         self._dirty = False
         self._last_sync = time.monotonic()
-        self._unsynced_steps = 0
-        self.synced_steps = 0  # steps appended and fsynced by this process
-        self.appended_steps = 0
         self.bytes_on_disk = 0
         self.full = False  # the last append met the cap (cleared when acks free space)
 
@@ -188,12 +185,9 @@ class Spool:
         return self.directory / f"{number:010d}{SEGMENT_SUFFIX}"
 
     # -- writing -----------------------------------------------------------
-    def append(self, payload: bytes, steps: int, blocking: bool = True) -> bool | None:
-        """Append one payload. True: written; False: over the cap (caller counts a drop);
-        None: `blocking=False` and the lock was busy."""
-        if not self._lock.acquire(blocking):
-            return None
-        try:
+    def append(self, payload: bytes, steps: int) -> bool:
+        """Append one payload. True: written; False: over the cap (caller counts a drop)."""
+        with self._lock:
             self._open_locked()
             frame = encode_frame(payload, steps)
             if self.bytes_on_disk + len(frame) > self.cap_bytes:
@@ -205,12 +199,8 @@ class Spool:
             os.write(self._write_fd, frame)
             self._segments[self._write_segment] += len(frame)
             self.bytes_on_disk += len(frame)
-            self._unsynced_steps += steps
-            self.appended_steps += steps
             self._dirty = True
             return True
-        finally:
-            self._lock.release()
 
     def _rotate(self) -> None:
         if self._write_fd is not None:
@@ -234,8 +224,6 @@ class Spool:
             os.fsync(self._write_fd)
         self._dirty = False
         self._last_sync = time.monotonic()
-        self.synced_steps += self._unsynced_steps
-        self._unsynced_steps = 0
 
     # -- reading and acknowledging ----------------------------------------
     @property

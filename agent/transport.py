@@ -20,7 +20,12 @@ REFUSED_HTTP_STATUS = (401, 403)
 
 
 class TransportError(Exception):
-    """A transient failure: reconnect later."""
+    """A transient failure: reconnect later. `code`: the server's WebSocket close code, if any
+    (1009: a message was over the server's size limit)."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class Refused(Exception):
@@ -41,21 +46,39 @@ class WebSocketTransport:
         return self._connection is not None
 
     def connect(self) -> None:
+        self.adopt(self.open())
+
+    def open(self) -> ClientConnection:
+        """Open a connection without installing it (safe to call from another thread than the
+        one that sends: the sender connects in a helper thread and keeps draining meanwhile)."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         try:
             connection = connect(self.url, additional_headers=headers, open_timeout=self.open_timeout,
                                  close_timeout=1.0, compression=None, max_size=self.max_message_bytes)
             # Entered as a context manager (closed by `close()`): the form websockets >= 17 asks for.
-            self._connection = connection.__enter__()
+            return connection.__enter__()
         except InvalidStatus as error:
             status = error.response.status_code
             if status in REFUSED_HTTP_STATUS:
                 raise Refused(f"the server refused the token (HTTP {status} on {self.url})") from None
             raise TransportError(f"handshake answered HTTP {status}") from None
         except ConnectionClosed as error:
-            raise self._closed(error) from None
+            raise self._closed(error, close=False) from None
         except (OSError, InvalidHandshake, WebSocketException, TimeoutError) as error:
             raise TransportError(f"cannot connect to {self.url}: {error}") from None
+
+    def adopt(self, connection: ClientConnection) -> None:
+        """Use a connection made by `open()` (closing any previous one)."""
+        self.close()
+        self._connection = connection
+
+    @staticmethod
+    def discard(connection: ClientConnection) -> None:
+        """Close a connection made by `open()` that will not be used."""
+        try:
+            connection.close()
+        except (OSError, WebSocketException, RuntimeError):
+            pass
 
     def send(self, text: str) -> None:
         if self._connection is None:
@@ -87,14 +110,16 @@ class WebSocketTransport:
             raise TransportError(f"the server sent something that is not JSON: {text[:200]!r}") from None
         return message if isinstance(message, dict) else {}
 
-    def _closed(self, error: ConnectionClosed) -> Exception:
-        self.close()
+    def _closed(self, error: ConnectionClosed, close: bool = True) -> Exception:
+        if close:
+            self.close()
         frame = error.rcvd
         if frame is not None and frame.code in REFUSED_CLOSE_CODES:
             reason = f": {frame.reason}" if frame.reason else ""
             return Refused(f"the server refused the token (close code {frame.code}{reason})")
-        code = frame.code if frame is not None else "none"
-        return TransportError(f"connection closed (code {code})")
+        if frame is None:
+            return TransportError("connection closed (no close code)")
+        return TransportError(f"connection closed (code {frame.code})", code=frame.code)
 
     def close(self) -> None:
         connection, self._connection = self._connection, None

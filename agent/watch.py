@@ -20,6 +20,7 @@ import re
 import socket
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import replace
 from pathlib import Path
@@ -30,9 +31,9 @@ import mlx.core as mx
 from gradwatch.clip import EMADetector, ZScoreDetector
 
 from .buffer import RecordBuffer
-from .recorder import NonFiniteGradientError, Recorder, StepRecord
-from .sender import Sender, Stats, encode_batches
-from .spool import DEFAULT_CAP_BYTES, Spool, SpoolBusy
+from .recorder import NonFiniteGradientError, Recorder, RecordError, StepRecord
+from .sender import DEFAULT_BATCH_BYTES, Sender, Stats
+from .spool import DEFAULT_CAP_BYTES, Spool
 from .transport import WebSocketTransport
 
 DEFAULT_SPOOL_ROOT = "gradwatch-spool"
@@ -57,18 +58,22 @@ class GradWatch:
             `[ZScoreDetector(), EMADetector()]`, `[]` for none.
         token: write token of the server (`gradwatch serve --token`).
         spool_dir: folder for this run's spool (default `./gradwatch-spool/<run>/`).
-        tensor_norms: also record every tensor's norm (free: computed on the
-            way to the global norm).
+        tensor_norms: also record every tensor's norm. With `ord=2` (the
+            default) they cost no extra math: they are computed on the way to
+            the global norm (other norms, and clippers such as AGC, compute
+            them separately). They dominate the wire and the spool: one value
+            per tensor per step, against about a dozen for the rest of a step.
         config: a JSON-serialisable dict stored with the run's metadata.
         compile: compile the step's math with `mx.compile` (clipper and
             detector state as inputs/outputs).
         all_ranks: with a distributed clipper (`group=`), stream every rank
             (as run `<run>-rank<r>`) instead of rank 0 only.
         start_step: number of the first step (for a resumed run).
-        queue_size, batch_steps, batch_interval, spool_cap_bytes, close_timeout:
+        queue_size, batch_steps, batch_interval, spool_cap_bytes, close_timeout, max_batch_bytes:
             sizes and times of the pipeline (records in the buffer, records
             per batch, seconds before a partial batch goes, bytes of spool on
-            disk, seconds `close()` waits).
+            disk, seconds `close()` waits, encoded bytes per message; the
+            sender cuts messages smaller when the server's limit is lower).
     """
 
     def __init__(self, run: str, url: str | None = None, clipper: Any = None,
@@ -77,7 +82,8 @@ class GradWatch:
                  config: dict | None = None, compile: bool = True, all_ranks: bool = False,
                  start_step: int = 0, queue_size: int = 10_000, batch_steps: int = 1000,
                  batch_interval: float = 0.25, spool_cap_bytes: int = DEFAULT_CAP_BYTES,
-                 close_timeout: float = 10.0, max_inflight: int = 8, backoff_cap: float = 30.0):
+                 close_timeout: float = 10.0, max_inflight: int = 8, backoff_cap: float = 30.0,
+                 max_batch_bytes: int = DEFAULT_BATCH_BYTES):
         if not isinstance(run, str) or not run:
             raise ValueError(f"run must be a non-empty string, got {run!r}")
         self.clipper = clipper
@@ -100,8 +106,8 @@ class GradWatch:
         self._next_step = int(start_step)
         self._recorded = 0
         self._buffered = 0
-        self._overflow_dropped: dict[str, int] = {}
-        self._overflow_spooled = 0
+        self._child_dropped: dict[str, int] = {}  # in a forked child, which has no sender
+        self._warned_record = False
         self._meta_sent = False
         self._closed = False
         self._forked = False
@@ -113,7 +119,7 @@ class GradWatch:
             transport = WebSocketTransport(url, token) if url else None
             self._sender = Sender(run, self._buffer, self._spool, transport, batch_steps=batch_steps,
                                   batch_interval=batch_interval, max_inflight=max_inflight,
-                                  backoff_cap=backoff_cap)
+                                  backoff_cap=backoff_cap, max_batch_bytes=max_batch_bytes)
             self._sender.start()
         _LIVE.add(self)
 
@@ -132,7 +138,7 @@ class GradWatch:
             elif value is not None:
                 extras[name] = float(value)
         clipped, vector = self._compiled(grads, arrays)
-        self._hold(vector, arrays, extras, grads)
+        self._hold(vector, extras, grads)
         return clipped
 
     @property
@@ -153,47 +159,40 @@ class GradWatch:
         """Record a step computed by `compute()` (Python floats `lr`/`loss` go beside it)."""
         self._emit_pending(raise_nonfinite=True)
         extras = {name: float(value) for name, value in (("loss", loss), ("lr", lr)) if value is not None}
-        self._hold(record, None, extras, None)
+        self._hold(record, extras, None)
 
-    def _hold(self, vector: mx.array, arrays: dict | None, extras: dict, grads: Any) -> None:
+    def _hold(self, vector: mx.array, extras: dict, grads: Any) -> None:
         if self.recording and not self._closed:
-            self._recorder.hold(self._next_step, vector, arrays, extras)
+            self._recorder.hold(self._next_step, vector, extras)
             if not self._meta_sent:
                 self._send_meta(grads)
         self._next_step += 1
 
     def _emit_pending(self, raise_nonfinite: bool) -> None:
-        record = self._recorder.take()
+        """Hand the previous step to the sender: O(1), no I/O, never waits. A full buffer
+        means the sender thread cannot keep up (it drains into the spool even while the
+        server is away): the record is counted as a `queue_full` drop."""
+        try:
+            record = self._recorder.take()
+        except RecordError as error:  # a bug, not the user's: say it once, count it, train on
+            self._recorded += 1
+            if not self._warned_record:
+                self._warned_record = True
+                warnings.warn(str(error), RuntimeWarning, stacklevel=3)
+            if self._sender is not None and not self._forked:
+                self._sender.count_training_drop("encode_error")
+            return
         if record is None:
             return
         self._recorded += 1
-        if self._forked or self._sender is None:
-            self._count_drop("forked_child" if self._forked else "not_recording")
+        if self._forked:
+            self._child_dropped["forked_child"] = self._child_dropped.get("forked_child", 0) + 1
         elif self._buffer.put(record):
             self._buffered += 1
         else:
-            self._overflow(record)
+            self._sender.count_training_drop("queue_full")
         if raise_nonfinite and self._raise_nonfinite and record.value("nonfinite"):
             raise NonFiniteGradientError(record.step, record.value("pre_norm"), self.run)
-
-    def _overflow(self, record: StepRecord) -> None:
-        """The buffer is full: write this record to the spool if its lock is free, else drop it."""
-        written = None
-        try:
-            (payload, steps), = encode_batches(self.run, [record])
-            written = self._spool.append(payload, steps, blocking=False)
-        except (OSError, SpoolBusy):
-            written = None
-        if written:
-            self._overflow_spooled += 1  # the sender thread owns its own counters
-        else:
-            self._count_drop("queue_full" if written is None else "spool_full")
-
-    def _count_drop(self, reason: str) -> None:
-        if self._sender is not None and not self._forked:
-            self._sender.count_drop(reason)
-        else:
-            self._overflow_dropped[reason] = self._overflow_dropped.get(reason, 0) + 1
 
     def _send_meta(self, grads: Any) -> None:
         self._meta_sent = True
@@ -252,10 +251,8 @@ class GradWatch:
     def stats(self) -> Stats:
         """A snapshot of the counts (see `Stats`)."""
         if self._sender is None or self._forked:
-            return Stats(recorded=self._recorded, dropped=dict(self._overflow_dropped))
-        stats = self._sender.stats
-        return replace(stats, recorded=self._recorded, dropped=dict(stats.dropped),
-                       spooled=stats.spooled + self._overflow_spooled)
+            return Stats(recorded=self._recorded, dropped=dict(self._child_dropped))
+        return replace(self._sender.stats, recorded=self._recorded, dropped=self._sender.dropped())
 
     def __repr__(self) -> str:
         return f"GradWatch(run={self.run!r}, url={self.url!r}, clipper={self.clipper!r})"
@@ -272,7 +269,7 @@ class GradWatch:
                 sender.transport.abandon()
             if sender.spool is not None:
                 sender.spool.forget_after_fork()
-        self._overflow_dropped = {}
+        self._child_dropped = {}
 
 
 def _close_all_at_exit() -> None:

@@ -29,16 +29,6 @@ def ingest_url(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
-def http_url(url: str) -> str:
-    """The server's base HTTP address for a url given as http(s):// or ws(s)://."""
-    parts = urlsplit(url)
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    path = parts.path.rstrip("/")
-    if path.endswith(INGEST_PATH):
-        path = path[: -len(INGEST_PATH)]
-    return urlunsplit((scheme, parts.netloc, path, "", ""))
-
-
 def wire_float(value: float) -> float | str:
     """A float as the wire spells it: finite numbers as numbers, the rest as strings."""
     if math.isfinite(value):
@@ -51,6 +41,34 @@ def wire_float(value: float) -> float | str:
 def wire_floats(values: Iterable[float]) -> list:
     isfinite = math.isfinite
     return [value if isfinite(value) else wire_float(value) for value in values]
+
+
+def split_payload(payload: bytes, max_bytes: int) -> list[tuple[bytes, int]]:
+    """A spooled batch payload cut by steps into payloads of at most `max_bytes` each
+    (`[(payload, steps)]`; a single step over the budget stays one payload). Values are
+    copied as parsed, so they print the same again."""
+    body = json.loads(payload)
+    batch = body.get("batch")
+    steps = len(batch["step"]) if isinstance(batch, dict) and isinstance(batch.get("step"), list) else 0
+    if len(payload) <= max_bytes or steps <= 1:
+        return [(payload, steps)]
+    parts: list[tuple[bytes, int]] = []
+    pieces = min(steps, max(2, -(-len(payload) // max_bytes)))
+    size = -(-steps // pieces)
+    for start in range(0, steps, size):
+        part: dict = {}
+        for key, value in batch.items():
+            if isinstance(value, list):
+                part[key] = value[start:start + size]
+            elif key == "tensor_norms" and isinstance(value, dict):
+                part[key] = {"names": value.get("names"), "norms": value.get("norms", [])[start:start + size]}
+            else:
+                part[key] = value
+        events = body.get("events") if start == 0 else None
+        encoded = encode_payload(body.get("run"), part, events)
+        parts.extend(split_payload(encoded, max_bytes) if len(encoded) > max_bytes else
+                     [(encoded, len(part["step"]))])
+    return parts
 
 
 def encode_message(seq: int, payload: bytes, meta: dict | None = None) -> str:

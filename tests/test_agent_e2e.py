@@ -20,7 +20,7 @@ import pytest
 
 from gradwatch.agent import GradWatch
 from gradwatch.agent.spool import read_frames
-from gradwatch.clip import GlobalNorm
+from gradwatch.clip import GlobalNorm, norms_and_global
 from tests.procs import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +66,9 @@ def expected_norm(step: int) -> float:
 
 def check_series(series: dict, steps: int) -> None:
     assert series["step"] == list(range(steps))  # each step once, none missing
-    assert series["pre_norm"] == [expected_norm(step) for step in range(steps)]
+    # The agent writes float32 values as their shortest decimal: bit-exact as float32.
+    assert [np.float32(value) for value in series["pre_norm"]] == [np.float32(expected_norm(step))
+                                                                   for step in range(steps)]
     assert series["loss"] == [step / 4 for step in range(steps)]
 
 
@@ -245,3 +247,68 @@ def test_a_batch_the_server_refuses_for_good_is_reported_once_and_kept_aside(ser
         kept = [json.loads(payload) for _, _, payload, _ in read_frames((spool_dir / "rejected.gws").read_bytes())]
     assert sorted(step for body in kept if "batch" in body for step in body["batch"]["step"]) == list(range(50))
 
+
+
+def wide_grads(step: int, tensors: int) -> dict:
+    v = float(value_of(step))
+    return {"layers": [{"weight": mx.array([v, float(index)])} for index in range(tensors)]}
+
+
+def test_batches_over_the_servers_message_limit_are_cut_until_they_fit(tmp_path):
+    """`gradwatch serve --max-body 100000`: a 1,000-step batch of a 60-tensor watch is several
+    times the limit. The server closes with 1009; the agent cuts smaller and every step is stored,
+    with its per-tensor norms, bit-exact as float32."""
+    steps, tensors = 2_500, 60
+    with ServerProcess(f"sqlite:///{tmp_path / 'db.sqlite'}", extra_args=["--max-body", "100000"],
+                       log_path=tmp_path / "server.log") as server:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing is set aside: no warning
+            # batch_interval: batches are cut at batch_steps (1,000 steps, ~0.7 MB), never by time
+            with GradWatch("limited", url=server.url, clipper=GlobalNorm(1.0), spool_dir=tmp_path / "spool",
+                           detectors=[], batch_interval=600) as watch:
+                for step in range(steps):
+                    mx.eval(watch.step(wide_grads(step, tensors), loss=step / 4))
+                assert watch.flush(timeout=120)
+        assert wait_for_steps(server, "limited", steps) == steps
+        series = stored(server, "limited")
+        assert series["step"] == list(range(steps))
+        # The reference: the same MLX norms computed here, independently of the agent's pipeline.
+        reference = [norms_and_global(wide_grads(step, tensors)) for step in range(steps)]
+        mx.eval(reference)
+        assert [np.float32(value) for value in series["pre_norm"]] == [
+            np.float32(total.item()) for _, total in reference]
+        assert series["loss"] == [step / 4 for step in range(steps)]
+        answer = get(f"{server.url}/api/runs/limited/tensors?points={steps}")
+        assert answer["step"] == list(range(steps)) and len(answer["names"]) == tensors
+        for name in ("layers.0.weight", "layers.7.weight", "layers.59.weight"):
+            row = answer["names"].index(name)
+            assert [np.float32(value) for value in answer["norms"][row]] == [
+                np.float32(norms[name].item()) for norms, _ in reference]
+    stats = watch.stats
+    # accepted + duplicates: a batch stored just before the server closed is sent again.
+    assert not stats.dropped and stats.accepted + stats.duplicates == steps and stats.conflicts == 0
+    assert watch._sender.max_batch_bytes < 100_000  # it learned the limit
+    assert not list((tmp_path / "spool").glob("*.gws"))
+
+
+def test_a_single_step_over_the_servers_limit_is_set_aside_once_not_resent_forever(tmp_path):
+    spool_dir = tmp_path / "spool"
+    with ServerProcess(f"sqlite:///{tmp_path / 'db.sqlite'}", extra_args=["--max-body", "6000"],
+                       log_path=tmp_path / "server.log") as server:
+        with pytest.warns(RuntimeWarning, match="over the server's message limit") as caught:
+            with GradWatch("huge-steps", url=server.url, spool_dir=spool_dir, detectors=[],
+                           batch_interval=0.05) as watch:
+                for step in range(5):  # 400 tensors: ~10 kB a step
+                    mx.eval(watch.step(wide_grads(step, 400)))
+                started = time.monotonic()
+                assert watch.flush(timeout=60)
+                assert time.monotonic() - started < 30  # a hang check, not a performance claim
+        assert sum("one step of run" in str(warning.message) for warning in caught) == 1
+        stats = watch.stats
+        assert stats.dropped == {"too_big": 5} and stats.acked == 0
+        assert wait_for_steps(server, "huge-steps", 1, timeout=1) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = [json.loads(payload) for _, _, payload, _ in read_frames((spool_dir / "rejected.gws").read_bytes())]
+    assert sorted(step for body in kept for step in body["batch"]["step"]) == list(range(5))
+    assert not list(spool_dir.glob("[0-9]*.gws"))  # nothing left to replay
