@@ -584,6 +584,11 @@ class Sender:
     def _collect(self, force: bool) -> None:
         while True:
             room = self.batch_steps - len(self._open)
+            if room > 0 and len(self.buffer) > room:
+                # Behind (the buffer holds more than a batch): take it all at once. Fewer, larger
+                # batches cost far less per record (encoding, checksums, writes), which is how the
+                # sender catches up with a fast training loop that shares the GIL with it.
+                room = len(self.buffer)
             taken = self.buffer.take(room)
             if taken:
                 if not self._open:
