@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.procs import ServerProcess, free_port
+from tests.procs import free_port
 from tests.test_server_support import make_batch, post, start_server
 
 WRITE, READ = "write-secret-1", "read-secret-2"
@@ -103,6 +103,16 @@ def test_non_json_body_is_415(open_server):
     (lambda b: b.update(colour=[1] * 5), "colour"),
     (lambda b: b.update(loss={"a": 1}), "loss"),
     (lambda b: b.update(tensor_norms={"names": ["a"], "norms": [[1.0]]}), "tensor_norms"),
+    # JSON booleans are not numbers, even mixed with numbers (numpy would read them as 0/1).
+    (lambda b: b.update(step=[0, True, 2, 3, 4]), "step"),
+    (lambda b: b["pre_norm"].__setitem__(0, True), "pre_norm"),
+    (lambda b: b["loss"].__setitem__(3, False), "loss"),
+    (lambda b: b.update(scale=[1.0, 1.0, True, 1.0, 1.0]), "scale"),
+    (lambda b: b.update(lr=[1, 2, 3, 4, True]), "lr"),
+    (lambda b: b.update(tensor_norms={"names": ["a", "b"], "norms": [[0.5, 2.0]] * 4 + [[0.5, True]]}),
+     "tensor_norms"),
+    # Steps stay exact as float64 (what numpy and JSON readers turn them into): at most 2**53 - 1.
+    (lambda b: b.update(step=[0, 1, 2, 3, 2**53 + 1]), "step"),
 ])
 def test_bad_batches_are_422_naming_the_field_and_store_nothing(open_server, change, field):
     batch = small_batch(1000)
@@ -200,3 +210,14 @@ def test_recommend_command_prints_the_recommendation(open_server):
     missing = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "recommend", "nope",
                               "--url", open_server.url], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "404" in missing.stderr
+
+
+def test_the_largest_step_round_trips_exactly(open_server):
+    top = 2**53 - 1
+    batch = {"step": [top - 2, top], "pre_norm": [1.0, 2.0]}
+    with httpx.Client(base_url=open_server.url, timeout=30) as client:
+        assert post(client, "far", batch).json() == {"accepted": 2, "duplicates": 0, "conflicts": 0}
+        assert client.get("/api/runs/far/series", params={"fields": "pre_norm"}).json()["step"] == [top - 2, top]
+        run = {r["name"]: r for r in client.get("/api/runs").json()}["far"]
+        assert (run["first_step"], run["last_step"]) == (top - 2, top)
+        assert post(client, "far", {"step": [top + 1], "pre_norm": [1.0]}).status_code == 422
