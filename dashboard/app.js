@@ -599,8 +599,9 @@ async function loadMarks() {
       getJSON(runPath(run, '/events'), { kind: 'nonfinite', limit: EVENT_LIMIT }),
     ]);
     if (generation !== state.generation) return;
-    const mark = (event) => ({ step: Number(event.step), value: wireNumber(event.value) });
-    state.marks = { spike: spikes.map(mark), nonfinite: nonfinite.map(mark) };
+    const mark = (event) => ({ step: eventStep(event), value: wireNumber(event.value) });
+    const marks = (events) => events.map(mark).filter((item) => item.step !== null);
+    state.marks = { spike: marks(spikes), nonfinite: marks(nonfinite) };
     scheduleRenderNorm();
     renderSummary();
     // Show at once which tensors made the latest spike (or NaN), without moving the chart.
@@ -628,19 +629,27 @@ async function loadEvents() {
   }
 }
 
+/** An event's step, null when it has none (a drop report may not): such an event has no place on the chart. */
+function eventStep(event) {
+  return typeof event.step === 'number' && Number.isInteger(event.step) ? event.step : null;
+}
+
 function renderEvents() {
   const rows = state.events.map((event) => {
-    const step = Number(event.step);
+    const step = eventStep(event);
     const kind = String(event.kind ?? '');
-    const row = el('tr', { tabIndex: 0, className: step === state.selectedStep ? 'selected' : '', dataset: { step: String(step) } },
+    const row = el('tr', { tabIndex: 0, className: step !== null && step === state.selectedStep ? 'selected' : '',
+      dataset: { step: step === null ? '' : String(step) } },
       el('td', { className: 'num' }, formatInt(step)),
       el('td', { className: `kind kind-${kind.replace(/[^a-z]/g, '')}` }, kind),
       el('td', { className: 'num' }, formatNumber(event.value)),
       el('td', { className: 'num' }, formatNumber(event.threshold)),
       el('td', { className: 'message' }, event.message == null ? '' : String(event.message)),
       el('td', { title: formatDate(parseTime(event.time)) }, formatAgo(parseTime(event.time))));
-    row.addEventListener('click', () => jumpTo(step));
-    row.addEventListener('keydown', (key) => { if (key.key === 'Enter') jumpTo(step); });
+    if (step !== null) {
+      row.addEventListener('click', () => jumpTo(step));
+      row.addEventListener('keydown', (key) => { if (key.key === 'Enter') jumpTo(step); });
+    }
     return row;
   });
   $('event-rows').replaceChildren(...rows);

@@ -15,12 +15,12 @@ import re
 import sqlite3
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect, WebSocketState
@@ -28,9 +28,10 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from gradwatch.server import stats
 from gradwatch.server.db import SCHEMA_VERSION, create_schema, make_engine
 from gradwatch.server.live import LiveHub, PostgresListener
-from gradwatch.server.schemas import (BOOL_FIELDS, COLUMNS, LIVE_FIELDS, BatchError, EventOut, HistogramOut,
-                                      IngestAnswer, RecommendationOut, RunOut, StatsOut, TensorsOut,
-                                      WhatIfOut, encode_bools, encode_floats, parse_batch, validate_run_name)
+from gradwatch.server.schemas import (BOOL_FIELDS, COLUMNS, LIVE_FIELDS, MAX_STEP, BatchError, EventOut,
+                                      HistogramOut, IngestAnswer, RecommendationOut, RunOut, StatsOut,
+                                      TensorsOut, WhatIfOut, encode_bools, encode_floats, parse_batch,
+                                      validate_run_name)
 from gradwatch.server.security import BodySizeLimit, presented_token, require, token_status
 from gradwatch.server.settings import Settings
 from gradwatch.server.storage import RunArrays, Store, UnknownRun, csv_lines, encode_series
@@ -41,6 +42,8 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
        "img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
        "frame-ancestors 'none'; form-action 'self'")
 LIVE_BACKLOG = 20_000  # most points replayed to a live socket that connects with ?since=
+EventKind = Literal["clip", "spike", "nonfinite", "conflict", "drop"]
+STEP_EVENT_KINDS = ("clip", "spike", "nonfinite")  # events about one step: an agent must say which
 STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
 STATIC_SUFFIXES = {".html", ".js", ".css", ".svg", ".png", ".ico", ".map", ".json", ".txt", ".woff2"}
 DB_ERRORS: tuple[type[BaseException], ...] = (SQLAlchemyError, sqlite3.Error)
@@ -129,8 +132,10 @@ def _validate_events(events: Any) -> list[dict] | None:
                 or not 0 < len(item["kind"]) <= 32:
             raise BatchError(f"field 'events[{index}].kind' must be a string of 1 to 32 characters")
         step = item.get("step")
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**62):
-            raise BatchError(f"field 'events[{index}].step' must be a step number")
+        if step is None and item["kind"] in STEP_EVENT_KINDS:
+            raise BatchError(f"field 'events[{index}].step' is required for a {item['kind']!r} event")
+        if step is not None and (type(step) is not int or not 0 <= step <= MAX_STEP):
+            raise BatchError(f"field 'events[{index}].step' must be a step number (0 to 2**53 - 1)")
         message = item.get("message", "")
         if not isinstance(message, str):
             raise BatchError(f"field 'events[{index}].message' must be a string")
@@ -158,6 +163,19 @@ def _live_message(run: str, batch, result) -> dict | None:
             missing = column.missing[mask][order] if column.missing is not None else None
             data[name] = encode_floats(column.values[mask][order], missing)
     return {"type": "points", "run": run, "data": data}
+
+
+async def _accept_with_token(websocket: WebSocket, kind: str, settings: Settings) -> bool:
+    """Accept the socket; close it with 4401 (missing or wrong token) or 4403 (the other
+    kind's token) and return False when its token may not `kind`."""
+    status = token_status(presented_token(websocket.headers, websocket.query_params), kind,
+                          settings.token, settings.read_token)
+    await websocket.accept()
+    if status != 200:
+        await websocket.close(code=4401 if status == 401 else 4403,
+                              reason="missing or wrong token" if status == 401 else f"not a {kind} token")
+        return False
+    return True
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -287,12 +305,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.websocket("/ws/ingest")
     async def ws_ingest(websocket: WebSocket) -> None:
-        status = token_status(presented_token(websocket.headers, websocket.query_params), "write",
-                              settings.token, settings.read_token)
-        await websocket.accept()
-        if status != 200:
-            await websocket.close(code=4401 if status == 401 else 4403,
-                                  reason="missing or wrong token" if status == 401 else "not a write token")
+        if not await _accept_with_token(websocket, "write", settings):
             return
         try:
             while True:
@@ -314,13 +327,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # ----- live -----
 
     @app.websocket("/ws/live/{run}")
-    async def ws_live(websocket: WebSocket, run: str, since: int | None = None) -> None:
-        status = token_status(presented_token(websocket.headers, websocket.query_params), "read",
-                              settings.token, settings.read_token)
-        await websocket.accept()
-        if status != 200:
-            await websocket.close(code=4401 if status == 401 else 4403,
-                                  reason="missing or wrong token" if status == 401 else "not a read token")
+    async def ws_live(websocket: WebSocket, run: str,
+                      since: int | None = Query(None, ge=-1, le=MAX_STEP)) -> None:
+        if not await _accept_with_token(websocket, "read", settings):
             return
         try:
             name = validate_run_name(run)
@@ -381,7 +390,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def series(run: str, fields: str | None = Query(
                    None, description="comma-separated columns, or 'all'; default: step, pre_norm, post_norm, "
                                      "threshold, clipped, loss, spike, nonfinite (the live feed's columns)"),
-               start: int | None = None, end: int | None = None,
+               start: int | None = Query(None, ge=0, le=MAX_STEP), end: int | None = Query(None, ge=0, le=MAX_STEP),
                points: int = Query(2000, ge=2, le=10_000_000)) -> Response:
         """Columnar series; downsampled to about `points` rows by per-bucket min/max of the
         pre-clip norm, always keeping spikes and non-finite steps; never sampled."""
@@ -409,7 +418,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                             "X-Downsampled": "true" if len(chosen) < in_range else "false"})
 
     @app.get("/api/runs/{run}/events", tags=["runs"], dependencies=read, response_model=list[EventOut])
-    def events(run: str, kind: str | None = Query(None, max_length=32),
+    def events(run: str, kind: EventKind | None = Query(None, description="one kind of event; all when left out"),
                limit: int = Query(1000, ge=1, le=100_000)) -> Response:
         return json_response(store.events(store.run_id(validate_run_name(run)), kind, limit))
 
@@ -448,7 +457,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                              ordered=_ordered(arrays, window)))
 
     @app.get("/api/runs/{run}/tensors", tags=["runs"], dependencies=read, response_model=TensorsOut)
-    def tensors(run: str, start: int | None = None, end: int | None = None,
+    def tensors(run: str, start: int | None = Query(None, ge=0, le=MAX_STEP),
+                end: int | None = Query(None, ge=0, le=MAX_STEP),
                 points: int = Query(500, ge=1, le=100_000)) -> Response:
         """Per-tensor norms, one row per tensor; downsampled by the max per bucket of steps."""
         names, steps, norms, absent = store.tensor_norms(store.run_id(validate_run_name(run)), start, end, points)

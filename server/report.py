@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import html
-import json
 import math
 import re
 import sys
@@ -84,6 +83,12 @@ def plottable(value: Any) -> float | None:
     return number if number is not None and math.isfinite(number) else None
 
 
+def event_step(event: dict) -> int | None:
+    """An event's step, None when it has none (or not a usable one)."""
+    step = event.get("step")
+    return step if type(step) is int else None
+
+
 def plotly_text(text: Any) -> str:
     """A database string as a Plotly label: Plotly reads a few HTML tags in labels; escape them."""
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -121,10 +126,13 @@ def norm_figure(data: RunData):
     spikes = {s: v for s, flag, v in zip(steps, column("spike"), pre_plot) if flag}
     nonfinite = {s for s, flag, v in zip(steps, column("nonfinite"), pre) if flag or (v is not None and not math.isfinite(v))}
     for event in data.events:
+        step = event_step(event)
+        if step is None:  # a drop report may have no step; nothing to place on the chart
+            continue
         if event.get("kind") == "spike":
-            spikes.setdefault(int(event["step"]), plottable(event.get("value")))
+            spikes.setdefault(step, plottable(event.get("value")))
         elif event.get("kind") == "nonfinite":
-            nonfinite.add(int(event["step"]))
+            nonfinite.add(step)
     if spikes:
         ordered = sorted(spikes)
         fig.add_trace(go.Scatter(x=ordered, y=[spikes[s] for s in ordered], mode="markers", name="spike",
@@ -261,7 +269,7 @@ def render_report(data: RunData, url: str) -> str:
     ]
     candidates = [[str(c.get("label", "")), fmt(c.get("threshold")), _rate(c.get("clip_rate"))]
                   for c in rec.get("candidates", [])]
-    events = [[str(e.get("step")), str(e.get("kind", "")), fmt(e.get("value")), fmt(e.get("threshold")),
+    events = [["–" if event_step(e) is None else str(event_step(e)), str(e.get("kind", "")), fmt(e.get("value")), fmt(e.get("threshold")),
                str(e.get("message") or ""), str(e.get("time") or "")] for e in data.events]
     warnings = "".join(f'<p class="warn">{html.escape(str(w))}</p>' for w in rec.get("warnings") or [])
     generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

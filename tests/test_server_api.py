@@ -212,6 +212,24 @@ def test_recommend_command_prints_the_recommendation(open_server):
     assert missing.returncode == 1 and "404" in missing.stderr
 
 
+def test_out_of_range_query_numbers_and_unknown_event_kinds_are_422(open_server):
+    with httpx.Client(base_url=open_server.url, timeout=30) as client:
+        assert post(client, "bounds", small_batch(0, 10)).status_code == 200
+        huge = "99999999999999999999"
+        for path in ("series", "tensors"):
+            for name in ("start", "end"):
+                answer = client.get(f"/api/runs/bounds/{path}", params={name: huge})
+                assert answer.status_code == 422, (path, name, answer.text)
+                answer = client.get(f"/api/runs/bounds/{path}", params={name: -1})
+                assert answer.status_code == 422, (path, name, answer.text)
+            assert client.get(f"/api/runs/bounds/{path}", params={"start": 2, "end": 2**53 - 1}).status_code == 200
+        bogus = client.get("/api/runs/bounds/events", params={"kind": "bogus"})
+        assert bogus.status_code == 422
+        assert all(kind in bogus.text for kind in ("clip", "spike", "nonfinite", "conflict", "drop"))
+        for kind in ("clip", "spike", "nonfinite", "conflict", "drop"):
+            assert client.get("/api/runs/bounds/events", params={"kind": kind}).status_code == 200
+
+
 def test_the_largest_step_round_trips_exactly(open_server):
     top = 2**53 - 1
     batch = {"step": [top - 2, top], "pre_norm": [1.0, 2.0]}

@@ -125,3 +125,32 @@ def test_live_socket_replays_points_after_since(server):
     replay = asyncio.run(_live_since(server.ws_url))
     assert replay["data"]["step"] == list(range(1005, 1010))
     assert replay["data"]["pre_norm"] == batch["pre_norm"][5:]
+
+
+async def _send_events(url: str, events_list: list[list[dict]]) -> list[dict]:
+    replies = []
+    async with websockets.connect(f"{url}/ws/ingest", additional_headers=bearer(WRITE)) as ws:
+        for seq, events in enumerate(events_list, start=1):
+            await ws.send(json.dumps({"type": "batch", "seq": seq, "run": "ev-run", "events": events}))
+            replies.append(json.loads(await ws.recv()))
+    return replies
+
+
+def test_ws_events_about_a_step_need_the_step(server):
+    import httpx
+
+    replies = asyncio.run(_send_events(server.ws_url, [
+        [{"kind": "spike", "step": None, "message": "no step"}],
+        [{"kind": "clip", "message": "no step at all"}],
+        [{"kind": "nonfinite", "step": True}],
+        [{"kind": "spike", "step": 2**53}],
+        [{"kind": "drop", "message": "spool full", "detail": {"reason": "disk_cap", "count": 3}}],
+        [{"kind": "spike", "step": 7, "message": "agent spike"}],
+    ]))
+    for reply, kind in zip(replies[:4], ("spike", "clip", "nonfinite", "spike")):
+        assert reply["type"] == "error" and reply["status"] == 422, reply
+        assert "events[0].step" in reply["detail"]
+    assert replies[4]["type"] == "ack" and replies[5]["type"] == "ack"
+    with httpx.Client(base_url=server.url, headers=bearer(READ)) as client:
+        stored = client.get("/api/runs/ev-run/events").json()
+        assert [(event["step"], event["kind"]) for event in stored] == [(7, "spike"), (None, "drop")]
