@@ -3,11 +3,13 @@
 Layout (see `storage.py` for how each table is written and read):
 
 - `runs`: one row per run name, with counters kept up to date by ingest
-  (steps, first/last step, clips, spikes, non-finite) so `GET /api/runs` never
-  scans `steps`, and a `version` bumped by every batch that stores rows.
+  (steps, first/last step, clips, steps that carry a clipped flag, spikes,
+  non-finite) so `GET /api/runs` never scans `steps`, and a `version` bumped
+  by every batch that stores rows.
 - `steps`: one row per (run, step), the primary key; a `WITHOUT ROWID` table in
   SQLite, so rows are stored clustered by (run_id, step) and range reads are
-  sequential.
+  sequential. A partial index on (run_id, step) of the clipped rows answers
+  "the newest clip events" without scanning a run whose clips are sparse.
 - `tensor_layouts` + `tensor_norms`: per-tensor norms as one packed float32
   blob per step, the tensor names stored once per run (per layout). Measured on
   this machine (SQLite, 10 batches of 2,000 steps x 100 tensors, 2 shared
@@ -17,9 +19,14 @@ Layout (see `storage.py` for how each table is written and read):
   values/s at 4.7 bytes per value and read the same range in 54 ms. The
   heatmap always reads whole steps, never one tensor alone, so the blob layout
   costs the queries nothing; float32 keeps NaN and Inf as they are.
-- `events`: clip, spike, nonfinite (derived from the columns on ingest),
-  conflict (a re-sent step with different values) and agent reports (drop).
-- `schema_version`: one row, the version of this layout.
+- `events`: spike, nonfinite (derived from the columns on ingest), conflict
+  (a re-sent step with different values) and agent reports (drop). Clip events
+  are not stored: they are read from the clipped steps (`Store.events`), since
+  early in training every step may clip and a row per clipped step halved
+  ingest.
+- `schema_version`: one row, the version of this layout. Version 1 (before
+  `runs.clip_flags` and the clipped-steps index; clip events stored) is
+  migrated in place on start (`create_schema`).
 
 Non-finite floats: PostgreSQL's float8 stores NaN and +-Inf, SQLite stores
 +-Inf but turns NaN into NULL. To store the same way everywhere, a NaN is
@@ -30,10 +37,13 @@ from __future__ import annotations
 
 from sqlalchemy import (BigInteger, Boolean, Double, Engine, ForeignKey, Index, Integer,
                         LargeBinary, SmallInteger, String, Text, UniqueConstraint, create_engine,
-                        event, select)
+                        event, select, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+CLIPPED_INDEX = "ix_steps_clipped"
+# How the partial index's predicate is spelled in each dialect; a query must use the same words.
+CLIPPED_WHERE = {"sqlite": "clipped = 1", "postgresql": "clipped"}
 
 
 class Base(DeclarativeBase):
@@ -52,6 +62,7 @@ class Run(Base):
     first_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     clips: Mapped[int] = mapped_column(BigInteger, default=0)
+    clip_flags: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # steps with a clipped flag
     spikes: Mapped[int] = mapped_column(BigInteger, default=0)
     nonfinite: Mapped[int] = mapped_column(BigInteger, default=0)
     version: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -59,7 +70,9 @@ class Run(Base):
 
 class Step(Base):
     __tablename__ = "steps"
-    __table_args__ = {"sqlite_with_rowid": False}
+    __table_args__ = (Index(CLIPPED_INDEX, "run_id", "step", sqlite_where=text(CLIPPED_WHERE["sqlite"]),
+                            postgresql_where=text(CLIPPED_WHERE["postgresql"])),
+                      {"sqlite_with_rowid": False})
 
     run_id: Mapped[int] = mapped_column(Integer, ForeignKey("runs.id"), primary_key=True)
     step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -170,12 +183,60 @@ def make_engine(url: str) -> Engine:
 
 
 def create_schema(engine: Engine) -> None:
-    """Create missing tables and check (or record) the schema version."""
+    """Create missing tables and check (or record) the schema version; migrate version 1."""
     Base.metadata.create_all(engine, checkfirst=True)
     with engine.begin() as connection:
         found = connection.execute(select(SchemaVersion.version)).scalars().all()
         if not found:
             connection.execute(SchemaVersion.__table__.insert().values(version=SCHEMA_VERSION))
-        elif max(found) != SCHEMA_VERSION:
-            raise SchemaError(f"database schema version {max(found)} is not the supported "
-                              f"version {SCHEMA_VERSION}")
+            return
+        version = max(found)
+    if version == 1:
+        _migrate_from_1(engine)
+    elif version != SCHEMA_VERSION:
+        raise SchemaError(f"database schema version {version} is not the supported "
+                          f"version {SCHEMA_VERSION}")
+
+
+def _migrate_from_1(engine: Engine) -> None:
+    """Version 1 to 2, in one transaction that holds the write lock (several server
+    processes may start at once): add `runs.clip_flags` (counted from the stored
+    steps), add the clipped-steps index, and delete the clip events that version 1
+    derived on ingest (clip events are now read from the steps; kept, they would
+    show twice). Clip events an agent sent itself (any other message, or a detail)
+    are kept."""
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        sqlite = engine.dialect.name == "sqlite"
+        if sqlite:
+            cursor.execute("BEGIN IMMEDIATE")
+        else:
+            cursor.execute("LOCK TABLE schema_version IN ACCESS EXCLUSIVE MODE")
+        cursor.execute("SELECT MAX(version) FROM schema_version")
+        if cursor.fetchone()[0] == 1:  # not migrated by another process meanwhile
+            cursor.execute("ALTER TABLE runs ADD COLUMN clip_flags BIGINT NOT NULL DEFAULT 0")
+            cursor.execute("UPDATE runs SET clip_flags = (SELECT COUNT(*) FROM steps "
+                           "WHERE steps.run_id = runs.id AND steps.clipped IS NOT NULL)")
+            where = CLIPPED_WHERE[engine.dialect.name]
+            cursor.execute(f"CREATE INDEX IF NOT EXISTS {CLIPPED_INDEX} ON steps (run_id, step) WHERE {where}")
+            cursor.execute("DELETE FROM events WHERE kind = 'clip' AND detail IS NULL "
+                           "AND message LIKE 'pre-clip norm % clipped'")
+            cursor.execute("UPDATE schema_version SET version = 2")
+        if sqlite:
+            cursor.execute("COMMIT")
+        else:
+            raw.commit()
+        cursor.close()
+    except BaseException:
+        try:
+            if engine.dialect.name == "sqlite":
+                if raw.driver_connection.in_transaction:
+                    raw.cursor().execute("ROLLBACK")
+            else:
+                raw.rollback()
+        except Exception:
+            pass
+        raise
+    finally:
+        raw.close()

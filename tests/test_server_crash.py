@@ -78,8 +78,8 @@ def test_database_error_is_503_and_leaves_nothing_half_written(tmp_path):
             assert post(client, "fragile", make_batch(np.arange(100), rng)).status_code == 200
             with sqlite3.connect(db_path) as sabotage:
                 sabotage.execute("DROP TABLE events")
-            # Steps insert first, then its clip events fail: the whole batch rolls back.
-            broken = make_batch(np.arange(100, 200), rng, threshold=0.1)
+            # Steps insert first, then its spike event fails: the whole batch rolls back.
+            broken = make_batch(np.arange(100, 200), rng, spike_steps=[150])
             answer = post(client, "fragile", broken)
             assert answer.status_code == 503 and "database" in answer.json()["detail"]
             assert client.get("/api/runs/fragile/series", params={"points": 10_000}).json()["step"] == \
