@@ -40,10 +40,6 @@ def clip_rate_at(ordered: np.ndarray, threshold: float) -> float:
     return above / len(ordered)
 
 
-def _flag_count(flags: np.ndarray | None) -> int:
-    return 0 if flags is None else int(np.count_nonzero(flags == 1.0))
-
-
 def window_stats(pre_norm: np.ndarray, clipped: np.ndarray | None = None,
                  nonfinite: np.ndarray | None = None, ordered: np.ndarray | None = None) -> dict:
     """count, percentiles, clip rate (steps flagged clipped) and non-finite count of a window.
