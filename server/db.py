@@ -229,14 +229,23 @@ def _migrate_from_1(engine: Engine) -> None:
             raw.commit()
         cursor.close()
     except BaseException:
-        try:
-            if engine.dialect.name == "sqlite":
-                if raw.driver_connection.in_transaction:
-                    raw.cursor().execute("ROLLBACK")
-            else:
-                raw.rollback()
-        except Exception:
-            pass
+        rollback_quietly(raw, engine.dialect.name == "sqlite")
         raise
     finally:
         raw.close()
+
+
+def rollback_quietly(raw, is_sqlite: bool) -> None:
+    """Roll back a raw DBAPI connection after a failure, never raising over the original error.
+
+    SQLite transactions here are opened by hand (`BEGIN IMMEDIATE`), so they are ended by
+    hand too; other drivers roll back through the DBAPI.
+    """
+    try:
+        if is_sqlite:
+            if raw.driver_connection.in_transaction:
+                raw.cursor().execute("ROLLBACK")
+        else:
+            raw.rollback()
+    except Exception:
+        pass

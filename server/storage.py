@@ -35,7 +35,7 @@ import numpy as np
 import orjson
 from sqlalchemy import Engine
 
-from gradwatch.server.db import CLIPPED_INDEX, CLIPPED_WHERE
+from gradwatch.server.db import CLIPPED_INDEX, CLIPPED_WHERE, rollback_quietly
 from gradwatch.server.schemas import (BOOL_FIELDS, COLUMNS, FLOAT_FIELDS, NAN_BITS, VALUE_COLUMNS,
                                       Batch, encode_bools, encode_float, encode_floats)
 
@@ -357,14 +357,7 @@ class Store:
                     raw.commit()
                 return result
             except BaseException:
-                try:
-                    if self.is_sqlite:
-                        if raw.driver_connection.in_transaction:
-                            cursor.execute("ROLLBACK")
-                    else:
-                        raw.rollback()
-                except Exception:
-                    pass
+                rollback_quietly(raw, self.is_sqlite)
                 raise
         finally:
             raw.close()
