@@ -12,10 +12,11 @@ import {
   getJSON, runPath, liveSocketURL, adoptTokenFromAddress, askForToken, currentToken, AUTH_CLOSE_CODES, ApiError,
 } from './api.js';
 import { normFigure, histogramFigure, heatmapFigure, contributionFigure } from './charts.js';
+import { STEP_COLUMNS } from './columns.js';
 
 const SERIES_FIELDS = 'pre_norm,threshold,clipped,loss,spike,nonfinite';
 const SERIES_COLUMNS = ['step', 'pre_norm', 'threshold', 'clipped', 'loss', 'spike', 'nonfinite'];
-const BOOL_COLUMNS = new Set(['clipped', 'spike', 'nonfinite']);
+const BOOL_COLUMNS = new Set(Object.keys(STEP_COLUMNS).filter((name) => STEP_COLUMNS[name] === 'bool'));
 const TENSOR_POINTS = 300;
 const CONTRIBUTION_CONTEXT = 200; // steps before a selected step that define "usual"
 const EVENT_LIMIT = 1000;

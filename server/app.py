@@ -26,12 +26,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from gradwatch.server import stats
-from gradwatch.server.db import SCHEMA_VERSION, create_schema, make_engine
-from gradwatch.server.live import LiveHub, PostgresListener
+from gradwatch.server.storage import SCHEMA_VERSION, create_schema, make_engine
+from gradwatch.server.live import LiveHub, PostgresListener, notify_in_transaction
 from gradwatch.server.schemas import (BOOL_FIELDS, COLUMNS, LIVE_FIELDS, MAX_STEP, BatchError, EventOut,
                                       HistogramOut, IngestAnswer, RecommendationOut, RunOut, StatsOut,
                                       TensorsOut, WhatIfOut, encode_bools, encode_floats, parse_batch,
-                                      validate_run_name)
+                                      parse_events as _validate_events, validate_run_name)
 from gradwatch.server.security import BodySizeLimit, presented_token, require, token_status
 from gradwatch.server.settings import Settings
 from gradwatch.server.storage import RunArrays, Store, UnknownRun, csv_lines, encode_series
@@ -121,32 +121,6 @@ def _ingest_message(store: Store, text: str | bytes) -> tuple[dict, str | None, 
                 "detail": f"database unavailable: {type(error).__name__}"}, None, None
 
 
-def _validate_events(events: Any) -> list[dict] | None:
-    if events is None:
-        return None
-    if not isinstance(events, list):
-        raise BatchError("field 'events' must be a list")
-    out = []
-    for index, item in enumerate(events):
-        if not isinstance(item, dict) or not isinstance(item.get("kind"), str) \
-                or not 0 < len(item["kind"]) <= 32:
-            raise BatchError(f"field 'events[{index}].kind' must be a string of 1 to 32 characters")
-        step = item.get("step")
-        if step is None and item["kind"] in STEP_EVENT_KINDS:
-            raise BatchError(f"field 'events[{index}].step' is required for a {item['kind']!r} event")
-        if step is not None and (type(step) is not int or not 0 <= step <= MAX_STEP):
-            raise BatchError(f"field 'events[{index}].step' must be a step number (0 to 2**53 - 1)")
-        message = item.get("message", "")
-        if not isinstance(message, str):
-            raise BatchError(f"field 'events[{index}].message' must be a string")
-        value = item.get("value")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise BatchError(f"field 'events[{index}].value' must be a number")
-        out.append({"kind": item["kind"], "step": step, "message": message[:10_000],
-                    "detail": item.get("detail"), "value": value})
-    return out
-
-
 def _live_message(run: str, batch, result) -> dict | None:
     if batch is None or result is None or not result.accepted or result.new_mask is None:
         return None
@@ -183,6 +157,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = make_engine(settings.db_url)
     create_schema(engine)
     store = Store(engine)
+    if store.is_postgres:
+        store.ingestor.on_stored.append(notify_in_transaction)
     hub = LiveHub()
 
     @asynccontextmanager

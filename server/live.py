@@ -15,7 +15,10 @@ import logging
 import threading
 from typing import Any, Callable
 
-from gradwatch.server.storage import LIVE_CHANNEL, PROCESS_TOKEN
+import os
+
+LIVE_CHANNEL = "gradwatch_live"
+PROCESS_TOKEN = f"{os.getpid()}-{os.urandom(4).hex()}"
 
 log = logging.getLogger("gradwatch.server")
 QUEUE_SIZE = 256
@@ -53,6 +56,14 @@ class LiveHub:
     def publish_threadsafe(self, run: str, message: dict[str, Any]) -> None:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.publish, run, message)
+
+
+def notify_in_transaction(cursor, rows) -> None:
+    """An `Ingestor.on_stored` callback (PostgreSQL): NOTIFY the other processes of the new
+    rows; delivered only when the ingest transaction commits."""
+    payload = json.dumps({"origin": PROCESS_TOKEN, "run": rows.run, "run_id": rows.run_id,
+                          "lo": rows.first, "hi": rows.last})
+    cursor.execute("SELECT pg_notify(%s, %s)", (LIVE_CHANNEL, payload))
 
 
 class PostgresListener:

@@ -14,16 +14,17 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-FLOAT_FIELDS = ("pre_norm", "post_norm", "scale", "threshold", "loss", "lr", "z", "ema", "time")
-BOOL_FIELDS = ("clipped", "spike", "nonfinite")
-# Column order in the `steps` table (after run_id) and in series answers.
-COLUMNS = ("step", "pre_norm", "post_norm", "scale", "threshold", "clipped", "loss", "lr", "z",
-           "ema", "spike", "nonfinite", "time")
-VALUE_COLUMNS = COLUMNS[1:]
-NAN_BITS = {name: 1 << index for index, name in enumerate(FLOAT_FIELDS)}
+from gradwatch.server.storage.registry import (BOOL_FIELDS, COLUMNS, FLOAT_FIELDS, LIVE_FIELDS, NAN_BITS,
+                                               NONFINITE_STRINGS, REQUIRED_FIELDS, STEP_EVENT_KINDS,
+                                               VALUE_COLUMNS)
+from gradwatch.server.storage.serialise import encode_bools, encode_float, encode_floats
+
+__all__ = ["BOOL_FIELDS", "COLUMNS", "FLOAT_FIELDS", "LIVE_FIELDS", "NAN_BITS", "VALUE_COLUMNS",
+           "encode_bools", "encode_float", "encode_floats", "Batch", "BatchError", "Column",
+           "IngestMessage", "parse_batch", "parse_events", "parse_ingest_message", "validate_run_name"]
+
 BATCH_KEYS = frozenset(COLUMNS) | {"tensor_norms"}
-LIVE_FIELDS = ("step", "pre_norm", "post_norm", "threshold", "clipped", "loss", "spike", "nonfinite")
-NONFINITE_STRINGS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+MESSAGE_KEYS = frozenset({"type", "seq", "run", "batch", "meta", "events"})
 MAX_STEP = 2**53 - 1   # the largest step: every step is exact as a float64 (JSON numbers, numpy reads)
 MAX_RUN_NAME = 200
 
@@ -226,7 +227,7 @@ def parse_batch(obj: Any) -> Batch:
     unknown = sorted(key for key in obj if key not in BATCH_KEYS)
     if unknown:
         raise BatchError(f"unknown field '{unknown[0]}'")
-    for required in ("step", "pre_norm"):
+    for required in REQUIRED_FIELDS:
         if required not in obj:
             raise BatchError(f"missing required column '{required}'")
     steps = _parse_steps(_as_list("step", obj["step"]))
@@ -244,34 +245,64 @@ def parse_batch(obj: Any) -> Batch:
     return batch
 
 
-def encode_floats(values: np.ndarray, missing: np.ndarray | None = None) -> list:
-    """float64 values as JSON-ready items: NaN/Inf as the wire's strings, missing as null."""
-    out = values.tolist()
-    bad = np.flatnonzero(~np.isfinite(values))
-    for index in bad.tolist():
-        value = out[index]
-        if missing is not None and missing[index]:
-            out[index] = None
-        elif value != value:
-            out[index] = "NaN"
-        else:
-            out[index] = "Infinity" if value > 0 else "-Infinity"
+def parse_events(events: Any) -> list[dict] | None:
+    """Validate the `events` of an ingest message (registry.EVENT_KINDS says which kinds
+    name a step; other kinds up to 32 characters are kept as sent)."""
+    if events is None:
+        return None
+    if not isinstance(events, list):
+        raise BatchError("field 'events' must be a list")
+    out = []
+    for index, item in enumerate(events):
+        if not isinstance(item, dict) or not isinstance(item.get("kind"), str) \
+                or not 0 < len(item["kind"]) <= 32:
+            raise BatchError(f"field 'events[{index}].kind' must be a string of 1 to 32 characters")
+        step = item.get("step")
+        if step is None and item["kind"] in STEP_EVENT_KINDS:
+            raise BatchError(f"field 'events[{index}].step' is required for a {item['kind']!r} event")
+        if step is not None and (type(step) is not int or not 0 <= step <= MAX_STEP):
+            raise BatchError(f"field 'events[{index}].step' must be a step number (0 to 2**53 - 1)")
+        message = item.get("message", "")
+        if not isinstance(message, str):
+            raise BatchError(f"field 'events[{index}].message' must be a string")
+        value = item.get("value")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise BatchError(f"field 'events[{index}].value' must be a number")
+        out.append({"kind": item["kind"], "step": step, "message": message[:10_000],
+                    "detail": item.get("detail"), "value": value})
     return out
 
 
-def encode_bools(values: np.ndarray) -> list:
-    out = (values == 1.0).tolist()
-    for index in np.flatnonzero(np.isnan(values)).tolist():
-        out[index] = None
-    return out
+@dataclass
+class IngestMessage:
+    """One validated `/ws/ingest` message."""
+
+    seq: Any
+    run: str
+    batch: Batch | None
+    meta: dict | None
+    events: list[dict] | None
 
 
-def encode_float(value: float | None) -> float | str | None:
-    if value is None or math.isfinite(value):
-        return value
-    if value != value:
-        return "NaN"
-    return "Infinity" if value > 0 else "-Infinity"
+def message_seq(message: Any) -> Any:
+    return message.get("seq") if isinstance(message, dict) else None
+
+
+def parse_ingest_message(message: Any) -> IngestMessage:
+    """Validate a decoded `/ws/ingest` message; raises BatchError naming the field."""
+    if not isinstance(message, dict):
+        raise BatchError("a message must be a JSON object")
+    unknown = sorted(set(message) - MESSAGE_KEYS)
+    if unknown:
+        raise BatchError(f"unknown field '{unknown[0]}' in the message")
+    if message.get("type") != "batch":
+        raise BatchError(f"field 'type' must be 'batch', got {message.get('type')!r}")
+    run = validate_run_name(message.get("run"))
+    batch = parse_batch(message["batch"]) if message.get("batch") is not None else None
+    meta = message.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise BatchError("field 'meta' must be an object")
+    return IngestMessage(message.get("seq"), run, batch, meta, parse_events(message.get("events")))
 
 
 # ----- response shapes (documentation in OpenAPI; handlers return plain JSON) -----

@@ -30,7 +30,7 @@ def _first_line(error: BaseException) -> str:
 
 def check_database(url: str) -> str | None:
     """Open the database and create the schema; None when fine, else one line saying why not."""
-    from gradwatch.server.db import create_schema, make_engine
+    from gradwatch.server.storage import create_schema, make_engine
 
     try:
         engine = make_engine(url)

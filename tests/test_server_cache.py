@@ -6,7 +6,7 @@ import sqlite3
 
 import numpy as np
 
-from gradwatch.server.db import create_schema, make_engine
+from gradwatch.server.storage import create_schema, make_engine
 from gradwatch.server.schemas import BOOL_FIELDS, FLOAT_FIELDS, VALUE_COLUMNS, parse_batch
 from gradwatch.server.storage import Store
 from tests.test_server_support import make_batch

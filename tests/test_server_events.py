@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import create_engine
 
 from gradwatch.server import stats
-from gradwatch.server.db import SCHEMA_VERSION, create_schema, make_engine, normalize_url
+from gradwatch.server.storage import SCHEMA_VERSION, create_schema, make_engine, normalize_url
 from gradwatch.server.report import RunData, norm_figure, render_report
 from gradwatch.server.schemas import parse_batch
 from gradwatch.server.storage import Store
@@ -104,6 +104,9 @@ def _downgrade_to_version_1(store: Store) -> None:
     try:
         cursor = raw.cursor()
         cursor.execute("DROP INDEX ix_steps_clipped")
+        cursor.execute("DROP TABLE alembic_version")  # releases before Alembic had only schema_version
+        for name in ("skipped", "robust_z", "level_shift"):  # schema 3's columns
+            cursor.execute(f"ALTER TABLE steps DROP COLUMN {name}")
         cursor.execute("ALTER TABLE runs DROP COLUMN clip_flags")
         cursor.execute("UPDATE schema_version SET version = 1")
         for run_id, step, value, threshold, mask, stamp in clip_rows:
@@ -134,7 +137,7 @@ def test_a_version_1_database_is_migrated_without_duplicate_clip_events(store):
         engine = make_engine(url.render_as_string(hide_password=False))
         create_schema(engine)
         migrated = Store(engine)
-        assert count_rows(migrated, "SELECT MAX(version) FROM schema_version") == SCHEMA_VERSION == 2
+        assert count_rows(migrated, "SELECT MAX(version) FROM schema_version") == SCHEMA_VERSION == 3
         assert count_rows(migrated, "SELECT COUNT(*) FROM events WHERE kind = 'clip'") == 1
         agent_clip = {"step": 3, "kind": "clip", "value": None, "threshold": None,
                       "message": "agent: clipped by hand", "time": None, "detail": {"by": "agent"}}
@@ -152,7 +155,7 @@ def test_a_newer_schema_version_is_refused(tmp_path):
     create_schema(engine)
     with engine.begin() as connection:
         connection.exec_driver_sql("UPDATE schema_version SET version = 99")
-    from gradwatch.server.db import SchemaError
+    from gradwatch.server.storage import SchemaError
 
     with pytest.raises(SchemaError, match="99"):
         create_schema(create_engine(normalize_url(url)))

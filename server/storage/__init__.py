@@ -1,0 +1,19 @@
+"""Storage: the column registry and tables, ingest, reads, the run cache, serialisation.
+
+- `registry`: step columns and event kinds, declared once (how to add one: its docstring)
+- `tables`: the SQLAlchemy tables at Alembic head; `migrate`: upgrade before serving
+- `engine`: engines and raw connections; `ingest`, `reads`, `cache`, `serialise`
+- `store.Store`: the facade routes use
+"""
+from gradwatch.server.storage.cache import RunArrays, RunCache, arrays_from_rows
+from gradwatch.server.storage.engine import make_engine, normalize_url
+from gradwatch.server.storage.ingest import IngestResult, StoredRows
+from gradwatch.server.storage.migrate import SchemaError, create_schema, upgrade_database
+from gradwatch.server.storage.reads import UnknownRun, iso
+from gradwatch.server.storage.serialise import csv_lines, encode_series
+from gradwatch.server.storage.store import Store
+from gradwatch.server.storage.tables import SCHEMA_VERSION
+
+__all__ = ["RunArrays", "RunCache", "arrays_from_rows", "make_engine", "normalize_url", "IngestResult",
+           "StoredRows", "SchemaError", "create_schema", "upgrade_database", "UnknownRun", "iso",
+           "csv_lines", "encode_series", "Store", "SCHEMA_VERSION"]

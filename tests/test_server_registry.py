@@ -1,0 +1,93 @@
+"""One column registry: the agent's and the dashboard's column lists must equal it.
+
+The agent (`agent/wire.py`) must not import the server, and the dashboard is
+plain JavaScript, so each keeps its own list; this test is what holds them
+together: a column added in one place only fails here.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from gradwatch.server.storage import registry
+from gradwatch.server.storage.tables import steps as steps_table
+
+ROOT = Path(__file__).resolve().parent.parent
+# The agent names these two from the record itself, outside its value-column lists
+# (agent/sender.py builds "step" and "time" first).
+AGENT_RECORD_FIELDS = {"step": "int", "time": "float"}
+
+
+def agent_columns() -> dict[str, str]:
+    """FLOAT_COLUMNS / BOOL_COLUMNS of agent/wire.py, read as source (no import of the agent)."""
+    tree = ast.parse((ROOT / "agent" / "wire.py").read_text())
+    found: dict[str, tuple] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id in ("FLOAT_COLUMNS", "BOOL_COLUMNS"):
+                found[node.targets[0].id] = ast.literal_eval(node.value)
+    assert set(found) == {"FLOAT_COLUMNS", "BOOL_COLUMNS"}, found
+    out = dict(AGENT_RECORD_FIELDS)
+    for kind, names in (("float", found["FLOAT_COLUMNS"]), ("bool", found["BOOL_COLUMNS"])):
+        for name in names:
+            assert name not in out, f"agent lists {name!r} twice"
+            out[name] = kind
+    return out
+
+
+def dashboard_columns() -> dict[str, str]:
+    """`export const STEP_COLUMNS = { name: 'type', ... };` of dashboard/columns.js, parsed as text."""
+    text = (ROOT / "dashboard" / "columns.js").read_text()
+    match = re.search(r"export const STEP_COLUMNS = \{(.*?)\};", text, re.S)
+    assert match, "dashboard/columns.js must export STEP_COLUMNS as an object literal"
+    entries = [line.strip() for line in match.group(1).splitlines() if line.strip()]
+    out: dict[str, str] = {}
+    for entry in entries:
+        item = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*): '(int|float|bool)',?", entry)
+        assert item, f"unexpected line in dashboard/columns.js: {entry!r}"
+        assert item.group(1) not in out, f"dashboard lists {item.group(1)!r} twice"
+        out[item.group(1)] = item.group(2)
+    return out
+
+
+def registry_columns() -> dict[str, str]:
+    return {column.name: column.type for column in registry.STEP_COLUMNS}
+
+
+def test_agent_columns_equal_the_registry():
+    assert agent_columns() == registry_columns()
+
+
+def test_dashboard_columns_equal_the_registry_in_order():
+    assert list(dashboard_columns().items()) == list(registry_columns().items())
+
+
+def test_dashboard_takes_its_boolean_columns_from_columns_js():
+    app = (ROOT / "dashboard" / "app.js").read_text()
+    assert "from './columns.js'" in app
+    assert not re.search(r"BOOL_COLUMNS = new Set\(\[", app), "app.js must not list the booleans again"
+
+
+def test_the_steps_table_has_a_column_per_registry_entry():
+    table = {column.name: column.type.python_type.__name__ for column in steps_table.columns}
+    wanted = {"int": "int", "float": "float", "bool": "bool"}
+    for column in registry.STEP_COLUMNS:
+        assert table.pop(column.name) == wanted[column.type], column.name
+    assert set(table) == {"run_id", "nan_mask"}
+
+
+def test_nan_bits_keep_their_positions():
+    """A float's bit in `nan_mask` is stored data: appending a column must not move one."""
+    assert registry.NAN_BITS == {"pre_norm": 1, "post_norm": 2, "scale": 4, "threshold": 8, "loss": 16,
+                                 "lr": 32, "z": 64, "ema": 128, "time": 256, "robust_z": 512}
+    assert max(registry.NAN_BITS.values()) < 2**15  # nan_mask is a SMALLINT
+
+
+def test_the_new_diagnostics_columns_and_event_kinds_are_registered():
+    assert registry_columns()["skipped"] == "bool" and registry_columns()["level_shift"] == "bool"
+    assert registry_columns()["robust_z"] == "float"
+    assert all(registry.column(name).optional for name in ("skipped", "robust_z", "level_shift"))
+    assert {"level_shift", "skipped", "loss_spike", "alert"} <= set(registry.EVENT_KIND_NAMES)
+    assert [c.name for c in registry.STEP_COLUMNS if not c.optional] == ["step", "pre_norm"]
+    assert registry.column("pre_norm").nonfinite == "strings" and registry.column("clipped").nonfinite is None
