@@ -1,6 +1,8 @@
 // The step columns and their types, as the server's column registry declares them
 // (server/storage/registry.py). tests/test_server_registry.py holds this list to the
 // registry: a column added in one place only fails CI.
+'use strict';
+
 export const STEP_COLUMNS = {
   step: 'int',
   pre_norm: 'float',

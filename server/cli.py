@@ -11,15 +11,12 @@ process with `python -m gradwatch.agent...`.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from typing import Sequence
 
-from gradwatch.server.settings import DEFAULT_DB, DEFAULT_MAX_BODY
-
-DEFAULT_PORT = 8765
-DEFAULT_HOST = "127.0.0.1"
+from gradwatch.server.settings import (DEFAULT_HOST, DEFAULT_PORT, SERVE_FLAGS, ClientSettings,
+                                       Settings)
 
 
 def positive_int(text: str) -> int:
@@ -29,26 +26,36 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `Settings` field, its help, variable and default taken from the field.
+    A flag not given is None, so only the flags given reach `settings_from_args`."""
+    for field, flag in SERVE_FLAGS.items():
+        info = Settings.model_fields[field]
+        shown = "not set" if info.default is None else info.default
+        parser.add_argument(flag, type=int if info.annotation is int else str, default=None,
+                            metavar=flag[2:].replace("-", "_").upper(),
+                            help=f"{info.description} (env {Settings.env_name(field)}; default: {shown})")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the flags given on the command line on top."""
+    given = {field: getattr(args, flag[2:].replace("-", "_"), None) for field, flag in SERVE_FLAGS.items()}
+    return Settings(**{field: value for field, value in given.items() if value is not None})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradwatch",
         description="Gradient-norm monitoring, clipping and threshold recommendations for MLX.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    client = ClientSettings()
 
-    serve = commands.add_parser("serve", help="run the server (API, ingest, dashboard)")
-    serve.add_argument("--db", default=os.environ.get("GRADWATCH_DB", DEFAULT_DB),
-                       help="SQLAlchemy database URL (default: %(default)s)")
-    serve.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
-    serve.add_argument("--token", default=os.environ.get("GRADWATCH_TOKEN"),
-                       help="write token guarding ingest (env GRADWATCH_TOKEN)")
-    serve.add_argument("--read-token", default=os.environ.get("GRADWATCH_READ_TOKEN"),
-                       help="read token guarding reads and the dashboard (env GRADWATCH_READ_TOKEN)")
-    serve.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
-                       help="largest accepted request body in bytes (default: %(default)s)")
-    serve.add_argument("--workers", type=int, default=1,
-                       help="uvicorn worker processes (use with PostgreSQL; default: %(default)s)")
+    serve = commands.add_parser(
+        "serve", help="run the server (API, ingest, dashboard)",
+        description="Run the server. Every flag also reads a GRADWATCH_* variable (named in its help); "
+                    "a flag given wins over the variable, the variable over the default.")
+    add_settings_flags(serve)
     serve.set_defaults(handler=_serve)
 
     demo = commands.add_parser("demo", help="serve and train a small MLX model with the agent attached")
@@ -61,23 +68,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     recommend = commands.add_parser("recommend", help="print the clip-threshold recommendation for a run")
     recommend.add_argument("run", help="run name")
-    recommend.add_argument("--url", default=os.environ.get("GRADWATCH_URL", f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"))
-    recommend.add_argument("--token", default=os.environ.get("GRADWATCH_READ_TOKEN"), help="read token")
+    recommend.add_argument("--url", default=client.url,
+                        help="server address (env GRADWATCH_URL; default: %(default)s)")
+    recommend.add_argument("--token", default=client.read_token, help="read token (env GRADWATCH_READ_TOKEN)")
     recommend.add_argument("--window", type=int, default=None, help="last N steps (default: whole run)")
     recommend.add_argument("--target-clip-rate", type=float, default=0.01)
     recommend.set_defaults(handler=_recommend)
 
     push = commands.add_parser("push", help="upload what an agent left in its spool folder")
     push.add_argument("dir", help="spool folder of a run")
-    push.add_argument("--url", default=os.environ.get("GRADWATCH_URL", f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"))
-    push.add_argument("--token", default=os.environ.get("GRADWATCH_TOKEN"), help="write token")
+    push.add_argument("--url", default=client.url,
+                        help="server address (env GRADWATCH_URL; default: %(default)s)")
+    push.add_argument("--token", default=client.token, help="write token (env GRADWATCH_TOKEN)")
     push.set_defaults(handler=_push)
+
+    delete = commands.add_parser("delete", help="delete a run: its steps, tensor norms, events (write token)")
+    delete.add_argument("run", help="run name")
+    delete.add_argument("--url", default=client.url,
+                        help="server address (env GRADWATCH_URL; default: %(default)s)")
+    delete.add_argument("--token", default=client.token, help="write token (env GRADWATCH_TOKEN)")
+    delete.set_defaults(handler=_delete)
 
     report = commands.add_parser("report", help="write a run's charts as one offline HTML file")
     report.add_argument("run", help="run name")
     report.add_argument("-o", "--output", default=None, help="output file (default: RUN.html)")
-    report.add_argument("--url", default=os.environ.get("GRADWATCH_URL", f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"))
-    report.add_argument("--token", default=os.environ.get("GRADWATCH_READ_TOKEN"), help="read token")
+    report.add_argument("--url", default=client.url,
+                        help="server address (env GRADWATCH_URL; default: %(default)s)")
+    report.add_argument("--token", default=client.read_token, help="read token (env GRADWATCH_READ_TOKEN)")
     report.set_defaults(handler=_report)
     return parser
 
@@ -105,6 +122,19 @@ def _push(args: argparse.Namespace) -> int:
     if args.token:
         command += ["--token", args.token]
     return subprocess.call(command)
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from gradwatch.server.client import ApiClient, ApiError, run_path
+
+    try:
+        answer = ApiClient(args.url, args.token).delete(run_path(args.run))
+    except ApiError as error:
+        print(f"gradwatch delete: {error}", file=sys.stderr)
+        return 1
+    print(f"deleted run {answer['deleted']!r}: {answer['steps']} steps, {answer['tensor_norms']} "
+          f"steps of tensor norms, {answer['events']} events")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

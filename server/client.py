@@ -34,9 +34,15 @@ class ApiClient:
 
     def get(self, path: str, **query: Any) -> Any:
         """GET `path` with the non-None `query` parameters; the decoded JSON answer."""
+        return self.request("GET", path, **query)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+    def request(self, method: str, path: str, **query: Any) -> Any:
         params = {key: value for key, value in query.items() if value is not None}
         address = self.url + path + (("?" + urllib.parse.urlencode(params)) if params else "")
-        request = urllib.request.Request(address, headers={"Accept": "application/json"})
+        request = urllib.request.Request(address, headers={"Accept": "application/json"}, method=method)
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
@@ -54,6 +60,8 @@ class ApiClient:
         except Exception:
             detail = error.reason
         if error.code in (401, 403):
-            return (f"the server at {self.url} refused the read token ({error.code}: {detail}); "
-                    "pass --token or set GRADWATCH_READ_TOKEN")
+            kind, variable = ("write", "GRADWATCH_TOKEN") if error.code and "write" in str(detail) else \
+                ("read", "GRADWATCH_READ_TOKEN")
+            return (f"the server at {self.url} refused the {kind} token ({error.code}: {detail}); "
+                    f"pass --token or set {variable}")
         return f"{error.code} from {self.url}{path}: {detail}"

@@ -15,6 +15,13 @@ import logging
 import threading
 from typing import Any, Callable
 
+import numpy as np
+from fastapi import WebSocket
+
+from gradwatch.server.schemas import LIVE_FIELDS
+from gradwatch.server.security import presented_token, token_status
+from gradwatch.server.storage import encode_series
+
 import os
 
 LIVE_CHANNEL = "gradwatch_live"
@@ -56,6 +63,44 @@ class LiveHub:
     def publish_threadsafe(self, run: str, message: dict[str, Any]) -> None:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.publish, run, message)
+
+
+def points_message(run: str, steps: np.ndarray, values: dict[str, np.ndarray],
+                   missing: dict[str, np.ndarray | None]) -> dict[str, Any]:
+    """The live feed's one message: `{"type": "points", "run": ..., "data": <series columns>}`."""
+    return {"type": "points", "run": run, "data": encode_series(steps, values, missing, LIVE_FIELDS)}
+
+
+def batch_points(run: str, batch, result) -> dict[str, Any] | None:
+    """`points_message` of the rows a batch stored now (none: None), read from the batch itself."""
+    if batch is None or result is None or not result.accepted or result.new_mask is None:
+        return None
+    mask = result.new_mask
+    order = np.argsort(batch.steps[mask], kind="stable")
+    values: dict[str, np.ndarray] = {}
+    missing: dict[str, np.ndarray | None] = {}
+    for name in LIVE_FIELDS[1:]:
+        column = batch.columns.get(name)
+        if column is None:
+            values[name] = np.full(len(order), np.nan)
+            missing[name] = np.ones(len(order), dtype=bool)
+        else:
+            values[name] = column.values[mask][order]
+            missing[name] = column.missing[mask][order] if column.missing is not None else None
+    return points_message(run, batch.steps[mask][order], values, missing)
+
+
+async def accept_with_token(websocket: WebSocket, kind: str, settings) -> bool:
+    """Accept the socket; close it with 4401 (missing or wrong token) or 4403 (the other
+    kind's token) and return False when its token may not `kind`."""
+    status = token_status(presented_token(websocket.headers, websocket.query_params), kind,
+                          settings.token, settings.read_token)
+    await websocket.accept()
+    if status != 200:
+        await websocket.close(code=4401 if status == 401 else 4403,
+                              reason="missing or wrong token" if status == 401 else f"not a {kind} token")
+        return False
+    return True
 
 
 def notify_in_transaction(cursor, rows) -> None:

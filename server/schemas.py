@@ -398,3 +398,20 @@ class TensorsOut(BaseModel):
     names: list[str]
     step: list[int]
     norms: list[list[JsonFloat]]
+
+
+class DeletedOut(BaseModel):
+    deleted: str
+    steps: int
+    tensor_norms: int
+    events: int
+
+
+class HealthOut(BaseModel):
+    status: str
+    database: str
+    schema_version: int
+
+
+# A series: the columns asked for, equal-length lists (floats may be "NaN"/"Infinity"/"-Infinity").
+SeriesOut = dict[str, list[int | float | str | bool | None]]

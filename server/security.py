@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 from typing import Literal
 
-from fastapi import HTTPException, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 Kind = Literal["read", "write"]
@@ -43,22 +42,6 @@ def token_status(presented: str | None, kind: Kind, write_token: str | None,
     if other is not None and _same(presented, other):
         return 403
     return 401
-
-
-def require(kind: Kind):
-    """A FastAPI dependency that checks the token of `kind` against the app's settings."""
-
-    def dependency(request: Request) -> None:
-        settings = request.app.state.settings
-        status = token_status(presented_token(request.headers, request.query_params), kind,
-                              settings.token, settings.read_token)
-        if status == 401:
-            raise HTTPException(401, f"a valid {kind} token is required (Authorization: Bearer ...)",
-                                headers={"WWW-Authenticate": "Bearer"})
-        if status == 403:
-            raise HTTPException(403, f"this token cannot {kind}: use the {kind} token")
-
-    return dependency
 
 
 class BodyTooLarge(Exception):

@@ -61,7 +61,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve(settings: Settings) -> int:
     import uvicorn
 
-    problem = check_database(settings.db_url)
+    problem = check_database(settings.db_url)  # creates or upgrades the schema first
     if problem:
         return _fail(problem)
     try:
@@ -87,8 +87,17 @@ def serve(settings: Settings) -> int:
 
 
 def serve_from_args(args: argparse.Namespace) -> int:
-    if not 0 < args.port < 65536:
-        return _fail(f"--port must be 1 to 65535, got {args.port}")
-    if args.max_body <= 0:
-        return _fail(f"--max-body must be positive, got {args.max_body}")
-    return serve(Settings.from_args(args))
+    from pydantic import ValidationError
+
+    from gradwatch.server.cli import settings_from_args
+    from gradwatch.server.settings import SERVE_FLAGS
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        name = SERVE_FLAGS.get(field) or SERVE_FLAGS.get("db_url" if field == "GRADWATCH_DB" else "", field)
+        return _fail(f"{name} (or {Settings.env_name(field if field in SERVE_FLAGS else 'db_url')}) "
+                     f"{problem['msg'].lower()}, got {problem.get('input')!r}")
+    return serve(settings)

@@ -1,47 +1,72 @@
-"""Server settings: one object, built from `gradwatch serve` flags or the environment."""
+"""Settings: one pydantic-settings class per side, the only place defaults live.
+
+`Settings` is what `create_app(settings)` and `gradwatch serve` use. Each field
+is read from a `GRADWATCH_*` variable (`GRADWATCH_DB` for the database URL,
+`GRADWATCH_TOKEN`, `GRADWATCH_READ_TOKEN`, `GRADWATCH_PORT`, ...) and can be
+overridden by its `gradwatch serve` flag (`SERVE_FLAGS`); the CLI passes only
+the flags given, so flag > variable > default. `ClientSettings` is the same
+for the commands that talk to a server (`recommend`, `push`, `report`).
+"""
 from __future__ import annotations
 
-import argparse
-import json
-import os
-from dataclasses import asdict, dataclass
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+SETTINGS_ENV = "GRADWATCH_SERVER_SETTINGS"   # settings handed to uvicorn worker processes, as JSON
 DEFAULT_DB = "sqlite:///gradwatch.db"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
-SETTINGS_ENV = "GRADWATCH_SERVER_SETTINGS"
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything `create_app` needs. Empty tokens mean "not set"."""
+class Settings(BaseSettings):
+    """Everything the server needs. Empty tokens mean "not set"."""
 
-    db_url: str = DEFAULT_DB
-    host: str = "127.0.0.1"
-    port: int = 8765
-    token: str | None = None
-    read_token: str | None = None
-    max_body: int = DEFAULT_MAX_BODY
-    workers: int = 1
+    model_config = SettingsConfigDict(env_prefix="GRADWATCH_", frozen=True, extra="ignore",
+                                      populate_by_name=True)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "token", self.token or None)
-        object.__setattr__(self, "read_token", self.read_token or None)
+    db_url: str = Field(DEFAULT_DB, validation_alias=AliasChoices("GRADWATCH_DB"),
+                        description="SQLAlchemy database URL (sqlite:///file.db or postgresql://...)")
+    host: str = Field(DEFAULT_HOST, description="address to bind")
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="port to listen on")
+    token: str | None = Field(None, description="write token guarding ingest and deletes")
+    read_token: str | None = Field(None, description="read token guarding reads and the dashboard")
+    max_body: int = Field(DEFAULT_MAX_BODY, gt=0, description="largest accepted request body, in bytes")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes (use with PostgreSQL)")
+    cache_runs: int = Field(4, ge=1, description="runs whose columns each process keeps in memory")
+
+    @field_validator("token", "read_token")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Settings":
-        return cls(db_url=args.db, host=args.host, port=args.port, token=args.token,
-                   read_token=args.read_token, max_body=args.max_body,
-                   workers=getattr(args, "workers", 1) or 1)
+    def env_name(cls, field: str) -> str:
+        return "GRADWATCH_DB" if field == "db_url" else "GRADWATCH_" + field.upper()
+
+    def to_env(self) -> str:
+        return self.model_dump_json()
 
     @classmethod
     def from_env(cls) -> "Settings":
-        """Settings handed to uvicorn worker processes (see `serve.py`), else GRADWATCH_* vars."""
-        packed = os.environ.get(SETTINGS_ENV)
-        if packed:
-            return cls(**json.loads(packed))
-        return cls(db_url=os.environ.get("GRADWATCH_DB", DEFAULT_DB),
-                   token=os.environ.get("GRADWATCH_TOKEN"),
-                   read_token=os.environ.get("GRADWATCH_READ_TOKEN"))
+        """In a uvicorn worker: the settings `gradwatch serve` packed; else GRADWATCH_* variables."""
+        import os
 
-    def to_env(self) -> str:
-        return json.dumps(asdict(self))
+        packed = os.environ.get(SETTINGS_ENV)
+        return cls.model_validate_json(packed) if packed else cls()
+
+
+# `gradwatch serve` flag of each Settings field.
+SERVE_FLAGS = {"db_url": "--db", "host": "--host", "port": "--port", "token": "--token",
+               "read_token": "--read-token", "max_body": "--max-body", "workers": "--workers",
+               "cache_runs": "--cache-runs"}
+
+
+class ClientSettings(BaseSettings):
+    """Where the client commands find the server, and with which tokens."""
+
+    model_config = SettingsConfigDict(env_prefix="GRADWATCH_", frozen=True, extra="ignore")
+
+    url: str = Field(f"http://{DEFAULT_HOST}:{DEFAULT_PORT}", description="server address")
+    token: str | None = Field(None, description="write token")
+    read_token: str | None = Field(None, description="read token")

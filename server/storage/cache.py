@@ -75,20 +75,21 @@ class RunCache:
     def __init__(self, store, max_runs: int = 4):
         self.store = store
         self.max_runs = max_runs
-        self._runs: OrderedDict[int, RunArrays] = OrderedDict()
+        self._runs: OrderedDict[tuple[int, float], RunArrays] = OrderedDict()
         self._locks: dict[int, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get(self, run_id: int, fields: tuple[str, ...] | set[str] = VALUE_COLUMNS) -> RunArrays:
         wanted = {name for name in fields if name != "step"}
-        count, _ = self.store.run_counters(run_id)
+        count, _, created = self.store.run_counters(run_id)
+        key = (run_id, created)  # a deleted run's id may come back (SQLite): `created` tells them apart
         with self._lock:
             run_lock = self._locks.setdefault(run_id, threading.Lock())
-            current = self._runs.get(run_id)
+            current = self._runs.get(key)
         if current is not None and current.count == count and wanted <= current.values.keys():
             return current
         with run_lock:
-            current = self._runs.get(run_id)
+            current = self._runs.get(key)
             if current is not None and current.count >= count and wanted <= current.values.keys():
                 return current
             fresh = self._refresh(run_id, current, wanted) if current is not None else None
@@ -97,8 +98,8 @@ class RunCache:
                 _, (steps, values, missing) = self.store.fetch_steps_counted(run_id, columns)
                 fresh = RunArrays(count=len(steps), steps=steps, values=values, missing=missing)
             with self._lock:
-                self._runs[run_id] = fresh
-                self._runs.move_to_end(run_id)
+                self._runs[key] = fresh
+                self._runs.move_to_end(key)
                 while len(self._runs) > self.max_runs:
                     self._runs.popitem(last=False)
         return fresh
@@ -124,7 +125,8 @@ class RunCache:
     def forget(self, run_id: int) -> None:
         """Drop a run's arrays (the run was deleted)."""
         with self._lock:
-            self._runs.pop(run_id, None)
+            for key in [key for key in self._runs if key[0] == run_id]:
+                del self._runs[key]
             self._locks.pop(run_id, None)
 
 

@@ -36,13 +36,11 @@ class Reader(Database):
         self._run_ids = run_ids
 
     def run_id(self, name: str) -> int:
-        cached = self._run_ids.get(name)
-        if cached is not None:
-            return cached
+        """The run's id, read each time (one indexed row): another process may have deleted
+        the run, and SQLite may give a new run of the same name the same id."""
         rows = self.read("SELECT id FROM runs WHERE name = ?", (name,))
         if not rows:
             raise UnknownRun(name)
-        self._run_ids[name] = rows[0][0]
         return rows[0][0]
 
     def list_runs(self) -> list[dict]:
@@ -58,9 +56,12 @@ class Reader(Database):
                         "spikes": spikes, "nonfinite": nonfinite, "meta": json.loads(meta or "{}")})
         return out
 
-    def run_counters(self, run_id: int) -> tuple[int, int | None]:
-        rows = self.read("SELECT steps, last_step FROM runs WHERE id = ?", (run_id,))
-        return rows[0][0], rows[0][1]
+    def run_counters(self, run_id: int) -> tuple[int, int | None, float]:
+        """(stored steps, last step, when created); UnknownRun(run_id) once it is deleted."""
+        rows = self.read("SELECT steps, last_step, created FROM runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise UnknownRun(run_id)
+        return rows[0][0], rows[0][1], rows[0][2]
 
     def fetch_steps(self, run_id: int, after: int = -1, lo: int | None = None,
                     hi: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray | None]]:

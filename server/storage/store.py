@@ -38,7 +38,7 @@ class Store(Database):
     def list_runs(self) -> list[dict]:
         return self.reader.list_runs()
 
-    def run_counters(self, run_id: int) -> tuple[int, int | None]:
+    def run_counters(self, run_id: int) -> tuple[int, int | None, float]:
         return self.reader.run_counters(run_id)
 
     def fetch_steps(self, run_id: int, after: int = -1, lo: int | None = None, hi: int | None = None):
@@ -52,7 +52,10 @@ class Store(Database):
 
     def arrays(self, run: str, fields=VALUE_COLUMNS) -> RunArrays:
         """A run's columns from the cache; UnknownRun when there is no such run."""
-        return self.cache.get(self.run_id(run), fields)
+        try:
+            return self.cache.get(self.run_id(run), fields)
+        except UnknownRun:  # deleted meanwhile
+            raise UnknownRun(run) from None
 
     def delete_run(self, name: str) -> dict[str, int]:
         """Remove a run: its steps, tensor norms and layouts, events, and cached arrays.

@@ -1,0 +1,92 @@
+"""Ingest: `POST /api/runs/{run}/steps` and the agent's WebSocket `/ws/ingest`.
+
+Validation lives in `schemas` (batches, events, messages); the store stores;
+these handlers move bytes, run the work off the event loop, and tell the live
+feed what was stored.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, WebSocket
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+from starlette.websockets import WebSocketDisconnect
+
+from gradwatch.server.live import LiveHub, accept_with_token, batch_points
+from gradwatch.server.routes.deps import DB_ERRORS, WRITE, HubDep, RunName, StoreDep, json_response
+from gradwatch.server.schemas import BatchError, IngestAnswer, message_seq, parse_batch, parse_ingest_message
+from gradwatch.server.storage import Store
+
+log = logging.getLogger("gradwatch.server")
+router = APIRouter(tags=["ingest"])
+
+
+def _publish(hub: LiveHub, run: str, batch, result) -> None:
+    if hub.has_subscribers(run):
+        message = batch_points(run, batch, result)
+        if message:
+            hub.publish(run, message)
+
+
+@router.post("/api/runs/{run}/steps", dependencies=WRITE, response_model=IngestAnswer)
+async def ingest_steps(name: RunName, request: Request, store: StoreDep, hub: HubDep) -> Response:
+    """Store a columnar batch (docs/wire.md). Idempotent on (run, step)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        return json_response({"detail": f"the body must be application/json, got {media_type or 'none'}"},
+                             status_code=415)
+    body = await request.body()
+
+    def work():
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as error:
+            raise BatchError(f"invalid JSON: {error}") from None
+        batch = parse_batch(obj)
+        return batch, store.ingest(name, batch)
+
+    batch, result = await run_in_threadpool(work)
+    _publish(hub, name, batch, result)
+    return json_response(result.answer())
+
+
+def handle_message(store: Store, text: str | bytes) -> tuple[dict, str | None, Any]:
+    """One `/ws/ingest` message: (reply, run, (batch, result)); errors become replies."""
+    seq = None
+    try:
+        decoded = orjson.loads(text)
+        seq = message_seq(decoded)
+        message = parse_ingest_message(decoded)
+        result = store.ingest(message.run, message.batch, meta=message.meta, events=message.events)
+        return {"type": "ack", "seq": seq, **result.answer()}, message.run, (message.batch, result)
+    except orjson.JSONDecodeError as error:
+        return {"type": "error", "seq": seq, "status": 422, "detail": f"invalid JSON: {error}"}, None, None
+    except BatchError as error:
+        return {"type": "error", "seq": seq, "status": error.status, "detail": str(error)}, None, None
+    except DB_ERRORS as error:
+        log.warning("ingest failed: %s", error)
+        return {"type": "error", "seq": seq, "status": 503,
+                "detail": f"database unavailable: {type(error).__name__}"}, None, None
+
+
+@router.websocket("/ws/ingest")
+async def ws_ingest(websocket: WebSocket, store: StoreDep, hub: HubDep) -> None:
+    if not await accept_with_token(websocket, "write", websocket.app.state.settings):
+        return
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                text = message.get("bytes") or b""
+            reply, run, outcome = await run_in_threadpool(handle_message, store, text)
+            if run is not None:
+                _publish(hub, run, *outcome)
+            await websocket.send_text(orjson.dumps(reply).decode())
+    except WebSocketDisconnect:
+        return

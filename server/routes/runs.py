@@ -1,0 +1,94 @@
+"""Runs: the list, a run's series, events, per-tensor norms, CSV export, delete."""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import numpy as np
+from fastapi import APIRouter, Query
+from fastapi.responses import Response, StreamingResponse
+
+from gradwatch.server import stats
+from gradwatch.server.routes.deps import READ, WRITE, RunName, StoreDep, json_response
+from gradwatch.server.schemas import (COLUMNS, LIVE_FIELDS, MAX_STEP, BatchError, DeletedOut, EventOut, RunOut,
+                                      SeriesOut, TensorsOut, encode_floats)
+from gradwatch.server.storage import csv_lines, encode_series
+from gradwatch.server.storage.registry import EVENT_KIND_NAMES
+
+router = APIRouter(tags=["runs"])
+EventKind = Literal[EVENT_KIND_NAMES]  # type: ignore[valid-type]
+
+
+def series_fields(fields: str | None) -> tuple[str, ...]:
+    """`?fields=`: default the live feed's columns, 'all' every column, else the names given."""
+    if not fields:
+        return LIVE_FIELDS[1:]
+    if fields.strip() == "all":
+        return COLUMNS[1:]
+    wanted = tuple(dict.fromkeys(f.strip() for f in fields.split(",") if f.strip()))
+    for name in wanted:
+        if name not in COLUMNS:
+            raise BatchError(f"unknown field '{name}' in fields; choose from {', '.join(COLUMNS)}")
+    return wanted
+
+
+@router.get("/api/runs", dependencies=READ, response_model=list[RunOut])
+def list_runs(store: StoreDep) -> Response:
+    return json_response(store.list_runs())
+
+
+@router.delete("/api/runs/{run}", dependencies=WRITE, response_model=DeletedOut)
+def delete_run(name: RunName, store: StoreDep) -> Response:
+    """Remove a run: its steps, per-tensor norms, events and cached arrays (write token)."""
+    removed = store.delete_run(name)
+    return json_response({"deleted": name, "steps": removed["steps"], "tensor_norms": removed["tensor_norms"],
+                          "events": removed["events"]})
+
+
+@router.get("/api/runs/{run}/series", dependencies=READ, response_model=SeriesOut)
+def series(name: RunName, store: StoreDep, fields: str | None = Query(
+               None, description="comma-separated columns, or 'all'; default: step, pre_norm, post_norm, "
+                                 "threshold, clipped, loss, spike, nonfinite (the live feed's columns)"),
+           start: int | None = Query(None, ge=0, le=MAX_STEP), end: int | None = Query(None, ge=0, le=MAX_STEP),
+           points: int = Query(2000, ge=2, le=10_000_000)) -> Response:
+    """Columnar series; downsampled to about `points` rows by per-bucket min/max of the
+    pre-clip norm, always keeping spikes and non-finite steps; never sampled."""
+    wanted = series_fields(fields)
+    arrays = store.arrays(name, tuple(wanted) + ("pre_norm", "spike", "nonfinite"))
+    low = 0 if start is None else int(np.searchsorted(arrays.steps, start, side="left"))
+    high = len(arrays.steps) if end is None else int(np.searchsorted(arrays.steps, end, side="right"))
+    pre = arrays.values["pre_norm"][low:high]
+    keep = (arrays.values["spike"][low:high] == 1.0) | (arrays.values["nonfinite"][low:high] == 1.0)
+    chosen = stats.downsample_indices(pre, points, keep) + low
+    in_range = high - low
+    sub_values = {n: arrays.values[n][chosen] for n in wanted if n != "step"}
+    sub_missing = {n: (arrays.missing[n][chosen] if arrays.missing[n] is not None else None)
+                   for n in wanted if n != "step"}
+    body = encode_series(arrays.steps[chosen], sub_values, sub_missing, tuple(wanted))
+    return json_response(body, headers={"X-Total-Steps": str(in_range),
+                                        "X-Downsampled": "true" if len(chosen) < in_range else "false"})
+
+
+@router.get("/api/runs/{run}/events", dependencies=READ, response_model=list[EventOut])
+def events(name: RunName, store: StoreDep,
+           kind: EventKind | None = Query(None, description="one kind of event; all when left out"),
+           limit: int = Query(1000, ge=1, le=100_000)) -> Response:
+    return json_response(store.events(store.run_id(name), kind, limit))
+
+
+@router.get("/api/runs/{run}/tensors", dependencies=READ, response_model=TensorsOut)
+def tensors(name: RunName, store: StoreDep, start: int | None = Query(None, ge=0, le=MAX_STEP),
+            end: int | None = Query(None, ge=0, le=MAX_STEP),
+            points: int = Query(500, ge=1, le=100_000)) -> Response:
+    """Per-tensor norms, one row per tensor; downsampled by the max per bucket of steps."""
+    names, steps, norms, absent = store.tensor_norms(store.run_id(name), start, end, points)
+    rows = [encode_floats(np.asarray(norms[:, i], dtype=np.float64), absent[:, i]) for i in range(len(names))]
+    return json_response({"names": names, "step": steps.tolist(), "norms": rows})
+
+
+@router.get("/api/runs/{run}/export.csv", dependencies=READ)
+def export_csv(name: RunName, store: StoreDep) -> StreamingResponse:
+    arrays = store.arrays(name)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:100]
+    return StreamingResponse(csv_lines(arrays), media_type="text/csv; charset=utf-8",
+                             headers={"Content-Disposition": f'attachment; filename="{safe}.csv"'})

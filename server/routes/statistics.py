@@ -1,0 +1,61 @@
+"""Statistics: percentiles, the recommended threshold, what-if, histogram (numbers in `stats`)."""
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+
+from gradwatch.server import stats
+from gradwatch.server.routes.deps import READ, RunName, StoreDep, json_response
+from gradwatch.server.schemas import HistogramOut, RecommendationOut, StatsOut, WhatIfOut
+from gradwatch.server.storage import RunArrays
+
+router = APIRouter(tags=["statistics"], dependencies=READ)
+Window = Query(None, ge=1, description="the last N steps; the whole run when left out")
+
+
+def window_of(arrays: RunArrays, window: int | None) -> slice:
+    return slice(max(len(arrays.steps) - window, 0), None) if window else slice(None)
+
+
+def ordered(arrays: RunArrays, window: int | None) -> np.ndarray | None:
+    """The cached sorted finite norms when the window is the whole run, else None."""
+    return arrays.ordered_pre_norm() if not window or window >= len(arrays.steps) else None
+
+
+@router.get("/api/runs/{run}/stats", response_model=StatsOut)
+def run_stats(name: RunName, store: StoreDep, window: int | None = Window) -> Response:
+    arrays = store.arrays(name, ("pre_norm", "clipped", "nonfinite"))
+    part = window_of(arrays, window)
+    result = stats.window_stats(arrays.values["pre_norm"][part], arrays.values["clipped"][part],
+                                arrays.values["nonfinite"][part], ordered=ordered(arrays, window))
+    steps = arrays.steps[part]
+    result["first_step"] = int(steps[0]) if len(steps) else None
+    result["last_step"] = int(steps[-1]) if len(steps) else None
+    return json_response(result)
+
+
+@router.get("/api/runs/{run}/recommendation", response_model=RecommendationOut)
+def recommendation(name: RunName, store: StoreDep, window: int | None = Window,
+                   target_clip_rate: float = Query(0.01, ge=0.0, lt=1.0)) -> Response:
+    arrays = store.arrays(name, ("pre_norm", "threshold"))
+    part = window_of(arrays, window)
+    return json_response(stats.recommend(arrays.values["pre_norm"][part], arrays.values["threshold"][part],
+                                         target_clip_rate=target_clip_rate, window=window,
+                                         ordered=ordered(arrays, window)))
+
+
+@router.get("/api/runs/{run}/whatif", response_model=WhatIfOut)
+def whatif(name: RunName, store: StoreDep, threshold: float = Query(..., allow_inf_nan=False),
+           window: int | None = Window) -> Response:
+    arrays = store.arrays(name, ("pre_norm",))
+    return json_response(stats.whatif(arrays.values["pre_norm"][window_of(arrays, window)], threshold,
+                                      ordered=ordered(arrays, window)))
+
+
+@router.get("/api/runs/{run}/histogram", response_model=HistogramOut)
+def histogram(name: RunName, store: StoreDep, window: int | None = Window,
+              bins: int = Query(60, ge=1, le=1000)) -> Response:
+    arrays = store.arrays(name, ("pre_norm",))
+    return json_response(stats.histogram(arrays.values["pre_norm"][window_of(arrays, window)], bins,
+                                         ordered=ordered(arrays, window)))

@@ -1,0 +1,185 @@
+"""Alembic migrations: a database written by release 3c20f55 upgrades in place and reads back.
+
+`tests/fixtures/gradwatch-v2.db` was written by that release's own server
+(`tests/fixtures/make_v2_fixture.py`) from the messages in `v2_input.json`;
+`v2_answers.json` is what that release answered. Here today's code upgrades a
+copy (SQLite), or the same rows loaded into that release's PostgreSQL DDL,
+and every value must come back exactly: compared with the inputs sent (NaN,
++-Infinity and nulls kept apart) and with the old release's answers.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from gradwatch.server.app import create_app
+from gradwatch.server.settings import Settings
+from gradwatch.server.storage import SCHEMA_VERSION, SchemaError, upgrade_database
+from gradwatch.server.storage.migrate import head_revision
+from gradwatch.server.storage.registry import VALUE_COLUMNS
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+INPUT = json.loads((FIXTURES / "v2_input.json").read_text())
+ANSWERS = json.loads((FIXTURES / "v2_answers.json").read_text())
+OLD_COLUMNS = ("pre_norm", "post_norm", "scale", "threshold", "clipped", "loss", "lr", "z", "ema", "spike",
+               "nonfinite", "time")
+TABLES = ("runs", "schema_version", "steps", "tensor_layouts", "tensor_norms", "events")
+
+
+def _sqlite_copy(tmp_path: Path) -> str:
+    target = tmp_path / "old.db"
+    shutil.copy(FIXTURES / "gradwatch-v2.db", target)
+    return f"sqlite:///{target}"
+
+
+def _postgres_copy(postgres_url: str) -> str:
+    """A new PostgreSQL database with the old release's DDL and the fixture's rows, ids kept."""
+    name = "gw_" + uuid.uuid4().hex[:12]
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    url = postgres_url.rsplit("/", 1)[0] + "/" + name
+    engine = create_engine(url)
+    source = sqlite3.connect(FIXTURES / "gradwatch-v2.db")
+    with engine.begin() as connection:
+        for statement in (FIXTURES / "schema-v2-postgresql.sql").read_text().split(";"):
+            if statement.strip():
+                connection.exec_driver_sql(statement)
+        for table in TABLES:
+            cursor = source.execute(f"SELECT * FROM {table}")
+            names = [column[0] for column in cursor.description]
+            types = dict(connection.exec_driver_sql(
+                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = %s",
+                (table,)).fetchall())
+            rows = [tuple(bool(value) if value is not None and types[n] == "boolean" else value
+                          for n, value in zip(names, row)) for row in cursor.fetchall()]
+            if rows:
+                connection.exec_driver_sql(
+                    f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(['%s'] * len(names))})", rows)
+            if "id" in names:
+                connection.exec_driver_sql(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                                           f"(SELECT COALESCE(MAX(id), 1) FROM {table}))")
+    source.close()
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def old_database(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return _sqlite_copy(tmp_path)
+    return _postgres_copy(request.getfixturevalue("postgres_url"))
+
+
+def _sent_alpha() -> dict[int, dict]:
+    """Step -> the values the agent sent for run 'alpha' (the first batch wins: a re-sent
+    step is a duplicate or a conflict, never an overwrite)."""
+    rows: dict[int, dict] = {}
+    for message in INPUT:
+        if message["run"] != "alpha" or "batch" not in message:
+            continue
+        batch = message["batch"]
+        for index, step in enumerate(batch["step"]):
+            if step not in rows:
+                rows[step] = {name: batch[name][index] if name in batch else None for name in OLD_COLUMNS}
+    return rows
+
+
+def test_the_old_release_database_upgrades_and_reads_back_exactly(old_database):
+    with TestClient(create_app(Settings(db_url=old_database))) as client:
+        health = client.get("/healthz").json()
+        assert health["schema_version"] == SCHEMA_VERSION == 3
+        assert client.get("/api/runs").json() == ANSWERS["runs"]
+        series = client.get("/api/runs/alpha/series", params={"fields": "all", "points": 100000}).json()
+        # against the inputs, independently of any server's answer
+        sent = _sent_alpha()
+        assert series["step"] == sorted(sent)
+        for position, step in enumerate(series["step"]):
+            for name in OLD_COLUMNS:
+                assert series[name][position] == sent[step][name], (step, name)
+            for name in ("skipped", "robust_z", "level_shift"):  # columns the old release did not have
+                assert series[name][position] is None
+        for run, old in ANSWERS["per_run"].items():
+            path = "/api/runs/" + run
+            if old["series"] is not None:
+                now = client.get(path + "/series", params={"fields": "all", "points": 100000}).json()
+                assert {name: now[name] for name in old["series"]} == old["series"], run
+            events = client.get(path + "/events", params={"limit": 1000}).json()
+            expected = old["events"]
+            if "postgresql" in old_database:  # events without a step sort as the database sorts NULL
+                expected = [e for e in expected if e["step"] is None] + [e for e in expected if e["step"] is not None]
+            assert events == expected, run
+            assert client.get(path + "/tensors", params={"points": 1000}).json() == old["tensors"], run
+        tensors = client.get("/api/runs/alpha/tensors", params={"points": 1000}).json()
+        sent_norms = INPUT[0]["batch"]["tensor_norms"]
+        assert tensors["names"] == sent_norms["names"]
+        assert [list(row) for row in zip(*tensors["norms"])] == sent_norms["norms"]
+        # the upgraded database takes the new columns
+        answer = client.post("/api/runs/alpha/steps", json={"step": [13], "pre_norm": [1.0], "skipped": [True],
+                                                            "robust_z": ["NaN"], "level_shift": [False]})
+        assert answer.json() == {"accepted": 1, "duplicates": 0, "conflicts": 0}
+        last = client.get("/api/runs/alpha/series", params={"fields": "skipped,robust_z,level_shift",
+                                                           "start": 13}).json()
+        assert last == {"step": [13], "skipped": [True], "robust_z": ["NaN"], "level_shift": [False]}
+    assert upgrade_database(old_database) == (head_revision(), head_revision())  # a second start: nothing to do
+
+
+def test_several_servers_starting_at_once_upgrade_once(old_database):
+    code = ("import sys; from gradwatch.server.storage import upgrade_database; "
+            "print(upgrade_database(sys.argv[1]))")
+    starters = [subprocess.Popen([sys.executable, "-c", code, old_database], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [starter.communicate(timeout=120) for starter in starters]
+    assert all(starter.returncode == 0 for starter in starters), results
+    befores = sorted(out.strip() for out, _ in results)
+    assert befores == ["('0002', '0003')"] + ["('0003', '0003')"] * 3  # exactly one did the upgrade
+    engine = create_engine(old_database)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0003"]
+        assert connection.execute(text("SELECT version FROM schema_version")).scalars().all() == [3]
+        assert connection.execute(text("SELECT clip_flags FROM runs WHERE name = 'alpha'")).scalar() == 11
+    engine.dispose()
+
+
+def test_a_server_older_than_the_database_refuses_naming_both_versions(tmp_path):
+    url = _sqlite_copy(tmp_path)
+    upgrade_database(url)
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0042'"))
+        connection.execute(text("UPDATE schema_version SET version = 42"))
+    engine.dispose()
+    with pytest.raises(SchemaError) as error:
+        upgrade_database(url)
+    assert "42" in str(error.value) and f"version {SCHEMA_VERSION}" in str(error.value)
+    result = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "serve", "--db", url, "--port", "1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "schema version 42" in result.stderr and f"schema version {SCHEMA_VERSION}" in result.stderr
+
+
+def test_a_fresh_database_at_head_matches_the_tables(tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from gradwatch.server.storage.tables import metadata
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert upgrade_database(url) == (None, head_revision())
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), metadata)
+        columns = [row[1] for row in connection.execute(text("PRAGMA table_info(steps)"))]
+    engine.dispose()
+    assert diff == []
+    assert set(columns) == {"run_id", "nan_mask", "step", *VALUE_COLUMNS}
