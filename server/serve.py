@@ -96,8 +96,8 @@ def serve_from_args(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
     except ValidationError as error:
         problem = error.errors()[0]
-        field = str(problem["loc"][0]) if problem["loc"] else ""
-        name = SERVE_FLAGS.get(field) or SERVE_FLAGS.get("db_url" if field == "GRADWATCH_DB" else "", field)
-        return _fail(f"{name} (or {Settings.env_name(field if field in SERVE_FLAGS else 'db_url')}) "
+        field = str(problem["loc"][0]) if problem["loc"] else "db_url"
+        field = "db_url" if field == "GRADWATCH_DB" else field
+        return _fail(f"{SERVE_FLAGS.get(field, field)} (or {Settings.env_name(field)}): "
                      f"{problem['msg'].lower()}, got {problem.get('input')!r}")
     return serve(settings)
