@@ -13,8 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 INGEST_PATH = "/ws/ingest"
 
 # Columns the wire knows, and which of them are booleans.
-FLOAT_COLUMNS = ("pre_norm", "post_norm", "scale", "threshold", "loss", "lr", "z", "ema")
-BOOL_COLUMNS = ("clipped", "spike", "nonfinite")
+FLOAT_COLUMNS = ("pre_norm", "post_norm", "scale", "threshold", "loss", "lr", "z", "ema", "robust_z")
+BOOL_COLUMNS = ("clipped", "spike", "nonfinite", "skipped", "level_shift")
 
 
 def ingest_url(url: str) -> str:

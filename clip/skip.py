@@ -56,7 +56,9 @@ def apply_update(optimizer: Any, model: Any, grads: Any, skip: Any = None) -> No
     if not getattr(optimizer, "_initialized", True):
         optimizer.init(grads)
     params_before = model.parameters()
-    state_before = dict(optimizer.state)  # arrays are immutable: a shallow copy keeps the old ones
+    # The optimizer replaces arrays inside its nested state dicts: copy the tree
+    # (not the arrays, which are immutable) so the old ones are kept.
+    state_before = tree_map(lambda leaf: leaf, optimizer.state)
     optimizer.update(model, grads)
     model.update(skip_where(skip, model.parameters(), params_before))
     kept = skip_where(skip, dict(optimizer.state), state_before)
