@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 try:
-    from gradwatch.clip import EMADetector, GlobalNorm, ZScoreDetector  # first: says what MLX lacks
+    from gradwatch.clip import GlobalNorm  # first: says what MLX lacks
 
     import mlx.core as mx
     import mlx.nn as nn
@@ -120,12 +120,8 @@ def train(run: str, url: str | None, steps: int, token: str | None = None, seed:
     loss = None
     config = {"model": "MLP 16-64-64-8", "optimizer": "AdamW", "batch": BATCH, "steps": steps,
               "corrupted_steps": sorted(spike_steps(steps))}
-    # Small batches make a noisy norm: the detectors start after the learning-rate
-    # warm-up and ask for a clearer outlier than their defaults (2.5 sigma, 2x EMA).
-    detectors = [ZScoreDetector(z_thresh=3.5, warmup_steps=DETECTOR_WARMUP),
-                 EMADetector(ratio=3.0, warmup_steps=DETECTOR_WARMUP)]
-    with GradWatch(run=run, url=url, token=token, clipper=GlobalNorm(1.0), detectors=detectors,
-                   config=config) as watch:
+    # The library's default detector (RobustDetector: median/MAD of the log norm).
+    with GradWatch(run=run, url=url, token=token, clipper=GlobalNorm(1.0), config=config) as watch:
         for step, (inputs, labels, _) in enumerate(synthetic_batches(steps, seed)):
             lr = learning_rate(step, steps)
             optimizer.learning_rate = lr

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from gradwatch.clip import EMADetector, ZScoreDetector, norms_and_global
+from gradwatch.clip import norms_and_global
 
 
 class Layout(NamedTuple):
@@ -84,9 +84,12 @@ class _Pending(NamedTuple):
 class Recorder:
     """Builds a step's lazy vector, keeps it until the next step, converts it then."""
 
-    def __init__(self, clipper: Any = None, detectors: Sequence[Any] = (), tensor_norms: bool = True):
+    def __init__(self, clipper: Any = None, detectors: Sequence[Any] = (), tensor_norms: bool = True,
+                 skip_spikes: bool = False):
         self.clipper = clipper
         self.detectors = list(detectors)
+        self.skip_spikes = skip_spikes
+        self.skip_index: int | None = None  # where "skipped" sits in the record vector
         self.tensor_norms = tensor_norms
         self._layout_ids: dict[Layout, int] = {}
         self._layouts: list[Layout] = []  # by id
@@ -134,12 +137,20 @@ class Recorder:
         for detector in self.detectors:
             detected = detector(pre_norm)
             spike = detected.spike if spike is None else spike | detected.spike
-            if isinstance(detector, ZScoreDetector) and "z" not in columns:
-                add("z", detected.score)
-            elif isinstance(detector, EMADetector) and "ema" not in columns:
-                add("ema", detected.score)
+            columns_of = getattr(detector, "columns", None)  # the first detector to name a column wins
+            for name, value in (columns_of(detected) if columns_of is not None else {}).items():
+                if name not in columns:
+                    add(name, value)
         if spike is not None:
             add("spike", spike)
+        # Skip-step: the flag GradWatch.update applies (at a fixed index: loss/lr come after).
+        skip_nonfinite = info is not None and getattr(self.clipper, "nonfinite", None) == "skip"
+        if (self.skip_spikes and spike is not None) or skip_nonfinite:
+            skipped = spike if self.skip_spikes and spike is not None else mx.array(False)
+            if skip_nonfinite:
+                skipped = skipped | info.nonfinite
+            self.skip_index = len(columns)
+            add("skipped", skipped)
         for name in ("loss", "lr"):
             if name in arrays:
                 add(name, arrays[name])

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import mlx.core as mx
 
-from gradwatch.clip import EMADetector, ZScoreDetector
+from gradwatch.clip import RobustDetector, apply_update
 
 from .buffer import RecordBuffer
 from .recorder import NonFiniteGradientError, Recorder, RecordError, StepRecord
@@ -55,9 +55,14 @@ class GradWatch:
         clipper: a `gradwatch.clip` clipper (`GlobalNorm(1.0)`, ...); None
             monitors without clipping (the gradients are returned unchanged).
         detectors: spike detectors on the pre-clip norm; default
-            `[ZScoreDetector(), EMADetector()]`, `[]` for none.
+            `[RobustDetector()]` (median/MAD of the log norm, docs/diagnostics.md),
+            `[]` for none.
         token: write token of the server (`gradwatch serve --token`).
         spool_dir: folder for this run's spool (default `./gradwatch-spool/<run>/`).
+        skip_spikes: skip the whole optimizer step on a spike (as the detectors
+            flag it, non-finite norms included); takes effect through
+            `watch.update(optimizer, model, grads)`, which keeps parameters and
+            optimizer state unchanged on such a step. Recorded as `skipped`.
         tensor_norms: also record every tensor's norm. With `ord=2` (the
             default) they cost no extra math: they are computed on the way to
             the global norm (other norms, and clippers such as AGC, compute
@@ -83,11 +88,13 @@ class GradWatch:
                  start_step: int = 0, queue_size: int = 10_000, batch_steps: int = 1000,
                  batch_interval: float = 0.25, spool_cap_bytes: int = DEFAULT_CAP_BYTES,
                  close_timeout: float = 10.0, max_inflight: int = 8, backoff_cap: float = 30.0,
-                 max_batch_bytes: int = DEFAULT_BATCH_BYTES):
+                 max_batch_bytes: int = DEFAULT_BATCH_BYTES, skip_spikes: bool = False):
         if not isinstance(run, str) or not run:
             raise ValueError(f"run must be a non-empty string, got {run!r}")
         self.clipper = clipper
-        self.detectors = [ZScoreDetector(), EMADetector()] if detectors is None else list(detectors)
+        self.detectors = [RobustDetector()] if detectors is None else list(detectors)
+        self.skip_spikes = bool(skip_spikes)
+        self._last_vector: mx.array | None = None
         group = getattr(clipper, "group", None)
         self.rank = group.rank() if group is not None else 0
         self.world_size = group.size() if group is not None else 1
@@ -100,7 +107,7 @@ class GradWatch:
         self.recording = self.rank == 0 or all_ranks
         self.spool_dir = Path(spool_dir) if spool_dir is not None else default_spool_dir(run)
         self._raise_nonfinite = getattr(clipper, "nonfinite", None) == "raise"
-        self._recorder = Recorder(clipper, self.detectors, tensor_norms)
+        self._recorder = Recorder(clipper, self.detectors, tensor_norms, skip_spikes=self.skip_spikes)
         self._compiled = (mx.compile(self._recorder.build, inputs=self._recorder.state,
                                      outputs=self._recorder.state) if compile else self._recorder.build)
         self._next_step = int(start_step)
@@ -161,7 +168,17 @@ class GradWatch:
         extras = {name: float(value) for name, value in (("loss", loss), ("lr", lr)) if value is not None}
         self._hold(record, extras, None)
 
+    def update(self, optimizer: Any, model: Any, grads: Any) -> None:
+        """`optimizer.update(model, grads)` for the step just recorded, skipped (parameters
+        and optimizer state kept bit for bit, lazily) when that step's `skipped` flag is
+        set: a spike with `skip_spikes=True`, a non-finite norm with a clipper's
+        `nonfinite="skip"`. Zeroed gradients alone would not skip an AdamW step."""
+        index, vector = self._recorder.skip_index, self._last_vector
+        skip = vector[index] != 0 if index is not None and vector is not None else None
+        apply_update(optimizer, model, grads, skip)
+
     def _hold(self, vector: mx.array, extras: dict, grads: Any) -> None:
+        self._last_vector = vector
         if self.recording and not self._closed:
             self._recorder.hold(self._next_step, vector, extras)
             if not self._meta_sent:

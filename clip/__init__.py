@@ -24,6 +24,8 @@ from .global_norm import GlobalNorm
 from .info import ClipInfo, DetectorInfo
 from .norms import global_norm, norms_and_global, squared_norm, tensor_norms
 from .per_tensor import PerTensorNorm
+from .robust import RobustDetector
+from .skip import apply_update, skip_where
 from .value_clip import ValueClip
 from .zclip import ZClip
 
@@ -38,13 +40,16 @@ __all__ = [
     "GlobalNorm",
     "NONFINITE_POLICIES",
     "PerTensorNorm",
+    "RobustDetector",
     "SpikeDetector",
     "ValueClip",
     "ZClip",
     "ZScoreDetector",
+    "apply_update",
     "global_norm",
     "norms_and_global",
     "quantile_of_first",
+    "skip_where",
     "squared_norm",
     "tensor_norms",
     "unitwise_squared_norm",

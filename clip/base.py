@@ -96,8 +96,13 @@ class Clipper:
 
     - ``"propagate"``: nothing special, as ``mlx.optimizers.clip_grad_norm``
       (non-finite values flow on to the optimizer);
-    - ``"skip"``: the returned gradients are all zeros, so an SGD-like step
-      changes nothing, and the clipper's state is left as it was;
+    - ``"skip"``: the returned gradients are all zeros and the clipper's
+      state is left as it was. Zero gradients do NOT skip a stateful
+      optimizer's step (AdamW's moments keep moving the weights, weight decay
+      applies, the step count advances): apply the update with
+      :func:`gradwatch.clip.apply_update` and ``skip=info.nonfinite`` (or
+      ``GradWatch.update``), which keeps parameters and optimizer state
+      bit-unchanged on such a step;
     - ``"raise"``: like ``propagate`` inside the (lazy) call; whoever reads
       ``info.nonfinite`` (the gradwatch agent) raises when it is True.
 

@@ -6,7 +6,13 @@
 ``mx.compile(f, inputs=detector.state, outputs=detector.state)`` like a
 clipper. A detector never clips anything.
 
-Both detectors learn their baseline from the first ``warmup_steps`` finite
+The default detector, :class:`~gradwatch.clip.robust.RobustDetector`
+(median/MAD of the log norm), lives in ``robust.py``; the two here are the
+linear-space EMA detectors (ZClip's statistics; the EMA ratio makes a good
+severity label). Every detector names its per-step wire columns with
+``columns(info)``.
+
+Both detectors here learn their baseline from the first ``warmup_steps`` finite
 norms (mean, and population variance for the z-score), then follow it with an
 exponential moving average fed a *capped* value, so a spike does not raise the
 baseline it is measured against. Non-finite norms never enter the statistics;
@@ -42,6 +48,11 @@ class SpikeDetector:
         args = ", ".join(f"{key}={value!r}" for key, value in self.params().items())
         return f"{type(self).__name__}({args})"
 
+    def columns(self, info: DetectorInfo) -> dict[str, mx.array]:
+        """This detector's per-step wire columns (``{wire name: lazy array}``) from its
+        ``info``; the agent records the first detector's column of each name."""
+        return {}
+
     def __call__(self, norm) -> DetectorInfo:
         raise NotImplementedError
 
@@ -65,6 +76,9 @@ class ZScoreDetector(SpikeDetector):
     """
 
     name = "zscore"
+
+    def columns(self, info: DetectorInfo) -> dict[str, mx.array]:
+        return {"z": info.score}
 
     def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
                  eps: float = 1e-6):
@@ -118,6 +132,9 @@ class EMADetector(SpikeDetector):
     """
 
     name = "ema"
+
+    def columns(self, info: DetectorInfo) -> dict[str, mx.array]:
+        return {"ema": info.score}
 
     def __init__(self, beta: float = 0.98, ratio: float = 2.0, warmup_steps: int = 25):
         super().__init__()

@@ -61,9 +61,13 @@ class DetectorInfo(NamedTuple):
             against; the running mean of the warm-up norms seen so far while
             warming up.
         ready: bool, True once warm-up is over (the score is meaningful).
+        level_shift: bool, True on the one step where ``RobustDetector`` decided
+            that the norm moved to a new level (a new regime, not a spike);
+            always False for the other detectors.
     """
 
     score: mx.array
     spike: mx.array
     baseline: mx.array
     ready: mx.array
+    level_shift: mx.array = mx.array(False)

@@ -1,0 +1,337 @@
+"""Spikes, level shifts, loss spikes and the clip-threshold recommendation, from stored numbers.
+
+Pure NumPy: the server's own implementation of the rule the agent's
+``RobustDetector`` applies (gradwatch.clip.robust, docs/diagnostics.md).
+Runs sent over HTTP, runs recorded with ``detectors=[]`` and old runs have no
+agent flags, and the agent's flags are shown, not trusted: the server finds
+the spikes itself.
+
+The rule, per finite value v (``l = log v`` for norms, ``l = v`` for losses,
+which can be <= 0), against the history h of earlier values::
+
+    m = median(h);  s = max(1.4826·MAD(h), floor);  score = (l - m) / s
+    spike = score > k (one-sided);  h ← h + [min(l, m + k·s)]
+
+with a warm-up, and a level-shift rule (more than ``shift_count`` of the last
+``shift_window`` finite steps flagged: a new regime, the history becomes
+those recent raw values). Non-finite values are spikes and enter nothing.
+
+Why the recommendation is not a raw percentile: the p99 of all norms lands
+on the spikes whenever they are >= 1% of steps, so the threshold it gives
+never clips the steps clipping exists for; whole-run percentiles are also
+dominated by early training, when norms are largest. ``recommend`` works on a
+recent window of *clean* steps (spikes, level-shift transitions and
+non-finite values left out) and takes exp(median + k·1.4826·MAD) of the log
+norms, kept within 1-10× the median (Pascanu et al. 2013: half to ten times
+the average norm still trains).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+MAD_TO_SIGMA = 1.4826
+TINY = 1e-30
+MIN_WINDOW = 100
+MIN_CLEAN = 100
+DEFAULT_WINDOW_FRACTION = 0.10
+DEFAULT_MIN_WINDOW = 500
+PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p95", 95.0), ("p99", 99.0), ("p99.9", 99.9))
+
+
+@dataclass
+class RobustSpikes:
+    """What the robust rule found in a series (arrays aligned with its values).
+
+    ``spike``: bool, a spike (non-finite values included). ``level_shift``:
+    bool, the step that started a new regime. ``transition``: bool, the
+    flagged steps that led up to a level shift (neither clean nor spikes of
+    the new regime). ``score``: the robust z-score (0 during warm-up, NaN for
+    a non-finite value). ``ready``: bool, past warm-up.
+    """
+
+    spike: np.ndarray
+    level_shift: np.ndarray
+    transition: np.ndarray
+    score: np.ndarray
+    ready: np.ndarray
+
+    @property
+    def level_shift_index(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(self.level_shift)]
+
+
+def robust_spikes(values: Sequence[float] | np.ndarray, *, log: bool = True, k: float = 5.0,
+                  history: int = 200, warmup: int = 25, shift_window: int = 20,
+                  shift_count: int = 10, min_scale: float = 0.01) -> RobustSpikes:
+    """The robust spike rule over ``values`` (oldest first), one-sided.
+
+    ``log=True`` (norms): in log space, the same rule and defaults as the
+    agent's ``RobustDetector`` (``min_scale`` in log units). ``log=False``
+    (losses, which can be <= 0): in linear space, and the scale is floored at
+    ``min_scale·|median|`` instead (relative, so it works at any loss scale).
+    None values are treated as NaN (a spike); callers drop missing values first.
+    """
+    if shift_window > history or shift_count >= shift_window:
+        raise ValueError("need shift_count < shift_window <= history")
+    x = np.asarray([np.nan if v is None else v for v in values] if not isinstance(values, np.ndarray)
+                   else values, dtype=np.float64)
+    n = len(x)
+    finite_all = np.isfinite(x)
+    if log:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lx = np.log(np.maximum(x, TINY))
+    else:
+        lx = x.copy()
+    spike = ~finite_all
+    level_shift = np.zeros(n, bool)
+    transition = np.zeros(n, bool)
+    score = np.where(finite_all, 0.0, np.nan)
+    ready_out = np.zeros(n, bool)
+
+    ring = np.zeros(history)
+    filled = 0
+    seen = 0
+    recent: list[tuple[int, float, bool]] = []  # (index, raw value, flagged) of the last finite steps
+    for i in range(n):
+        if not finite_all[i]:
+            ready_out[i] = seen >= warmup
+            continue
+        value = lx[i]
+        ready = seen >= warmup
+        ready_out[i] = ready
+        fed = value
+        flagged = False
+        if ready:
+            h = ring[:min(filled, history)]
+            median = float(np.median(h))
+            floor = min_scale if log else min_scale * abs(median)
+            scale = max(MAD_TO_SIGMA * float(np.median(np.abs(h - median))), floor)
+            if scale > 0:
+                z = (value - median) / scale
+            else:
+                z = math.inf if value > median else (0.0 if value == median else -math.inf)
+            score[i] = z
+            flagged = z > k
+            fed = min(value, median + k * scale)
+        ring[filled % history] = fed
+        filled += 1
+        seen += 1
+        recent.append((i, value, flagged))
+        if len(recent) > shift_window:
+            recent.pop(0)
+        if flagged and sum(f for _, _, f in recent) > shift_count:
+            level_shift[i] = True
+            for j, _, was_flagged in recent:
+                if was_flagged and j != i:
+                    transition[j] = True
+                    spike[j] = False
+            ring[:len(recent)] = [v for _, v, _ in recent]
+            filled = len(recent)
+            recent = [(j, v, False) for j, v, _ in recent]
+        elif flagged:
+            spike[i] = True
+    return RobustSpikes(spike=spike, level_shift=level_shift, transition=transition, score=score,
+                        ready=ready_out)
+
+
+# -- the recommendation ----------------------------------------------------------------
+def default_window(count: int) -> int:
+    """The last 10% of the run, but at least 500 steps (the whole run when shorter)."""
+    return min(count, max(DEFAULT_MIN_WINDOW, int(math.ceil(DEFAULT_WINDOW_FRACTION * count))))
+
+
+def _rate(values: np.ndarray, threshold: float | None) -> float | None:
+    """Fraction of ``values`` strictly above ``threshold`` (None when either is missing)."""
+    if threshold is None or len(values) == 0:
+        return None
+    return float(np.count_nonzero(values > threshold) / len(values))
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _pct(r: float | None) -> str:
+    return "n/a" if r is None else f"{100 * r:.2f}%".replace(".00%", "%")
+
+
+def recommend(steps: Sequence[int] | np.ndarray, pre_norm: Sequence[float] | np.ndarray, *,
+              window: int | None = None, target_clip_rate: float | None = None,
+              current_threshold: float | None = None, k: float = 3.0) -> dict[str, Any]:
+    """A clip threshold from a run's stored pre-clip norms, with what a user needs to decide.
+
+    Args:
+        steps, pre_norm: the run's steps (ascending) and pre-clip norms, as
+            stored (NaN/inf allowed, None = NaN).
+        window: how many of the last steps to work on (default: the last 10%
+            of the run, at least 500; the whole run when shorter); >= 100.
+        target_clip_rate: when given (r in [0, 1)), τ is the (1 - r) quantile
+            of the clean window instead of the robust rule.
+        current_threshold: the run's clip threshold, to report its clip rate.
+        k: τ = exp(median + k·1.4826·MAD) of the clean window's log norms.
+
+    Spikes are found with :func:`robust_spikes` (k = 5, as the agent's
+    detector) over the window and the ``2·200`` steps before it (history).
+    When a level shift happened in the window and at least 100 clean steps
+    follow it, only those are used (the new regime is what the threshold is for).
+
+    Returns a plain dict (JSON-ready), see ``RECOMMENDATION_KEYS``.
+    Raises ValueError for ``target_clip_rate`` outside [0, 1) or ``window`` < 100.
+    """
+    if target_clip_rate is not None:
+        r = float(target_clip_rate)
+        if not (0.0 <= r < 1.0) or math.isnan(r):
+            raise ValueError(f"target_clip_rate must be in [0, 1), got {target_clip_rate!r}")
+    if window is not None and (isinstance(window, bool) or int(window) != window or window < MIN_WINDOW):
+        raise ValueError(f"window must be an integer >= {MIN_WINDOW}, got {window!r}")
+    if current_threshold is not None and not math.isfinite(current_threshold):
+        current_threshold = None
+    steps_arr = np.asarray(steps, dtype=np.int64)
+    norms = np.asarray([np.nan if v is None else v for v in pre_norm]
+                       if not isinstance(pre_norm, np.ndarray) else pre_norm, dtype=np.float64)
+    if steps_arr.shape != norms.shape:
+        raise ValueError("steps and pre_norm must have the same length")
+    count = len(norms)
+    size = default_window(count) if window is None else min(int(window), count)
+    start = count - size
+    lead = max(0, start - 400)
+    found = robust_spikes(norms[lead:])
+    offset = start - lead
+    w_norms = norms[start:]
+    w_steps = steps_arr[start:]
+    w_spike = found.spike[offset:]
+    w_transition = found.transition[offset:]
+    w_shift = found.level_shift[offset:]
+    finite = np.isfinite(w_norms)
+    clean_mask = finite & ~w_spike & ~w_transition
+    shift_steps = [int(s) for s in w_steps[w_shift]]
+    regime_note = ""
+    if shift_steps:
+        after = np.arange(size) >= int(np.flatnonzero(w_shift)[-1])
+        if np.count_nonzero(clean_mask & after) >= MIN_CLEAN:
+            clean_mask &= after
+            regime_note = f" (only the steps since the level shift at {shift_steps[-1]:,})"
+    clean = w_norms[clean_mask]
+    raw = w_norms[finite]
+    spikes_left_out = int(np.count_nonzero(w_spike & finite))
+    result: dict[str, Any] = {
+        "threshold": None, "reason": None,
+        "method": "target_clip_rate" if target_clip_rate is not None else "robust",
+        "k": float(k), "target_clip_rate": None if target_clip_rate is None else float(target_clip_rate),
+        "median": None, "ratio_to_median": None,
+        "clip_rate_clean": None, "clip_rate_raw": None,
+        "current_threshold": None if current_threshold is None else float(current_threshold),
+        "current_clip_rate_clean": None, "current_clip_rate_raw": None,
+        "clip_rate_at_1_clean": None, "clip_rate_at_1_raw": None,
+        "spikes_left_out": spikes_left_out,
+        "nonfinite_left_out": int(np.count_nonzero(~finite)),
+        "transition_left_out": int(np.count_nonzero(w_transition)),
+        "level_shift": bool(shift_steps), "level_shift_steps": shift_steps,
+        "rationale": "",
+        "window": {"start": int(w_steps[0]) if size else None, "end": int(w_steps[-1]) if size else None,
+                   "steps": int(size), "clean_steps": int(len(clean)),
+                   "clean_start": int(w_steps[clean_mask][0]) if len(clean) else None},
+        "percentiles_over": "clean window",
+        "percentiles": {},
+        "candidates": [],
+    }
+    if len(clean) < MIN_CLEAN:
+        why = (f"only {len(clean)} clean steps in the window of {size} "
+               f"({spikes_left_out} spikes, {result['nonfinite_left_out']} non-finite and "
+               f"{result['transition_left_out']} level-shift steps left out); "
+               f"at least {MIN_CLEAN} are needed")
+        result["reason"] = why
+        result["rationale"] = f"No recommendation yet: {why}."
+        return result
+
+    logs = np.log(np.maximum(clean, TINY))
+    median_log = float(np.median(logs))
+    mad = float(np.median(np.abs(logs - median_log)))
+    median = float(np.median(clean))
+    if target_clip_rate is None:
+        tau = math.exp(median_log + k * MAD_TO_SIGMA * mad)
+        tau = min(max(tau, median), 10 * median)
+    else:
+        tau = float(np.quantile(clean, 1.0 - float(target_clip_rate)))
+    percentiles = {name: float(np.percentile(clean, q)) for name, q in PERCENTILES}
+    result.update(
+        threshold=tau, median=median, ratio_to_median=tau / median if median > 0 else None,
+        clip_rate_clean=_rate(clean, tau), clip_rate_raw=_rate(raw, tau),
+        current_clip_rate_clean=_rate(clean, current_threshold),
+        current_clip_rate_raw=_rate(raw, current_threshold),
+        clip_rate_at_1_clean=_rate(clean, 1.0), clip_rate_at_1_raw=_rate(raw, 1.0),
+        percentiles=percentiles)
+    candidates = [("recommended", tau)] + list(percentiles.items()) + [
+        ("2x median", 2 * median), ("1.0", 1.0)]
+    if current_threshold is not None:
+        candidates.append(("current", float(current_threshold)))
+    result["candidates"] = [{"label": label, "threshold": float(t), "clip_rate": _rate(clean, t),
+                             "clip_rate_raw": _rate(raw, t), "over": "clean window"}
+                            for label, t in candidates]
+    how = (f"the {100 * (1 - float(target_clip_rate)):.4g}th percentile" if target_clip_rate is not None
+           else f"median × exp({k:g}·1.4826·MAD) of the log norms")
+    shift = (f"; a level shift happened at step {shift_steps[-1]:,}" if shift_steps else "")
+    result["rationale"] = (
+        f"Clip at {_fmt(tau)} ({_fmt(tau / median) if median > 0 else 'n/a'}× the median norm "
+        f"{_fmt(median)}): {how} over {len(clean):,} clean steps of {w_steps[0]:,}–{w_steps[-1]:,}"
+        f"{regime_note}, with {spikes_left_out} spike(s) and {result['nonfinite_left_out']} "
+        f"non-finite step(s) left out{shift}; it would have clipped {_pct(result['clip_rate_clean'])} "
+        f"of the clean steps and {_pct(result['clip_rate_raw'])} of all steps in the window.")
+    return result
+
+
+RECOMMENDATION_KEYS = (
+    "threshold", "reason", "method", "k", "target_clip_rate", "median", "ratio_to_median",
+    "clip_rate_clean", "clip_rate_raw", "current_threshold", "current_clip_rate_clean",
+    "current_clip_rate_raw", "clip_rate_at_1_clean", "clip_rate_at_1_raw", "spikes_left_out",
+    "nonfinite_left_out", "transition_left_out", "level_shift", "level_shift_steps", "rationale",
+    "window", "percentiles_over", "percentiles", "candidates")
+
+
+# -- loss spikes ---------------------------------------------------------------------------
+def _steps_text(steps: Sequence[int]) -> str:
+    texts = [f"{s:,}" for s in steps]
+    if len(texts) == 1:
+        return f"the gradient spike at {texts[0]}"
+    return "the gradient spikes at " + ", ".join(texts[:-1]) + " and " + texts[-1]
+
+
+def loss_spikes(steps: Sequence[int] | np.ndarray, loss: Sequence[float | None] | np.ndarray,
+                grad_spike_steps: Sequence[int], *, lookback: int = 5, k: float = 5.0,
+                history: int = 200, warmup: int = 25, min_scale: float = 0.01) -> list[dict]:
+    """``loss_spike`` events: the robust rule on the loss, in linear space, one-sided.
+
+    Steps whose loss is None (not recorded) are left out; a NaN/inf loss is a
+    spike. Each event names the gradient spikes in the ``lookback`` steps up to
+    and including its step (a corrupted batch spikes both at once; a bad update
+    shows in the next steps' loss)::
+
+        {"kind": "loss_spike", "step": 1810,
+         "message": "loss spike at 1,810 followed the gradient spike at 1,807",
+         "detail": {"grad_steps": [1807], "loss": 4.2, "score": 9.1}}
+    """
+    pairs = [(int(s), v) for s, v in zip(steps, loss) if v is not None]
+    if not pairs:
+        return []
+    kept_steps = np.array([s for s, _ in pairs], dtype=np.int64)
+    values = np.array([v for _, v in pairs], dtype=np.float64)
+    found = robust_spikes(values, log=False, k=k, history=history, warmup=warmup, min_scale=min_scale)
+    grads = np.unique(np.asarray(list(grad_spike_steps), dtype=np.int64))
+    events = []
+    for i in np.flatnonzero(found.spike):
+        step = int(kept_steps[i])
+        lo, hi = np.searchsorted(grads, step - lookback), np.searchsorted(grads, step, side="right")
+        linked = [int(g) for g in grads[lo:hi]]
+        message = f"loss spike at {step:,}"
+        if linked:
+            message += f" followed {_steps_text(linked)}"
+        value = float(values[i])
+        events.append({"kind": "loss_spike", "step": step, "message": message,
+                       "detail": {"grad_steps": linked,
+                                  "loss": value if math.isfinite(value) else str(value),
+                                  "score": float(found.score[i]) if math.isfinite(found.score[i]) else None}})
+    return events

@@ -1,0 +1,162 @@
+"""RobustDetector against a plain-Python loop of the same rule; level shifts on hand-made sequences."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from gradwatch.clip import DetectorInfo, EMADetector, RobustDetector, ZScoreDetector
+
+
+def python_robust(norms, k=5.0, history=200, warmup=25, window=20, count=10, min_scale=0.01):
+    """Reference: lists and statistics.median; yields (score, spike, level_shift) per norm."""
+    hist, seen, recent, out = [], 0, [], []   # hist: oldest first, at most `history`
+    for x in norms:
+        if not math.isfinite(x):
+            out.append((None, True, False))
+            continue
+        lx = math.log(max(x, 1e-30))
+        if seen < warmup:
+            out.append((0.0, False, False))
+            fed, flagged = lx, False
+        else:
+            med = statistics.median(hist)
+            sd = max(1.4826 * statistics.median([abs(h - med) for h in hist]), min_scale)
+            z = (lx - med) / sd
+            flagged = z > k
+            fed = min(lx, med + k * sd)
+            out.append((z, flagged, False))
+        seen += 1
+        hist = (hist + [fed])[-history:]
+        recent = (recent + [(lx, flagged)])[-window:]
+        if flagged and sum(f for _, f in recent) > count:
+            out[-1] = (out[-1][0], False, True)
+            hist = [v for v, _ in recent]
+            recent = [(v, False) for v, _ in recent]
+    return out
+
+
+def run(detector, norms, compiled=False):
+    step = detector
+    if compiled:
+        step = mx.compile(lambda n: detector(n), inputs=detector.state, outputs=detector.state)
+    out = []
+    for x in norms:
+        info = step(mx.array(x, mx.float32))
+        assert isinstance(info, DetectorInfo)
+        mx.eval(info, detector.state)
+        out.append((info.score.item(), info.spike.item(), info.level_shift.item(), info.ready.item()))
+    return out
+
+
+def sequence(n=700, seed=0):
+    """Drifting log-normal norms with spikes, non-finite values, and a permanent 4x shift at 400."""
+    rng = np.random.default_rng(seed)
+    x = np.exp(np.linspace(1.0, -0.5, n) + 0.2 * rng.standard_normal(n))
+    x[400:] *= 4.0
+    for i in (60, 61, 150, 300, 520, 650):
+        x[i] *= 30.0
+    x[10] = np.nan          # in warm-up: not counted
+    x[200] = np.inf
+    x[405] = np.nan         # inside the shift: does not count towards it
+    return [float(np.float32(v)) for v in x]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_robust_detector_matches_python_loop(compiled):
+    norms = sequence()
+    ref = python_robust(norms)
+    got = run(RobustDetector(), norms, compiled)
+    assert [g[1] for g in got] == [r[1] for r in ref]
+    assert [g[2] for g in got] == [r[2] for r in ref]
+    for i, ((score, *_), (ref_score, *_)) in enumerate(zip(got, ref)):
+        if ref_score is not None:
+            assert score == pytest.approx(ref_score, rel=1e-4, abs=1e-4), i
+    # The reference itself finds what the sequence holds: the spikes, one shift, no other flags.
+    flagged = {i for i, r in enumerate(ref) if r[1]}
+    shifts = [i for i, r in enumerate(ref) if r[2]]
+    assert {60, 61, 150, 200, 300, 520, 650} <= flagged and 10 in flagged and 405 in flagged
+    assert len(shifts) == 1 and 400 < shifts[0] <= 430
+    assert flagged - {60, 61, 150, 200, 300, 520, 650, 10, 405} <= set(range(400, shifts[0]))
+
+
+def test_compiled_equals_eager_bit_for_bit():
+    norms = sequence(seed=3)
+    eager, compiled = RobustDetector(k=4.0, history=50), RobustDetector(k=4.0, history=50)
+    a, b = np.array(run(eager, norms, False), float), np.array(run(compiled, norms, True), float)
+    assert np.array_equal(a, b, equal_nan=True) and a[:, 2].sum() >= 1
+    for key in eager.state:
+        assert np.array_equal(np.array(eager.state[key]), np.array(compiled.state[key])), key
+
+
+def test_other_parameters_match_python_loop():
+    rng = np.random.default_rng(1)
+    norms = [float(np.float32(v)) for v in np.exp(0.3 * rng.standard_normal(300))]
+    norms[100:] = [v * 3 for v in norms[100:]]
+    norms[50] = 0.0      # a zero norm: low, never a spike
+    params = dict(k=3.0, history=40, warmup=10, window=8, count=3, min_scale=0.05)
+    ref = python_robust(norms, **params)
+    got = run(RobustDetector(k=3.0, history=40, warmup_steps=10, shift_window=8, shift_count=3,
+                             min_scale=0.05), norms)
+    assert [g[1:3] for g in got] == [r[1:3] for r in ref]
+    assert sum(r[2] for r in ref) >= 1 and not ref[50][1]
+
+
+def test_level_shift_hand_made():
+    """30 steps at 1.0 (with 1% wiggle), then 5.0 forever: 10 spikes, one shift on the 11th, then quiet."""
+    norms = [1.0 + 0.01 * ((i * 7) % 3 - 1) for i in range(30)] + [5.0] * 100
+    got = run(RobustDetector(), norms)
+    spikes = [i for i, g in enumerate(got) if g[1]]
+    shifts = [i for i, g in enumerate(got) if g[2]]
+    assert spikes == list(range(30, 40)) and shifts == [40]
+    assert not any(g[1] for g in got[40:])
+
+
+def test_nonfinite_is_a_spike_and_never_enters_history():
+    detector = RobustDetector(warmup_steps=3)
+    for x in (1.0, 1.1, 0.9):
+        detector(x)
+    before = {k: np.array(v) for k, v in detector.state.items()}
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        info = detector(bad)
+        assert info.spike.item() and not info.level_shift.item()
+        for key, value in detector.state.items():
+            assert np.array_equal(np.array(value), before[key]), key
+    info = detector(1.0)
+    assert info.ready.item() and not info.spike.item()
+    assert info.baseline.item() == pytest.approx(1.0)
+
+
+def test_spike_feeds_the_capped_value():
+    detector = RobustDetector(warmup_steps=3, min_scale=0.1)
+    for x in (1.0, 1.0, 1.0):
+        detector(x)
+    info = detector(1000.0)
+    assert info.spike.item()
+    # MAD is 0, so the scale is min_scale and the cap is median + k*scale in log space.
+    assert np.array(detector.state["history"])[3] == pytest.approx(0.0 + 5.0 * 0.1)
+
+
+def test_columns_and_config():
+    info = RobustDetector()(1.0)
+    assert set(RobustDetector().columns(info)) == {"robust_z", "level_shift"}
+    z = ZScoreDetector()(1.0)
+    assert list(ZScoreDetector().columns(z)) == ["z"] and list(EMADetector().columns(z)) == ["ema"]
+    assert z.level_shift.item() is False
+    assert RobustDetector().config() == {"name": "robust", "k": 5.0, "history": 200, "warmup_steps": 25,
+                                         "shift_window": 20, "shift_count": 10, "min_scale": 0.01}
+    json.dumps(RobustDetector().config(), allow_nan=False)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: RobustDetector(k=0), lambda: RobustDetector(history=2), lambda: RobustDetector(warmup_steps=0),
+    lambda: RobustDetector(shift_window=30, history=20), lambda: RobustDetector(shift_count=20),
+    lambda: RobustDetector(min_scale=float("nan")),
+])
+def test_bad_arguments_are_refused(make):
+    with pytest.raises(ValueError):
+        make()
