@@ -201,7 +201,7 @@ class GradWatch:
                     "gradwatch: watch.record() found no record in watch.state: call "
                     "`grads, record = watch.compute(grads, loss, lr)` inside your compiled step, with "
                     "watch.state among its inputs and outputs. See examples/train_compiled.py.")
-        if record is self._last_record:
+        if step is None and record is self._last_record:
             return  # recorded already
         if self._recorder.state["step"] is self._recorder.built_step:
             # The counter is still the array the last compute() wrote: either no compile at
