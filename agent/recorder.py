@@ -93,7 +93,8 @@ class CompiledStepError(RuntimeError):
 
 
 STEP_IN_COMPILE = (
-    "gradwatch: GradWatch.step() ran inside mx.compile, where it cannot hand records to Python. "
+    "gradwatch: GradWatch.step() (or record()) ran inside mx.compile, where it cannot hand records "
+    "to Python. "
     "Inside the compiled function call `grads, record = watch.compute(grads, loss, lr)` and add "
     "`watch.state` to the compile's inputs AND outputs (e.g. `state = [model.state, optimizer.state, "
     "watch.state]`); after your mx.eval call `watch.record()`. For mlx_lm's trainer use "
@@ -141,7 +142,6 @@ class Recorder:
         self._pending: _Pending | None = None
         self.shapes: dict[str, list[int]] = {}
         self.last_step: int | None = None  # the step of the last record taken
-        self.built_step: mx.array | None = None  # the counter the last build() wrote
         # The arrays a compiled step takes in and gives back (`inputs=`/`outputs=`); "record"
         # is the last vector `compute()` built, so it rides out of the compiled step with them.
         self.state = {"clipper": getattr(clipper, "state", {}) if clipper is not None else {},
@@ -212,7 +212,7 @@ class Recorder:
         # The layout id travels in the vector: a constant of this trace (exact in float32).
         values.append(mx.array(float(layout_id), dtype=mx.float32))
         vector = mx.stack(values)
-        self.state["step"] = self.built_step = step + 1
+        self.state["step"] = step + 1
         if keep:
             self.state["record"] = vector
 

@@ -31,8 +31,8 @@ import mlx.core as mx
 from gradwatch.clip import EMADetector, ZScoreDetector
 
 from .buffer import RecordBuffer
-from .recorder import (CompiledStepError, NonFiniteGradientError, Recorder, RecordError, StepRecord,
-                       compile_error)
+from .recorder import (STATE_NOT_OUTPUT, CompiledStepError, NonFiniteGradientError, Recorder, RecordError,
+                       StepRecord, compile_error)
 from .sender import DEFAULT_BATCH_BYTES, Sender, Stats
 from .spool import DEFAULT_CAP_BYTES, Spool
 from .transport import WebSocketTransport
@@ -112,6 +112,7 @@ class GradWatch:
         self._compiled = (mx.compile(self._recorder.build, inputs=self._recorder.state,
                                      outputs=self._recorder.state) if compile else self._recorder.build)
         self._last_record: mx.array | None = None  # what record() held last
+        self._traced = False  # the last compute() ran in a trace with watch.state as input
         self._recorded = 0
         self._buffered = 0
         self._child_dropped: dict[str, int] = {}  # in a forked child, which has no sender
@@ -183,6 +184,15 @@ class GradWatch:
         for name in ("loss", "lr"):
             if name in arrays and not isinstance(arrays[name], mx.array):
                 arrays[name] = mx.array(arrays[name], dtype=mx.float32)
+        # Traced with watch.state among the inputs? Then the counter is a tracer (outside a
+        # compile it is a computed scalar, and reading it costs nothing).
+        try:
+            memoryview(self._recorder.state["step"])
+            self._traced = False
+        except RuntimeError as error:
+            if "function transformations" not in str(error):
+                raise CompiledStepError(STATE_NOT_OUTPUT) from None
+            self._traced = True
         return self._recorder.build(grads, arrays, keep=True)
 
     def record(self, record: mx.array | None = None, loss: Any = None, lr: Any = None, *,
@@ -203,9 +213,10 @@ class GradWatch:
                     "watch.state among its inputs and outputs. See examples/train_compiled.py.")
         if step is None and record is self._last_record:
             return  # recorded already
-        if self._recorder.state["step"] is self._recorder.built_step:
-            # The counter is still the array the last compute() wrote: either no compile at
-            # all (then reading it costs a scalar) or a trace whose outputs left it behind.
+        if self._traced:
+            # compute() ran in a trace: with watch.state among the outputs the counter is now
+            # a computed scalar (reading it costs nothing after your eval); without, it is a
+            # left-over tracer, and reading it fails at once.
             try:
                 memoryview(self._recorder.state["step"])
             except RuntimeError as error:
