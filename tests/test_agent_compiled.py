@@ -188,3 +188,40 @@ def test_eager_step_fills_the_tensor_shapes_too(tmp_path):
     mx.eval(watch.step({"a": mx.ones((2, 3)), "b": [mx.ones((4,))]}))
     assert watch._sender.meta["tensors"] == {"names": ["a", "b.0"], "shapes": {"a": [2, 3], "b.0": [4]}}
     watch.close()
+
+
+def test_the_compiled_example_streams_to_the_server_named_by_gradwatch_url(tmp_path):
+    """examples/train_compiled.py with no --url: GRADWATCH_URL names the server."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from tests.procs import ServerProcess
+
+    root = Path(__file__).resolve().parent.parent
+    with ServerProcess(f"sqlite:///{tmp_path / 'db.sqlite'}") as server:
+        env = {**os.environ, "GRADWATCH_URL": server.url}
+        env.pop("GRADWATCH_TOKEN", None)
+        done = subprocess.run([sys.executable, str(root / "examples" / "train_compiled.py"), "--steps", "30"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr
+        with urllib.request.urlopen(f"{server.url}/api/runs/compiled-mlp/series?points=1000", timeout=30) as answer:
+            series = json.loads(answer.read())
+    assert series["step"] == list(range(30))
+
+
+def test_url_not_given_reads_the_environment_and_url_none_does_not(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADWATCH_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("GRADWATCH_TOKEN", "secret")
+    from_env = GradWatch("env", spool_dir=tmp_path / "a")
+    spool_only = GradWatch("none", url=None, spool_dir=tmp_path / "b")
+    try:
+        assert from_env.url == "http://127.0.0.1:9" and from_env._sender.transport is not None
+        assert from_env._sender.transport.token == "secret"
+        assert spool_only.url is None and spool_only._sender.transport is None
+    finally:
+        from_env.close(timeout=1)
+        spool_only.close(timeout=1)
