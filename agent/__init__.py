@@ -7,8 +7,8 @@
         ...
         grads = watch.step(grads, loss=loss)
 """
-from .recorder import NonFiniteGradientError
+from .recorder import CompiledStepError, NonFiniteGradientError
 from .sender import Stats
 from .watch import GradWatch
 
-__all__ = ["GradWatch", "NonFiniteGradientError", "Stats"]
+__all__ = ["CompiledStepError", "GradWatch", "NonFiniteGradientError", "Stats"]

@@ -6,7 +6,16 @@ detector scores, loss, learning rate, per-tensor norms) into ONE float32
 vector. The returned gradients are tied to that vector and to the new
 clipper/detector state with `mx.depends`, so the user's own
 `mx.eval(model.parameters(), ...)` computes them in the same graph
-evaluation as the update: the agent adds no evaluation of its own.
+evaluation as the update: the agent adds no evaluation of its own. One
+leaf carries the tie (the first gradient in tree order): any update that
+uses the gradients evaluates it, and a `depends` per leaf cost ~50% of a
+step with hundreds of small tensors.
+
+The step number is state too (`state["step"]`, an int64 counter), and every
+vector carries the number it was built for: a compiled step that runs
+without its Python (`record()` skipped, called twice, called late) cannot
+renumber steps, and a counter that does not advance shows that the state was
+left out of a compiled step's inputs.
 
 `Recorder.take` runs on the next step (or at flush): the vector is already
 computed, and one `memoryview` copy turns it into a `StepRecord` of bytes.
@@ -43,6 +52,11 @@ class Layout(NamedTuple):
         return len(self.columns) + len(self.tensor_names)
 
 
+#: A vector is `layout.width` values, then the step (two exact float32 parts), then the layout id.
+TRAILER = 3
+_STEP_SPLIT = 1 << 24  # both parts of a step below 2**48 are exact in float32
+
+
 class StepRecord(NamedTuple):
     """One step as plain data: what the training thread hands to the sender."""
 
@@ -74,18 +88,50 @@ class NonFiniteGradientError(FloatingPointError):
                          f"{run!r} (clipper nonfinite='raise'); the step is recorded and was sent")
 
 
+class CompiledStepError(RuntimeError):
+    """gradwatch used the wrong way inside (or around) an `mx.compile`d step; the message says how."""
+
+
+STEP_IN_COMPILE = (
+    "gradwatch: GradWatch.step() (or record()) ran inside mx.compile, where it cannot hand records "
+    "to Python. "
+    "Inside the compiled function call `grads, record = watch.compute(grads, loss, lr)` and add "
+    "`watch.state` to the compile's inputs AND outputs (e.g. `state = [model.state, optimizer.state, "
+    "watch.state]`); after your mx.eval call `watch.record()`. For mlx_lm's trainer use "
+    "gradwatch.agent.integrations.mlx_lm.train. See examples/train_compiled.py.")
+STATE_NOT_OUTPUT = (
+    "gradwatch: watch.state is not among the outputs of your mx.compile (its arrays are left-over "
+    "tracers): pass `outputs=[..., watch.state]` (and `inputs=[..., watch.state]`) to mx.compile. "
+    "See examples/train_compiled.py.")
+STATE_NOT_INPUT = (
+    "gradwatch: the record of step {got} follows step {last}: watch.state is not among the inputs of "
+    "your mx.compile (the trace froze its first values): pass `inputs=[..., watch.state]` and "
+    "`outputs=[..., watch.state]` to mx.compile. See examples/train_compiled.py.")
+
+
+def compile_error(error: RuntimeError, source: str) -> CompiledStepError | None:
+    """Our explanation of MLX's error when reading a record, or None for another error."""
+    text = str(error)
+    if "function transformations" in text:  # read while tracing: step() inside a compile
+        return CompiledStepError(STEP_IN_COMPILE)
+    if "without a primitive" in text:  # a tracer left over from a finished trace
+        return CompiledStepError(STEP_IN_COMPILE if source == "step" else STATE_NOT_OUTPUT)
+    return None
+
+
 class _Pending(NamedTuple):
-    step: int
+    step: int | None  # None: the number the vector carries
     time: float
     vector: mx.array
-    extras: dict[str, float]
+    extras: dict[str, Any]  # floats, or mx.arrays read one step late (never forced on the call)
+    source: str = "step"  # "step" or "record"
 
 
 class Recorder:
     """Builds a step's lazy vector, keeps it until the next step, converts it then."""
 
     def __init__(self, clipper: Any = None, detectors: Sequence[Any] = (), tensor_norms: bool = True,
-                 skip_spikes: bool = False):
+                 skip_spikes: bool = False, start_step: int = 0):
         self.clipper = clipper
         self.detectors = list(detectors)
         self.skip_spikes = skip_spikes
@@ -97,14 +143,21 @@ class Recorder:
         self._with_extras: dict[tuple, Layout] = {}
         self._pending: _Pending | None = None
         self.shapes: dict[str, list[int]] = {}
-        # The arrays a compiled step takes in and gives back (`inputs=`/`outputs=`).
+        self.last_step: int | None = None  # the step of the last record taken
+        # The arrays a compiled step takes in and gives back (`inputs=`/`outputs=`); "record"
+        # is the last vector `compute()` built, so it rides out of the compiled step with them.
         self.state = {"clipper": getattr(clipper, "state", {}) if clipper is not None else {},
-                      "detectors": [detector.state for detector in self.detectors]}
+                      "detectors": [detector.state for detector in self.detectors],
+                      "step": mx.array(int(start_step), dtype=mx.int64),
+                      "record": mx.zeros((0,), dtype=mx.float32)}
 
     # -- the lazy part (may run inside mx.compile) --------------------------
-    def build(self, grads: Any, arrays: dict[str, mx.array]) -> tuple[Any, mx.array]:
-        """`(clipped grads, record vector)`; `arrays` may hold `params`, `loss`, `lr`."""
+    def build(self, grads: Any, arrays: dict[str, mx.array], keep: bool = False) -> tuple[Any, mx.array]:
+        """`(clipped grads, record vector)`; `arrays` may hold `params`, `loss`, `lr`;
+        `keep` also stores the vector as `state["record"]` (the compiled API)."""
         params = arrays.get("params")
+        flat_grads = tree_flatten(grads)
+        self.shapes = {name: list(leaf.shape) for name, leaf in flat_grads if isinstance(leaf, mx.array)}
         if self.clipper is not None:
             clipped, info = self.clipper(grads, params=params)
             pre_norm, norms = info.pre_norm, info.tensor_norms
@@ -163,49 +216,70 @@ class Recorder:
         if layout_id is None:
             layout_id = self._layout_ids[layout] = len(self._layouts)
             self._layouts.append(layout)
+        step = self.state["step"]
+        values.append((step // _STEP_SPLIT).astype(mx.float32))
+        values.append((step % _STEP_SPLIT).astype(mx.float32))
         # The layout id travels in the vector: a constant of this trace (exact in float32).
         values.append(mx.array(float(layout_id), dtype=mx.float32))
         vector = mx.stack(values)
+        self.state["step"] = step + 1
+        if keep:
+            self.state["record"] = vector
 
-        # Tie the vector and the new state to the gradients the user will evaluate.
+        # Tie the vector and the new state to ONE gradient the user will evaluate.
         flat = tree_flatten(clipped)
-        state_leaves = [leaf for _, leaf in tree_flatten(self.state)]
-        tied = mx.depends([leaf for _, leaf in flat], [vector, *state_leaves])
-        return tree_unflatten([(name, leaf) for (name, _), leaf in zip(flat, tied)]), vector
+        if not flat:
+            return clipped, vector
+        state_leaves = [leaf for name, leaf in tree_flatten(self.state) if name != "record"]
+        (tied,) = mx.depends([flat[0][1]], [vector, *state_leaves])
+        flat[0] = (flat[0][0], tied)
+        return tree_unflatten(flat), vector
 
     # -- the Python part (training thread, outside any compile) --------------
-    def hold(self, step: int, vector: mx.array, extras: dict[str, float]) -> None:
-        """Keep this step's lazy vector until the next step."""
-        self._pending = _Pending(step, time.time(), vector, extras)
+    def hold(self, step: int | None, vector: mx.array, extras: dict[str, Any], source: str = "step") -> None:
+        """Keep this step's lazy vector until the next step (`step` None: the vector's own)."""
+        self._pending = _Pending(step, time.time(), vector, extras, source)
 
     def take(self) -> StepRecord | None:
         """The held step as plain numbers (its vector was computed by the user's eval).
-        Raises `RecordError` for a vector that does not match the layout it names."""
+        Raises `RecordError` for a vector that does not match the layout it names and
+        `CompiledStepError` for gradwatch misused around `mx.compile`."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        view = memoryview(pending.vector)
+        try:
+            view = memoryview(pending.vector)
+        except RuntimeError as error:
+            explained = compile_error(error, pending.source)
+            if explained is None:
+                raise
+            raise explained from None
         size = len(view) if view.ndim == 1 else -1
         layout_id = view[-1] if size > 0 else -1.0
         layout = None
         if 0 <= layout_id < len(self._layouts) and layout_id == int(layout_id):  # False for NaN
             layout_id = int(layout_id)
             layout = self._layouts[layout_id]
-        if layout is None or size != layout.width + 1:
+        if layout is None or size != layout.width + TRAILER:
             raise RecordError(f"gradwatch: the record of step {pending.step} ({size} values, layout id "
                               f"{layout_id}) matches no layout this watch built; the step is dropped")
+        step = pending.step
+        if step is None:
+            step = int(view[-3]) * _STEP_SPLIT + int(view[-2])
+            if self.last_step is not None and step <= self.last_step:
+                last, self.last_step = self.last_step, None
+                raise CompiledStepError(STATE_NOT_INPUT.format(got=step, last=last))
+        self.last_step = step
         extras = pending.extras
         if extras:
+            extras = {name: float(value.item() if isinstance(value, mx.array) else value)
+                      for name, value in extras.items()}
             key = (layout_id, tuple(extras))
             with_extras = self._with_extras.get(key)
             if with_extras is None:  # one Layout object per shape of step, not one per step
                 with_extras = self._with_extras[key] = layout._replace(extra_columns=key[1])
             layout = with_extras
-        return StepRecord(pending.step, pending.time, layout, bytes(view[:-1]), tuple(extras.values()))
+        return StepRecord(step, pending.time, layout, bytes(view[:-TRAILER]), tuple(extras.values()))
 
     def drop_pending(self) -> None:
         self._pending = None
-
-    def note_shapes(self, grads: Any) -> None:
-        self.shapes = {name: list(leaf.shape) for name, leaf in tree_flatten(grads)
-                       if isinstance(leaf, mx.array)}

@@ -31,12 +31,14 @@ import mlx.core as mx
 from gradwatch.clip import RobustDetector, apply_update
 
 from .buffer import RecordBuffer
-from .recorder import NonFiniteGradientError, Recorder, RecordError, StepRecord
+from .recorder import (STATE_NOT_OUTPUT, CompiledStepError, NonFiniteGradientError, Recorder, RecordError,
+                       StepRecord, compile_error)
 from .sender import DEFAULT_BATCH_BYTES, Sender, Stats
 from .spool import DEFAULT_CAP_BYTES, Spool
 from .transport import WebSocketTransport
 
 DEFAULT_SPOOL_ROOT = "gradwatch-spool"
+_FROM_ENV: Any = type("FromEnvironment", (), {"__repr__": lambda self: "<GRADWATCH_URL>"})()
 _LIVE: "weakref.WeakSet[GradWatch]" = weakref.WeakSet()
 
 
@@ -50,14 +52,16 @@ class GradWatch:
 
     Args:
         run: run name on the server (one run = one series of steps).
-        url: server address, `http://host:port`; None writes the spool only
-            (upload it later with `gradwatch push DIR`).
+        url: server address, `http://host:port`. Not given: `GRADWATCH_URL` when set,
+            else the spool only. None (given): the spool only, whatever the
+            environment says (upload it later with `gradwatch push DIR`).
         clipper: a `gradwatch.clip` clipper (`GlobalNorm(1.0)`, ...); None
             monitors without clipping (the gradients are returned unchanged).
         detectors: spike detectors on the pre-clip norm; default
             `[RobustDetector()]` (median/MAD of the log norm, docs/diagnostics.md),
             `[]` for none.
-        token: write token of the server (`gradwatch serve --token`).
+        token: write token of the server (`gradwatch serve --token`); not given:
+            `GRADWATCH_TOKEN` when set.
         spool_dir: folder for this run's spool (default `./gradwatch-spool/<run>/`).
         skip_spikes: skip the whole optimizer step on a spike (as the detectors
             flag it, non-finite norms included); takes effect through
@@ -81,7 +85,7 @@ class GradWatch:
             sender cuts messages smaller when the server's limit is lower).
     """
 
-    def __init__(self, run: str, url: str | None = None, clipper: Any = None,
+    def __init__(self, run: str, url: str | None = _FROM_ENV, clipper: Any = None,
                  detectors: Sequence[Any] | None = None, token: str | None = None,
                  spool_dir: str | os.PathLike | None = None, tensor_norms: bool = True, *,
                  config: dict | None = None, compile: bool = True, all_ranks: bool = False,
@@ -101,16 +105,22 @@ class GradWatch:
         if all_ranks and self.world_size > 1:
             run = f"{run}-rank{self.rank}"
         self.run = run
+        if url is _FROM_ENV:
+            url = os.environ.get("GRADWATCH_URL") or None
+        if token is None:
+            token = os.environ.get("GRADWATCH_TOKEN") or None
         self.url = url
         self.config = config
         self.close_timeout = float(close_timeout)
         self.recording = self.rank == 0 or all_ranks
         self.spool_dir = Path(spool_dir) if spool_dir is not None else default_spool_dir(run)
         self._raise_nonfinite = getattr(clipper, "nonfinite", None) == "raise"
-        self._recorder = Recorder(clipper, self.detectors, tensor_norms, skip_spikes=self.skip_spikes)
+        self._recorder = Recorder(clipper, self.detectors, tensor_norms, skip_spikes=self.skip_spikes,
+                                  start_step=start_step)
         self._compiled = (mx.compile(self._recorder.build, inputs=self._recorder.state,
                                      outputs=self._recorder.state) if compile else self._recorder.build)
-        self._next_step = int(start_step)
+        self._last_record: mx.array | None = None  # what record() held last
+        self._traced = False  # the last compute() ran in a trace with watch.state as input
         self._recorded = 0
         self._buffered = 0
         self._child_dropped: dict[str, int] = {}  # in a forked child, which has no sender
@@ -133,8 +143,12 @@ class GradWatch:
     # -- the training loop -----------------------------------------------------
     def step(self, grads: Any, loss: Any = None, lr: Any = None, params: Any = None) -> Any:
         """Clip `grads` (when a clipper is set) and record this step; returns the gradients
-        to give the optimizer. Lazy: nothing is evaluated here."""
+        to give the optimizer. Lazy: nothing is evaluated here.
+
+        Not for use inside `mx.compile` (it raises `CompiledStepError`): there, use
+        `compute()` inside and `record()` outside."""
         self._emit_pending(raise_nonfinite=True)
+        self._check_not_tracing()
         arrays: dict[str, mx.array] = {}
         extras: dict[str, float] = {}
         if params is not None:
@@ -145,28 +159,83 @@ class GradWatch:
             elif value is not None:
                 extras[name] = float(value)
         clipped, vector = self._compiled(grads, arrays)
-        self._hold(vector, extras, grads)
+        self._hold(vector, extras, None, "step")
         return clipped
+
+    def _check_not_tracing(self) -> None:
+        """Inside an `mx.compile` trace that has `watch.state` among its inputs, the step
+        counter is a tracer: reading it fails at once (outside, it is a computed scalar and
+        reading it costs nothing)."""
+        try:
+            memoryview(self._recorder.state["step"])
+        except RuntimeError as error:
+            explained = compile_error(error, "step")
+            if explained is None:
+                raise
+            raise explained from None
 
     @property
     def state(self) -> dict:
-        """The clipper's and detectors' arrays, for `mx.compile(inputs=..., outputs=...)`
-        of a training step that calls `compute()`."""
+        """The arrays a compiled step that calls `compute()` must take in and give back:
+        `mx.compile(step, inputs=[..., watch.state], outputs=[..., watch.state])`. Holds
+        the clipper's and detectors' state, the step counter and the last record."""
         return self._recorder.state
 
     def compute(self, grads: Any, loss: mx.array | None = None, lr: mx.array | None = None,
                 params: Any = None) -> tuple[Any, mx.array]:
-        """The pure part of `step()`, for use inside your own `mx.compile`d step:
-        returns `(grads, record)`; pass `record` to `record()` outside the compiled function."""
+        """The pure part of `step()`, for use inside your own `mx.compile`d step (with
+        `watch.state` among its inputs and outputs): returns `(grads, record)` and keeps
+        `record` in `watch.state`; call `watch.record()` after your `mx.eval`.
+        Pass `loss`/`lr` here as arrays: they are then part of the record, never a sync."""
         arrays = {name: value for name, value in (("params", params), ("loss", loss), ("lr", lr))
                   if value is not None}
-        return self._recorder.build(grads, arrays)
+        for name in ("loss", "lr"):
+            if name in arrays and not isinstance(arrays[name], mx.array):
+                arrays[name] = mx.array(arrays[name], dtype=mx.float32)
+        # Traced with watch.state among the inputs? Then the counter is a tracer (outside a
+        # compile it is a computed scalar, and reading it costs nothing).
+        try:
+            memoryview(self._recorder.state["step"])
+            self._traced = False
+        except RuntimeError as error:
+            if "function transformations" not in str(error):
+                raise CompiledStepError(STATE_NOT_OUTPUT) from None
+            self._traced = True
+        return self._recorder.build(grads, arrays, keep=True)
 
-    def record(self, record: mx.array, lr: float | None = None, loss: float | None = None) -> None:
-        """Record a step computed by `compute()` (Python floats `lr`/`loss` go beside it)."""
+    def record(self, record: mx.array | None = None, loss: Any = None, lr: Any = None, *,
+               step: int | None = None) -> None:
+        """Record the step that `compute()` built; call it outside the compiled function,
+        after your `mx.eval`. `record` defaults to the one kept in `watch.state`. Each
+        record carries its step number (`step=` overrides it), so a call skipped or made
+        late never renumbers steps; calling twice for one record records it once.
+        Python `loss`/`lr` go beside the record; `mx.array`s are read one step late, when
+        your eval has computed them (never forced here)."""
         self._emit_pending(raise_nonfinite=True)
-        extras = {name: float(value) for name, value in (("loss", loss), ("lr", lr)) if value is not None}
-        self._hold(record, extras, None)
+        if record is None:
+            record = self._recorder.state["record"]
+            if record.size == 0:
+                raise CompiledStepError(
+                    "gradwatch: watch.record() found no record in watch.state: call "
+                    "`grads, record = watch.compute(grads, loss, lr)` inside your compiled step, with "
+                    "watch.state among its inputs and outputs. See examples/train_compiled.py.")
+        if step is None and record is self._last_record:
+            return  # recorded already
+        if self._traced:
+            # compute() ran in a trace: with watch.state among the outputs the counter is now
+            # a computed scalar (reading it costs nothing after your eval); without, it is a
+            # left-over tracer, and reading it fails at once.
+            try:
+                memoryview(self._recorder.state["step"])
+            except RuntimeError as error:
+                explained = compile_error(error, "record")
+                if explained is None:
+                    raise
+                raise explained from None
+        self._last_record = record
+        extras = {name: value if isinstance(value, mx.array) else float(value)
+                  for name, value in (("loss", loss), ("lr", lr)) if value is not None}
+        self._hold(record, extras, step, "record")
 
     def update(self, optimizer: Any, model: Any, grads: Any) -> None:
         """`optimizer.update(model, grads)` for the step just recorded, skipped (parameters
@@ -177,13 +246,12 @@ class GradWatch:
         skip = vector[index] != 0 if index is not None and vector is not None else None
         apply_update(optimizer, model, grads, skip)
 
-    def _hold(self, vector: mx.array, extras: dict, grads: Any) -> None:
+    def _hold(self, vector: mx.array, extras: dict, step: int | None, source: str) -> None:
         self._last_vector = vector
         if self.recording and not self._closed:
-            self._recorder.hold(self._next_step, vector, extras)
+            self._recorder.hold(step, vector, extras, source)
             if not self._meta_sent:
-                self._send_meta(grads)
-        self._next_step += 1
+                self._send_meta()
 
     def _emit_pending(self, raise_nonfinite: bool) -> None:
         """Hand the previous step to the sender: O(1), no I/O, never waits. A full buffer
@@ -211,10 +279,8 @@ class GradWatch:
         if raise_nonfinite and self._raise_nonfinite and record.value("nonfinite"):
             raise NonFiniteGradientError(record.step, record.value("pre_norm"), self.run)
 
-    def _send_meta(self, grads: Any) -> None:
+    def _send_meta(self) -> None:
         self._meta_sent = True
-        if grads is not None:
-            self._recorder.note_shapes(grads)
         layout = self._recorder.last_layout
         meta = {
             "clipper": self.clipper.config() if self.clipper is not None else None,

@@ -499,7 +499,7 @@ def test_alternating_user_compiled_steps_with_compute_and_record(tmp_path):
     """The same with the user's own mx.compile around `compute()`: `record()` gets only the
     vector, which must say by itself which layout it has."""
     watch = GradWatch("user-shapes", spool_dir=tmp_path, detectors=[])
-    compiled = mx.compile(lambda grads: watch.compute(grads)[1])
+    compiled = mx.compile(lambda grads: watch.compute(grads)[1], inputs=watch.state, outputs=watch.state)
     trees = [(_shape_a if step % 2 == 0 else _shape_b)(step) for step in range(20)]
     for tree in trees:
         record = compiled(tree)
