@@ -144,13 +144,22 @@ def test_a_corrupt_spool_tail_is_skipped_and_the_rest_pushed(server, tmp_path):
     with GradWatch("torn", spool_dir=spool_dir, batch_steps=100, detectors=[]) as watch:
         for step in range(1_000):
             mx.eval(watch.step(grads_of(step), loss=step / 4))
+            if step == 499:
+                assert watch.flush()  # steps 0..499 end a frame: the spool holds at least two
     (segment,) = sorted(spool_dir.glob("*.gws"))
     data = segment.read_bytes()
-    segment.write_bytes(data[:-50] + b"\x00garbage")  # the last batch torn, junk after it
+    # However the sender cut its batches: tear the last frame, keep every frame before it.
+    frames = list(read_frames(data))
+    assert len(frames) >= 2 and frames[-1][1] == len(data)
+    last_start, _, last_payload, _ = frames[-1]
+    kept = min(json.loads(last_payload)["batch"]["step"])  # steps 0..kept-1 are in intact frames
+    assert kept > 0 and sum(steps for *_, steps in frames[:-1]) == kept
+    torn = data[:last_start + (len(data) - last_start) // 2]  # the last frame torn halfway
+    segment.write_bytes(torn + b"\x00garbage")  # and junk after it
     result = push(spool_dir, server.url)
     assert result.returncode == 0, result.stderr
     assert "torn or corrupt tail" in result.stderr
-    check_series(stored(server, "torn"), 900)  # batches 0..8 intact, the 10th lost
+    check_series(stored(server, "torn"), kept)  # every intact frame, the torn one lost
     # The rest of the spool was acknowledged: a second push sends nothing.
     assert "0 step(s) sent" in push(spool_dir, server.url).stdout
 
