@@ -8,7 +8,7 @@
         grads = watch.step(grads, loss=loss)
 """
 from .recorder import NonFiniteGradientError
-from .sender import Stats
+from .stats import FlushResult, Stats
 from .watch import GradWatch
 
-__all__ = ["GradWatch", "NonFiniteGradientError", "Stats"]
+__all__ = ["FlushResult", "GradWatch", "NonFiniteGradientError", "Stats"]

@@ -108,7 +108,8 @@ def test_every_step_is_stored_exactly_once_through_repeated_server_kills(server,
     check_series(stored(server, "kills"), steps)
     stats = watch.stats
     assert stats.recorded == steps and not stats.dropped
-    assert stats.spooled > 0  # the kills did send data to the spool
+    assert stats.spooled_total > 0  # the kills did send data to the spool
+    assert stats.spooled == 0 and stats.pending == 0  # and all of it went on to the server
     assert stats.accepted == steps and stats.conflicts == 0
     # Nothing left to replay: the spool was drained and acknowledged.
     assert not list((tmp_path / "spool").glob("*.gws"))
@@ -191,11 +192,14 @@ def test_drops_past_the_spool_cap_are_reported_to_the_server_as_a_drop_event(tmp
                       batch_steps=50, batch_interval=0.05, backoff_cap=0.5, detectors=[])
     for step in range(2_000):  # server not started yet: spool, then drop past the cap
         mx.eval(watch.step(grads_of(step), loss=step / 4))
-    watch.flush(timeout=10)
+    offline = watch.flush(timeout=1)
     dropped = watch.stats.dropped.get("spool_full", 0)
-    assert dropped > 0
+    assert dropped > 0 and not offline and offline.unreachable and offline.dropped == dropped
+    assert offline.pending == 0 and offline.spooled == 2_000 - dropped  # kept: durable on disk
     with server:
-        assert watch.flush(timeout=30)
+        result = watch.flush(timeout=30)
+        # Falsy (steps were dropped), but everything kept is acknowledged now.
+        assert not result and result.spooled == 0 and result.pending == 0 and not result.unreachable
         kept = watch.stats.recorded - dropped
         assert wait_for_steps(server, "dropping", kept) == kept
         deadline = time.monotonic() + 20
@@ -310,8 +314,11 @@ def test_a_single_step_over_the_servers_limit_is_set_aside_once_not_resent_forev
                 for step in range(5):  # 400 tensors: ~10 kB a step
                     mx.eval(watch.step(wide_grads(step, 400)))
                 started = time.monotonic()
-                assert watch.flush(timeout=60)
+                result = watch.flush(timeout=60)
                 assert time.monotonic() - started < 30  # a hang check, not a performance claim
+                # Falsy: the five steps are set aside (dropped as too_big); nothing else waits.
+                assert not result and not result.timed_out and result.dropped == 5
+                assert result.pending == 0 and result.spooled == 0
         assert sum("one step of run" in str(warning.message) for warning in caught) == 1
         stats = watch.stats
         assert stats.dropped == {"too_big": 5} and stats.acked == 0
