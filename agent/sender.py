@@ -37,12 +37,12 @@ import shlex
 import threading
 import time
 import warnings
-from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Sequence
 
 from .buffer import RecordBuffer
 from .connection import Backoff, Connector
+from .drops import DropLedger
 from .encoding import DEFAULT_BATCH_BYTES, encode_batches, encode_chunk, encode_within, layout_runs
 from .recorder import StepRecord
 from .spool import Position, Spool, SpoolBusy
@@ -89,10 +89,7 @@ class Sender:
         self._meta_acked = False
         self._meta_version = 0
         self._meta_spooled = -1
-        self._unreported: Counter = Counter()
-        # Drops counted by the training thread (it only ever writes here; no lock on its path).
-        self.training_drops: dict[str, int] = {}
-        self._training_drops_seen: dict[str, int] = {}
+        self.drops = DropLedger()
         self._open: list[StepRecord] = []
         self._open_since = 0.0
         self._held = 0  # records taken from the buffer and not yet acked, spooled or dropped
@@ -123,24 +120,16 @@ class Sender:
 
     def report_drops(self, dropped: dict[str, int]) -> None:
         """Drops counted by an earlier process (a spool's drops.json), to report as an event."""
-        with self._cond:
-            self._unreported.update({str(reason): int(count) for reason, count in dropped.items()})
+        self.drops.report_earlier(dropped)
 
     def count_training_drop(self, reason: str) -> None:
         """A record the training thread could not hand over (the buffer was full): O(1), no
         lock, no I/O. The sender thread folds these into `stats` and the drop report."""
-        drops = self.training_drops
-        drops[reason] = drops.get(reason, 0) + 1
+        self.drops.count_training(reason)
 
     def dropped(self) -> dict[str, int]:
         """Drops by reason, including those the training thread counted a moment ago."""
-        with self._cond:
-            dropped = dict(self.stats.dropped)
-            for reason, count in self.training_drops.copy().items():
-                unseen = count - self._training_drops_seen.get(reason, 0)
-                if unseen:
-                    dropped[reason] = dropped.get(reason, 0) + unseen
-        return dropped
+        return self.drops.totals()
 
     def snapshot(self) -> Stats:
         """The counts now, `spooled` and `pending` included."""
@@ -159,12 +148,10 @@ class Sender:
         """Connected, and the spool, the in-flight window, the metadata and the drop
         counts are all acknowledged (what `gradwatch push` waits for)."""
         return (self.stats.connected and not self.window and self._idle()
-                and (self._meta_acked or self.meta is None) and not self._unreported)
+                and (self._meta_acked or self.meta is None) and not self.drops.unreported())
 
     def count_drop(self, reason: str, steps: int = 1) -> None:
-        with self._cond:
-            self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + steps
-            self._unreported[reason] += steps
+        self.drops.count(reason, steps)
 
     def push_command(self) -> str:
         """The command that uploads what this sender leaves in its spool."""
@@ -237,7 +224,7 @@ class Sender:
         """One round of the loop; True when the thread should end."""
         self._connect_if_due()
         self._wait_and_receive()
-        self._fold_training_drops()
+        self.drops.fold()
         stopping = self._stop.is_set()
         flushing = self._flush is not None
         self._collect(force=stopping or flushing)
@@ -250,18 +237,6 @@ class Sender:
                 self.spool.sync_if_due()
         self._check_flushed()
         return stopping and (self._idle() or time.monotonic() >= self._stop_deadline or self._server_away())
-
-    def _fold_training_drops(self) -> None:
-        drops = self.training_drops
-        if not drops:
-            return
-        with self._cond:
-            for reason, count in drops.copy().items():
-                unseen = count - self._training_drops_seen.get(reason, 0)
-                if unseen:
-                    self._training_drops_seen[reason] = count
-                    self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + unseen
-                    self._unreported[reason] += unseen
 
     def _open_existing_spool(self) -> None:
         """A spool folder an earlier process left is opened now and replayed to the server."""
@@ -404,7 +379,7 @@ class Sender:
         elif item.kind == "events" and item.drops:
             self._warn_once("events-too-big", "gradwatch: the drop report is over the server's message "
                                               "limit; it is not sent")
-            self._forget_reported(item.drops)
+            self.drops.reported(item.drops)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key in self._warned:
@@ -511,12 +486,7 @@ class Sender:
         elif item.kind == "meta":
             self._meta_acked = self._meta_acked or item.steps == self._meta_version
         elif item.kind == "events" and item.drops:
-            self._forget_reported(item.drops)
-
-    def _forget_reported(self, drops: dict) -> None:
-        with self._cond:
-            self._unreported.subtract(drops)
-            self._unreported = +self._unreported
+            self.drops.reported(item.drops)
 
     def _lost_connection(self) -> None:
         """Move in-flight live batches to the spool; spooled ones are read again later."""
@@ -677,9 +647,8 @@ class Sender:
         try:
             if self.meta is not None and not self._meta_acked and not self.window.has_kind("meta"):
                 self._send("meta", b"", self._meta_version, meta=self.meta)
-            if self._unreported and not self.window.has_kind("events"):
-                with self._cond:
-                    drops = dict(self._unreported)
+            drops = self.drops.unreported()
+            if drops and not self.window.has_kind("events"):
                 payload = encode_payload(self.run, events=[drop_event(max(self.last_step, 0), drops)])
                 self._send("events", payload, 0, drops=drops)
             spool = self.spool
@@ -739,7 +708,7 @@ class Sender:
         if self.connector is not None:
             self.connector.shut()
         try:
-            self._fold_training_drops()
+            self.drops.fold()
             self._collect(force=True)
             if self.window:
                 self._lost_connection()
@@ -747,9 +716,9 @@ class Sender:
                 self.transport.close()
             self.stats.connected = False
             if self.spool is not None:
-                if self._unreported and (self.spool.exists() or self.stats.refused):
-                    with self._cond:
-                        self.spool.write_json("drops.json", dict(self._unreported))
+                unreported = self.drops.unreported()
+                if unreported and (self.spool.exists() or self.stats.refused):
+                    self.spool.write_json("drops.json", unreported)
                 if self.spool.exists():
                     self._write_meta_file()
                 self.spool.close()

@@ -124,3 +124,24 @@ def test_backoff_now_and_soon_move_the_next_attempt_without_counting_a_failure()
     assert backoff.due(5.0) and backoff.failures == 10
     backoff.soon(6.0)
     assert backoff.next_attempt == pytest.approx(6.1) and backoff.failures == 10
+
+
+def test_drop_ledger_counts_both_threads_and_forgets_only_what_was_reported():
+    from gradwatch.agent.drops import DropLedger
+
+    ledger = DropLedger()
+    for _ in range(3):
+        ledger.count_training("queue_full")  # the training thread: no lock
+    ledger.count("spool_full", 5)
+    assert ledger.totals() == {"queue_full": 3, "spool_full": 5}  # seen before any fold
+    ledger.fold()
+    ledger.fold()  # folding twice counts nothing twice
+    assert ledger.totals() == {"queue_full": 3, "spool_full": 5}
+    assert ledger.unreported() == {"queue_full": 3, "spool_full": 5}
+    ledger.reported({"queue_full": 3, "spool_full": 2})  # the server stored this event
+    ledger.count_training("queue_full")
+    ledger.fold()
+    assert ledger.unreported() == {"queue_full": 1, "spool_full": 3}
+    ledger.report_earlier({"spool_full": 10})  # an earlier process's drops.json: reported, not counted
+    assert ledger.unreported() == {"queue_full": 1, "spool_full": 13}
+    assert ledger.totals() == {"queue_full": 4, "spool_full": 5}
