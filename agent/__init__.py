@@ -8,7 +8,7 @@
         grads = watch.step(grads, loss=loss)
 """
 from .recorder import CompiledStepError, NonFiniteGradientError
-from .sender import Stats
+from .stats import FlushResult, Stats
 from .watch import GradWatch
 
-__all__ = ["CompiledStepError", "GradWatch", "NonFiniteGradientError", "Stats"]
+__all__ = ["CompiledStepError", "FlushResult", "GradWatch", "NonFiniteGradientError", "Stats"]

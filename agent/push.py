@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from .buffer import RecordBuffer
-from .sender import Sender, Stats
+from .sender import Sender
+from .stats import Stats
 from .spool import Position, Spool, SpoolBusy
 from .transport import WebSocketTransport
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
 import struct
@@ -32,8 +31,11 @@ import threading
 import time
 import warnings
 import zlib
+from collections import deque
 from pathlib import Path
 from typing import Iterator, NamedTuple
+
+import orjson
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -66,11 +68,13 @@ def encode_frame(payload: bytes, steps: int) -> bytes:
     return HEADER.pack(MAGIC, len(payload), steps, zlib.crc32(payload, zlib.crc32(count))) + payload
 
 
-def read_frames(data: bytes, start: int = 0, origin: str = "spool") -> Iterator[tuple[int, int, bytes, int]]:
+def read_frames(data: bytes, start: int = 0, origin: str = "spool",
+                warn: bool = True) -> Iterator[tuple[int, int, bytes, int]]:
     """Yields (offset, end, payload, steps) for every valid frame in `data` from `start`.
 
     Bad bytes (a torn tail, a flipped bit) are skipped up to the next valid
-    frame, with one warning naming the file and how many bytes were skipped.
+    frame, with one warning naming the file and how many bytes were skipped
+    (`warn=False`: silently, for counting what a spool holds).
     """
     offset = start
     size = len(data)
@@ -90,8 +94,9 @@ def read_frames(data: bytes, start: int = 0, origin: str = "spool") -> Iterator[
         what = "a torn or corrupt tail" if resume < 0 else "corrupt bytes"
         message = (f"gradwatch spool: skipped {what} in {origin} "
                    f"({skipped_to - offset} bytes at offset {offset})")
-        log.warning(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        if warn:
+            log.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
         if resume < 0:
             return
         offset = resume
@@ -136,6 +141,9 @@ class Spool:
         self._last_sync = time.monotonic()
         self.bytes_on_disk = 0
         self.full = False  # the last append met the cap (cleared when acks free space)
+        # (end position, steps) of each frame not yet acknowledged, in order: `pending_steps`.
+        self._frame_steps: deque[tuple[Position, int]] = deque()
+        self.pending_steps = 0
 
     # -- opening -----------------------------------------------------------
     def exists(self) -> bool:
@@ -172,7 +180,25 @@ class Spool:
             self._acked = Position(min(self._segments), 0)
         self._write_segment = max([*self._segments, self._acked.segment, 0]) + 1
         self.bytes_on_disk = sum(self._segments.values())
+        self._count_left_frames()
         self._opened = True
+
+    def _count_left_frames(self) -> None:
+        """Count the steps an earlier process left unacknowledged (its frames are replayed)."""
+        self._frame_steps.clear()
+        self.pending_steps = 0
+        for number in sorted(self._segments):
+            offset = self._acked.offset if number == self._acked.segment else 0
+            try:
+                data = self._segment_path(number).read_bytes()
+            except OSError:
+                continue
+            for _, end, _, steps in read_frames(data, offset, warn=False):
+                self._note_frame(Position(number, end), steps)
+
+    def _note_frame(self, end: Position, steps: int) -> None:
+        self._frame_steps.append((end, steps))
+        self.pending_steps += steps
 
     def _read_acked(self) -> Position:
         try:
@@ -199,6 +225,7 @@ class Spool:
             os.write(self._write_fd, frame)
             self._segments[self._write_segment] += len(frame)
             self.bytes_on_disk += len(frame)
+            self._note_frame(Position(self._write_segment, self._segments[self._write_segment]), steps)
             self._dirty = True
             return True
 
@@ -284,6 +311,9 @@ class Spool:
             if position <= self._acked:
                 return
             self._acked = position
+            frames = self._frame_steps
+            while frames and frames[0][0] <= position:
+                self.pending_steps -= frames.popleft()[1]
             for number in [n for n in self._segments if n < position.segment]:
                 self._drop_segment(number)
             if not self._pending_locked() and self._segments:
@@ -292,6 +322,8 @@ class Spool:
                     self._drop_segment(number)
                 self._acked = Position(self._write_segment + 1, 0)
                 self._write_segment += 1
+                self._frame_steps.clear()
+                self.pending_steps = 0
             self._write_acked()
 
     def _drop_segment(self, number: int) -> None:
@@ -314,12 +346,12 @@ class Spool:
             self._open_locked()
             path = self.directory / name
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(value, allow_nan=False))
+            tmp.write_bytes(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS))
             os.replace(tmp, path)
 
     def read_json(self, name: str, default=None):
         try:
-            return json.loads((self.directory / name).read_text())
+            return orjson.loads((self.directory / name).read_bytes())
         except (OSError, ValueError):
             return default
 
@@ -345,7 +377,7 @@ class Spool:
                 os.close(self._lock_fd)
                 self._lock_fd = None
             self._opened = False
-            self._segments.clear()
+            self._segments.clear()  # `pending_steps` stays: what the closed spool holds
 
     def forget_after_fork(self) -> None:
         """In a forked child: drop this process's copies of the descriptors without

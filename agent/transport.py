@@ -8,12 +8,13 @@ off and tries again.
 """
 from __future__ import annotations
 
-import json
+import socket
+import struct
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
-from .wire import ingest_url
+from .wire import ingest_url, loads
 
 REFUSED_CLOSE_CODES = (4401, 4403)
 REFUSED_HTTP_STATUS = (401, 403)
@@ -28,16 +29,26 @@ class TransportError(Exception):
         self.code = code
 
 
+class Stalled(TransportError):
+    """The server accepted the connection but answered nothing within the send timeout."""
+
+
 class Refused(Exception):
     """The server refuses our credentials: do not retry."""
 
 
 class WebSocketTransport:
+    """`url`: the server's address as the user gave it (`http://host:port`); `send_timeout`:
+    seconds a send may block on a server that accepted the connection and stopped reading
+    (the kernel's `SO_SNDTIMEO` on the socket, so the reading side is not affected)."""
+
     def __init__(self, url: str, token: str | None = None, open_timeout: float = 5.0,
-                 max_message_bytes: int = 64 << 20):
+                 max_message_bytes: int = 64 << 20, send_timeout: float = 30.0):
+        self.base_url = url
         self.url = ingest_url(url)
         self.token = token
         self.open_timeout = open_timeout
+        self.send_timeout = float(send_timeout)
         self.max_message_bytes = max_message_bytes
         self._connection: ClientConnection | None = None
 
@@ -56,7 +67,9 @@ class WebSocketTransport:
             connection = connect(self.url, additional_headers=headers, open_timeout=self.open_timeout,
                                  close_timeout=1.0, compression=None, max_size=self.max_message_bytes)
             # Entered as a context manager (closed by `close()`): the form websockets >= 17 asks for.
-            return connection.__enter__()
+            connection = connection.__enter__()
+            _set_send_timeout(connection.socket, self.send_timeout)
+            return connection
         except InvalidStatus as error:
             status = error.response.status_code
             if status in REFUSED_HTTP_STATUS:
@@ -87,8 +100,8 @@ class WebSocketTransport:
             self._connection.send(text)
         except ConnectionClosed as error:
             raise self._closed(error) from None
-        except (OSError, WebSocketException) as error:
-            self.close()
+        except (OSError, WebSocketException) as error:  # a send past `send_timeout` lands here
+            self.abandon()
             raise TransportError(f"send failed: {error}") from None
 
     def recv(self, timeout: float) -> dict | None:
@@ -105,7 +118,7 @@ class WebSocketTransport:
             self.close()
             raise TransportError(f"receive failed: {error}") from None
         try:
-            message = json.loads(text)
+            message = loads(text)
         except ValueError:
             raise TransportError(f"the server sent something that is not JSON: {text[:200]!r}") from None
         return message if isinstance(message, dict) else {}
@@ -139,3 +152,13 @@ class WebSocketTransport:
                 pass
 
 
+
+
+def _set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    """A blocking send that moves no byte for `seconds` fails (EAGAIN) instead of hanging."""
+    whole = int(seconds)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", whole, int((seconds - whole) * 1e6)))
+    except OSError:
+        pass

@@ -18,6 +18,7 @@ import atexit
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -30,11 +31,13 @@ import mlx.core as mx
 
 from gradwatch.clip import RobustDetector, apply_update
 
+from . import signals
 from .buffer import RecordBuffer
 from .recorder import (STATE_NOT_OUTPUT, CompiledStepError, NonFiniteGradientError, Recorder, RecordError,
                        StepRecord, compile_error)
-from .sender import DEFAULT_BATCH_BYTES, Sender, Stats
+from .sender import DEFAULT_BATCH_BYTES, Sender
 from .spool import DEFAULT_CAP_BYTES, Spool
+from .stats import FlushResult, Stats
 from .transport import WebSocketTransport
 
 DEFAULT_SPOOL_ROOT = "gradwatch-spool"
@@ -63,6 +66,9 @@ class GradWatch:
         token: write token of the server (`gradwatch serve --token`); not given:
             `GRADWATCH_TOKEN` when set.
         spool_dir: folder for this run's spool (default `./gradwatch-spool/<run>/`).
+            A new `GradWatch` on a folder an earlier process left steps in
+            (it crashed, was killed, or the server was away at its end) sends
+            those steps too, before its own; `flush()` counts them.
         skip_spikes: skip the whole optimizer step on a spike (as the detectors
             flag it, non-finite norms included); takes effect through
             `watch.update(optimizer, model, grads)`, which keeps parameters and
@@ -83,6 +89,13 @@ class GradWatch:
             per batch, seconds before a partial batch goes, bytes of spool on
             disk, seconds `close()` waits, encoded bytes per message; the
             sender cuts messages smaller when the server's limit is lower).
+        send_timeout: seconds a server may take to take our bytes or acknowledge
+            a batch before the connection is given up (the batches go to the
+            spool and a new connection is tried).
+        handle_signals: on SIGTERM and SIGINT, deliver (or spool) what is held
+            within `close_timeout`, then let the signal do what it would have
+            done (an earlier handler is called, not replaced). Installed only
+            when created in the main thread.
     """
 
     def __init__(self, run: str, url: str | None = _FROM_ENV, clipper: Any = None,
@@ -92,7 +105,8 @@ class GradWatch:
                  start_step: int = 0, queue_size: int = 10_000, batch_steps: int = 1000,
                  batch_interval: float = 0.25, spool_cap_bytes: int = DEFAULT_CAP_BYTES,
                  close_timeout: float = 10.0, max_inflight: int = 8, backoff_cap: float = 30.0,
-                 max_batch_bytes: int = DEFAULT_BATCH_BYTES, skip_spikes: bool = False):
+                 max_batch_bytes: int = DEFAULT_BATCH_BYTES, skip_spikes: bool = False,
+                 send_timeout: float = 30.0, handle_signals: bool = True):
         if not isinstance(run, str) or not run:
             raise ValueError(f"run must be a non-empty string, got {run!r}")
         self.clipper = clipper
@@ -133,12 +147,15 @@ class GradWatch:
         self._sender: Sender | None = None
         if self.recording:
             self._spool = Spool(self.spool_dir, cap_bytes=spool_cap_bytes)
-            transport = WebSocketTransport(url, token) if url else None
+            transport = WebSocketTransport(url, token, send_timeout=send_timeout) if url else None
             self._sender = Sender(run, self._buffer, self._spool, transport, batch_steps=batch_steps,
                                   batch_interval=batch_interval, max_inflight=max_inflight,
                                   backoff_cap=backoff_cap, max_batch_bytes=max_batch_bytes)
             self._sender.start()
+        self._last_flush: tuple[int, FlushResult] | None = None  # (records handed over, result)
         _LIVE.add(self)
+        if handle_signals and self.recording:
+            signals.install(_on_signal)
 
     # -- the training loop -----------------------------------------------------
     def step(self, grads: Any, loss: Any = None, lr: Any = None, params: Any = None) -> Any:
@@ -298,19 +315,27 @@ class GradWatch:
         self._sender.set_meta(meta)
 
     # -- lifecycle ---------------------------------------------------------------
-    def flush(self, timeout: float = 10.0) -> bool:
+    def flush(self, timeout: float = 10.0) -> FlushResult:
         """Hand over the last step and wait until everything recorded is acknowledged by the
-        server (or, while it is away, fsynced to the spool). False if `timeout` ran out."""
+        server. With no connection it tries to connect at once, and again every 0.25 s until
+        `timeout`; meanwhile what is held is fsynced to the spool. Returns a `FlushResult`,
+        truthy only when every record arrived (`if watch.flush():`), with `acked`,
+        `spooled`, `pending` counts and `unreachable` (an attempt in this call failed)."""
         self._emit_pending(raise_nonfinite=True)
         if self._sender is None or self._forked:
-            return True
-        return self._sender.flush(self._buffered, timeout)
+            dropped = sum(self._child_dropped.values())
+            return FlushResult(delivered=not dropped, acked=0, spooled=0, pending=0, dropped=dropped)
+        result = self._sender.flush(self._buffered, timeout)
+        self._last_flush = (self._buffered, result)
+        return result
 
-    def close(self, timeout: float | None = None, *, raise_nonfinite: bool = True) -> None:
+    def close(self, timeout: float | None = None, *, raise_nonfinite: bool = True) -> FlushResult | None:
         """Flush within `timeout` (default `close_timeout`), spool what is left, stop the
-        sender thread. Never hangs; safe to call twice."""
+        sender thread; prints one line when steps are left in the spool, with the
+        `gradwatch push` command that sends them. Never hangs; safe to call twice.
+        Returns the final counts (None on a second call)."""
         if self._closed:
-            return
+            return None
         self._closed = True
         _LIVE.discard(self)
         timeout = self.close_timeout if timeout is None else timeout
@@ -319,10 +344,42 @@ class GradWatch:
             self._emit_pending(raise_nonfinite=True)
         except NonFiniteGradientError as raised:
             error = raised
+        result = None
         if self._sender is not None and not self._forked:
-            self._sender.stop(timeout)
+            result = self._close_sender(timeout)
         if error is not None and raise_nonfinite:
             raise error
+        return result
+
+    def _close_sender(self, timeout: float) -> FlushResult:
+        sender = self._sender
+        deadline = time.monotonic() + timeout
+        last = self._last_flush
+        if last is not None and last[0] == self._buffered and last[1].unreachable:
+            pass  # a flush just found the server away, and nothing came since: no second wait
+        else:
+            sender.flush(self._buffered, timeout)
+        sender.stop(max(0.5, deadline - time.monotonic()))
+        stats = sender.snapshot()
+        offline = sender.transport is None
+        if stats.spooled:
+            where = "no server url was given" if offline else "not acknowledged by the server"
+            print(f"gradwatch: {stats.spooled:,} step(s) of run {self.run!r} left in the spool "
+                  f"{self.spool_dir} ({where}); send them with: {sender.push_command()}",
+                  file=sys.stderr, flush=True)
+        complete = not stats.pending and not stats.dropped_total and not stats.rejected
+        return FlushResult(delivered=complete and (offline or not stats.spooled), acked=stats.acked,
+                           spooled=stats.spooled, pending=stats.pending, dropped=stats.dropped_total,
+                           rejected=stats.rejected, unreachable=stats.unreachable)
+
+    def _on_signal(self, ends_process: bool) -> None:
+        """SIGTERM/SIGINT: deliver what is held; close when the signal ends the process."""
+        if self._closed or self._sender is None or self._forked:
+            return
+        if ends_process:
+            self.close(raise_nonfinite=False)
+        else:
+            self.flush(self.close_timeout)
 
     def __enter__(self) -> "GradWatch":
         return self
@@ -335,7 +392,7 @@ class GradWatch:
         """A snapshot of the counts (see `Stats`)."""
         if self._sender is None or self._forked:
             return Stats(recorded=self._recorded, dropped=dict(self._child_dropped))
-        return replace(self._sender.stats, recorded=self._recorded, dropped=self._sender.dropped())
+        return replace(self._sender.snapshot(), recorded=self._recorded)
 
     def __repr__(self) -> str:
         return f"GradWatch(run={self.run!r}, url={self.url!r}, clipper={self.clipper!r})"
@@ -360,6 +417,14 @@ def _close_all_at_exit() -> None:
         try:
             watch.close(raise_nonfinite=False)
         except Exception:  # at exit, a warning is all we can give
+            pass
+
+
+def _on_signal(signum: int, ends_process: bool) -> None:
+    for watch in list(_LIVE):
+        try:
+            watch._on_signal(ends_process)
+        except Exception:  # the signal must still take effect
             pass
 
 

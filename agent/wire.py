@@ -1,16 +1,18 @@
-"""The wire format (docs/wire.md) as plain dicts and JSON text.
+"""The wire format (docs/wire.md) as plain dicts and JSON text (orjson throughout).
 
 The server's schemas are the validated version of this; here the agent only
 builds what they accept: a columnar batch, a message around it, a drop event.
 """
 from __future__ import annotations
 
-import json
 import math
 from typing import Iterable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+import orjson
+
 INGEST_PATH = "/ws/ingest"
+_DUMPS_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY  # a user's config may hold either
 
 # Columns the wire knows, and which of them are booleans.
 FLOAT_COLUMNS = ("pre_norm", "post_norm", "scale", "threshold", "loss", "lr", "z", "ema", "robust_z")
@@ -47,7 +49,7 @@ def split_payload(payload: bytes, max_bytes: int) -> list[tuple[bytes, int]]:
     """A spooled batch payload cut by steps into payloads of at most `max_bytes` each
     (`[(payload, steps)]`; a single step over the budget stays one payload). Values are
     copied as parsed, so they print the same again."""
-    body = json.loads(payload)
+    body = orjson.loads(payload)
     batch = body.get("batch")
     steps = len(batch["step"]) if isinstance(batch, dict) and isinstance(batch.get("step"), list) else 0
     if len(payload) <= max_bytes or steps <= 1:
@@ -93,8 +95,14 @@ def encode_payload(run: str, batch: dict | None = None, events: Sequence[dict] |
 
 
 def dumps(value) -> str:
-    # allow_nan=False: a bare NaN token would be invalid JSON for the server.
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    """Compact JSON text (orjson: a non-finite float becomes `null`, never a bare NaN token,
+    which would be invalid JSON for the server)."""
+    return orjson.dumps(value, option=_DUMPS_OPTIONS).decode("utf-8")
+
+
+def loads(text: str | bytes):
+    """Parse JSON text from the server or the spool (orjson, as everywhere on the wire)."""
+    return orjson.loads(text)
 
 
 def drop_event(step: int, dropped: dict[str, int]) -> dict:

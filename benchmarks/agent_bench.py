@@ -21,6 +21,11 @@
    `watch.record()` with a computed record vector (the agent's whole Python
    pipeline: recorder, buffer, sender thread, spool, cap, drop counts) and
    the MLX part is left out. Goal: memory bounded by the queue, flat in steps.
+4. A fast real loop (`fast_loop`, also alone: `python benchmarks/agent_bench.py --fast-loop`):
+   a tiny MLP trained with SGD (loss and gradients compiled), as fast as it runs (thousands of steps/s),
+   100,000 watched steps streamed to a `gradwatch serve` child, against the same loop with
+   `mlx.optimizers.clip_grad_norm` measured before and after it. Goal: 0 drops (the sender
+   keeps up without the queue filling), and the overhead ratio of the watched loop.
 """
 from __future__ import annotations
 
@@ -222,6 +227,78 @@ def memory_million_steps(folder: Path, steps: int = 1_000_000, cap_bytes: int = 
             "mem_dropped_by_reason": dict(stats.dropped)}
 
 
+def _tiny_mlp_loss(params: dict, inputs: mx.array, targets: mx.array) -> mx.array:
+    """An 8 -> 16 -> 1 MLP with ReLU and mean squared error: a fraction of a millisecond a step."""
+    hidden = mx.maximum(inputs @ params["hidden"]["weight"] + params["hidden"]["bias"], 0.0)
+    return mx.mean(mx.square(hidden @ params["out"]["weight"] + params["out"]["bias"] - targets))
+
+
+def _fast_loop_steps(steps: int, watch: GradWatch | None, seed: int = 0) -> float:
+    """Train the tiny MLP `steps` SGD steps (loss and gradients `mx.compile`d, as a fast loop
+    would be); clip with `watch.step` or, without a watch, with `clip_grad_norm`. Returns
+    seconds per step."""
+    key = mx.random.key(seed)
+    keys = mx.random.split(key, 4)
+    params = {"hidden": {"weight": 0.3 * mx.random.normal((8, 16), key=keys[0]), "bias": mx.zeros((16,))},
+              "out": {"weight": 0.3 * mx.random.normal((16, 1), key=keys[1]), "bias": mx.zeros((1,))}}
+    inputs = mx.random.normal((32, 8), key=keys[2])
+    targets = mx.random.normal((32, 1), key=keys[3])
+    optimizer = optim.SGD(learning_rate=0.01)
+    loss_and_grad = mx.compile(mx.value_and_grad(_tiny_mlp_loss))
+    mx.eval(params, inputs, targets)
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss, grads = loss_and_grad(params, inputs, targets)
+        if watch is None:
+            grads, _ = optim.clip_grad_norm(grads, 1.0)
+        else:
+            grads = watch.step(grads, loss=loss)
+        params = optimizer.apply_gradients(grads, params)
+        mx.eval(params, loss)
+    return (time.perf_counter() - started) / steps
+
+
+def fast_loop(url: str, folder: Path, steps: int = 100_000, baseline_steps: int = 20_000) -> dict:
+    """A real MLX loop as fast as it runs, watched and streamed: drops and overhead."""
+    _fast_loop_steps(500, None)  # warm up MLX
+    before = _fast_loop_steps(baseline_steps, None)
+    watch = GradWatch("bench-fast-loop", url=url, clipper=GlobalNorm(1.0), spool_dir=folder / "spool-fast",
+                      handle_signals=False)
+    watched = _fast_loop_steps(steps, watch)
+    result = watch.flush(timeout=120)
+    stats = watch.stats
+    watch.close()
+    after = _fast_loop_steps(baseline_steps, None)
+    bare = (before + after) / 2
+    return {"fast_steps": steps, "fast_watched_steps_per_s": 1 / watched,
+            "fast_clip_grad_norm_steps_per_s": 1 / bare, "fast_overhead_ratio": watched / bare,
+            "fast_dropped": stats.dropped_total, "fast_dropped_by_reason": dict(stats.dropped),
+            "fast_acked": result.acked, "fast_flushed": bool(result)}
+
+
+def print_fast_loop(figures: dict) -> None:
+    print(f"fast real-MLX loop (tiny MLP, SGD): {figures['fast_steps']:,} watched steps at "
+          f"{figures['fast_watched_steps_per_s']:,.0f} steps/s vs {figures['fast_clip_grad_norm_steps_per_s']:,.0f} "
+          f"with clip_grad_norm: overhead ratio {figures['fast_overhead_ratio']:.3f}; dropped "
+          f"{figures['fast_dropped']} {figures['fast_dropped_by_reason']} (goal 0); "
+          f"{figures['fast_acked']:,} acked, flush {'complete' if figures['fast_flushed'] else 'INCOMPLETE'}")
+
+
+def main_fast_loop() -> dict:
+    folder = Path(tempfile.mkdtemp(prefix="gradwatch-agent-bench-"))
+    server = None
+    try:
+        server, url = start_server(folder)
+        figures = fast_loop(url, folder)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)
+    print_fast_loop(figures)
+    return figures
+
+
 def main() -> dict:
     folder = Path(tempfile.mkdtemp(prefix="gradwatch-agent-bench-"))
     server = None
@@ -229,6 +306,7 @@ def main() -> dict:
         server, url = start_server(folder)
         figures = overhead(url, folder)
         figures.update(overhead_many_tensors(url, folder))
+        figures.update(fast_loop(url, folder))
         server.terminate()
         server.wait(timeout=10)
         server = None
@@ -255,8 +333,12 @@ def main() -> dict:
           f"tracemalloc growth over the last 100k steps {figures['mem_tracemalloc_growth_last_100k_kb']:.1f} KiB; "
           f"{figures['mem_spooled']:,} spooled, {figures['mem_dropped']:,} dropped {figures['mem_dropped_by_reason']} (a pure-Python loop that never releases the GIL starves the sender; real MLX steps release it and lose nothing); "
           f"{figures['mem_steps_per_s']:,.0f} steps/s")
+    print_fast_loop(figures)
     return figures
 
 
 if __name__ == "__main__":
-    main()
+    if "--fast-loop" in sys.argv[1:]:
+        main_fast_loop()
+    else:
+        main()

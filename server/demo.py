@@ -56,6 +56,8 @@ def ensure_mlx_loads() -> None:
 def ensure_port_free(port: int) -> None:
     """Refuse a busy port up front: otherwise another server there would answer our health check."""
     with socket.socket() as probe:
+        # SO_REUSEADDR, as uvicorn binds: a port whose last connection is in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:

@@ -108,7 +108,8 @@ def test_every_step_is_stored_exactly_once_through_repeated_server_kills(server,
     check_series(stored(server, "kills"), steps)
     stats = watch.stats
     assert stats.recorded == steps and not stats.dropped
-    assert stats.spooled > 0  # the kills did send data to the spool
+    assert stats.spooled_total > 0  # the kills did send data to the spool
+    assert stats.spooled == 0 and stats.pending == 0  # and all of it went on to the server
     assert stats.accepted == steps and stats.conflicts == 0
     # Nothing left to replay: the spool was drained and acknowledged.
     assert not list((tmp_path / "spool").glob("*.gws"))
@@ -144,13 +145,22 @@ def test_a_corrupt_spool_tail_is_skipped_and_the_rest_pushed(server, tmp_path):
     with GradWatch("torn", spool_dir=spool_dir, batch_steps=100, detectors=[]) as watch:
         for step in range(1_000):
             mx.eval(watch.step(grads_of(step), loss=step / 4))
+            if step == 499:
+                assert watch.flush()  # steps 0..499 end a frame: the spool holds at least two
     (segment,) = sorted(spool_dir.glob("*.gws"))
     data = segment.read_bytes()
-    segment.write_bytes(data[:-50] + b"\x00garbage")  # the last batch torn, junk after it
+    # However the sender cut its batches: tear the last frame, keep every frame before it.
+    frames = list(read_frames(data))
+    assert len(frames) >= 2 and frames[-1][1] == len(data)
+    last_start, _, last_payload, _ = frames[-1]
+    kept = min(json.loads(last_payload)["batch"]["step"])  # steps 0..kept-1 are in intact frames
+    assert kept > 0 and sum(steps for *_, steps in frames[:-1]) == kept
+    torn = data[:last_start + (len(data) - last_start) // 2]  # the last frame torn halfway
+    segment.write_bytes(torn + b"\x00garbage")  # and junk after it
     result = push(spool_dir, server.url)
     assert result.returncode == 0, result.stderr
     assert "torn or corrupt tail" in result.stderr
-    check_series(stored(server, "torn"), 900)  # batches 0..8 intact, the 10th lost
+    check_series(stored(server, "torn"), kept)  # every intact frame, the torn one lost
     # The rest of the spool was acknowledged: a second push sends nothing.
     assert "0 step(s) sent" in push(spool_dir, server.url).stdout
 
@@ -182,11 +192,14 @@ def test_drops_past_the_spool_cap_are_reported_to_the_server_as_a_drop_event(tmp
                       batch_steps=50, batch_interval=0.05, backoff_cap=0.5, detectors=[])
     for step in range(2_000):  # server not started yet: spool, then drop past the cap
         mx.eval(watch.step(grads_of(step), loss=step / 4))
-    watch.flush(timeout=10)
+    offline = watch.flush(timeout=1)
     dropped = watch.stats.dropped.get("spool_full", 0)
-    assert dropped > 0
+    assert dropped > 0 and not offline and offline.unreachable and offline.dropped == dropped
+    assert offline.pending == 0 and offline.spooled == 2_000 - dropped  # kept: durable on disk
     with server:
-        assert watch.flush(timeout=30)
+        result = watch.flush(timeout=30)
+        # Falsy (steps were dropped), but everything kept is acknowledged now.
+        assert not result and result.spooled == 0 and result.pending == 0 and not result.unreachable
         kept = watch.stats.recorded - dropped
         assert wait_for_steps(server, "dropping", kept) == kept
         deadline = time.monotonic() + 20
@@ -301,8 +314,11 @@ def test_a_single_step_over_the_servers_limit_is_set_aside_once_not_resent_forev
                 for step in range(5):  # 400 tensors: ~10 kB a step
                     mx.eval(watch.step(wide_grads(step, 400)))
                 started = time.monotonic()
-                assert watch.flush(timeout=60)
+                result = watch.flush(timeout=60)
                 assert time.monotonic() - started < 30  # a hang check, not a performance claim
+                # Falsy: the five steps are set aside (dropped as too_big); nothing else waits.
+                assert not result and not result.timed_out and result.dropped == 5
+                assert result.pending == 0 and result.spooled == 0
         assert sum("one step of run" in str(warning.message) for warning in caught) == 1
         stats = watch.stats
         assert stats.dropped == {"too_big": 5} and stats.acked == 0
