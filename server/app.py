@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from gradwatch.server import stats
+from gradwatch.server import stats, tensor_groups
 from gradwatch.server.db import SCHEMA_VERSION, create_schema, make_engine
 from gradwatch.server.live import LiveHub, PostgresListener
 from gradwatch.server.schemas import (BOOL_FIELDS, COLUMNS, LIVE_FIELDS, MAX_STEP, BatchError, EventOut,
@@ -459,8 +459,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/api/runs/{run}/tensors", tags=["runs"], dependencies=read, response_model=TensorsOut)
     def tensors(run: str, start: int | None = Query(None, ge=0, le=MAX_STEP),
                 end: int | None = Query(None, ge=0, le=MAX_STEP),
-                points: int = Query(500, ge=1, le=100_000)) -> Response:
+                points: int = Query(500, ge=1, le=100_000),
+                group: Literal["block", "module", "tensor"] = Query(
+                    "tensor", description="rows: one per tensor, or per module path (block `layers.N`, "
+                    "module `layers.N.mlp`), each the per-step L2 of its tensors' norms")) -> Response:
         """Per-tensor norms, one row per tensor; downsampled by the max per bucket of steps."""
+        if group != "tensor":  # per-step norms first: a group's norm is not a max of bucket maxima
+            names, steps, norms, absent = tensor_groups.read_step_norms(store, store.run_id(validate_run_name(run)), start, end)
+            return json_response(tensor_groups.grouped_answer(names, steps, norms, absent, group, points))
         names, steps, norms, absent = store.tensor_norms(store.run_id(validate_run_name(run)), start, end, points)
         rows = [encode_floats(np.asarray(norms[:, i], dtype=np.float64), absent[:, i]) for i in range(len(names))]
         return json_response({"names": names, "step": steps.tolist(), "norms": rows})
