@@ -103,3 +103,38 @@ def test_report_without_a_server_is_a_one_line_error(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0
     assert f"cannot reach the server at {url}" in done.stderr
+
+
+def test_report_skips_events_without_a_step(tmp_path, chromium_path):
+    """Moved from test_server_events.py: the report's charts are drawn by charts.js now."""
+    from playwright.sync_api import sync_playwright
+
+    from gradwatch.server.report import RunData, render_report
+
+    events = [{"step": None, "kind": "spike", "value": 3.0, "threshold": None, "message": "no step", "time": None},
+              {"step": None, "kind": "nonfinite", "value": "NaN", "threshold": None, "message": "", "time": None},
+              {"step": None, "kind": "drop", "value": None, "threshold": None, "message": "dropped", "time": None},
+              {"step": 2, "kind": "spike", "value": 9.0, "threshold": 1.0, "message": "spike", "time": None}]
+    series = {"step": [0, 1, 2], "pre_norm": [1.0, 1.1, 9.0], "threshold": [1.0] * 3,
+              "clipped": [False, True, True], "loss": [2.0] * 3, "spike": [False, False, True],
+              "nonfinite": [False] * 3}
+    data = RunData(run="r", info={"name": "r", "steps": 3}, series=series, stats={}, recommendation={},
+                   histogram={}, events=events, spikes=[e for e in events if e["kind"] == "spike"],
+                   nonfinite=[e for e in events if e["kind"] == "nonfinite"], tensors=None)
+    target = tmp_path / "stepless.html"
+    target.write_text(render_report(data, "http://127.0.0.1:1"), encoding="utf-8")
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright, chromium_path)
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        charts = drawn_report(page, target)
+        rows = page.evaluate("""[...document.querySelectorAll('#events tbody tr')]
+            .map((tr) => [...tr.cells].map((td) => td.textContent))""")
+        browser.close()
+    assert not errors, errors
+    names = [trace["name"] for trace in charts["chart-norm"]]
+    spike = next(trace for trace in charts["chart-norm"] if trace["name"] == "spike")
+    assert spike["x"] == [2]
+    assert not any(name and name.startswith("non-finite") for name in names)
+    assert ["–", "drop"] == rows[2][:2] and all("None" not in cell for row in rows for cell in row)
