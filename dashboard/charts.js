@@ -1,9 +1,10 @@
-// Plotly figures (data + layout) built from the API's shapes. Pure functions:
-// no fetching, no DOM besides what Plotly needs. Every label that comes from
-// the database goes through plotlyText().
+// Plotly figures (data + layout) built from the API's shapes: the one chart code
+// of the page and of `gradwatch report` (which inlines this module). Pure
+// functions: no fetching, no DOM. Every label from the database goes through
+// plotlyText().
 'use strict';
 
-import { plottable, plotlyText, formatNumber, truthy } from './util.js';
+import { plottable, plotlyText, formatNumber, truthy, median } from './util.js';
 
 export const COLORS = {
   paper: '#161c24',
@@ -21,6 +22,10 @@ export const COLORS = {
   whatif: '#c792ea',
   selected: '#ffffff',
   percentile: '#8b97a8',
+  levelShift: '#89ddff',
+  skipped: '#f78c6c',
+  lossSpike: '#c3e88d',
+  offscale: '#ff5c8a',
 };
 
 const OVERLAY_COLORS = ['#c792ea', '#ffcb6b', '#89ddff', '#f78c6c', '#c3e88d', '#ff9cac', '#b2ccd6'];
@@ -37,6 +42,10 @@ export const TRACE = {
   spike: 'spike',
   loss: 'loss',
   nonfinite: 'non-finite',
+  offscale: 'off-scale norm',
+  skipped: 'skipped step',
+  levelShift: 'level shift',
+  lossSpike: 'loss spike',
 };
 
 function baseLayout(extra) {
@@ -55,15 +64,97 @@ function axis(extra) {
   return { gridcolor: COLORS.grid, zerolinecolor: COLORS.grid, linecolor: COLORS.grid, ...extra };
 }
 
+
+// ---------------------------------------------------------------- scales
+
+const FENCE_K = 8;        // body of the run: log norm within median ± 8·1.4826·MAD
+const LOG_SPAN = 20;      // a body wider than 20× (max/min) is drift across decades: log axis
+const MAD_FLOOR = 0.02;   // log-space MAD floor, so a flat run has a sane fence
+
+/** Tick settings for a log axis spanning `decades`: powers of ten only, or 1-2-5, never every digit. */
+export function logTicks(decades) {
+  if (!(decades > 0) || decades > 3) return { dtick: 1, exponentformat: 'power', minorloglabels: 'none' };
+  if (decades > 0.8) return { dtick: 'D2', minorloglabels: 'none' };
+  return { minorloglabels: 'none' };
+}
+
+/**
+ * The norm axis chosen from the data. Gradient norms are heavy-tailed: a few
+ * corrupted batches 100× the median would flatten the run into a line on zero.
+ * The body of the run is the norms within a robust fence (log space, median ±
+ * 8·1.4826·MAD); the axis is log when that body itself spans more than 20×
+ * (drift over decades), else linear; when norms lie beyond the fence the range
+ * fits the body and those norms are drawn as markers on the top edge.
+ * mode: 'auto' | 'linear' | 'log' (the last two: that axis type, whole range).
+ * Returns {type, range (axis units) or null for autorange, fenceHigh, reason}.
+ */
+export function chooseScale(values, mode = 'auto') {
+  const positive = [];
+  let min = Infinity;
+  for (const v of values) {
+    if (typeof v === 'number' && Number.isFinite(v)) {
+      if (v < min) min = v;
+      if (v > 0) positive.push(Math.log(v));
+    }
+  }
+  if (mode === 'linear' || mode === 'log') return { type: mode, range: null, fenceHigh: Infinity, reason: `${mode} (chosen)` };
+  if (positive.length < 8 || min < 0) return { type: 'linear', range: null, fenceHigh: Infinity, reason: 'linear' };
+  const center = median(positive);
+  const mad = Math.max(median(positive.map((v) => Math.abs(v - center))), MAD_FLOOR);
+  const lowFence = center - FENCE_K * 1.4826 * mad;
+  const highFence = center + FENCE_K * 1.4826 * mad;
+  let bodyLow = Infinity;
+  let bodyHigh = -Infinity;
+  let above = 0;
+  for (const v of positive) {
+    if (v > highFence) { above += 1; continue; }
+    if (v < lowFence) continue;
+    if (v < bodyLow) bodyLow = v;
+    if (v > bodyHigh) bodyHigh = v;
+  }
+  const log = Math.exp(bodyHigh - bodyLow) > LOG_SPAN;
+  if (!above) {
+    return { type: log ? 'log' : 'linear', range: null, fenceHigh: Infinity, reason: log ? 'log: the run spans decades' : 'linear' };
+  }
+  const fenceHigh = Math.exp(highFence);
+  if (log) {
+    const lo = bodyLow / Math.LN10;
+    const hi = bodyHigh / Math.LN10;
+    const pad = 0.05 * Math.max(hi - lo, 0.1);
+    return { type: 'log', range: [lo - pad, hi + pad], fenceHigh, reason: `log, ${above} norm(s) above the scale` };
+  }
+  const lo = Math.exp(bodyLow);
+  const hi = Math.exp(bodyHigh);
+  const pad = 0.06 * Math.max(hi - lo, 1e-12 + hi * 0.02);
+  return { type: 'linear', range: [Math.max(0, lo - pad), hi + pad], fenceHigh, reason: `${above} norm(s) above the scale` };
+}
+
+function maxOf(range) {
+  return range ? range[1] : Infinity;
+}
+
+// ---------------------------------------------------------------- norm chart
+
+function edgeTrace(name, steps, values, color, symbol, what) {
+  return {
+    type: 'scatter', mode: 'markers', name, x: steps, y: steps.map(() => 0.985), yaxis: 'y3',
+    customdata: values, marker: { color, size: 10, symbol },
+    hovertemplate: `step %{x}<br>${what} %{customdata:.4g}<extra></extra>`,
+  };
+}
+
 /**
  * The norm chart.
- * series: columnar, numbers parsed (step, pre_norm, threshold, clipped, loss, spike, nonfinite).
- * marks: {spike: [{step, value}], nonfinite: [{step}]} from the events API (exact, survive downsampling).
- * overlays: [{run, series}] other runs' pre-clip norms.
+ * series: parsed columns (dashboard/series.js); marks: {kind: [{step, value}]} from the events API
+ * (exact, survive downsampling); overlays: [{run, series}] other runs' norms; scale: 'auto'|'linear'|'log'.
  */
-export function normFigure({ series, marks, overlays, log, recommended, selectedStep, uirevision }) {
+export function normFigure({ series, marks, overlays = [], scale = 'auto', recommended = null,
+  selectedStep = null, uirevision, cleanWindow = null }) {
   const steps = series.step;
   const pre = series.pre_norm.map(plottable);
+  const drawn = pre.concat(...overlays.map((o) => o.series.pre_norm.map(plottable)));
+  const axisChoice = chooseScale(drawn, scale);
+  const log = axisChoice.type === 'log';
   const data = [{
     type: 'scatter', mode: 'lines', name: TRACE.norm, x: steps, y: pre,
     line: { color: COLORS.norm, width: 1.2 },
@@ -79,29 +170,34 @@ export function normFigure({ series, marks, overlays, log, recommended, selected
     });
   }
 
+  const top = maxOf(axisChoice.range && log ? axisChoice.range.map((v) => 10 ** v) : axisChoice.range);
   const clippedX = [];
   const clippedY = [];
   const spikeAt = new Map();
   const nonfiniteSteps = new Set();
+  const skippedAt = new Map();
+  const shiftSteps = new Set();
   for (let i = 0; i < steps.length; i += 1) {
     const norm = pre[i];
-    if (series.clipped && truthy(series.clipped[i]) && norm !== null) {
+    if (truthy(series.clipped && series.clipped[i]) && norm !== null) {
       clippedX.push(steps[i]);
       clippedY.push(norm);
     }
-    if (series.spike && truthy(series.spike[i])) spikeAt.set(steps[i], norm);
+    if (truthy(series.spike && series.spike[i])) spikeAt.set(steps[i], norm);
+    if (truthy(series.skipped && series.skipped[i])) skippedAt.set(steps[i], norm);
+    if (truthy(series.level_shift && series.level_shift[i])) shiftSteps.add(steps[i]);
     const raw = series.pre_norm[i];
-    if ((series.nonfinite && truthy(series.nonfinite[i])) || (typeof raw === 'number' && !Number.isFinite(raw))) {
+    if (truthy(series.nonfinite && series.nonfinite[i]) || (typeof raw === 'number' && !Number.isFinite(raw))) {
       nonfiniteSteps.add(steps[i]);
     }
   }
   const [first, last] = steps.length ? [steps[0], steps[steps.length - 1]] : [-Infinity, Infinity];
-  for (const mark of marks.spike) {
-    if (mark.step >= first && mark.step <= last && !spikeAt.has(mark.step)) spikeAt.set(mark.step, plottable(mark.value));
-  }
-  for (const mark of marks.nonfinite) {
-    if (mark.step >= first && mark.step <= last) nonfiniteSteps.add(mark.step);
-  }
+  const inside = (mark) => mark.step >= first && mark.step <= last;
+  const list = (kind) => ((marks && marks[kind]) || []).filter(inside);
+  for (const mark of list('spike')) if (!spikeAt.has(mark.step)) spikeAt.set(mark.step, plottable(mark.value));
+  for (const mark of list('nonfinite')) nonfiniteSteps.add(mark.step);
+  for (const mark of list('skipped')) if (!skippedAt.has(mark.step)) skippedAt.set(mark.step, plottable(mark.value));
+  for (const mark of list('level_shift')) shiftSteps.add(mark.step);
 
   if (clippedX.length) {
     data.push({
@@ -110,13 +206,30 @@ export function normFigure({ series, marks, overlays, log, recommended, selected
       hovertemplate: 'step %{x}<br>clipped, norm %{y:.4g}<extra></extra>',
     });
   }
-  if (spikeAt.size) {
-    const spikeSteps = [...spikeAt.keys()].sort((a, b) => a - b);
+  // Every spike at its norm; one above the scale is also marked on the top edge (off-scale trace).
+  const spikeSteps = [...spikeAt.keys()].sort((a, b) => a - b);
+  if (spikeSteps.length) {
     data.push({
-      type: 'scatter', mode: 'markers', name: TRACE.spike, x: spikeSteps,
-      y: spikeSteps.map((s) => spikeAt.get(s)),
+      type: 'scatter', mode: 'markers', name: TRACE.spike, x: spikeSteps, y: spikeSteps.map((s) => spikeAt.get(s)),
       marker: { color: COLORS.spike, size: 10, symbol: 'x-thin', line: { width: 2, color: COLORS.spike } },
       hovertemplate: 'step %{x}<br>spike, norm %{y:.4g}<br>click for tensors<extra></extra>',
+    });
+  }
+  const offX = [];
+  const offY = [];
+  if (Number.isFinite(top)) {
+    for (let i = 0; i < steps.length; i += 1) if (pre[i] !== null && pre[i] > top) { offX.push(steps[i]); offY.push(pre[i]); }
+  }
+  if (offX.length) {
+    data.push(edgeTrace(TRACE.offscale, offX, offY, COLORS.offscale, 'triangle-up', 'norm above the scale:'));
+  }
+  if (skippedAt.size) {
+    const sorted = [...skippedAt.keys()].sort((a, b) => a - b);
+    data.push({
+      type: 'scatter', mode: 'markers', name: TRACE.skipped, x: sorted, y: sorted.map(() => 0.03), yaxis: 'y3',
+      customdata: sorted.map((s) => skippedAt.get(s)),
+      marker: { color: COLORS.skipped, size: 8, symbol: 'square' },
+      hovertemplate: 'step %{x}<br>update skipped, norm %{customdata:.4g}<extra></extra>',
     });
   }
 
@@ -127,6 +240,16 @@ export function normFigure({ series, marks, overlays, log, recommended, selected
       line: { color: COLORS.loss, width: 1 }, opacity: 0.55,
       hovertemplate: 'step %{x}<br>loss %{y:.4g}<extra></extra>',
     });
+    const lossSpikes = list('loss_spike');
+    if (lossSpikes.length) {
+      const byStep = new Map(steps.map((s, i) => [s, loss[i]]));
+      data.push({
+        type: 'scatter', mode: 'markers', name: TRACE.lossSpike, yaxis: 'y2',
+        x: lossSpikes.map((m) => m.step), y: lossSpikes.map((m) => plottable(m.value) ?? byStep.get(m.step) ?? null),
+        marker: { color: COLORS.lossSpike, size: 9, symbol: 'diamond-open', line: { width: 2 } },
+        hovertemplate: 'step %{x}<br>loss spike %{y:.4g}<extra></extra>',
+      });
+    }
   }
 
   if (nonfiniteSteps.size) {
@@ -159,6 +282,21 @@ export function normFigure({ series, marks, overlays, log, recommended, selected
 
   const shapes = [];
   const annotations = [];
+  if (shiftSteps.size) {
+    for (const step of [...shiftSteps].sort((a, b) => a - b)) {
+      shapes.push({ type: 'line', yref: 'paper', y0: 0, y1: 1, xref: 'x', x0: step, x1: step,
+        line: { color: COLORS.levelShift, width: 1.5, dash: 'dashdot' } });
+    }
+    data.push({
+      type: 'scatter', mode: 'markers', name: TRACE.levelShift, x: [...shiftSteps].sort((a, b) => a - b),
+      y: [...shiftSteps].map(() => 0.5), yaxis: 'y3', marker: { color: COLORS.levelShift, size: 9, symbol: 'line-ns-open' },
+      hovertemplate: 'step %{x}<br>level shift: a new regime<extra></extra>',
+    });
+  }
+  if (cleanWindow && Number.isFinite(cleanWindow.start) && Number.isFinite(cleanWindow.end)) {
+    shapes.push({ type: 'rect', yref: 'paper', y0: 0, y1: 1, xref: 'x', x0: cleanWindow.start, x1: cleanWindow.end,
+      fillcolor: 'rgba(61,220,151,0.07)', line: { width: 0 }, layer: 'below' });
+  }
   if (typeof recommended === 'number' && Number.isFinite(recommended)) {
     shapes.push({
       type: 'line', xref: 'paper', x0: 0, x1: 1, yref: 'y', y0: recommended, y1: recommended,
@@ -177,20 +315,31 @@ export function normFigure({ series, marks, overlays, log, recommended, selected
     });
   }
 
+  const yaxis = axis({ title: { text: 'pre-clip norm' }, type: axisChoice.type, hoverformat: '.4g' });
+  if (axisChoice.range) { yaxis.range = axisChoice.range; yaxis.autorange = false; } else yaxis.autorange = true;
+  if (log) {
+    const positive = drawn.filter((v) => v !== null && v > 0);
+    const decades = axisChoice.range ? axisChoice.range[1] - axisChoice.range[0]
+      : Math.log10(Math.max(...positive) / Math.min(...positive));
+    Object.assign(yaxis, logTicks(decades));
+  }
   const layout = baseLayout({
     uirevision,
     margin: { l: 60, r: 60, t: 10, b: 40 },
     showlegend: true,
     legend: { orientation: 'h', x: 0, y: 1.02, yanchor: 'bottom', bgcolor: 'rgba(0,0,0,0)' },
     xaxis: axis({ title: { text: 'step' } }),
-    yaxis: axis({ title: { text: 'pre-clip norm' }, type: log ? 'log' : 'linear' }),
-    yaxis2: axis({ title: { text: 'loss' }, overlaying: 'y', side: 'right', showgrid: false }),
+    yaxis,
+    yaxis2: axis({ title: { text: 'loss' }, overlaying: 'y', side: 'right', showgrid: false, hoverformat: '.4g' }),
     yaxis3: { overlaying: 'y', range: [0, 1], visible: false, fixedrange: true },
     shapes,
     annotations,
+    meta: { scale: axisChoice.reason },
   });
-  return { data, layout };
+  return { data, layout, scale: axisChoice };
 }
+
+// ---------------------------------------------------------------- histogram
 
 /** Whether histogram edges are log-spaced (the server uses log bins when the range spans decades). */
 function logSpaced(edges) {
@@ -226,17 +375,18 @@ export function histogramFigure({ histogram, percentiles, recommended, whatif })
       text: label, font: { color, size: 10 }, textangle: 0,
     });
   };
-  const labels = ['p50', 'p90', 'p95', 'p99'];
-  labels.forEach((key, index) => {
+  ['p50', 'p90', 'p95', 'p99'].forEach((key, index) => {
     const value = percentiles ? Number(percentiles[key]) : NaN;
     vline(value, COLORS.percentile, 1, 'dot', key, 0.92 - index * 0.08);
   });
   vline(recommended, COLORS.recommended, 2.5, 'solid', `recommended ${formatNumber(recommended)}`, 1.0);
   vline(whatif, COLORS.whatif, 1.5, 'dash', `what-if ${formatNumber(whatif)}`, 0.6);
+  const xaxis = axis({ title: { text: 'pre-clip norm' }, type: log ? 'log' : 'linear', hoverformat: '.4g' });
+  if (log) Object.assign(xaxis, logTicks(Math.log10(edges[edges.length - 1] / edges[0])));
   const layout = baseLayout({
     margin: { l: 55, r: 15, t: 22, b: 40 },
     showlegend: false,
-    xaxis: axis({ title: { text: 'pre-clip norm' }, type: log ? 'log' : 'linear' }),
+    xaxis,
     yaxis: axis({ title: { text: 'steps' }, rangemode: 'tozero' }),
     shapes,
     annotations,
@@ -244,17 +394,54 @@ export function histogramFigure({ histogram, percentiles, recommended, whatif })
   return { data, layout };
 }
 
-/** Heatmap of per-tensor norms (log10), one row per tensor. */
-export function heatmapFigure({ tensors, selectedStep, uirevision }) {
-  const z = tensors.norms.map((row) => row.map((v) => {
+// ---------------------------------------------------------------- tensors
+
+/**
+ * Rows of the grouped heatmap: every block, and a block's modules under it when
+ * it is expanded. blocks/modules: `/tensors?group=block|module` answers (module may be null).
+ * Returns [{name, label, values, kind: 'block'|'module'|'tensor', parent}].
+ */
+export function tensorRows({ blocks, modules = null, expanded = new Set(), level = 'block' }) {
+  if (level === 'tensor' || !blocks) {
+    const answer = blocks;
+    return (answer ? answer.names : []).map((name, i) => ({ name, label: name, values: answer.norms[i], kind: 'tensor', parent: null }));
+  }
+  const moduleRows = new Map();
+  if (modules) {
+    modules.names.forEach((name, i) => {
+      const parent = modules.parents ? modules.parents[i] : name;
+      if (!moduleRows.has(parent)) moduleRows.set(parent, []);
+      moduleRows.get(parent).push({ name, values: modules.norms[i] });
+    });
+  }
+  const rows = [];
+  blocks.names.forEach((name, i) => {
+    const children = moduleRows.get(name) || [];
+    const expandable = children.length > 1 || (children.length === 1 && children[0].name !== name);
+    const open = expandable && (level === 'module' || expanded.has(name));
+    rows.push({ name, label: `${expandable ? (open ? '▾ ' : '▸ ') : ''}${name}`, values: blocks.norms[i], kind: 'block', parent: null, expandable });
+    if (open) {
+      for (const child of children) {
+        const short = child.name.startsWith(`${name}.`) ? child.name.slice(name.length + 1) : child.name;
+        rows.push({ name: child.name, label: `    ${short}`, values: child.values, kind: 'module', parent: name });
+      }
+    }
+  });
+  return rows;
+}
+
+/** Heatmap of per-group (or per-tensor) norms, log10, one row per entry of `rows`. */
+export function heatmapFigure({ rows, step, selectedStep = null, uirevision }) {
+  const z = rows.map((row) => row.values.map((v) => {
     const number = typeof v === 'number' ? v : Number(v);
     return Number.isFinite(number) && number > 0 ? Math.log10(number) : null;
   }));
-  const names = tensors.names.map(plotlyText);
+  const labels = rows.map((row) => plotlyText(row.label));
   const data = [{
-    type: 'heatmap', x: tensors.step, y: names, z, colorscale: 'Viridis',
+    type: 'heatmap', x: step, y: labels.map((_, i) => i), z, colorscale: 'Viridis',
+    customdata: rows.map((row) => step.map(() => plotlyText(row.name))), meta: { rows: rows.map((row) => row.name) },
     colorbar: { title: { text: 'log10 norm', side: 'right' }, thickness: 12 },
-    hovertemplate: '%{y}<br>step %{x}<br>log10 norm %{z:.3f}<extra></extra>',
+    hovertemplate: '%{customdata}<br>step %{x}<br>log10 norm %{z:.3f}<extra></extra>',
   }];
   const shapes = [];
   if (selectedStep !== null && selectedStep !== undefined) {
@@ -263,36 +450,57 @@ export function heatmapFigure({ tensors, selectedStep, uirevision }) {
       line: { color: COLORS.selected, width: 1, dash: 'dot' },
     });
   }
-  const longest = names.reduce((max, name) => Math.max(max, name.length), 0);
+  const longest = labels.reduce((max, name) => Math.max(max, name.length), 0);
   const layout = baseLayout({
     uirevision,
-    margin: { l: Math.min(260, 20 + longest * 6.5), r: 10, t: 10, b: 40 },
+    margin: { l: Math.min(280, 20 + longest * 6.5), r: 10, t: 10, b: 40 },
     xaxis: axis({ title: { text: 'step' } }),
-    yaxis: axis({ automargin: false, autorange: 'reversed', tickfont: { size: 10 } }),
+    yaxis: axis({ automargin: false, autorange: 'reversed', tickfont: { size: 10 },
+      tickmode: 'array', tickvals: labels.map((_, i) => i), ticktext: labels }),
     shapes,
   });
   return { data, layout };
 }
 
+/** Which groups spike most often over the run (robust rule, per group): bars, most first. */
+export function groupSpikeFigure({ names, spikes, limit = 15 }) {
+  const rows = names.map((name, i) => ({ name, count: Number(spikes[i]) || 0 }))
+    .filter((row) => row.count > 0).sort((a, b) => b.count - a.count).slice(0, limit).reverse();
+  const labels = rows.map((row) => plotlyText(row.name));
+  const data = [{
+    type: 'bar', orientation: 'h', name: 'spikes', x: rows.map((row) => row.count), y: labels,
+    marker: { color: COLORS.spike },
+    hovertemplate: '%{y}<br>%{x} spike steps<extra></extra>',
+  }];
+  const longest = labels.reduce((max, name) => Math.max(max, name.length), 0);
+  const layout = baseLayout({
+    margin: { l: Math.min(260, 20 + longest * 6.5), r: 15, t: 10, b: 40 },
+    xaxis: axis({ title: { text: 'steps where the group norm was an outlier' }, rangemode: 'tozero' }),
+    yaxis: axis({ tickfont: { size: 10 } }),
+    height: Math.max(140, 50 + rows.length * 18),
+  });
+  return { data, layout };
+}
+
 /**
- * Which tensors contributed to the norm at one step: horizontal bars, largest first.
- * rows: [{name, norm, ratio}] ; by: 'ratio' | 'norm'.
+ * Which tensors contributed to the norm at one step: horizontal bars, the top k, largest first.
+ * rows: [{name, norm, ratio, group}] ; by: 'ratio' | 'norm'.
  */
-export function contributionFigure({ rows, by, limit = 20 }) {
+export function contributionFigure({ rows, by, limit = 15 }) {
   const key = by === 'norm' ? 'norm' : 'ratio';
   const top = rows.filter((row) => Number.isFinite(row[key])).sort((a, b) => b[key] - a[key]).slice(0, limit).reverse();
   const names = top.map((row) => plotlyText(row.name));
   const data = [{
     type: 'bar', orientation: 'h', name: key === 'norm' ? 'tensor norm' : 'norm ÷ median',
     x: top.map((row) => row[key]), y: names,
-    customdata: top.map((row) => [row.norm, row.ratio]),
+    customdata: top.map((row) => [row.norm, row.ratio, plotlyText(row.group ?? '')]),
     marker: { color: top.map((row) => (row.ratio >= 3 ? COLORS.spike : COLORS.norm)) },
-    hovertemplate: '%{y}<br>norm %{customdata[0]:.4g}<br>÷ median %{customdata[1]:.3g}<extra></extra>',
+    hovertemplate: '%{y}<br>in %{customdata[2]}<br>norm %{customdata[0]:.4g}<br>÷ median %{customdata[1]:.3g}<extra></extra>',
   }];
   const longest = names.reduce((max, name) => Math.max(max, name.length), 0);
   const layout = baseLayout({
-    margin: { l: Math.min(260, 20 + longest * 6.5), r: 15, t: 10, b: 40 },
-    xaxis: axis({ title: { text: key === 'norm' ? 'tensor norm' : 'norm ÷ median of the preceding steps' } }),
+    margin: { l: Math.min(280, 20 + longest * 6.5), r: 15, t: 10, b: 40 },
+    xaxis: axis({ title: { text: key === 'norm' ? 'tensor norm' : 'norm ÷ median of the preceding steps' }, hoverformat: '.4g' }),
     yaxis: axis({ tickfont: { size: 10 } }),
     height: Math.max(180, 40 + top.length * 18),
   });

@@ -53,15 +53,23 @@ export function el(tag, props, ...children) {
 }
 
 /** A norm or loss for humans: 3 significant digits, exponent for extremes. */
-export function formatNumber(value) {
+export function formatNumber(value, digits = 3) {
   if (value === null || value === undefined) return '–';
   if (typeof value !== 'number') value = wireNumber(value);
   if (value === null) return '–';
   if (Number.isNaN(value)) return 'NaN';
   if (!Number.isFinite(value)) return value > 0 ? '+Inf' : '−Inf';
   const magnitude = Math.abs(value);
-  if (magnitude !== 0 && (magnitude >= 1e5 || magnitude < 1e-3)) return value.toExponential(2);
-  return Number(value.toPrecision(3)).toString();
+  if (magnitude !== 0 && (magnitude >= 1e5 || magnitude < 1e-3)) return value.toExponential(digits - 1);
+  return Number(value.toPrecision(digits)).toString();
+}
+
+/**
+ * Text from the server with its long floats shortened: "threshold 1.9969999999999999"
+ * becomes "threshold 1.997". Integers and short decimals are left alone. Still text.
+ */
+export function tidyNumbers(text) {
+  return String(text ?? '').replace(/-?\d+\.\d{5,}(?:[eE][+-]?\d+)?/g, (match) => formatNumber(Number(match), 4));
 }
 
 export function formatInt(value) {

@@ -1,8 +1,8 @@
 """`gradwatch report RUN -o FILE`: one offline HTML file from a real server's REST API."""
 from __future__ import annotations
 
-import json
 import re
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +16,11 @@ from tests.test_dashboard_support import launch_chromium, post_steps, synthetic_
 RUN = 'report <run> & "quotes"'
 
 
-def plotly_js_version() -> str:
-    import plotly
+def plotly_js_header() -> str:
+    """The first line that names the embedded plotly.js bundle (the shipped cartesian one)."""
+    from gradwatch.dashboard import plotly_bundle_path
 
-    bundle = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-    return re.search(r"plotly\.js v[0-9.]+", bundle.read_text(encoding="utf-8")[:500]).group(0)
+    return re.search(r"plotly\.js[^\n]* v[0-9.]+", plotly_bundle_path().read_text(encoding="utf-8")[:500]).group(0)
 
 
 @pytest.fixture(scope="module")
@@ -38,58 +38,55 @@ def report(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def embedded_figures(document: str) -> list[list[dict]]:
-    """The `data` argument of every Plotly.newPlot call in the file."""
-    figures = []
-    for match in re.finditer(r'Plotly\.newPlot\(\s*"[^"]+",\s*', document):
-        data, _ = json.JSONDecoder().raw_decode(document, match.end())
-        figures.append(data)
-    return figures
+def drawn_report(page, path: Path) -> dict:
+    """Open the report file and read back what the dashboard's chart code drew: {chart id: gd.data}."""
+    page.goto(path.as_uri())
+    deadline = time.monotonic() + 30
+    while page.evaluate("window.gradwatchReport === undefined ? null : 1") is None:
+        assert time.monotonic() < deadline, "the report's charts were not drawn"
+        time.sleep(0.05)
+    page.evaluate("window.gradwatchReport")  # awaits every Plotly.newPlot
+    return page.evaluate("""Object.fromEntries([...document.querySelectorAll('.js-plotly-plot')]
+        .map((gd) => [gd.id, gd.data.map((t) => ({name: t.name, type: t.type, x: t.x, y: t.y}))]))""")
 
 
-def test_report_writes_one_offline_file_with_plotly_and_the_run_data(server, tmp_path, output_dir):
+def test_report_writes_one_offline_file_with_plotly_and_the_run_data(server, tmp_path, output_dir, chromium_path):
+    from playwright.sync_api import sync_playwright
+
     target = tmp_path / "out" / "report.html"
     done = report(RUN, "-o", str(target), "--url", server.url)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(target)
     document = target.read_text(encoding="utf-8")
-    assert plotly_js_version() in document  # plotly.js itself is embedded ...
-    assert document.count(plotly_js_version()) == 1  # ... once
+    assert document.count(plotly_js_header()) == 1  # plotly.js itself is embedded, once
+    assert "function normFigure(" in document  # the dashboard's chart code, inlined
     assert '<script src=' not in document and 'src="http' not in document  # nothing to download
     assert "report &lt;run&gt; &amp; &quot;quotes&quot;" in document  # the name, escaped, in the title
-    assert "<run>" not in document
+    assert "<run>" not in document  # ... and in the embedded JSON (as \u003c)
 
-    figures = embedded_figures(document)
-    assert len(figures) == 3  # norm chart, histogram, per-tensor heatmap
-    norm = {trace.get("name"): trace for trace in figures[0]}
-    expected = server.run
-    assert norm["pre-clip norm"]["x"] == expected.steps.tolist()
-    shown = np.array([np.nan if v is None else v for v in norm["pre-clip norm"]["y"]])
-    np.testing.assert_allclose(shown, expected.pre_norm, rtol=1e-9)
-    assert norm["spike"]["x"] == expected.spike_steps
-    histogram_counts = figures[1][0]["y"][:-1]
-    assert sum(histogram_counts) == len(expected.finite_norms)
-    (output_dir / "report.html").write_text(document, encoding="utf-8")
-
-
-def test_report_opens_offline_in_chromium(server, tmp_path, chromium_path):
-    from playwright.sync_api import sync_playwright
-
-    target = tmp_path / "report.html"
-    assert report(RUN, "-o", str(target), "--url", server.url).returncode == 0
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright, chromium_path)
         page = browser.new_page()
         requests, errors = [], []
         page.on("request", lambda request: requests.append(request.url))
         page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(target.as_uri())
-        page.wait_for_selector(".js-plotly-plot .main-svg")
-        plots = page.evaluate("document.querySelectorAll('.js-plotly-plot').length")
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        charts = drawn_report(page, target)
+        title = page.evaluate("document.querySelector('h1').textContent")
         browser.close()
-    assert plots == 3
+    assert not errors, errors
     assert all(url.startswith("file://") for url in requests), requests
-    assert not errors
+    assert title == f"gradwatch report: {RUN}"
+    assert {"chart-norm", "chart-histogram", "chart-heatmap"} <= set(charts)
+    norm = {trace["name"]: trace for trace in charts["chart-norm"]}
+    expected = server.run
+    assert norm["pre-clip norm"]["x"] == expected.steps.tolist()
+    shown = np.array([np.nan if v is None else v for v in norm["pre-clip norm"]["y"]])
+    np.testing.assert_allclose(shown, expected.pre_norm, rtol=1e-6)
+    assert norm["spike"]["x"] == expected.spike_steps
+    histogram_counts = charts["chart-histogram"][0]["y"][:-1]
+    assert sum(histogram_counts) == len(expected.finite_norms)
+    (output_dir / "report.html").write_text(document, encoding="utf-8")
 
 
 def test_report_of_an_unknown_run_is_a_one_line_error(server, tmp_path):
@@ -106,3 +103,38 @@ def test_report_without_a_server_is_a_one_line_error(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0
     assert f"cannot reach the server at {url}" in done.stderr
+
+
+def test_report_skips_events_without_a_step(tmp_path, chromium_path):
+    """Moved from test_server_events.py: the report's charts are drawn by charts.js now."""
+    from playwright.sync_api import sync_playwright
+
+    from gradwatch.server.report import RunData, render_report
+
+    events = [{"step": None, "kind": "spike", "value": 3.0, "threshold": None, "message": "no step", "time": None},
+              {"step": None, "kind": "nonfinite", "value": "NaN", "threshold": None, "message": "", "time": None},
+              {"step": None, "kind": "drop", "value": None, "threshold": None, "message": "dropped", "time": None},
+              {"step": 2, "kind": "spike", "value": 9.0, "threshold": 1.0, "message": "spike", "time": None}]
+    series = {"step": [0, 1, 2], "pre_norm": [1.0, 1.1, 9.0], "threshold": [1.0] * 3,
+              "clipped": [False, True, True], "loss": [2.0] * 3, "spike": [False, False, True],
+              "nonfinite": [False] * 3}
+    data = RunData(run="r", info={"name": "r", "steps": 3}, series=series, stats={}, recommendation={},
+                   histogram={}, events=events, spikes=[e for e in events if e["kind"] == "spike"],
+                   nonfinite=[e for e in events if e["kind"] == "nonfinite"], tensors=None)
+    target = tmp_path / "stepless.html"
+    target.write_text(render_report(data, "http://127.0.0.1:1"), encoding="utf-8")
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright, chromium_path)
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        charts = drawn_report(page, target)
+        rows = page.evaluate("""[...document.querySelectorAll('#events tbody tr')]
+            .map((tr) => [...tr.cells].map((td) => td.textContent))""")
+        browser.close()
+    assert not errors, errors
+    names = [trace["name"] for trace in charts["chart-norm"]]
+    spike = next(trace for trace in charts["chart-norm"] if trace["name"] == "spike")
+    assert spike["x"] == [2]
+    assert not any(name and name.startswith("non-finite") for name in names)
+    assert ["–", "drop"] == rows[2][:2] and all("None" not in cell for row in rows for cell in row)

@@ -10,7 +10,6 @@ from sqlalchemy import create_engine
 
 from gradwatch.server import stats
 from gradwatch.server.storage import SCHEMA_VERSION, create_schema, make_engine, normalize_url
-from gradwatch.server.report import RunData, norm_figure, render_report
 from gradwatch.server.schemas import parse_batch
 from gradwatch.server.storage import Store
 from tests.test_server_support import db_url_for
@@ -160,21 +159,3 @@ def test_a_newer_schema_version_is_refused(tmp_path):
     with pytest.raises(SchemaError, match="99"):
         create_schema(create_engine(normalize_url(url)))
     engine.dispose()
-
-
-def test_report_skips_events_without_a_step():
-    events = [{"step": None, "kind": "spike", "value": 3.0, "threshold": None, "message": "no step", "time": None},
-              {"step": None, "kind": "nonfinite", "value": "NaN", "threshold": None, "message": "", "time": None},
-              {"step": None, "kind": "drop", "value": None, "threshold": None, "message": "dropped", "time": None},
-              {"step": 2, "kind": "spike", "value": 9.0, "threshold": 1.0, "message": "spike", "time": None}]
-    series = {"step": [0, 1, 2], "pre_norm": [1.0, 1.1, 9.0], "threshold": [1.0] * 3,
-              "clipped": [False, True, True], "loss": [2.0] * 3, "spike": [False, False, True],
-              "nonfinite": [False] * 3}
-    data = RunData(run="r", info={"name": "r", "steps": 3}, series=series, stats={}, recommendation={},
-                   histogram={}, events=events, tensors=None)
-    figure = norm_figure(data)
-    spike_trace = next(trace for trace in figure.data if trace.name == "spike")
-    assert list(spike_trace.x) == [2]
-    assert not any(trace.name and trace.name.startswith("non-finite") for trace in figure.data)
-    document = render_report(data, "http://127.0.0.1:1")
-    assert "<td class=\"num\">–</td><td class=\"\">drop</td>" in document and ">None<" not in document

@@ -8,7 +8,7 @@ import numpy as np
 from fastapi import APIRouter, Query
 from fastapi.responses import Response, StreamingResponse
 
-from gradwatch.server import stats
+from gradwatch.server import stats, tensor_groups
 from gradwatch.server.routes.deps import READ, WRITE, RunName, StoreDep, json_response
 from gradwatch.server.schemas import (COLUMNS, LIVE_FIELDS, MAX_STEP, BatchError, DeletedOut, EventOut, RunOut,
                                       SeriesOut, TensorsOut, encode_floats)
@@ -79,8 +79,14 @@ def events(name: RunName, store: StoreDep,
 @router.get("/api/runs/{run}/tensors", dependencies=READ, response_model=TensorsOut)
 def tensors(name: RunName, store: StoreDep, start: int | None = Query(None, ge=0, le=MAX_STEP),
             end: int | None = Query(None, ge=0, le=MAX_STEP),
-            points: int = Query(500, ge=1, le=100_000)) -> Response:
-    """Per-tensor norms, one row per tensor; downsampled by the max per bucket of steps."""
+            points: int = Query(500, ge=1, le=100_000),
+            group: Literal["block", "module", "tensor"] = Query(
+                "tensor", description="rows: one per tensor, or per module path (block `layers.N`, "
+                "module `layers.N.mlp`), each the per-step L2 of its tensors' norms")) -> Response:
+    """Per-tensor norms, one row per tensor (or per group); downsampled by the max per bucket of steps."""
+    if group != "tensor":  # per-step norms first: a group's norm is not a max of bucket maxima
+        names, steps, norms, absent = tensor_groups.read_step_norms(store, store.run_id(name), start, end)
+        return json_response(tensor_groups.grouped_answer(names, steps, norms, absent, group, points))
     names, steps, norms, absent = store.tensor_norms(store.run_id(name), start, end, points)
     rows = [encode_floats(np.asarray(norms[:, i], dtype=np.float64), absent[:, i]) for i in range(len(names))]
     return json_response({"names": names, "step": steps.tolist(), "norms": rows})
