@@ -13,3 +13,7 @@ from .summaries import (FlagStats, NumStats, Summary, combine, concat, decode_su
                         group_by, slice_steps, summarize)
 
 __all__ = [name for name in dir() if not name.startswith("_")]
+from .tensors import (Heatmap, TensorChunk, TensorSummary, decode_tensor_summary, decode_tensors,  # noqa: E402
+                      encode_tensor_summary, encode_tensors, heatmap, merge_tensors, summarize_tensors)
+
+__all__ = [name for name in dir() if not name.startswith("_")]
