@@ -200,8 +200,8 @@ def overview(source: ChunkSource, spec: Spec, lo: int, hi: int, points: int, fie
             cut |= (edge_rows.steps >= s) & (edge_rows.steps < s + level)
         edge_rows = edge_rows.take(cut)
     total = int(inner.rows.sum()) + len(edge_rows.steps)
-    if points >= total:
-        rows = raw(range(first_chunk, last_chunk + 1))
+    if points >= total:   # every step: decode the chunks that hold some (never loop over empty ids)
+        rows = raw(sorted({int(s) // CHUNK for s in entries.start}))
         return _select(rows, grid, points, fields, keep, spec, decoded)
 
     # min/max candidates: edge rows before lo's entry end, summary entries, edge rows after
