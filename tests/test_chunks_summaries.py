@@ -91,7 +91,7 @@ def test_combined_summaries_equal_summaries_of_the_raw_values(width):
         v = pre[rows]
         fin = np.isfinite(v)
         s = combined.nums["pre_norm"]
-        assert s.rows if False else combined.rows[i] == len(rows)
+        assert combined.rows[i] == len(rows)
         assert s.count[i] == fin.sum() and s.nan[i] + s.inf[i] == (~fin).sum()
         assert s.min[i] == v[fin].min() and s.max[i] == v[fin].max()
         assert s.min_step[i] == steps[rows[np.flatnonzero(fin & (v == v[fin].min()))[0]]]

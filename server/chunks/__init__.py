@@ -9,7 +9,8 @@ from .codec import (BLOCK, CHUNK, Chunk, CodecError, check_spec, chunk_ids, colu
 from .downsample import (LEVELS, ChunkSource, Grid, MemorySource, Series, bucket_grid, overview,
                          series_from_arrays)
 from .merge import BatchMerge, Conflict, MergeResult, merge_batch, merge_chunk, normalize
-from .summaries import (FlagStats, NumStats, Summary, combine, concat, decode_summary, encode_summary,
+from .summaries import (FlagStats, NumStats, Summary, combine, concat, decode_summaries, decode_summary,
+                        encode_summary,
                         group_by, slice_steps, summarize)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -10,7 +10,7 @@ non-finite flags) are added when there are at most `points` of them; with
 The bucket grid (`bucket_grid`): width w = ceil(span / buckets). When w is
 finer than a summary block, raw values are read (buckets anchored at `lo`,
 exactly today's buckets for a dense range). Otherwise the grid is anchored at
-`lo` rounded down to a summary level g (64 steps, 512, or a chunk) and w is
+`lo` rounded down to the coarsest summary level g <= w (64 steps, 512, a chunk) and w is
 rounded up to a multiple of g, so every bucket is whole summary entries except
 where the range cuts an entry (at most one at each edge): those steps are
 decoded. Rows flagged by `keep` or non-finite keys are found by decoding only
@@ -29,7 +29,7 @@ from typing import Mapping, Protocol
 import numpy as np
 
 from .codec import BLOCK, CHUNK, Chunk, Spec, decode_chunk, encode_chunk
-from .summaries import Summary, combine, concat, decode_summary, empty_summary, encode_summary, summarize
+from .summaries import Summary, combine, decode_summaries, empty_summary, encode_summary, summarize
 
 LEVELS = (BLOCK, 8 * BLOCK, CHUNK)   # summary widths the overview reads (64, 512, 4096)
 
@@ -74,7 +74,7 @@ def bucket_grid(lo: int, hi: int, points: int) -> Grid:
     width = -(-span // buckets)
     if width < BLOCK:
         return Grid(lo, max(width, 1), 0)
-    level = max([g for g in LEVELS if g * 2 <= width] or [BLOCK])
+    level = max([g for g in LEVELS if g <= width] or [BLOCK])
     anchor = lo - lo % level
     width = -(-(hi + 1 - anchor) // buckets)
     width = -(-width // level) * level
@@ -191,7 +191,8 @@ def overview(source: ChunkSource, spec: Spec, lo: int, hi: int, points: int, fie
     entries = source.summaries(first_chunk, last_chunk, level)
     ends = entries.start + level - 1
     inner_mask = (entries.start >= lo) & (ends <= hi)
-    inner = entries.take(np.flatnonzero(inner_mask))
+    inside = np.flatnonzero(inner_mask)     # contiguous: entries are sorted, [lo, hi] an interval
+    inner = entries.take(slice(int(inside[0]), int(inside[-1]) + 1) if len(inside) else slice(0, 0))
     edge_chunks = sorted({int(s) // CHUNK for s in entries.start[~inner_mask]})
     edge_rows = raw(edge_chunks) if edge_chunks else _Rows.of_chunks([], spec, key, names, lo, hi)
     if edge_chunks:   # only the steps of the cut entries; the rest of those chunks is in `inner`
@@ -275,16 +276,20 @@ class MemorySource:
         self.spec = dict(spec)
         self.key = key
         self.blobs: dict[int, dict[str, bytes]] = {}
-        self.block_summaries: dict[int, bytes] = {}
-        self.chunk_summaries: dict[int, bytes] = {}
+        self.levels: dict[int, dict[int, bytes]] = {width: {} for width in LEVELS}   # width -> chunk -> blob
         self.decoded: list[int] = []
 
+    @property
+    def block_summaries(self) -> dict[int, bytes]:
+        return self.levels[BLOCK]
+
     def put(self, chunk: Chunk) -> None:
-        """Store a chunk and its summaries (what ingest writes)."""
+        """Store a chunk and its summaries at every level of LEVELS (what ingest writes)."""
         self.blobs[chunk.chunk_id] = encode_chunk(chunk, self.spec)
-        blocks = summarize(chunk, self.spec, self.key)
-        self.block_summaries[chunk.chunk_id] = encode_summary(blocks)
-        self.chunk_summaries[chunk.chunk_id] = encode_summary(combine(blocks, CHUNK))
+        summary = summarize(chunk, self.spec, self.key)
+        for width in LEVELS:
+            summary = combine(summary, width) if width != summary.width else summary
+            self.levels[width][chunk.chunk_id] = encode_summary(summary)
 
     def load(self, chunk_id: int) -> Chunk | None:
         blobs = self.blobs.get(chunk_id)
@@ -298,12 +303,11 @@ class MemorySource:
         return decode_chunk(chunk_id, blobs, self.spec, columns)
 
     def summaries(self, first_chunk: int, last_chunk: int, width: int) -> Summary:
-        table = self.chunk_summaries if width == CHUNK else self.block_summaries
+        table = self.levels[width]
         ids = [c for c in sorted(table) if first_chunk <= c <= last_chunk]
         if not ids:
             return empty_summary(self.spec, self.key, width)
-        out = concat([decode_summary(table[c]) for c in ids])
-        return out if out.width == width else combine(out, width)
+        return decode_summaries([table[c] for c in ids])
 
 
 def series_from_arrays(steps: np.ndarray, spec: Spec, columns: Mapping[str, tuple[np.ndarray, np.ndarray | None]],

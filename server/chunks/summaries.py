@@ -233,39 +233,79 @@ def slice_steps(summary: Summary, lo: int, hi: int) -> Summary:
 
 
 # ----- bytes -----
+#
+# One blob per summary: a small JSON header and two matrices (entries x int64
+# fields, entries x float64 fields), so decoding a chunk's summary is two
+# `frombuffer` calls and many chunks' summaries stack before being split once.
+
+def _layout(meta: dict) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    ints: list[tuple[str, ...]] = [("start",), ("rows",), ("first",), ("last",)]
+    floats: list[tuple[str, ...]] = []
+    for name in meta["nums"]:
+        ints += [("n", name, f) for f in ("count", "nan", "inf", "min_step", "max_step")]
+        floats += [("n", name, f) for f in ("min", "max", "sum", "sumsq")]
+    for name in meta["flags"]:
+        ints += [("b", name, "true"), ("b", name, "valid")]
+    for name in meta["anchors"]:
+        ints += [("a", name, "min_ok"), ("a", name, "max_ok")]
+        floats += [("a", name, "min"), ("a", name, "max")]
+    return ints, floats
+
+
+def _meta(summary: Summary) -> dict:
+    return {"width": summary.width, "key": summary.key, "nums": list(summary.nums),
+            "flags": list(summary.flags), "anchors": list(summary.at_min)}
+
+
+def _get(summary: Summary, path: tuple[str, ...]) -> np.ndarray:
+    if len(path) == 1:
+        return getattr(summary, path[0])
+    kind, name, f = path
+    if kind == "n":
+        return getattr(summary.nums[name], f)
+    if kind == "b":
+        return getattr(summary.flags[name], f)
+    pair = summary.at_min[name] if f.startswith("min") else summary.at_max[name]
+    return pair[1] if f.endswith("_ok") else pair[0]
+
 
 def encode_summary(summary: Summary) -> bytes:
-    """A summary as one blob (pack_arrays); counts within a chunk fit int32, steps stay int64."""
-    arrays: dict = {"meta": json.dumps({"width": summary.width, "key": summary.key,
-                                        "nums": list(summary.nums), "flags": list(summary.flags),
-                                        "anchors": list(summary.at_min)}).encode(),
-                    "start": summary.start, "rows": summary.rows.astype(np.int32),
-                    "first": summary.first, "last": summary.last}
-    for name, s in summary.nums.items():
-        for f in _NUM_FIELDS:
-            value = getattr(s, f)
-            arrays[f"n.{name}.{f}"] = value.astype(np.int32) if f in ("count", "nan", "inf") else value
-    for name, s in summary.flags.items():
-        arrays[f"b.{name}.true"] = s.true.astype(np.int32)
-        arrays[f"b.{name}.valid"] = s.valid.astype(np.int32)
-    for name in summary.at_min:
-        arrays[f"a.{name}.min"], arrays[f"a.{name}.min_ok"] = summary.at_min[name]
-        arrays[f"a.{name}.max"], arrays[f"a.{name}.max_ok"] = summary.at_max[name]
-    return pack_arrays(arrays)
+    meta = _meta(summary)
+    ints, floats = _layout(meta)
+    m = len(summary)
+    int_matrix = np.empty((m, len(ints)), np.int64)
+    float_matrix = np.empty((m, len(floats)), np.float64)
+    for j, path in enumerate(ints):
+        int_matrix[:, j] = _get(summary, path)
+    for j, path in enumerate(floats):
+        float_matrix[:, j] = _get(summary, path)
+    return pack_arrays({"meta": json.dumps(meta).encode(), "i": int_matrix, "f": float_matrix})
+
+
+def decode_summaries(blobs: list[bytes]) -> Summary:
+    """Several summaries of one layout (ascending), decoded and concatenated in one pass."""
+    if not blobs:
+        raise ValueError("nothing to decode")
+    parts = [unpack_arrays(blob) for blob in blobs]
+    meta = json.loads(parts[0]["meta"])
+    if any(p["meta"] != parts[0]["meta"] for p in parts[1:]):   # registry changed between chunks
+        return concat([decode_summary(blob) for blob in blobs])
+    ints, floats = _layout(meta)
+    int_matrix = np.concatenate([p["i"] for p in parts]) if len(parts) > 1 else parts[0]["i"]
+    float_matrix = np.concatenate([p["f"] for p in parts]) if len(parts) > 1 else parts[0]["f"]
+    col = {path: int_matrix[:, j] for j, path in enumerate(ints)}
+    col.update({path: float_matrix[:, j] for j, path in enumerate(floats)})
+    summary = Summary(meta["width"], col[("start",)], col[("rows",)], col[("first",)], col[("last",)],
+                      key=meta["key"])
+    for name in meta["nums"]:
+        summary.nums[name] = NumStats(*(col[("n", name, f)] for f in _NUM_FIELDS))
+    for name in meta["flags"]:
+        summary.flags[name] = FlagStats(col[("b", name, "true")], col[("b", name, "valid")])
+    for name in meta["anchors"]:
+        summary.at_min[name] = (col[("a", name, "min")], col[("a", name, "min_ok")].astype(bool))
+        summary.at_max[name] = (col[("a", name, "max")], col[("a", name, "max_ok")].astype(bool))
+    return summary
 
 
 def decode_summary(blob: bytes) -> Summary:
-    arrays = unpack_arrays(blob)
-    meta = json.loads(arrays["meta"])
-    i64 = lambda name: arrays[name].astype(np.int64)  # noqa: E731
-    summary = Summary(meta["width"], arrays["start"], i64("rows"), arrays["first"], arrays["last"],
-                      key=meta["key"])
-    for name in meta["nums"]:
-        summary.nums[name] = NumStats(*(i64(f"n.{name}.{f}") if f in ("count", "nan", "inf")
-                                        else arrays[f"n.{name}.{f}"] for f in _NUM_FIELDS))
-    for name in meta["flags"]:
-        summary.flags[name] = FlagStats(i64(f"b.{name}.true"), i64(f"b.{name}.valid"))
-    for name in meta["anchors"]:
-        summary.at_min[name] = (arrays[f"a.{name}.min"], arrays[f"a.{name}.min_ok"])
-        summary.at_max[name] = (arrays[f"a.{name}.max"], arrays[f"a.{name}.max_ok"])
-    return summary
+    return decode_summaries([blob])
