@@ -1,0 +1,214 @@
+"""Merging a batch into decoded chunks: today's ingest semantics as pure functions.
+
+Ingest is idempotent on (run, step): a step not stored yet is added; a step
+sent again with equal values is a duplicate; with any different value it is a
+conflict, reported with both values, and the stored row is kept (never an
+overwrite). "Equal" is per column: both null, or both present and
+bit-for-bit equal, where every NaN equals every NaN; an integer sent for a
+float column is compared as the float64 it means. A column the batch does not
+send is null for its rows (so leaving out a column that was stored is a
+conflict, as today). Steps may come in any order and span chunks; a late step
+lands in its chunk like any other, with no other chunk touched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .codec import Chunk, Spec, empty_values, split_by_chunk, CHUNK
+
+ColumnInput = np.ndarray | tuple[np.ndarray, np.ndarray | None]
+
+
+@dataclass
+class Conflict:
+    step: int
+    fields: dict[str, tuple[Any, Any]]   # name -> (stored, sent); None for null, floats as Python floats
+
+
+@dataclass
+class MergeResult:
+    """One chunk's merge. Masks are over the rows given to `merge_chunk` (its `rows`)."""
+
+    chunk: Chunk                  # the chunk with the new steps added (the input chunk when none)
+    rows: np.ndarray              # indices into the batch of the rows that belong to this chunk
+    added: np.ndarray             # bool per row: stored now
+    duplicate: np.ndarray         # bool per row: equal resend
+    conflicts: list[Conflict] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added.any())
+
+
+@dataclass
+class BatchMerge:
+    """A whole batch's merge: per-chunk results and batch-wide masks (in the batch's row order)."""
+
+    chunks: dict[int, MergeResult]
+    added: np.ndarray
+    duplicate: np.ndarray
+    conflicts: list[Conflict]
+
+    def answer(self) -> dict[str, int]:
+        return {"accepted": int(self.added.sum()), "duplicates": int(self.duplicate.sum()),
+                "conflicts": len(self.conflicts)}
+
+
+def normalize(spec: Spec, n: int, columns: Mapping[str, ColumnInput]) -> tuple[dict, dict]:
+    """Batch columns as (values, valid) in the codec's dtypes.
+
+    A column is an array or (values, missing). Floats: anything numpy reads as a
+    number (ints become the float64 they mean), NaN a value, `missing` marks nulls.
+    Bools: a bool array, or 0.0/1.0 floats with NaN or `missing` for null (the
+    server's parsed-batch form). Ints: int64. Columns not in `columns` are all null.
+    """
+    unknown = set(columns) - set(spec)
+    if unknown:
+        raise ValueError(f"columns not in the spec: {sorted(unknown)}")
+    values: dict[str, np.ndarray] = {}
+    valid: dict[str, np.ndarray | None] = {}
+    for name, kind in spec.items():
+        item = columns.get(name)
+        if item is None:
+            values[name], valid[name] = empty_values(kind, n), np.zeros(n, dtype=bool)
+            continue
+        raw, missing = item if isinstance(item, tuple) else (item, None)
+        raw = np.asarray(raw)
+        if len(raw) != n:
+            raise ValueError(f"column '{name}' has {len(raw)} values for {n} steps")
+        ok = None if missing is None else ~np.asarray(missing, dtype=bool)
+        if kind == "float":
+            array = raw.astype(np.float64)
+        elif kind == "bool":
+            if raw.dtype == bool:
+                array = raw
+            else:
+                as_float = raw.astype(np.float64)
+                nan = np.isnan(as_float)
+                if nan.any():
+                    ok = ~nan if ok is None else ok & ~nan
+                array = as_float == 1.0
+        else:
+            array = raw.astype(np.int64)
+        if ok is not None:
+            array = array.copy()
+            array[~ok] = empty_values(kind, 1)[0]
+            if ok.all():
+                ok = None
+        values[name], valid[name] = array, ok
+    return values, valid
+
+
+def _valid(mask: np.ndarray | None, n: int) -> np.ndarray:
+    return np.ones(n, dtype=bool) if mask is None else mask
+
+
+def _equal(kind: str, a: np.ndarray, a_ok: np.ndarray, b: np.ndarray, b_ok: np.ndarray) -> np.ndarray:
+    if kind == "float":
+        same = (a.view(np.uint64) == b.view(np.uint64)) | (np.isnan(a) & np.isnan(b))
+    else:
+        same = a == b
+    return (a_ok == b_ok) & (same | ~a_ok)
+
+
+def _python(kind: str, value, ok: bool):
+    if not ok:
+        return None
+    return float(value) if kind == "float" else bool(value) if kind == "bool" else int(value)
+
+
+def merge_chunk(chunk: Chunk, steps: np.ndarray, values: Mapping[str, np.ndarray],
+                valid: Mapping[str, np.ndarray | None], spec: Spec) -> MergeResult:
+    """Merge normalized rows (all in `chunk`'s span, steps unique) into `chunk`; pure."""
+    steps = np.asarray(steps, dtype=np.int64)
+    n = len(steps)
+    if n and (steps.min() // CHUNK != chunk.chunk_id or steps.max() // CHUNK != chunk.chunk_id):
+        raise ValueError(f"steps outside chunk {chunk.chunk_id}")
+    rows = np.arange(n)
+    position = np.searchsorted(chunk.steps, steps)
+    found = position < len(chunk.steps)
+    found[found] = chunk.steps[position[found]] == steps[found]
+    duplicate = np.zeros(n, dtype=bool)
+    conflicts: list[Conflict] = []
+    if found.any():
+        old_rows = position[found]
+        sent_rows = np.flatnonzero(found)
+        row_equal = np.ones(len(sent_rows), dtype=bool)
+        differing: dict[str, np.ndarray] = {}
+        for name, kind in spec.items():
+            stored = chunk.values.get(name)
+            if stored is None:
+                stored, stored_ok = empty_values(kind, len(old_rows)), np.zeros(len(old_rows), dtype=bool)
+            else:
+                stored, stored_ok = stored[old_rows], _valid(chunk.valid.get(name), len(chunk.steps))[old_rows]
+            sent, sent_ok = values[name][sent_rows], _valid(valid[name], n)[sent_rows]
+            equal = _equal(kind, stored, stored_ok, sent, sent_ok)
+            if not equal.all():
+                differing[name] = ~equal
+                row_equal &= equal
+        duplicate[sent_rows[row_equal]] = True
+        for index in np.flatnonzero(~row_equal).tolist():
+            old, new = int(old_rows[index]), int(sent_rows[index])
+            fields = {}
+            for name, mask in differing.items():
+                if mask[index]:
+                    kind = spec[name]
+                    stored_ok = chunk.values.get(name) is not None and bool(
+                        _valid(chunk.valid.get(name), len(chunk.steps))[old])
+                    stored = _python(kind, chunk.values[name][old], stored_ok) if stored_ok else None
+                    fields[name] = (stored, _python(kind, values[name][new], bool(_valid(valid[name], n)[new])))
+            conflicts.append(Conflict(step=int(steps[new]), fields=fields))
+    added = ~found
+    if not added.any():
+        return MergeResult(chunk, rows, added, duplicate, conflicts)
+    new_steps = steps[added]
+    all_steps = np.concatenate([chunk.steps, new_steps])
+    order = np.argsort(all_steps, kind="stable")
+    merged = Chunk(chunk.chunk_id, all_steps[order])
+    old_n = len(chunk.steps)
+    for name, kind in spec.items():
+        old_values = chunk.values.get(name)
+        if old_values is None:
+            old_values, old_ok = empty_values(kind, old_n), np.zeros(old_n, dtype=bool)
+        else:
+            old_ok = chunk.valid.get(name)
+        new_ok = valid[name][added] if valid[name] is not None else None
+        merged.values[name] = np.concatenate([old_values, values[name][added]])[order]
+        if old_ok is None and new_ok is None:
+            merged.valid[name] = None
+        else:
+            joined = np.concatenate([_valid(old_ok, old_n), _valid(new_ok, len(new_steps))])[order]
+            merged.valid[name] = None if joined.all() else joined
+    return MergeResult(merged, rows, added, duplicate, conflicts)
+
+
+def merge_batch(load: Callable[[int], Chunk | None], steps: np.ndarray, columns: Mapping[str, ColumnInput],
+                spec: Spec) -> BatchMerge:
+    """Merge a batch (steps unique, any order, any chunks) into the chunks `load(chunk_id)` returns
+    (None: a chunk not stored yet). Only chunks the batch touches are loaded."""
+    steps = np.asarray(steps, dtype=np.int64)
+    n = len(steps)
+    if n and len(np.unique(steps)) != n:
+        raise ValueError("a batch repeats a step")
+    if n and steps.min() < 0:
+        raise ValueError("steps must be >= 0")
+    values, valid = normalize(spec, n, columns)
+    added = np.zeros(n, dtype=bool)
+    duplicate = np.zeros(n, dtype=bool)
+    conflicts: list[Conflict] = []
+    results: dict[int, MergeResult] = {}
+    for chunk_id, rows in split_by_chunk(steps):
+        rows = np.sort(rows)
+        chunk = load(chunk_id) or Chunk.empty(chunk_id, spec)
+        result = merge_chunk(chunk, steps[rows], {k: v[rows] for k, v in values.items()},
+                             {k: (v[rows] if v is not None else None) for k, v in valid.items()}, spec)
+        result.rows = rows
+        added[rows] = result.added
+        duplicate[rows] = result.duplicate
+        conflicts.extend(result.conflicts)
+        results[chunk_id] = result
+    conflicts.sort(key=lambda c: c.step)
+    return BatchMerge(results, added, duplicate, conflicts)

@@ -1,0 +1,311 @@
+"""Summaries of consecutive steps, written at ingest, combinable into coarser ones.
+
+An entry summarises the steps present in `[start, start + width)`: how many;
+for every numeric column the count of finite values, of NaN and of ±Inf, the
+min and max of the finite values with the (first) step holding each, their
+sum and sum of squares; for every bool column the count of true and of
+non-null values. Nulls count nowhere. Entries exist only where steps do.
+
+For the downsampled overview one column is the `key` (the pre-clip norm): an
+entry also keeps every other column's value at the key's min step and at its
+max step (`at_min`, `at_max`), so an overview row can be drawn from a summary
+without decoding the chunk it came from.
+
+`summarize(chunk)` makes BLOCK-wide entries (64 steps: 64 entries a chunk);
+`combine(summary, width)` merges entries into wider ones (summaries of
+summaries: 512 steps, a chunk, ...), exactly as summarising the raw steps at
+that width would (the sums up to float rounding order).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .codec import BLOCK, Chunk, Spec, pack_arrays, unpack_arrays
+
+_NUM_FIELDS = ("count", "nan", "inf", "min", "min_step", "max", "max_step", "sum", "sumsq")
+_FLAG_FIELDS = ("true", "valid")
+
+
+@dataclass
+class NumStats:
+    count: np.ndarray      # int64: finite values
+    nan: np.ndarray        # int64
+    inf: np.ndarray        # int64: +Inf and -Inf
+    min: np.ndarray        # float64, +Inf where count == 0
+    min_step: np.ndarray   # int64, -1 where count == 0
+    max: np.ndarray        # float64, -Inf where count == 0
+    max_step: np.ndarray
+    sum: np.ndarray        # float64, finite values
+    sumsq: np.ndarray
+
+
+@dataclass
+class FlagStats:
+    true: np.ndarray       # int64
+    valid: np.ndarray      # int64: non-null values
+
+
+@dataclass
+class Summary:
+    width: int
+    start: np.ndarray                       # int64 entry starts (multiples of width), ascending
+    rows: np.ndarray                        # int64 steps present
+    first: np.ndarray                       # int64 first step present
+    last: np.ndarray                        # int64 last step present
+    nums: dict[str, NumStats] = field(default_factory=dict)
+    flags: dict[str, FlagStats] = field(default_factory=dict)
+    key: str | None = None
+    at_min: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # name -> (float64, valid)
+    at_max: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def take(self, index: np.ndarray | slice) -> "Summary":
+        """The entries at `index` (a slice or sorted indices)."""
+        return Summary(self.width, self.start[index], self.rows[index], self.first[index], self.last[index],
+                       {n: NumStats(*(getattr(s, f)[index] for f in _NUM_FIELDS)) for n, s in self.nums.items()},
+                       {n: FlagStats(*(getattr(s, f)[index] for f in _FLAG_FIELDS)) for n, s in self.flags.items()},
+                       self.key,
+                       {n: (v[index], ok[index]) for n, (v, ok) in self.at_min.items()},
+                       {n: (v[index], ok[index]) for n, (v, ok) in self.at_max.items()})
+
+
+def _as_float(kind: str, values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float64) if kind != "float" else values
+
+
+def _first_where(hit: np.ndarray, cuts: np.ndarray, n: int) -> np.ndarray:
+    """Per group (starting at `cuts`), the first index where `hit`, or n when none."""
+    return np.minimum.reduceat(np.where(hit, np.arange(n), n), cuts)
+
+
+def summarize(chunk: Chunk, spec: Spec, key: str | None = None, width: int = BLOCK) -> Summary:
+    """Entries of `width` steps (a divisor of CHUNK) over one decoded chunk (all columns of `spec`)."""
+    steps = chunk.steps
+    n = len(steps)
+    if n == 0:
+        return empty_summary(spec, key, width)
+    bucket = steps // width
+    cuts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    ends = np.r_[cuts[1:], n]
+    summary = Summary(width, bucket[cuts] * width, (ends - cuts).astype(np.int64), steps[cuts].copy(),
+                      steps[ends - 1].copy(), key=key)
+    key_rows = None
+    for name, kind in spec.items():
+        values = chunk.values[name]
+        valid = chunk.valid.get(name)
+        if kind == "bool":
+            ok = np.ones(n, dtype=bool) if valid is None else valid
+            summary.flags[name] = FlagStats(np.add.reduceat((values & ok).astype(np.int64), cuts),
+                                            np.add.reduceat(ok.astype(np.int64), cuts))
+            continue
+        v = _as_float(kind, values)
+        finite = np.isfinite(v)
+        nan = np.isnan(v)
+        if valid is not None:
+            finite &= valid
+            nan &= valid
+            inf = valid & ~finite & ~nan
+        else:
+            inf = ~finite & ~nan
+        low = np.where(finite, v, np.inf)
+        high = np.where(finite, v, -np.inf)
+        mn = np.minimum.reduceat(low, cuts)
+        mx = np.maximum.reduceat(high, cuts)
+        group = np.repeat(np.arange(len(cuts)), ends - cuts)
+        min_at = _first_where(finite & (low == mn[group]), cuts, n)
+        max_at = _first_where(finite & (high == mx[group]), cuts, n)
+        count = np.add.reduceat(finite.astype(np.int64), cuts)
+        finite_v = np.where(finite, v, 0.0)
+        with np.errstate(over="ignore"):
+            squares = finite_v * finite_v
+        summary.nums[name] = NumStats(
+            count, np.add.reduceat(nan.astype(np.int64), cuts), np.add.reduceat(inf.astype(np.int64), cuts),
+            mn, np.where(count > 0, steps[np.minimum(min_at, n - 1)], -1), mx,
+            np.where(count > 0, steps[np.minimum(max_at, n - 1)], -1),
+            np.add.reduceat(finite_v, cuts), np.add.reduceat(squares, cuts))
+        if name == key:
+            key_rows = (np.minimum(min_at, n - 1), np.minimum(max_at, n - 1), count > 0)
+    if key is not None:
+        if key_rows is None:
+            raise ValueError(f"key column '{key}' is not a numeric column of the spec")
+        min_rows, max_rows, has = key_rows
+        for name, kind in spec.items():
+            if name == key:
+                continue
+            values = _as_float(kind, chunk.values[name])
+            valid = chunk.valid.get(name)
+            ok = np.ones(n, dtype=bool) if valid is None else valid
+            summary.at_min[name] = (values[min_rows], ok[min_rows] & has)
+            summary.at_max[name] = (values[max_rows], ok[max_rows] & has)
+    return summary
+
+
+def empty_summary(spec: Spec, key: str | None = None, width: int = BLOCK) -> Summary:
+    i, f = np.zeros(0, np.int64), np.zeros(0, np.float64)
+    summary = Summary(width, i, i, i, i, key=key)
+    for name, kind in spec.items():
+        if kind == "bool":
+            summary.flags[name] = FlagStats(i, i)
+        else:
+            summary.nums[name] = NumStats(i, i, i, f, i, f, i, f, f)
+        if key is not None and name != key:
+            summary.at_min[name] = summary.at_max[name] = (f, np.zeros(0, bool))
+    return summary
+
+
+def concat(summaries: list[Summary]) -> Summary:
+    """Entries of several summaries of one width, in the order given (ascending steps expected)."""
+    if not summaries:
+        raise ValueError("nothing to concatenate")
+    if len(summaries) == 1:
+        return summaries[0]
+    head = summaries[0]
+    cat = np.concatenate
+    return Summary(
+        head.width, cat([s.start for s in summaries]), cat([s.rows for s in summaries]),
+        cat([s.first for s in summaries]), cat([s.last for s in summaries]),
+        {n: NumStats(*(cat([getattr(s.nums[n], f) for s in summaries]) for f in _NUM_FIELDS)) for n in head.nums},
+        {n: FlagStats(*(cat([getattr(s.flags[n], f) for s in summaries]) for f in _FLAG_FIELDS))
+         for n in head.flags},
+        head.key,
+        {n: (cat([s.at_min[n][0] for s in summaries]), cat([s.at_min[n][1] for s in summaries]))
+         for n in head.at_min},
+        {n: (cat([s.at_max[n][0] for s in summaries]), cat([s.at_max[n][1] for s in summaries]))
+         for n in head.at_max})
+
+
+def group_by(summary: Summary, labels: np.ndarray) -> Summary:
+    """Merge consecutive entries with equal `labels` (non-decreasing) into one entry each;
+    `start` of a merged entry is its first entry's start. The general form of `combine`."""
+    m = len(summary)
+    if m == 0:
+        return summary
+    cuts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+    add = np.add.reduceat
+    out = Summary(summary.width, summary.start[cuts], add(summary.rows, cuts), summary.first[cuts],
+                  np.maximum.reduceat(summary.last, cuts), key=summary.key)
+    key_pick = None
+    for name, s in summary.nums.items():
+        mn = np.minimum.reduceat(s.min, cuts)
+        mx = np.maximum.reduceat(s.max, cuts)
+        group = np.repeat(np.arange(len(cuts)), np.diff(np.r_[cuts, m]))
+        has = s.count > 0
+        min_pick = _first_where(has & (s.min == mn[group]), cuts, m)
+        max_pick = _first_where(has & (s.max == mx[group]), cuts, m)
+        count = add(s.count, cuts)
+        safe_min, safe_max = np.minimum(min_pick, m - 1), np.minimum(max_pick, m - 1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out.nums[name] = NumStats(count, add(s.nan, cuts), add(s.inf, cuts), mn,
+                                      np.where(count > 0, s.min_step[safe_min], -1), mx,
+                                      np.where(count > 0, s.max_step[safe_max], -1),
+                                      add(s.sum, cuts), add(s.sumsq, cuts))
+        if name == summary.key:
+            key_pick = (safe_min, safe_max, count > 0)
+    for name, s in summary.flags.items():
+        out.flags[name] = FlagStats(add(s.true, cuts), add(s.valid, cuts))
+    if key_pick is not None:
+        min_pick, max_pick, has = key_pick
+        out.at_min = {n: (v[min_pick], ok[min_pick] & has) for n, (v, ok) in summary.at_min.items()}
+        out.at_max = {n: (v[max_pick], ok[max_pick] & has) for n, (v, ok) in summary.at_max.items()}
+    return out
+
+
+def combine(summary: Summary, width: int) -> Summary:
+    """Summaries of summaries: entries `width` steps wide (a multiple of the current width)."""
+    if width % summary.width:
+        raise ValueError(f"width {width} is not a multiple of {summary.width}")
+    out = group_by(summary, summary.start // width)
+    out.width = width
+    out.start = out.start // width * width
+    return out
+
+
+def slice_steps(summary: Summary, lo: int, hi: int) -> Summary:
+    """The entries whose whole span lies inside [lo, hi] (inclusive)."""
+    a = np.searchsorted(summary.start, lo, side="left")
+    b = np.searchsorted(summary.start + summary.width - 1, hi, side="right")
+    return summary.take(slice(a, max(a, b)))
+
+
+# ----- bytes -----
+#
+# One blob per summary: a small JSON header and two matrices (entries x int64
+# fields, entries x float64 fields), so decoding a chunk's summary is two
+# `frombuffer` calls and many chunks' summaries stack before being split once.
+
+def _layout(meta: dict) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    ints: list[tuple[str, ...]] = [("start",), ("rows",), ("first",), ("last",)]
+    floats: list[tuple[str, ...]] = []
+    for name in meta["nums"]:
+        ints += [("n", name, f) for f in ("count", "nan", "inf", "min_step", "max_step")]
+        floats += [("n", name, f) for f in ("min", "max", "sum", "sumsq")]
+    for name in meta["flags"]:
+        ints += [("b", name, "true"), ("b", name, "valid")]
+    for name in meta["anchors"]:
+        ints += [("a", name, "min_ok"), ("a", name, "max_ok")]
+        floats += [("a", name, "min"), ("a", name, "max")]
+    return ints, floats
+
+
+def _meta(summary: Summary) -> dict:
+    return {"width": summary.width, "key": summary.key, "nums": list(summary.nums),
+            "flags": list(summary.flags), "anchors": list(summary.at_min)}
+
+
+def _get(summary: Summary, path: tuple[str, ...]) -> np.ndarray:
+    if len(path) == 1:
+        return getattr(summary, path[0])
+    kind, name, f = path
+    if kind == "n":
+        return getattr(summary.nums[name], f)
+    if kind == "b":
+        return getattr(summary.flags[name], f)
+    pair = summary.at_min[name] if f.startswith("min") else summary.at_max[name]
+    return pair[1] if f.endswith("_ok") else pair[0]
+
+
+def encode_summary(summary: Summary) -> bytes:
+    meta = _meta(summary)
+    ints, floats = _layout(meta)
+    m = len(summary)
+    int_matrix = np.empty((m, len(ints)), np.int64)
+    float_matrix = np.empty((m, len(floats)), np.float64)
+    for j, path in enumerate(ints):
+        int_matrix[:, j] = _get(summary, path)
+    for j, path in enumerate(floats):
+        float_matrix[:, j] = _get(summary, path)
+    return pack_arrays({"meta": json.dumps(meta).encode(), "i": int_matrix, "f": float_matrix})
+
+
+def decode_summaries(blobs: list[bytes]) -> Summary:
+    """Several summaries of one layout (ascending), decoded and concatenated in one pass."""
+    if not blobs:
+        raise ValueError("nothing to decode")
+    parts = [unpack_arrays(blob) for blob in blobs]
+    meta = json.loads(parts[0]["meta"])
+    if any(p["meta"] != parts[0]["meta"] for p in parts[1:]):   # registry changed between chunks
+        return concat([decode_summary(blob) for blob in blobs])
+    ints, floats = _layout(meta)
+    int_matrix = np.concatenate([p["i"] for p in parts]) if len(parts) > 1 else parts[0]["i"]
+    float_matrix = np.concatenate([p["f"] for p in parts]) if len(parts) > 1 else parts[0]["f"]
+    col = {path: int_matrix[:, j] for j, path in enumerate(ints)}
+    col.update({path: float_matrix[:, j] for j, path in enumerate(floats)})
+    summary = Summary(meta["width"], col[("start",)], col[("rows",)], col[("first",)], col[("last",)],
+                      key=meta["key"])
+    for name in meta["nums"]:
+        summary.nums[name] = NumStats(*(col[("n", name, f)] for f in _NUM_FIELDS))
+    for name in meta["flags"]:
+        summary.flags[name] = FlagStats(col[("b", name, "true")], col[("b", name, "valid")])
+    for name in meta["anchors"]:
+        summary.at_min[name] = (col[("a", name, "min")], col[("a", name, "min_ok")].astype(bool))
+        summary.at_max[name] = (col[("a", name, "max")], col[("a", name, "max_ok")].astype(bool))
+    return summary
+
+
+def decode_summary(blob: bytes) -> Summary:
+    return decode_summaries([blob])
