@@ -70,6 +70,10 @@ def handle_message(store: Store, text: str | bytes) -> tuple[dict, str | None, A
         log.warning("ingest failed: %s", error)
         return {"type": "error", "seq": seq, "status": 503,
                 "detail": f"database unavailable: {type(error).__name__}"}, None, None
+    except Exception as error:  # a bug must not cost the agent its socket: answer and go on
+        log.exception("ingest message failed")
+        return {"type": "error", "seq": seq, "status": 500,
+                "detail": f"internal error: {type(error).__name__}"}, None, None
 
 
 @router.websocket("/ws/ingest")
