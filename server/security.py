@@ -15,14 +15,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 Kind = Literal["read", "write"]
 
 
-def presented_token(headers, query_params) -> str | None:
-    """`Authorization: Bearer T` or, for WebSockets and download links, `?token=T`."""
+def presented_token(headers, query_params, allow_query: bool = False) -> str | None:
+    """`Authorization: Bearer T`; `?token=T` only where a browser cannot send a header
+    (`allow_query`: the CSV download link and the `/ws/live` WebSocket), never for writes:
+    a token in a URL ends up in logs and histories, and a write token must not."""
     authorization = headers.get("authorization")
     if authorization:
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    return query_params.get("token") or None
+    return (query_params.get("token") or None) if allow_query else None
 
 
 def _same(a: str, b: str) -> bool:
