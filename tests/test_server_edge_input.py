@@ -126,3 +126,54 @@ def test_integers_in_float_columns_are_the_floats_they_mean(server, value):
         assert client.post(f"/api/runs/{run}/steps", json=body).json()["duplicates"] == 1
         times = client.get(f"/api/runs/{run}/series", params={"fields": "time"}).json()["time"]
         assert times == [float(value), 0.5, float(value)]
+
+
+def _decimal_mean_std(values: list[float]) -> tuple[float, float]:
+    """Reference: exact-enough mean and population std in Decimal (no float overflow)."""
+    from decimal import Decimal, localcontext
+
+    with localcontext() as context:
+        context.prec = 60
+        items = [Decimal(v) for v in values]
+        mean = sum(items) / len(items)
+        variance = sum((x - mean) ** 2 for x in items) / len(items)
+        return float(mean), float(variance.sqrt())
+
+
+@pytest.mark.parametrize("norms", [
+    [1.7e308, 1.7e308, 1.0, 2.0, 1e-300, 0.0, 5e-324],
+    [1.7e308] * 5,
+    [1.7976931348623157e308] * 3 + [0.0],
+    [1.7976931348623157e308],
+    [1.7e308, "Infinity", "NaN", 3.0],
+])
+def test_stats_and_histogram_are_safe_on_extreme_norms(server, norms):
+    run = f"edge-huge-{abs(hash(str(norms)))}"
+    finite = sorted(v for v in norms if isinstance(v, float) and v == v and v != float("inf"))
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        body = {"step": list(range(len(norms))), "pre_norm": norms}
+        assert client.post(f"/api/runs/{run}/steps", json=body).status_code == 200
+        stats = client.get(f"/api/runs/{run}/stats")
+        assert stats.status_code == 200, stats.text
+        stats = stats.json()
+        mean, std = _decimal_mean_std(finite)
+        assert stats["mean"] == pytest.approx(mean, rel=1e-12)
+        assert stats["std"] == pytest.approx(std, rel=1e-12, abs=1e-12 * finite[-1])
+        assert stats["min"] == finite[0] and stats["max"] == finite[-1]
+        assert None not in stats["percentiles"].values()
+        assert all(finite[0] <= p <= finite[-1] for p in stats["percentiles"].values())
+        for bins in (1, 60, 1000):
+            answer = client.get(f"/api/runs/{run}/histogram", params={"bins": bins})
+            assert answer.status_code == 200, answer.text
+            hist = answer.json()
+            edges, counts = hist["edges"], hist["counts"]
+            assert len(edges) == bins + 1 and all(isinstance(e, float) for e in edges)
+            assert all(a < b for a, b in zip(edges, edges[1:])), "edges strictly increase, all finite"
+            # Reference: a plain loop putting each finite norm in its bin (the last bin is closed).
+            expected = [0] * bins
+            for value in finite:
+                index = next(i for i in range(bins) if edges[i] <= value < edges[i + 1]
+                             or (i == bins - 1 and value == edges[-1]))
+                expected[index] += 1
+            assert counts == expected and hist["count"] == len(finite)
+        assert client.get(f"/api/runs/{run}/recommendation").status_code == 200
