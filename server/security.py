@@ -219,3 +219,61 @@ class EdgeGuard:
                                f"(or GRADWATCH_ALLOW_ORIGIN)")
             return
         await self.app(scope, receive, send)
+
+
+# ----- parsing memory: concurrent large bodies wait their turn -----
+
+class ByteBudget:
+    """At most `capacity` bytes of request bodies being read, parsed and stored at once.
+
+    Parsing a JSON batch costs a few times its size (the bytes, the decoded lists,
+    the numpy columns); ten clients each sending a 32 MiB body would multiply that
+    by ten. Each ingest holds its body's size (its Content-Length, or `max_body`
+    when it streams without one) from before the body is read until it is stored;
+    the others wait. `create_app` sizes it at 2x `max_body`: two full bodies at a
+    time. The counters (`holders`, `waiting`, `peak_*`) are read by tests and
+    `on_change` callbacks run (in the event loop) whenever they move.
+    """
+
+    def __init__(self, capacity: int):
+        import asyncio
+
+        self.capacity = capacity
+        self.in_use = self.holders = self.waiting = 0
+        self.peak_bytes = self.peak_holders = 0
+        self.on_change: list = []
+        self._condition = asyncio.Condition()
+
+    def _changed(self) -> None:
+        for callback in list(self.on_change):
+            callback(self)
+
+    def hold(self, size: int):
+        from contextlib import asynccontextmanager
+
+        size = max(0, min(int(size), self.capacity))
+
+        @asynccontextmanager
+        async def holding():
+            async with self._condition:
+                self.waiting += 1
+                self._changed()
+                try:
+                    await self._condition.wait_for(lambda: self.in_use + size <= self.capacity)
+                finally:
+                    self.waiting -= 1
+                self.in_use += size
+                self.holders += 1
+                self.peak_bytes = max(self.peak_bytes, self.in_use)
+                self.peak_holders = max(self.peak_holders, self.holders)
+                self._changed()
+            try:
+                yield
+            finally:
+                async with self._condition:
+                    self.in_use -= size
+                    self.holders -= 1
+                    self._condition.notify_all()
+                    self._changed()
+
+        return holding()
