@@ -145,12 +145,14 @@ def test_tokens_in_the_query_string_only_for_csv_and_live(server):
         assert client.get("/api/runs/tok-run/series", headers=AUTH_R).json()["step"] == [0, 1, 2]
 
     async def ws():
+        ingest_code = None
         async with websockets.connect(f"{server.ws_url}/ws/ingest?token={WRITE}") as sock:
-            await sock.send(json.dumps({"type": "batch", "seq": 1, "run": "tok-run", "batch": batch(3, 3)}))
-            try:
+            try:  # the server closes at once: the send or the receive sees it
+                await sock.send(json.dumps({"type": "batch", "seq": 1, "run": "tok-run", "batch": batch(3, 3)}))
                 await sock.recv()
             except websockets.ConnectionClosed as closed:
                 ingest_code = closed.rcvd.code
+        assert sock.close_code == 4401
         async with websockets.connect(f"{server.ws_url}/ws/live/tok-run?token={READ}&since=-1") as sock:
             live = json.loads(await asyncio.wait_for(sock.recv(), 30))
         return ingest_code, live
