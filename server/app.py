@@ -18,7 +18,7 @@ from gradwatch.server.live import LiveHub, PostgresListener, notify_in_transacti
 from gradwatch.server.routes import ROUTERS
 from gradwatch.server.routes.deps import DB_ERRORS, json_response
 from gradwatch.server.schemas import BatchError
-from gradwatch.server.security import BodySizeLimit
+from gradwatch.server.security import BodySizeLimit, ByteBudget, EdgeGuard
 from gradwatch.server.settings import Settings
 from gradwatch.server.storage import Store, UnknownRun, create_schema, make_engine
 
@@ -63,7 +63,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = store
     app.state.hub = hub
+    app.state.parse_budget = ByteBudget(2 * settings.max_body)  # two full bodies parsed at a time
     app.add_middleware(BodySizeLimit, max_body=settings.max_body)
+    app.add_middleware(EdgeGuard, bind=settings.host, allow_host=settings.allow_host,  # outermost
+                       allow_origin=settings.allow_origin)
     add_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -31,9 +31,10 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     A flag not given is None, so only the flags given reach `settings_from_args`."""
     for field, flag in SERVE_FLAGS.items():
         info = Settings.model_fields[field]
-        shown = "not set" if info.default is None else info.default
+        shown = "not set" if info.default in (None, []) or info.default_factory else info.default
+        repeatable = {"action": "append"} if info.default_factory is list else {}
         parser.add_argument(flag, type=int if info.annotation is int else str, default=None,
-                            metavar=flag[2:].replace("-", "_").upper(),
+                            metavar=flag[2:].replace("-", "_").upper(), **repeatable,
                             help=f"{info.description} (env {Settings.env_name(field)}; default: {shown})")
 
 

@@ -93,8 +93,9 @@ def batch_points(run: str, batch, result) -> dict[str, Any] | None:
 async def accept_with_token(websocket: WebSocket, kind: str, settings) -> bool:
     """Accept the socket; close it with 4401 (missing or wrong token) or 4403 (the other
     kind's token) and return False when its token may not `kind`."""
-    status = token_status(presented_token(websocket.headers, websocket.query_params), kind,
-                          settings.token, settings.read_token)
+    status = token_status(presented_token(websocket.headers, websocket.query_params,
+                                          allow_query=kind == "read"),  # /ws/live, not /ws/ingest
+                          kind, settings.token, settings.read_token)
     await websocket.accept()
     if status != 200:
         await websocket.close(code=4401 if status == 401 else 4403,

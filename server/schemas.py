@@ -8,10 +8,12 @@ document the response shapes in OpenAPI; handlers build plain dicts.
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from pydantic import BaseModel
 
 from gradwatch.server.storage.registry import (BOOL_FIELDS, COLUMNS, FLOAT_FIELDS, LIVE_FIELDS, NAN_BITS,
@@ -27,6 +29,11 @@ BATCH_KEYS = frozenset(COLUMNS) | {"tensor_norms"}
 MESSAGE_KEYS = frozenset({"type", "seq", "run", "batch", "meta", "events"})
 MAX_STEP = 2**53 - 1   # the largest step: every step is exact as a float64 (JSON numbers, numpy reads)
 MAX_RUN_NAME = 200
+MAX_JSON_DEPTH = 32          # nesting of `meta` and an event's `detail`
+MAX_META_BYTES = 64 * 1024   # one message's `meta`, as JSON
+MAX_DETAIL_BYTES = 16 * 1024  # one event's `detail`, as JSON
+MAX_EVENTS = 10_000          # events in one message
+NORM_FIELDS = ("pre_norm", "post_norm")  # norms: >= 0, or NaN/+Infinity (data), never negative
 
 
 class BatchError(ValueError):
@@ -63,8 +70,17 @@ class Batch:
 def validate_run_name(name: Any) -> str:
     if not isinstance(name, str) or not 1 <= len(name) <= MAX_RUN_NAME:
         raise BatchError(f"run name must be 1 to {MAX_RUN_NAME} characters")
-    if "/" in name or any(ord(char) < 32 or ord(char) == 127 for char in name):
-        raise BatchError("run name must not contain '/' or control characters")
+    if not name.strip():
+        raise BatchError("run name must not be blank")
+    if name in (".", ".."):
+        raise BatchError(f"run name must not be {name!r} (it means a folder in a URL path)")
+    if "/" in name:
+        raise BatchError("run name must not contain '/'")
+    if not name.isprintable():  # control, format (bidi overrides, zero-width), separators, unassigned
+        bad = next(char for char in name if not char.isprintable())
+        raise BatchError(f"run name must be printable: it holds U+{ord(bad):04X} "
+                         f"({unicodedata.name(bad, 'a control or unassigned character')}) "
+                         f"at index {name.index(bad)}")
     return name
 
 
@@ -158,7 +174,12 @@ def _parse_float(name: str, values: list) -> Column:
         index = _bool_at(values, array)
         if index is not None:
             raise BatchError(f"column '{name}' must hold numbers, got {values[index]!r} at index {index}")
-        return Column(array.astype(np.float64, copy=False), raw=values)
+        floats = array.astype(np.float64, copy=False)
+        # `raw` is bound as sent: only where every int is the float it means (|x| <= 2**53), so
+        # 2**60 + 1 in `time` is stored, and compared on a resend, as float(2**60 + 1).
+        exact = array.dtype.kind == "f" and not bool(np.any(np.abs(floats) >= 2.0**53)) \
+            or array.dtype.kind == "i" and (not len(array) or int(np.abs(array).max()) <= 2**53)
+        return Column(floats, raw=values if exact else None)
     return _parse_items(name, values)
 
 
@@ -239,10 +260,24 @@ def parse_batch(obj: Any) -> Batch:
         if len(values) != len(steps):
             raise BatchError(f"column '{name}' has {len(values)} values, 'step' has {len(steps)}")
         columns[name] = (_parse_bool if name in BOOL_FIELDS else _parse_float)(name, values)
+    for name in NORM_FIELDS:
+        if name in columns:
+            _refuse_negative(name, columns[name].values)
     batch = Batch(steps=steps, columns=columns)
     if "tensor_norms" in obj and obj["tensor_norms"] is not None:
         batch.tensor_names, batch.tensor_norms = _parse_tensor_norms(obj["tensor_norms"], len(steps))
+        _refuse_negative("tensor_norms.norms", batch.tensor_norms)
     return batch
+
+
+def _refuse_negative(name: str, values: np.ndarray) -> None:
+    """A norm is never negative (-Infinity included); NaN and +Infinity are data."""
+    negative = values < 0
+    if negative.any():
+        index = tuple(int(i) for i in np.argwhere(negative)[0])
+        where = index[0] if len(index) == 1 else f"{index[0]}, {index[1]}"
+        raise BatchError(f"column '{name}' holds the negative norm {float(values[index])!r} at index "
+                         f"{where}; a norm is >= 0, NaN or Infinity")
 
 
 def parse_events(events: Any) -> list[dict] | None:
@@ -252,6 +287,8 @@ def parse_events(events: Any) -> list[dict] | None:
         return None
     if not isinstance(events, list):
         raise BatchError("field 'events' must be a list")
+    if len(events) > MAX_EVENTS:
+        raise BatchError(f"field 'events' holds {len(events)} events, more than {MAX_EVENTS}")
     out = []
     for index, item in enumerate(events):
         if not isinstance(item, dict) or not isinstance(item.get("kind"), str) \
@@ -266,10 +303,15 @@ def parse_events(events: Any) -> list[dict] | None:
         if not isinstance(message, str):
             raise BatchError(f"field 'events[{index}].message' must be a string")
         value = item.get("value")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise BatchError(f"field 'events[{index}].value' must be a number")
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise BatchError(f"field 'events[{index}].value' must be a number")
+            value = _finite_float(f"events[{index}].value", value)
+        detail = item.get("detail")
+        if detail is not None:
+            check_json(f"events[{index}].detail", detail, MAX_DETAIL_BYTES)
         out.append({"kind": item["kind"], "step": step, "message": message[:10_000],
-                    "detail": item.get("detail"), "value": value})
+                    "detail": detail, "value": value})
     return out
 
 
@@ -285,7 +327,42 @@ class IngestMessage:
 
 
 def message_seq(message: Any) -> Any:
-    return message.get("seq") if isinstance(message, dict) else None
+    """The message's `seq` to echo in the reply: an integer or a short string, else None
+    (an echoed seq nested 300 deep could not even be written back)."""
+    seq = message.get("seq") if isinstance(message, dict) else None
+    if (type(seq) is int and -2**63 <= seq < 2**64) or (isinstance(seq, str) and len(seq) <= 200):
+        return seq
+    return None
+
+
+def _finite_float(name: str, value: int | float) -> float:
+    """A JSON number as the float it means; 422 when it has none (2**1024) or is not finite."""
+    try:
+        number = float(value)
+    except OverflowError:
+        raise BatchError(f"field '{name}' is too large for a float") from None
+    if not math.isfinite(number):
+        raise BatchError(f"field '{name}' must be a finite number")
+    return number
+
+
+def check_json(name: str, value: Any, max_bytes: int) -> None:
+    """422 when free-form JSON (`meta`, `detail`) nests deeper than MAX_JSON_DEPTH or is over
+    `max_bytes` written out: both are stored and sent back to dashboards as they are."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise BatchError(f"field '{name}' nests deeper than {MAX_JSON_DEPTH} levels")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    try:
+        size = len(orjson.dumps(value))
+    except (orjson.JSONEncodeError, TypeError) as error:
+        raise BatchError(f"field '{name}' cannot be stored as JSON: {error}") from None
+    if size > max_bytes:
+        raise BatchError(f"field '{name}' is {size} bytes as JSON, more than {max_bytes}")
 
 
 def parse_ingest_message(message: Any) -> IngestMessage:
@@ -302,6 +379,8 @@ def parse_ingest_message(message: Any) -> IngestMessage:
     meta = message.get("meta")
     if meta is not None and not isinstance(meta, dict):
         raise BatchError("field 'meta' must be an object")
+    if meta is not None:
+        check_json("meta", meta, MAX_META_BYTES)
     return IngestMessage(message.get("seq"), run, batch, meta, parse_events(message.get("events")))
 
 

@@ -9,6 +9,9 @@ import sys
 from gradwatch.server.settings import SETTINGS_ENV, Settings
 
 
+KEEP_ALIVE_S = 10  # idle keep-alive connections: enough for an agent's next POST, short for a slow client
+
+
 def _fail(message: str) -> int:
     print(f"gradwatch serve: {message}", file=sys.stderr)
     return 2
@@ -68,8 +71,10 @@ def serve(settings: Settings) -> int:
         sock = bind_socket(settings.host, settings.port)
     except OSError as error:
         return _fail(f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}")
+    # uvicorn cannot time out a slow header or body read (README: "Running the server for a
+    # team" gives the proxy settings); an idle keep-alive connection is closed after 10 s.
     common = dict(ws_max_size=settings.max_body, access_log=False, log_level="warning",
-                  timeout_keep_alive=30)
+                  timeout_keep_alive=KEEP_ALIVE_S)
     print(f"gradwatch serving http://{settings.host}:{settings.port}/ "
           f"(database {_safe_url(settings.db_url)}, workers {settings.workers})", file=sys.stderr, flush=True)
     if settings.workers > 1:

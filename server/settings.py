@@ -9,8 +9,10 @@ for the commands that talk to a server (`recommend`, `push`, `report`).
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SETTINGS_ENV = "GRADWATCH_SERVER_SETTINGS"   # settings handed to uvicorn worker processes, as JSON
 DEFAULT_DB = "sqlite:///gradwatch.db"
@@ -34,11 +36,24 @@ class Settings(BaseSettings):
     max_body: int = Field(DEFAULT_MAX_BODY, gt=0, description="largest accepted request body, in bytes")
     workers: int = Field(1, ge=1, description="uvicorn worker processes (use with PostgreSQL)")
     cache_runs: int = Field(4, ge=1, description="runs whose columns each process keeps in memory")
+    allow_origin: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="browser origin allowed to open the WebSockets besides the "
+                                          "server's own (repeatable or comma list, e.g. https://gw.example.com)")
+    allow_host: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Host name the server answers besides the loopback names "
+                                          "(repeatable or comma list; '*' answers any)")
 
     @field_validator("token", "read_token")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("allow_origin", "allow_host", mode="before")
+    @classmethod
+    def _comma_list(cls, value) -> list[str]:
+        """`a,b` (a variable) or ["a", "b,c"] (repeated flags): one flat list, blanks dropped."""
+        items = [value] if isinstance(value, str) else list(value or ())
+        return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
 
     @classmethod
     def env_name(cls, field: str) -> str:
@@ -59,7 +74,8 @@ class Settings(BaseSettings):
 # `gradwatch serve` flag of each Settings field.
 SERVE_FLAGS = {"db_url": "--db", "host": "--host", "port": "--port", "token": "--token",
                "read_token": "--read-token", "max_body": "--max-body", "workers": "--workers",
-               "cache_runs": "--cache-runs"}
+               "cache_runs": "--cache-runs", "allow_origin": "--allow-origin",
+               "allow_host": "--allow-host"}
 
 
 class ClientSettings(BaseSettings):

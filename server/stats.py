@@ -64,11 +64,19 @@ def window_stats(pre_norm: np.ndarray, clipped: np.ndarray | None = None,
         "percentiles": percentiles(good),
         "clip_rate": clip_rate,
         "nonfinite": int(np.count_nonzero(bad_norm)),
-        "mean": float(good.mean()) if len(good) else None,
-        "std": float(good.std()) if len(good) else None,
+        "mean": _scaled(good, np.mean),
+        "std": _scaled(good, np.std),
         "min": float(good[0]) if len(good) else None,
         "max": float(good[-1]) if len(good) else None,
     }
+
+
+def _scaled(good: np.ndarray, reduce) -> float | None:
+    """mean/std of the finite norms without overflow: 1.7e308 twice sums to inf (issue 11)."""
+    if not len(good):
+        return None
+    scale = float(np.max(np.abs(good)))
+    return float(reduce(good / scale) * scale) if scale > 0 else float(reduce(good))
 
 
 def whatif(pre_norm: np.ndarray, threshold: float, ordered: np.ndarray | None = None) -> dict:
@@ -88,8 +96,10 @@ def histogram(pre_norm: np.ndarray, bins: int = 60, ordered: np.ndarray | None =
     if use_log:
         edges = np.geomspace(low, high, bins + 1)
         edges[0], edges[-1] = low, high
-    elif low == high:
-        edges = np.linspace(low - 0.5, high + 0.5, bins + 1)
+    elif low == high:  # one value: a bin around it, kept finite at 1.7e308 (issue 11)
+        pad = max(0.5, abs(low) * 2.0**-20)
+        top = min(high + pad, float(np.finfo(np.float64).max))
+        edges = np.linspace(top - 2 * pad, top, bins + 1)
     else:
         edges = np.linspace(low, high, bins + 1)
     counts, edges = np.histogram(good, bins=edges)

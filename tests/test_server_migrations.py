@@ -96,7 +96,7 @@ def _sent_alpha() -> dict[int, dict]:
 
 
 def test_the_old_release_database_upgrades_and_reads_back_exactly(old_database):
-    with TestClient(create_app(Settings(db_url=old_database))) as client:
+    with TestClient(create_app(Settings(db_url=old_database)), base_url="http://localhost") as client:
         health = client.get("/healthz").json()
         assert health["schema_version"] == SCHEMA_VERSION == 3
         assert client.get("/api/runs").json() == ANSWERS["runs"]

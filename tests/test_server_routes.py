@@ -44,7 +44,7 @@ def db_path(tmp_path):
 @pytest.fixture
 def client(db_path):
     app = create_app(Settings(db_url=f"sqlite:///{db_path}", token=WRITE, read_token=READ))
-    with TestClient(app, headers={"Authorization": f"Bearer {READ}"}) as test_client:
+    with TestClient(app, base_url="http://localhost", headers={"Authorization": f"Bearer {READ}"}) as test_client:
         yield test_client
 
 

@@ -88,11 +88,11 @@ def test_downsample_keeps_bucket_extremes_and_flagged_rows(n, points):
 
 
 def test_parse_batch_validates_columns_with_field_names():
-    batch = parse_batch({"step": [0, 1, 2], "pre_norm": [1, "NaN", "-Infinity"], "lr": [None, 0.1, None],
+    batch = parse_batch({"step": [0, 1, 2], "pre_norm": [1, "NaN", "Infinity"], "lr": [None, 0.1, None],
                          "clipped": [True, None, 0]})
     assert batch.steps.tolist() == [0, 1, 2]
     pre = batch.columns["pre_norm"].values
-    assert pre[0] == 1.0 and math.isnan(pre[1]) and pre[2] == -math.inf
+    assert pre[0] == 1.0 and math.isnan(pre[1]) and pre[2] == math.inf
     assert batch.columns["lr"].missing.tolist() == [True, False, True]
     assert batch.columns["clipped"].values[0] == 1.0 and math.isnan(batch.columns["clipped"].values[1])
     for bad, field in [({"step": [0], "pre_norm": [None]}, "pre_norm"),

@@ -89,7 +89,7 @@ async def _live_session(url: str) -> tuple[list[dict], dict]:
     rng = np.random.default_rng(1)
     batch = make_batch(np.arange(1000, 1010), rng, nonfinite_every=4)
     async with websockets.connect(f"{url}/ws/live/live-run?token={READ}") as live:
-        async with websockets.connect(f"{url}/ws/ingest?token={WRITE}") as ingest:
+        async with websockets.connect(f"{url}/ws/ingest", additional_headers=bearer(WRITE)) as ingest:
             await asyncio.sleep(0.2)  # let the live socket subscribe
             await ingest.send(json.dumps({"type": "batch", "seq": 1, "run": "live-run", "batch": batch}))
             ack = json.loads(await ingest.recv())

@@ -38,17 +38,21 @@ async def ingest_steps(name: RunName, request: Request, store: StoreDep, hub: Hu
     if media_type != "application/json":
         return json_response({"detail": f"the body must be application/json, got {media_type or 'none'}"},
                              status_code=415)
-    body = await request.body()
+    budget = request.app.state.parse_budget
+    declared = request.headers.get("content-length")
+    size = int(declared) if declared and declared.isdigit() else request.app.state.settings.max_body
+    async with budget.hold(size):  # concurrent large bodies wait their turn (security.ByteBudget)
+        body = await request.body()
 
-    def work():
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError as error:
-            raise BatchError(f"invalid JSON: {error}") from None
-        batch = parse_batch(obj)
-        return batch, store.ingest(name, batch)
+        def work():
+            try:
+                obj = orjson.loads(body)
+            except orjson.JSONDecodeError as error:
+                raise BatchError(f"invalid JSON: {error}") from None
+            batch = parse_batch(obj)
+            return batch, store.ingest(name, batch)
 
-    batch, result = await run_in_threadpool(work)
+        batch, result = await run_in_threadpool(work)
     _publish(hub, name, batch, result)
     return json_response(result.answer())
 
@@ -70,6 +74,10 @@ def handle_message(store: Store, text: str | bytes) -> tuple[dict, str | None, A
         log.warning("ingest failed: %s", error)
         return {"type": "error", "seq": seq, "status": 503,
                 "detail": f"database unavailable: {type(error).__name__}"}, None, None
+    except Exception as error:  # a bug must not cost the agent its socket: answer and go on
+        log.exception("ingest message failed")
+        return {"type": "error", "seq": seq, "status": 500,
+                "detail": f"internal error: {type(error).__name__}"}, None, None
 
 
 @router.websocket("/ws/ingest")
@@ -84,7 +92,9 @@ async def ws_ingest(websocket: WebSocket, store: StoreDep, hub: HubDep) -> None:
             text = message.get("text")
             if text is None:
                 text = message.get("bytes") or b""
-            reply, run, outcome = await run_in_threadpool(handle_message, store, text)
+            async with websocket.app.state.parse_budget.hold(len(text)):
+                reply, run, outcome = await run_in_threadpool(handle_message, store, text)
+            del text, message
             if run is not None:
                 _publish(hub, run, *outcome)
             await websocket.send_text(orjson.dumps(reply).decode())

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response, StreamingResponse
 
 from gradwatch.server import stats, tensor_groups
-from gradwatch.server.routes.deps import READ, WRITE, RunName, StoreDep, json_response
+from gradwatch.server.routes.deps import READ, WRITE, RunName, StoreDep, check_range, json_response
 from gradwatch.server.schemas import (COLUMNS, LIVE_FIELDS, MAX_STEP, BatchError, DeletedOut, EventOut, RunOut,
                                       SeriesOut, TensorsOut, encode_floats)
 from gradwatch.server.storage import csv_lines, encode_series
@@ -53,6 +53,7 @@ def series(name: RunName, store: StoreDep, fields: str | None = Query(
            points: int = Query(2000, ge=2, le=10_000_000)) -> Response:
     """Columnar series; downsampled to about `points` rows by per-bucket min/max of the
     pre-clip norm, always keeping spikes and non-finite steps; never sampled."""
+    check_range(start, end)
     wanted = series_fields(fields)
     arrays = store.arrays(name, tuple(wanted) + ("pre_norm", "spike", "nonfinite"))
     low = 0 if start is None else int(np.searchsorted(arrays.steps, start, side="left"))
@@ -84,6 +85,7 @@ def tensors(name: RunName, store: StoreDep, start: int | None = Query(None, ge=0
                 "tensor", description="rows: one per tensor, or per module path (block `layers.N`, "
                 "module `layers.N.mlp`), each the per-step L2 of its tensors' norms")) -> Response:
     """Per-tensor norms, one row per tensor (or per group); downsampled by the max per bucket of steps."""
+    check_range(start, end)
     if group != "tensor":  # per-step norms first: a group's norm is not a max of bucket maxima
         names, steps, norms, absent = tensor_groups.read_step_norms(store, store.run_id(name), start, end)
         return json_response(tensor_groups.grouped_answer(names, steps, norms, absent, group, points))

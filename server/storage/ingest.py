@@ -54,6 +54,7 @@ class IngestResult:
     duplicates: int
     conflicts: int
     new_mask: np.ndarray | None = None   # which rows of the batch were stored now
+    run_id: int | None = None            # None: nothing was stored (an empty message)
 
     def answer(self) -> dict[str, int]:
         return {"accepted": self.accepted, "duplicates": self.duplicates, "conflicts": self.conflicts}
@@ -204,6 +205,8 @@ class Ingestor(Database):
                         self.checkpointer.request()
                 else:
                     raw.commit()
+                if result.run_id is not None:  # only once committed: no reader sees it before
+                    self._run_ids[run] = result.run_id
                 return result
             except BaseException:
                 rollback_quietly(raw, self.is_sqlite)
@@ -213,8 +216,9 @@ class Ingestor(Database):
 
     def _ingest_in_transaction(self, cursor, run: str, batch: Batch | None, meta: dict | None,
                                events: list[dict] | None) -> IngestResult:
+        if (batch is None or not len(batch)) and not events and not meta:
+            return IngestResult(run=run, accepted=0, duplicates=0, conflicts=0)  # stores no run
         run_id, last_stored = self._ensure_run(cursor, run)
-        self._run_ids[run] = run_id
         stamp = now()
         accepted = duplicates = conflicts = 0
         new_mask = None
@@ -311,7 +315,7 @@ class Ingestor(Database):
             for callback in self.on_stored:
                 callback(cursor, stored_rows)
         return IngestResult(run=run, accepted=accepted, duplicates=duplicates, conflicts=conflicts,
-                            new_mask=new_mask)
+                            new_mask=new_mask, run_id=run_id)
 
     def _insert_steps(self, cursor, run_id: int, names: tuple[str, ...], columns: list[list], run: str) -> None:
         """Multi-row `INSERT ... VALUES (...), (...)` in chunks: about twice as fast as executemany
