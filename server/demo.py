@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .client import ApiClient, ApiError, run_path
 
@@ -36,6 +36,7 @@ class RunSummary:
     spikes: int
     threshold: float | None
     rationale: str
+    recommendation: dict = field(default_factory=dict)
 
 
 def demo_environment() -> dict[str, str]:
@@ -105,16 +106,20 @@ def summarise(api: ApiClient, run: str) -> RunSummary:
     recommendation = api.get(run_path(run, "/recommendation"))
     return RunSummary(run=run, steps=entry["steps"], clip_rate=entry["clip_rate"], clips=entry["clips"],
                       spikes=entry["spikes"], threshold=recommendation.get("threshold"),
-                      rationale=recommendation.get("rationale", ""))
+                      rationale=recommendation.get("rationale", ""), recommendation=recommendation)
 
 
 def format_summary(summary: RunSummary) -> str:
-    threshold = "n/a" if summary.threshold is None else f"{summary.threshold:.3g}"
-    return (
-        f"Run '{summary.run}': {summary.steps:,} steps stored, clipped at 1.0 on {summary.clips:,} of them "
-        f"({summary.clip_rate:.1%}); {summary.spikes} gradient spike(s) detected. "
-        f"Recommended clip threshold: {threshold} — {summary.rationale}"
-    )
+    """Two sentences: what the run did, then the recommendation (robust rule, clean window)
+    in the server's own words, or why there is none."""
+    rec = summary.recommendation
+    head = (f"Run '{summary.run}': {summary.steps:,} steps stored, clipped at 1.0 on {summary.clips:,} of them "
+            f"({summary.clip_rate:.1%}); {summary.spikes} gradient spike(s) flagged by the agent.")
+    if summary.threshold is None:
+        return f"{head} Recommended clip threshold: none yet — {summary.rationale}"
+    ratio = rec.get("ratio_to_median")
+    scale = f" ({ratio:.3g}× the median norm)" if ratio is not None else ""
+    return f"{head} Recommended clip threshold: {summary.threshold:.3g}{scale}. {summary.rationale}"
 
 
 def run_demo(args: argparse.Namespace) -> int:
