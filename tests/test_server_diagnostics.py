@@ -113,7 +113,7 @@ def test_recommendation_bad_input_is_422_and_too_few_steps_is_null_with_a_reason
                          ({"target_clip_rate": -0.1}, "target_clip_rate")]:
         answer = client.get("/api/runs/short/recommendation", params=params)
         assert answer.status_code == 422, (params, answer.text)
-        assert word in answer.json()["detail"]
+        assert word in answer.text  # the message names the parameter
     rec = client.get("/api/runs/short/recommendation").json()
     assert rec["threshold"] is None and rec["candidates"] == []
     assert "60 clean steps" in rec["reason"] and rec["reason"] in rec["rationale"]
