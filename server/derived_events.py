@@ -6,7 +6,8 @@ robust rule on the stored loss, linked to the gradient spikes just before it,
 see `diagnostics.loss_spikes`). Derived on read, like clip events, so that runs
 sent over HTTP, runs with `detectors=[]` and old runs get them too, and a
 better rule changes old runs' answers without a migration. The work is done
-once per cached version of the run's arrays (rows are never overwritten).
+once per cached version of the run's arrays (rows are never overwritten); the
+server's own rules cover the last `SERVER_RULE_SPAN` steps (see there).
 """
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ from gradwatch.server.storage.serialise import encode_float
 DERIVED_KINDS = ("level_shift", "skipped", "loss_spike")
 COLUMNS_NEEDED = ("pre_norm", "threshold", "loss", "spike", "time", "skipped", "level_shift")
 _ATTRIBUTE = "_gradwatch_derived_events"
+# The server's robust rules are a Python loop (about 50 µs a step): they run over the last
+# SERVER_RULE_SPAN steps of a run, fed the SERVER_RULE_LEAD steps before as history, so an
+# events read stays well under a second however long the run. The `skipped` and agent
+# `level_shift` columns are read over the whole run.
+SERVER_RULE_SPAN = 10_000
+SERVER_RULE_LEAD = 400
 _lock = threading.Lock()
 
 
@@ -51,11 +58,18 @@ def compute(arrays) -> list[dict]:
     """Every derived event of the run, newest first (within a step: level_shift, skipped, loss_spike)."""
     steps = arrays.steps
     norms = arrays.values["pre_norm"]
-    found = diagnostics.robust_spikes(norms)
+    n = len(steps)
+    first = max(n - SERVER_RULE_SPAN, 0)       # the server's rules report from here on ...
+    lead = max(first - SERVER_RULE_LEAD, 0)    # ... with the steps before as their history
+    found = diagnostics.robust_spikes(norms[lead:])
+    server_shift = np.zeros(n, bool)
+    server_shift[first:] = found.level_shift[first - lead:]
+    grad_spike = np.zeros(n, bool)
+    grad_spike[lead:] = found.spike
     agent_shift = _column(arrays, "level_shift") == 1.0
     events: list[tuple[int, int, dict]] = []
-    for index in np.flatnonzero(found.level_shift | agent_shift).tolist():
-        sources = [name for name, flag in (("server", found.level_shift[index]), ("agent", agent_shift[index]))
+    for index in np.flatnonzero(server_shift | agent_shift).tolist():
+        sources = [name for name, flag in (("server", server_shift[index]), ("agent", agent_shift[index]))
                    if flag]
         message = (f"level shift at step {int(steps[index]):,}: the norms moved to a new regime "
                    f"(pre-clip norm {float(norms[index]):.4g})")
@@ -65,12 +79,14 @@ def compute(arrays) -> list[dict]:
         events.append((index, 1, _event(arrays, index, "skipped", message)))
     loss = _column(arrays, "loss")
     loss_missing = arrays.missing.get("loss") if "loss" in arrays.values else np.ones(len(steps), bool)
-    known = np.ones(len(steps), bool) if loss_missing is None else ~loss_missing
+    known = np.ones(n, bool) if loss_missing is None else ~loss_missing
+    known[:lead] = False
     if known.any():
-        grad_steps = steps[found.spike | (_column(arrays, "spike") == 1.0)]
-        where = {int(step): i for i, step in enumerate(steps.tolist())}
+        grad_steps = steps[grad_spike | (_column(arrays, "spike") == 1.0)]
         for spike in diagnostics.loss_spikes(steps[known], loss[known], grad_steps.tolist()):
-            index = where[spike["step"]]
+            index = int(np.searchsorted(steps, spike["step"]))
+            if index < first:
+                continue
             item = _event(arrays, index, "loss_spike", spike["message"], spike["detail"])
             item["value"] = encode_float(float(loss[index]))  # a loss spike's value is the loss
             events.append((index, 2, item))

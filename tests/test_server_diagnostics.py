@@ -207,3 +207,19 @@ def test_a_stored_event_of_the_same_kind_and_step_is_not_repeated(client):
         {"kind": "skipped", "step": 160, "message": "agent: skipped too"}])
     events = client.get("/api/runs/dup/events", params={"kind": "skipped"}).json()
     assert [(e["step"], e["message"]) for e in events] == [(160, "agent: skipped too"), (150, "agent: skipped")]
+
+
+def test_server_rules_cover_the_recent_span_and_agent_columns_the_whole_run(client):
+    from gradwatch.server.derived_events import SERVER_RULE_SPAN
+
+    n = SERVER_RULE_SPAN + 1000
+    rng = np.random.default_rng(11)
+    norms = np.exp(rng.normal(0.0, 0.05, n))
+    loss = (2.0 + rng.normal(0.0, 0.01, n)).tolist()
+    loss[200] = 9.0          # before the span: the server's rule does not look there
+    loss[n - 100] = 9.0      # inside it
+    post(client, "long", {"step": list(range(n)), "pre_norm": norms.tolist(), "loss": loss,
+                          "skipped": [s == 3 for s in range(n)], "level_shift": [s == 4 for s in range(n)]})
+    events = client.get("/api/runs/long/events").json()
+    assert [(e["kind"], e["step"]) for e in events] == [("loss_spike", n - 100), ("level_shift", 4),
+                                                        ("skipped", 3)]
