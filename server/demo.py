@@ -109,17 +109,26 @@ def summarise(api: ApiClient, run: str) -> RunSummary:
                       rationale=recommendation.get("rationale", ""), recommendation=recommendation)
 
 
+def _share(rate) -> str:
+    return "n/a" if rate is None else f"{rate:.1%}"
+
+
 def format_summary(summary: RunSummary) -> str:
-    """Two sentences: what the run did, then the recommendation (robust rule, clean window)
-    in the server's own words, or why there is none."""
+    """Two sentences: what the run did, then the recommendation (robust rule on the clean
+    window) against the demo's own threshold of 1.0, or why there is none."""
     rec = summary.recommendation
     head = (f"Run '{summary.run}': {summary.steps:,} steps stored, clipped at 1.0 on {summary.clips:,} of them "
             f"({summary.clip_rate:.1%}); {summary.spikes} gradient spike(s) flagged by the agent.")
     if summary.threshold is None:
         return f"{head} Recommended clip threshold: none yet — {summary.rationale}"
     ratio = rec.get("ratio_to_median")
-    scale = f" ({ratio:.3g}× the median norm)" if ratio is not None else ""
-    return f"{head} Recommended clip threshold: {summary.threshold:.3g}{scale}. {summary.rationale}"
+    window = rec.get("window") or {}
+    return (f"{head} Recommended clip threshold: {summary.threshold:.3g}"
+            + (f" ({ratio:.3g}× the median norm)" if ratio is not None else "")
+            + f", from {window.get('clean_steps', 0):,} clean steps of the last {window.get('steps', 0):,} "
+            f"with {rec.get('spikes_left_out', 0)} spike(s) left out; it would have clipped "
+            f"{_share(rec.get('clip_rate_raw'))} of those steps, where 1.0 clipped "
+            f"{_share(rec.get('clip_rate_at_1_raw'))}.")
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ def test_demo_stores_a_run_with_clips_spikes_and_a_recommendation(tmp_path):
     )
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert "gradwatch dashboard: http://127.0.0.1:" in demo.stdout
-    assert "Recommended clip threshold" in demo.stdout
+    assert "Recommended clip threshold" in demo.stdout and "clean steps of the last" in demo.stdout
 
     # A fresh server on the same file shows what the demo stored.
     with ServerProcess(db_url) as server:
