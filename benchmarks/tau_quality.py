@@ -54,7 +54,7 @@ from mlx.utils import tree_map
 
 from gradwatch.agent import GradWatch
 from gradwatch.clip import EMADetector, GlobalNorm, RobustDetector, ZClip, ZScoreDetector
-from gradwatch.server.diagnostics import recommend, robust_spikes
+from gradwatch.server.diagnostics import robust_spikes
 
 VOCAB = 16
 CTX = 16
@@ -219,18 +219,12 @@ def as_float(value) -> float:
 def recommendation(url: str, run: str) -> tuple[dict, np.ndarray, np.ndarray]:
     """The server's recommendation for `run`, and the stored norms it is computed from.
 
-    Uses the recommendation endpoint when it answers in the new shape (issue 9,
-    with `ratio_to_median`); until the route is wired, `recommend()` of
-    gradwatch.server.diagnostics on the series read back from the server."""
+    τ_rec is the answer of `GET /api/runs/RUN/recommendation` with its defaults,
+    as a user would get it."""
     series = http_get(url, f"/api/runs/{run}/series?fields=pre_norm&points=10000000")
     steps = np.asarray(series["step"], np.int64)
     norms = np.asarray([as_float(v) for v in series["pre_norm"]], np.float64)
-    try:
-        answer = http_get(url, f"/api/runs/{run}/recommendation")
-    except urllib.error.HTTPError:
-        answer = {}
-    if "ratio_to_median" not in answer:
-        answer = recommend(steps, norms)
+    answer = http_get(url, f"/api/runs/{run}/recommendation")
     return answer, steps, norms
 
 

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .client import ApiClient, ApiError, run_path
 
@@ -36,6 +36,7 @@ class RunSummary:
     spikes: int
     threshold: float | None
     rationale: str
+    recommendation: dict = field(default_factory=dict)
 
 
 def demo_environment() -> dict[str, str]:
@@ -105,16 +106,29 @@ def summarise(api: ApiClient, run: str) -> RunSummary:
     recommendation = api.get(run_path(run, "/recommendation"))
     return RunSummary(run=run, steps=entry["steps"], clip_rate=entry["clip_rate"], clips=entry["clips"],
                       spikes=entry["spikes"], threshold=recommendation.get("threshold"),
-                      rationale=recommendation.get("rationale", ""))
+                      rationale=recommendation.get("rationale", ""), recommendation=recommendation)
+
+
+def _share(rate) -> str:
+    return "n/a" if rate is None else f"{rate:.1%}"
 
 
 def format_summary(summary: RunSummary) -> str:
-    threshold = "n/a" if summary.threshold is None else f"{summary.threshold:.3g}"
-    return (
-        f"Run '{summary.run}': {summary.steps:,} steps stored, clipped at 1.0 on {summary.clips:,} of them "
-        f"({summary.clip_rate:.1%}); {summary.spikes} gradient spike(s) detected. "
-        f"Recommended clip threshold: {threshold} — {summary.rationale}"
-    )
+    """Two sentences: what the run did, then the recommendation (robust rule on the clean
+    window) against the demo's own threshold of 1.0, or why there is none."""
+    rec = summary.recommendation
+    head = (f"Run '{summary.run}': {summary.steps:,} steps stored, clipped at 1.0 on {summary.clips:,} of them "
+            f"({summary.clip_rate:.1%}); {summary.spikes} gradient spike(s) flagged by the agent.")
+    if summary.threshold is None:
+        return f"{head} Recommended clip threshold: none yet — {summary.rationale}"
+    ratio = rec.get("ratio_to_median")
+    window = rec.get("window") or {}
+    return (f"{head} Recommended clip threshold: {summary.threshold:.3g}"
+            + (f" ({ratio:.3g}× the median norm)" if ratio is not None else "")
+            + f", from {window.get('clean_steps', 0):,} clean steps of the last {window.get('steps', 0):,} "
+            f"with {rec.get('spikes_left_out', 0)} spike(s) left out; it would have clipped "
+            f"{_share(rec.get('clip_rate_raw'))} of those steps, where 1.0 clipped "
+            f"{_share(rec.get('clip_rate_at_1_raw'))}.")
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 import unicodedata
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from gradwatch.server.storage.registry import (BOOL_FIELDS, COLUMNS, FLOAT_FIELDS, LIVE_FIELDS, NAN_BITS,
                                                NONFINITE_STRINGS, REQUIRED_FIELDS, STEP_EVENT_KINDS,
@@ -436,7 +436,9 @@ class StatsOut(BaseModel):
 class Candidate(BaseModel):
     label: str
     threshold: float
-    clip_rate: float
+    clip_rate: float | None = Field(description="fraction of the clean window's norms above it")
+    clip_rate_raw: float | None = Field(None, description="fraction of the window's finite norms above it")
+    over: str = "clean window"
 
 
 class Drift(BaseModel):
@@ -447,14 +449,54 @@ class Drift(BaseModel):
     warning: str | None
 
 
+class StepSpan(BaseModel):
+    """Which steps an answer covers."""
+    start: int | None
+    end: int | None
+    steps: int
+
+
+class RecommendationWindow(StepSpan):
+    clean_steps: int
+    clean_start: int | None
+
+
+class CleanWindow(BaseModel):
+    start: int | None
+    end: int | None
+    steps: int
+    excluded: int
+
+
 class RecommendationOut(BaseModel):
+    """The recommendation (docs/wire.md): `threshold` null with a `reason` when there are too
+    few clean steps; percentiles and candidates are over the clean window."""
     threshold: float | None
+    reason: str | None
+    method: Literal["robust", "target_clip_rate"]
+    k: float
+    target_clip_rate: float | None
+    median: float | None
+    ratio_to_median: float | None
+    clip_rate_clean: float | None
+    clip_rate_raw: float | None
+    current_threshold: float | None
+    current_clip_rate_clean: float | None
+    current_clip_rate_raw: float | None
+    clip_rate_at_1_clean: float | None
+    clip_rate_at_1_raw: float | None
+    spikes_left_out: int
+    nonfinite_left_out: int
+    transition_left_out: int
+    level_shift: bool
+    level_shift_steps: list[int]
     rationale: str
+    window: RecommendationWindow
+    percentiles_over: str
     percentiles: dict[str, float | None]
     candidates: list[Candidate]
     count: int
-    target_clip_rate: float
-    current_threshold: float | None
+    clean_window: CleanWindow
     drift: Drift
     warnings: list[str]
 
@@ -464,6 +506,7 @@ class WhatIfOut(BaseModel):
     count: int
     clipped: int
     clip_rate: float | None
+    window: StepSpan
 
 
 class HistogramOut(BaseModel):
@@ -471,6 +514,7 @@ class HistogramOut(BaseModel):
     counts: list[int]
     log: bool
     count: int
+    window: StepSpan
 
 
 class TensorsOut(BaseModel):

@@ -11,9 +11,7 @@ import math
 import numpy as np
 
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p99.9": 99.9}
-CANDIDATE_PERCENTILES = ("p50", "p90", "p95", "p99")
 DRIFT_WARNING_CHANGE = 0.5   # recent median 50 % above (or a third below) the window's
-FEW_NORMS = 100
 
 
 def finite(norms: np.ndarray) -> np.ndarray:
@@ -127,71 +125,54 @@ def drift(finite_norms: np.ndarray, whole_median: float | None = None) -> dict:
             "change": change, "warning": warning}
 
 
-def _quantile_label(quantile: float) -> str:
-    return f"p{quantile * 100:.10g}"
+def current_threshold(threshold: np.ndarray | None) -> float | None:
+    """The run's current clip threshold: the last finite value of its threshold column."""
+    if threshold is None:
+        return None
+    known = threshold[np.isfinite(threshold)]
+    return float(known[-1]) if len(known) else None
 
 
-def recommend(pre_norm: np.ndarray, threshold: np.ndarray | None = None,
-              target_clip_rate: float = 0.01, window: int | None = None,
-              ordered: np.ndarray | None = None) -> dict:
-    """A clip threshold for the window's norms, with candidates and a plain-language rationale.
+def covered(steps: np.ndarray) -> dict:
+    """Which steps an answer covers: `{start, end, steps}` (None/None/0 for none)."""
+    return {"start": int(steps[0]) if len(steps) else None, "end": int(steps[-1]) if len(steps) else None,
+            "steps": int(len(steps))}
 
-    The recommended threshold is the (1 - target_clip_rate) quantile of the
-    finite pre-clip norms: the threshold that would have clipped about
-    `target_clip_rate` of the window's steps. `threshold` is the run's own
-    threshold column (the last finite value is the current threshold).
+
+def recommend(steps: np.ndarray, pre_norm: np.ndarray, threshold: np.ndarray | None = None, *,
+              window: int | None = None, target_clip_rate: float | None = None) -> dict:
+    """`diagnostics.recommend` on a run's stored norms, with the fields older clients read.
+
+    The threshold comes from the robust rule on a recent window of clean steps
+    (docs/diagnostics.md: why not a raw percentile). Added here: `count` (the
+    clean steps it is computed from), `clean_window` (`{start, end, steps,
+    excluded}`, for the dashboard), `drift` over the window's finite norms and
+    `warnings` (drift, a level shift, too few clean steps). ValueError for a
+    `target_clip_rate` outside [0, 1) or a `window` below 100.
     """
-    if not 0.0 <= target_clip_rate < 1.0:
-        raise ValueError(f"target_clip_rate must be in [0, 1), got {target_clip_rate}")
-    good = ordered if ordered is not None else sorted_finite(pre_norm)
-    pcts = percentiles(good)
-    current = None
-    if threshold is not None:
-        known = threshold[np.isfinite(threshold)]
-        current = float(known[-1]) if len(known) else None
-    scope = (f"the last {len(pre_norm):,} steps" if window is not None
-             else f"all {len(pre_norm):,} steps of the run")
+    from gradwatch.server import diagnostics  # pure numpy; imported here to keep `stats` light
+
+    result = diagnostics.recommend(steps, pre_norm, window=window, target_clip_rate=target_clip_rate,
+                                   current_threshold=current_threshold(threshold))
+    span = result["window"]
+    size = span["steps"]
+    window_norms = pre_norm[len(pre_norm) - size:] if size else pre_norm[:0]
+    window_finite = finite(window_norms)
+    drift_info = drift(window_finite)
     warnings: list[str] = []
-    drift_info = drift(finite(pre_norm), whole_median=pcts["p50"])
-    if len(good) == 0:
-        return {"threshold": None, "percentiles": pcts, "candidates": [], "count": 0,
-                "target_clip_rate": target_clip_rate, "current_threshold": current,
-                "drift": drift_info, "warnings": ["no finite pre-clip norms in the window"],
-                "rationale": f"No finite pre-clip norms in {scope}: nothing to recommend yet."}
-    quantile = 1.0 - target_clip_rate
-    recommended = float(np.quantile(good, quantile))
-    rate = clip_rate_at(good, recommended)
-    candidates = [{"label": name, "threshold": pcts[name], "clip_rate": clip_rate_at(good, pcts[name])}
-                  for name in CANDIDATE_PERCENTILES]
-    if current is not None:
-        candidates.append({"label": "current", "threshold": current,
-                           "clip_rate": clip_rate_at(good, current)})
-    candidates.append({"label": f"target {target_clip_rate:.4g}", "threshold": recommended,
-                       "clip_rate": rate})
-    candidates.sort(key=lambda item: item["threshold"])
-    sentences = [f"{_quantile_label(quantile)} of the finite pre-clip norms over {scope}: "
-                 f"{recommended:.4g}; it would have clipped {rate:.1%} of them "
-                 f"(target {target_clip_rate:.1%})."]
-    if current is not None:
-        sentences.append(f"The current threshold {current:.4g} would have clipped "
-                         f"{clip_rate_at(good, current):.1%}.")
-    if drift_info["change"] is not None:
-        change = drift_info["change"]
-        direction = "risen" if change >= 0 else "fallen"
-        sentences.append(f"The median norm has {direction} {abs(change):.0%} from the start of the "
-                         f"window to its end.")
-    if drift_info["warning"]:
+    if result["threshold"] is None:
+        warnings.append(result["reason"])
+    if result["level_shift"]:
+        warnings.append("the norms shifted to a new level at step "
+                        + ", ".join(f"{s:,}" for s in result["level_shift_steps"])
+                        + " in the window; the recommendation is for the regime after it")
+    elif drift_info["warning"]:
         warnings.append(drift_info["warning"])
-        sentences.append("Warning: " + drift_info["warning"] + ".")
-    if len(good) < FEW_NORMS:
-        warnings.append(f"only {len(good)} finite norms: the recommendation is rough")
-        sentences.append(f"Only {len(good)} finite norms: treat this as a rough guide.")
-    nonfinite = len(pre_norm) - len(good)
-    if nonfinite:
-        sentences.append(f"{nonfinite:,} non-finite norm(s) left out.")
-    return {"threshold": recommended, "rationale": " ".join(sentences), "percentiles": pcts,
-            "candidates": candidates, "count": len(good), "target_clip_rate": target_clip_rate,
-            "current_threshold": current, "drift": drift_info, "warnings": warnings}
+    result.update(
+        count=span["clean_steps"], drift=drift_info, warnings=warnings,
+        clean_window={"start": span["clean_start"], "end": span["end"] if span["clean_steps"] else None,
+                      "steps": span["clean_steps"], "excluded": size - span["clean_steps"]})
+    return result
 
 
 def downsample_indices(pre_norm: np.ndarray, points: int, keep: np.ndarray | None = None) -> np.ndarray:

@@ -30,7 +30,7 @@ def test_demo_stores_a_run_with_clips_spikes_and_a_recommendation(tmp_path):
     )
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert "gradwatch dashboard: http://127.0.0.1:" in demo.stdout
-    assert "Recommended clip threshold" in demo.stdout
+    assert "Recommended clip threshold" in demo.stdout and "clean steps of the last" in demo.stdout
 
     # A fresh server on the same file shows what the demo stored.
     with ServerProcess(db_url) as server:
@@ -50,11 +50,14 @@ def test_demo_stores_a_run_with_clips_spikes_and_a_recommendation(tmp_path):
         norms = dict(zip(series["step"], series["pre_norm"]))
         assert all(float(norms[event["step"]]) > 1.0 for event in clips)
         recommendation = _get(f"{server.url}/api/runs/{run}/recommendation")
-        finite = np.array([float(value) for value in series["pre_norm"]])
-        finite = finite[np.isfinite(finite)]
+        values = np.array([float(value) for value in series["pre_norm"]])
+        finite = values[np.isfinite(values)]
         assert recommendation["threshold"] > 0 and recommendation["rationale"]
-        for candidate in recommendation["candidates"]:
-            assert candidate["clip_rate"] == np.mean(finite > candidate["threshold"])
+        # The recommendation leaves the spikes out: it clips every corrupted batch.
+        assert recommendation["spikes_left_out"] >= len(corrupted)
+        assert recommendation["threshold"] < min(values[step] for step in corrupted)
+        for candidate in recommendation["candidates"]:  # raw rate: over every finite norm of the window
+            assert candidate["clip_rate_raw"] == np.mean(finite > candidate["threshold"])
 
 
 def test_demo_on_a_busy_port_says_so_in_one_line(tmp_path):

@@ -209,6 +209,8 @@ def test_recommend_command_prints_the_recommendation(open_server):
                              "--url", open_server.url], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert f"{expected['threshold']:.6g}" in result.stdout and "p95" in result.stdout
+    assert expected["rationale"] in result.stdout and "threshold / median" in result.stdout
+    assert f"{expected['ratio_to_median']:.6g}" in result.stdout
     missing = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "recommend", "nope",
                               "--url", open_server.url], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "404" in missing.stderr

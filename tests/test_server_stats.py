@@ -31,35 +31,55 @@ def test_window_stats_equal_numpy_over_finite_norms():
     assert result["nonfinite"] == int((~np.isfinite(values)).sum())
 
 
-def test_recommendation_is_the_target_quantile_with_exact_candidate_rates():
-    values = norms()
+def clean_norms(n: int = 5000, seed: int = 0) -> np.ndarray:
+    """Log-normal norms (sd 0.1 in log space) with NaN/inf but no spikes: every finite norm is clean."""
+    values = np.exp(np.random.default_rng(seed).normal(0, 0.1, n))
+    values[::101] = np.nan
+    values[::211] = np.inf
+    return values
+
+
+def test_recommendation_is_the_robust_rule_or_the_target_quantile_on_the_clean_window():
+    values = clean_norms()
+    steps = np.arange(len(values))
     threshold = np.full(len(values), 1.0)
-    rec = stats.recommend(values, threshold, target_clip_rate=0.05, window=len(values))
+    rec = stats.recommend(steps, values, threshold, window=len(values))
     good = values[np.isfinite(values)]
-    assert rec["threshold"] == np.quantile(good, 0.95)
+    logs = np.log(good)
+    mad = np.median(np.abs(logs - np.median(logs)))
+    tau = min(max(math.exp(np.median(logs) + 3 * 1.4826 * mad), np.median(good)), 10 * np.median(good))
+    assert rec["threshold"] == pytest.approx(tau, rel=1e-12) and rec["count"] == len(good)
+    assert rec["spikes_left_out"] == 0 and rec["nonfinite_left_out"] == len(values) - len(good)
     by_label = {c["label"]: c for c in rec["candidates"]}
-    assert by_label["current"]["threshold"] == 1.0
+    assert by_label["current"]["threshold"] == 1.0 and rec["current_threshold"] == 1.0
     for candidate in rec["candidates"]:
         assert candidate["clip_rate"] == np.count_nonzero(good > candidate["threshold"]) / len(good)
-    assert [c["threshold"] for c in rec["candidates"]] == sorted(c["threshold"] for c in rec["candidates"])
-    assert "p95" in rec["rationale"] and "last 5,000 steps" in rec["rationale"]
-    assert f"{by_label['current']['clip_rate']:.1%}" in rec["rationale"]
+    assert rec["clean_window"] == {"start": 1, "end": len(values) - 1, "steps": len(good),
+                                   "excluded": len(values) - len(good)}
+    quantile = stats.recommend(steps, values, threshold, target_clip_rate=0.05)
+    default = values[-500:]  # default window: 10% of 5,000 is below the 500-step floor
+    assert quantile["threshold"] == np.quantile(default[np.isfinite(default)], 0.95)
+    assert "95th percentile" in quantile["rationale"] and quantile["window"]["steps"] == 500
 
 
 def test_drift_warning_when_recent_norms_move_far_from_the_window():
     steady = np.exp(np.random.default_rng(1).normal(0, 0.1, 4000))
-    assert stats.recommend(steady)["drift"]["warning"] is None
+    steps = np.arange(len(steady))
+    assert stats.recommend(steps, steady)["drift"]["warning"] is None
     drifting = steady * np.linspace(1.0, 4.0, len(steady))
-    rec = stats.recommend(drifting)
-    assert rec["drift"]["warning"] and rec["warnings"]
-    assert rec["drift"]["change"] > 2.0 and "risen" in rec["rationale"]
+    rec = stats.recommend(steps, drifting, window=4000)
+    assert rec["drift"]["warning"] and rec["drift"]["warning"] in rec["warnings"]
+    assert rec["drift"]["change"] > 0.5
 
 
-def test_recommendation_without_finite_norms_says_so():
-    rec = stats.recommend(np.array([np.nan, np.inf]))
-    assert rec["threshold"] is None and rec["candidates"] == [] and "No finite" in rec["rationale"]
-    with pytest.raises(ValueError):
-        stats.recommend(norms(), target_clip_rate=1.5)
+def test_recommendation_without_enough_clean_norms_says_so():
+    rec = stats.recommend(np.arange(2), np.array([np.nan, np.inf]))
+    assert rec["threshold"] is None and rec["candidates"] == [] and "0 clean steps" in rec["reason"]
+    assert rec["warnings"] == [rec["reason"]] and rec["clean_window"]["steps"] == 0
+    with pytest.raises(ValueError, match="target_clip_rate"):
+        stats.recommend(np.arange(5000), clean_norms(), target_clip_rate=1.5)
+    with pytest.raises(ValueError, match="window"):
+        stats.recommend(np.arange(5000), clean_norms(), window=99)
 
 
 def test_histogram_uses_log_edges_across_decades():

@@ -8,7 +8,7 @@ import numpy as np
 from fastapi import APIRouter, Query
 from fastapi.responses import Response, StreamingResponse
 
-from gradwatch.server import stats, tensor_groups
+from gradwatch.server import derived_events, stats, tensor_groups
 from gradwatch.server.routes.deps import READ, WRITE, RunName, StoreDep, check_range, json_response
 from gradwatch.server.schemas import (COLUMNS, LIVE_FIELDS, MAX_STEP, BatchError, DeletedOut, EventOut, RunOut,
                                       SeriesOut, TensorsOut, encode_floats)
@@ -74,7 +74,7 @@ def series(name: RunName, store: StoreDep, fields: str | None = Query(
 def events(name: RunName, store: StoreDep,
            kind: EventKind | None = Query(None, description="one kind of event; all when left out"),
            limit: int = Query(1000, ge=1, le=100_000)) -> Response:
-    return json_response(store.events(store.run_id(name), kind, limit))
+    return json_response(derived_events.merged_events(store, name, kind, limit))
 
 
 @router.get("/api/runs/{run}/tensors", dependencies=READ, response_model=TensorsOut)

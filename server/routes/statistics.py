@@ -7,7 +7,7 @@ from fastapi.responses import Response
 
 from gradwatch.server import stats
 from gradwatch.server.routes.deps import READ, RunName, StoreDep, json_response
-from gradwatch.server.schemas import HistogramOut, RecommendationOut, StatsOut, WhatIfOut
+from gradwatch.server.schemas import BatchError, HistogramOut, RecommendationOut, StatsOut, WhatIfOut
 from gradwatch.server.storage import RunArrays
 
 router = APIRouter(tags=["statistics"], dependencies=READ)
@@ -36,26 +36,40 @@ def run_stats(name: RunName, store: StoreDep, window: int | None = Window) -> Re
 
 
 @router.get("/api/runs/{run}/recommendation", response_model=RecommendationOut)
-def recommendation(name: RunName, store: StoreDep, window: int | None = Window,
-                   target_clip_rate: float = Query(0.01, ge=0.0, lt=1.0)) -> Response:
+def recommendation(name: RunName, store: StoreDep,
+                   window: int | None = Query(None, ge=100, description=(
+                       "the last N steps, at least 100; default the last 10% of the run but at least "
+                       "500 steps (the whole run when shorter)")),
+                   target_clip_rate: float | None = Query(None, ge=0.0, lt=1.0, description=(
+                       "optional, in [0, 1): the threshold becomes the (1 - rate) quantile of the "
+                       "clean window instead of the robust rule"))) -> Response:
+    """The clip threshold for the run: the robust rule on a recent window of clean steps
+    (docs/diagnostics.md). 422 for a window below 100 or a rate outside [0, 1); a run with
+    too few clean steps answers 200 with `threshold: null` and the `reason`."""
     arrays = store.arrays(name, ("pre_norm", "threshold"))
-    part = window_of(arrays, window)
-    return json_response(stats.recommend(arrays.values["pre_norm"][part], arrays.values["threshold"][part],
-                                         target_clip_rate=target_clip_rate, window=window,
-                                         ordered=ordered(arrays, window)))
+    try:
+        answer = stats.recommend(arrays.steps, arrays.values["pre_norm"], arrays.values["threshold"],
+                                 window=window, target_clip_rate=target_clip_rate)
+    except ValueError as error:
+        raise BatchError(str(error)) from None
+    return json_response(answer)
 
 
 @router.get("/api/runs/{run}/whatif", response_model=WhatIfOut)
 def whatif(name: RunName, store: StoreDep, threshold: float = Query(..., allow_inf_nan=False),
            window: int | None = Window) -> Response:
     arrays = store.arrays(name, ("pre_norm",))
-    return json_response(stats.whatif(arrays.values["pre_norm"][window_of(arrays, window)], threshold,
-                                      ordered=ordered(arrays, window)))
+    part = window_of(arrays, window)
+    answer = stats.whatif(arrays.values["pre_norm"][part], threshold, ordered=ordered(arrays, window))
+    answer["window"] = stats.covered(arrays.steps[part])
+    return json_response(answer)
 
 
 @router.get("/api/runs/{run}/histogram", response_model=HistogramOut)
 def histogram(name: RunName, store: StoreDep, window: int | None = Window,
               bins: int = Query(60, ge=1, le=1000)) -> Response:
     arrays = store.arrays(name, ("pre_norm",))
-    return json_response(stats.histogram(arrays.values["pre_norm"][window_of(arrays, window)], bins,
-                                         ordered=ordered(arrays, window)))
+    part = window_of(arrays, window)
+    answer = stats.histogram(arrays.values["pre_norm"][part], bins, ordered=ordered(arrays, window))
+    answer["window"] = stats.covered(arrays.steps[part])
+    return json_response(answer)
