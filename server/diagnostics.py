@@ -300,6 +300,11 @@ def _steps_text(steps: Sequence[int]) -> str:
     return "the gradient spikes at " + ", ".join(texts[:-1]) + " and " + texts[-1]
 
 
+def _wire_spelling(value: float) -> str:
+    """NaN and +-Inf as the wire spells them (docs/wire.md): "NaN", "Infinity", "-Infinity"."""
+    return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+
+
 def loss_spikes(steps: Sequence[int] | np.ndarray, loss: Sequence[float | None] | np.ndarray,
                 grad_spike_steps: Sequence[int], *, lookback: int = 5, k: float = 5.0,
                 history: int = 200, warmup: int = 25, min_scale: float = 0.01) -> list[dict]:
@@ -332,6 +337,6 @@ def loss_spikes(steps: Sequence[int] | np.ndarray, loss: Sequence[float | None] 
         value = float(values[i])
         events.append({"kind": "loss_spike", "step": step, "message": message,
                        "detail": {"grad_steps": linked,
-                                  "loss": value if math.isfinite(value) else str(value),
+                                  "loss": value if math.isfinite(value) else _wire_spelling(value),
                                   "score": float(found.score[i]) if math.isfinite(found.score[i]) else None}})
     return events

@@ -18,7 +18,7 @@ WRITE, READ = "w-token", "r-token"
 @pytest.fixture
 def client(tmp_path):
     app = create_app(Settings(db_url=f"sqlite:///{tmp_path / 'diag.db'}", token=WRITE, read_token=READ))
-    with TestClient(app, headers={"Authorization": f"Bearer {READ}"}) as test_client:
+    with TestClient(app, base_url="http://localhost", headers={"Authorization": f"Bearer {READ}"}) as test_client:
         yield test_client
 
 
