@@ -127,9 +127,9 @@ def batch_alerts(run: str, columns: Mapping[str, np.ndarray], rules: AlertRules,
     """
     steps = np.asarray(columns["step"])
     norms = np.asarray(columns["pre_norm"], dtype=np.float64)
-    nonfinite = columns.get("nonfinite")
-    if nonfinite is None:
-        nonfinite = ~np.isfinite(norms)
+    nonfinite = ~np.isfinite(norms)  # the norm itself, or the agent's flag (as ingest counts them)
+    if columns.get("nonfinite") is not None:
+        nonfinite |= np.asarray(columns["nonfinite"], dtype=bool)
     alerts: list[Alert] = []
     index = _first(steps, nonfinite)
     if index is not None:

@@ -10,7 +10,9 @@ for the commands that talk to a server (`recommend`, `push`, `report`).
 from __future__ import annotations
 
 from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated
+
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SETTINGS_ENV = "GRADWATCH_SERVER_SETTINGS"   # settings handed to uvicorn worker processes, as JSON
 DEFAULT_DB = "sqlite:///gradwatch.db"
@@ -34,6 +36,21 @@ class Settings(BaseSettings):
     max_body: int = Field(DEFAULT_MAX_BODY, gt=0, description="largest accepted request body, in bytes")
     workers: int = Field(1, ge=1, description="uvicorn worker processes (use with PostgreSQL)")
     cache_runs: int = Field(4, ge=1, description="runs whose columns each process keeps in memory")
+    alert_webhook: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="webhook URL for alerts (repeatable; env: comma list)")
+    alert_clip_rate: float | None = Field(None, ge=0.0, lt=1.0,
+                                          description="alert when more than this share of the last "
+                                                      "--alert-window steps were clipped")
+    alert_window: int = Field(100, ge=1, description="steps the sustained-clipping alert looks at")
+    alert_min_interval: float = Field(300.0, ge=0.0, description="seconds between two alerts of one "
+                                                                  "kind about one run")
+
+    @field_validator("alert_webhook", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        if isinstance(value, str):
+            return [url.strip() for url in value.split(",") if url.strip()]
+        return value
 
     @field_validator("token", "read_token")
     @classmethod
@@ -59,7 +76,9 @@ class Settings(BaseSettings):
 # `gradwatch serve` flag of each Settings field.
 SERVE_FLAGS = {"db_url": "--db", "host": "--host", "port": "--port", "token": "--token",
                "read_token": "--read-token", "max_body": "--max-body", "workers": "--workers",
-               "cache_runs": "--cache-runs"}
+               "cache_runs": "--cache-runs", "alert_webhook": "--alert-webhook",
+               "alert_clip_rate": "--alert-clip-rate", "alert_window": "--alert-window",
+               "alert_min_interval": "--alert-min-interval"}
 
 
 class ClientSettings(BaseSettings):
