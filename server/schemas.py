@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel
@@ -338,6 +338,7 @@ class EventOut(BaseModel):
     message: str
     time: JsonFloat
     detail: dict[str, Any] | None = None
+    threshold_kind: Literal["clip", "detector", "alert"] | None = None  # what `threshold` is
 
 
 class StatsOut(BaseModel):
