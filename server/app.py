@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from gradwatch.server.alerts import Alert, AlertDispatcher, AlertRules, _json_number
+from gradwatch.server.alerts import Alert, AlertDispatcher, AlertRules, DatabaseClaims, _json_number
 from gradwatch.server.live import LiveHub, PostgresListener, notify_in_transaction, points_message
 from gradwatch.server.routes import ROUTERS
 from gradwatch.server.routes.deps import DB_ERRORS, json_response
@@ -94,7 +94,7 @@ def start_alerts(settings: Settings, store: Store) -> AlertDispatcher | None:
 
     dispatcher = AlertDispatcher(settings.alert_webhook, AlertRules(
         clip_rate=settings.alert_clip_rate, window=settings.alert_window,
-        min_interval=settings.alert_min_interval), record=record)
+        min_interval=settings.alert_min_interval), record=record, claim=DatabaseClaims(store.engine))
 
     def hook(run: str, batch, result) -> None:
         mask = result.new_mask

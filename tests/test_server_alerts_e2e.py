@@ -76,3 +76,56 @@ def test_a_hanging_webhook_does_not_hold_up_ingest(tmp_path):
         receiver.release.set()
         server.stop()
         receiver.close()
+
+
+def test_two_dispatchers_on_one_database_send_an_alert_once(tmp_path):
+    """Two workers' dispatchers (one database claim table) see the same NaN: one post."""
+    from gradwatch.server.alerts import AlertDispatcher, AlertRules, DatabaseClaims
+    from gradwatch.server.storage import create_schema, make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'claims.db'}")
+    create_schema(engine)
+    receiver = Receiver()
+    batch = {"step": np.arange(5), "pre_norm": np.array([1.0, np.nan, 1.0, 1.0, 1.0])}
+    dispatchers = [AlertDispatcher([receiver.url], AlertRules(min_interval=300), claim=DatabaseClaims(engine))
+                   for _ in range(2)]
+    try:
+        for dispatcher in dispatchers:
+            dispatcher.submit("shared", batch)
+        assert all(dispatcher.wait_idle(30) for dispatcher in dispatchers)
+        assert [(b["run"], b["kind"], b["step"]) for b in receiver.bodies] == [("shared", "nonfinite", 1)]
+        assert sum(d.counters.suppressed for d in dispatchers) == 1
+        # After the interval the claim is taken again (a clock 301 s later).
+        late = AlertDispatcher([receiver.url], AlertRules(min_interval=300), claim=DatabaseClaims(engine),
+                               clock=lambda: __import__("time").time() + 301)
+        late.submit("shared", batch)
+        assert late.wait_idle(30) and len(receiver.bodies) == 2
+        late.close()
+    finally:
+        for dispatcher in dispatchers:
+            dispatcher.close()
+        receiver.close()
+        engine.dispose()
+
+
+def test_two_servers_on_one_database_alert_once(tmp_path):
+    receiver = Receiver()
+    first = alert_server(tmp_path, receiver)
+    second = start_server(f"sqlite:///{tmp_path / 'alerts.db'}", tmp_path, extra_args=["--alert-webhook", receiver.url])
+    try:
+        rng = np.random.default_rng(2)
+        with httpx.Client(base_url=first.url, timeout=30) as a, httpx.Client(base_url=second.url, timeout=30) as b:
+            batch = make_batch(np.arange(0, 10), rng)
+            batch["pre_norm"][2] = "NaN"
+            assert post(a, "both", batch).status_code == 200
+            assert receiver.received.wait(30)
+            receiver.received.clear()
+            batch = make_batch(np.arange(10, 20), rng, spike_steps=[17])
+            batch["pre_norm"][0] = "NaN"  # step 10: the other server must not alert again
+            assert post(b, "both", batch).status_code == 200
+            assert receiver.received.wait(30)  # the spike: the NaN before it was decided
+            assert [(x["kind"], x["step"]) for x in receiver.bodies] == [("nonfinite", 2), ("spike", 17)]
+    finally:
+        first.stop()
+        second.stop()
+        receiver.close()
