@@ -321,7 +321,9 @@ def condition_job(url: str, name: str, scale: float, spikes: bool, seed: int, st
     tau, median = answer["threshold"], answer["median"]
     losses = {"no clip (pilot)": pilot_loss}
     plan = [("τ = 1.0", GlobalNorm(1.0)), ("τ_rec", GlobalNorm(tau) if tau else None), ("ZClip", ZClip()),
-            ("τ_rec online", RecommendedClip(window=500, warmup=50))]  # the rule applied while training
+            # the rule applied while training; warm-up as the detector's (25): a corrupted batch
+            # inside a longer warm-up passes unclipped (warmup=50 let step 36's 11x through: 2.58)
+            ("τ_rec online", RecommendedClip(window=500, warmup=25))]
     plan += [(f"{m:g}× median", GlobalNorm(m * median)) for m in FIXED]
     for arm, clipper in plan:
         losses[arm] = train(seed, data, steps, scale, spikes, clipper)
