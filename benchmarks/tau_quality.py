@@ -9,7 +9,8 @@ warm-up and cosine decay. On 2% of steps the gradient is multiplied by 10-100
 (a corrupted batch). A pilot run without clipping is monitored by the real
 agent, streaming to a real ``gradwatch serve`` (a subprocess on a free port,
 a temporary SQLite file); τ_rec is the recommendation for its stored norms.
-Then, on the same data, the arms: no clipping, τ = 1.0, τ_rec, ZClip, and
+Then, on the same data, the arms: no clipping, τ = 1.0, τ_rec, ZClip, τ_rec online
+(``RecommendedClip``: the same rule over the last 500 clean norms, while training), and
 fixed τ at 0.5×, 1×, 2×, 4× the pilot's clean median. Conditions: as is,
 loss × 0.02 (norms 50× smaller), and no spikes (τ_rec must not hurt). It
 prints the held-out loss (mean ± sd over seeds) per arm and condition and
@@ -53,7 +54,7 @@ import numpy as np
 from mlx.utils import tree_map
 
 from gradwatch.agent import GradWatch
-from gradwatch.clip import EMADetector, GlobalNorm, RobustDetector, ZClip, ZScoreDetector
+from gradwatch.clip import EMADetector, GlobalNorm, RecommendedClip, RobustDetector, ZClip, ZScoreDetector
 from gradwatch.server.diagnostics import robust_spikes
 
 VOCAB = 16
@@ -313,7 +314,10 @@ def condition_job(url: str, name: str, scale: float, spikes: bool, seed: int, st
     answer, norms, pilot_loss = pilot(url, seed, data, steps, scale, spikes, name)
     tau, median = answer["threshold"], answer["median"]
     losses = {"no clip (pilot)": pilot_loss}
-    plan = [("τ = 1.0", GlobalNorm(1.0)), ("τ_rec", GlobalNorm(tau) if tau else None), ("ZClip", ZClip())]
+    plan = [("τ = 1.0", GlobalNorm(1.0)), ("τ_rec", GlobalNorm(tau) if tau else None), ("ZClip", ZClip()),
+            # the rule applied while training; warm-up as the detector's (25): a corrupted batch
+            # inside a longer warm-up passes unclipped (warmup=50 let step 36's 11x through: 2.58)
+            ("τ_rec online", RecommendedClip(window=500, warmup=25))]
     plan += [(f"{m:g}× median", GlobalNorm(m * median)) for m in FIXED]
     for arm, clipper in plan:
         losses[arm] = train(seed, data, steps, scale, spikes, clipper)

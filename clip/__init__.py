@@ -22,6 +22,7 @@ from .base import NONFINITE_POLICIES, Clipper
 from .detectors import EMADetector, SpikeDetector, ZScoreDetector
 from .global_norm import GlobalNorm
 from .info import ClipInfo, DetectorInfo
+from .online import RecommendedClip
 from .norms import global_norm, norms_and_global, squared_norm, tensor_norms
 from .per_tensor import PerTensorNorm
 from .robust import RobustDetector
@@ -40,6 +41,7 @@ __all__ = [
     "GlobalNorm",
     "NONFINITE_POLICIES",
     "PerTensorNorm",
+    "RecommendedClip",
     "RobustDetector",
     "SpikeDetector",
     "ValueClip",

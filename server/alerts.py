@@ -127,9 +127,9 @@ def batch_alerts(run: str, columns: Mapping[str, np.ndarray], rules: AlertRules,
     """
     steps = np.asarray(columns["step"])
     norms = np.asarray(columns["pre_norm"], dtype=np.float64)
-    nonfinite = columns.get("nonfinite")
-    if nonfinite is None:
-        nonfinite = ~np.isfinite(norms)
+    nonfinite = ~np.isfinite(norms)  # the norm itself, or the agent's flag (as ingest counts them)
+    if columns.get("nonfinite") is not None:
+        nonfinite |= np.asarray(columns["nonfinite"], dtype=bool)
     alerts: list[Alert] = []
     index = _first(steps, nonfinite)
     if index is not None:
@@ -168,6 +168,31 @@ class MemoryClaims:
             return False
         self._last[(run, kind)] = now
         return True
+
+
+class DatabaseClaims:
+    """The rate limit kept in the database (table `alert_claims`), shared by every worker
+    and server on it: a conditional UPDATE, else an INSERT that does nothing on conflict,
+    in one transaction. Under PostgreSQL's row lock (or SQLite's write lock) a second
+    claimant sees the new time and gets False, so each alert is sent once."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def __call__(self, run: str, kind: str, now: float, min_interval: float) -> bool:
+        from sqlalchemy import text
+
+        with self.engine.begin() as connection:
+            moved = connection.execute(text(
+                "UPDATE alert_claims SET last_sent = :now "
+                "WHERE run = :run AND kind = :kind AND last_sent <= :cutoff"),
+                {"now": now, "run": run, "kind": kind, "cutoff": now - min_interval}).rowcount
+            if moved:
+                return True
+            added = connection.execute(text(
+                "INSERT INTO alert_claims (run, kind, last_sent) VALUES (:run, :kind, :now) "
+                "ON CONFLICT (run, kind) DO NOTHING"), {"now": now, "run": run, "kind": kind}).rowcount
+            return added == 1
 
 
 Claim = Callable[[str, str, float, float], bool]

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from gradwatch.server.alerts import Alert, AlertDispatcher, AlertRules, DatabaseClaims, _json_number
 from gradwatch.server.live import LiveHub, PostgresListener, notify_in_transaction, points_message
 from gradwatch.server.routes import ROUTERS
 from gradwatch.server.routes.deps import DB_ERRORS, json_response
@@ -47,6 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         hub.loop = asyncio.get_running_loop()
+        alerts = start_alerts(settings, store)
+        app.state.alerts = alerts
         listener = None
         if store.is_postgres:
             conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -55,6 +58,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         if listener is not None:
             listener.stop()
+        if alerts is not None:
+            store.ingestor.after_commit.remove(alerts.hook)
+            alerts.close()
         engine.dispose()
 
     app = FastAPI(title="gradwatch", version="0.1.0", lifespan=lifespan,
@@ -71,6 +77,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     return app
+
+
+ALERT_COLUMNS = ("pre_norm", "nonfinite", "spike", "level_shift", "clipped")
+
+
+def start_alerts(settings: Settings, store: Store) -> AlertDispatcher | None:
+    """The webhook dispatcher, fed after each commit with the new steps of a batch (never
+    inside the transaction, never blocking: `submit` only queues). Off without a webhook."""
+    if not settings.alert_webhook:
+        return None
+
+    def record(alert: Alert) -> None:
+        """Each alert sent is stored as an `alert` event of its run (through the store)."""
+        store.ingest(alert.run, None, events=[{
+            "step": alert.step, "kind": "alert", "value": alert.value, "threshold": alert.threshold,
+            "message": alert.message,
+            "detail": {"kind": alert.kind, "value": _json_number(alert.value), "suppressed": alert.suppressed}}])
+
+    dispatcher = AlertDispatcher(settings.alert_webhook, AlertRules(
+        clip_rate=settings.alert_clip_rate, window=settings.alert_window,
+        min_interval=settings.alert_min_interval), record=record, claim=DatabaseClaims(store.engine))
+
+    def hook(run: str, batch, result) -> None:
+        mask = result.new_mask
+        columns = {"step": batch.steps if mask is None else batch.steps[mask]}
+        for name in ALERT_COLUMNS:
+            column = batch.columns.get(name)
+            if column is None:
+                continue
+            values = column.values if mask is None else column.values[mask]
+            columns[name] = values if name == "pre_norm" else values == 1.0
+        dispatcher.submit(run, columns)
+
+    dispatcher.hook = hook
+    store.ingestor.after_commit.append(hook)
+    return dispatcher
 
 
 def add_error_handlers(app: FastAPI) -> None:

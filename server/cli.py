@@ -15,6 +15,8 @@ import subprocess
 import sys
 from typing import Sequence
 
+from pydantic_core import PydanticUndefined
+
 from gradwatch.server.settings import (DEFAULT_HOST, DEFAULT_PORT, SERVE_FLAGS, ClientSettings,
                                        Settings)
 
@@ -31,9 +33,10 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     A flag not given is None, so only the flags given reach `settings_from_args`."""
     for field, flag in SERVE_FLAGS.items():
         info = Settings.model_fields[field]
-        shown = "not set" if info.default in (None, []) or info.default_factory else info.default
+        shown = "not set" if info.default in (None, [], PydanticUndefined) or info.default_factory else info.default
         repeatable = {"action": "append"} if info.default_factory is list else {}
-        parser.add_argument(flag, type=int if info.annotation is int else str, default=None,
+        kind = {int: int, float: float, float | None: float}.get(info.annotation, str)
+        parser.add_argument(flag, type=kind, default=None,
                             metavar=flag[2:].replace("-", "_").upper(), **repeatable,
                             help=f"{info.description} (env {Settings.env_name(field)}; default: {shown})")
 

@@ -102,7 +102,7 @@ def wait_until_stored(api: ApiClient, run: str, steps: int, timeout: float = STO
 
 
 def summarise(api: ApiClient, run: str) -> RunSummary:
-    entry = {entry["name"]: entry for entry in api.get("/api/runs")}[run]
+    entry = api.get(run_path(run))
     recommendation = api.get(run_path(run, "/recommendation"))
     return RunSummary(run=run, steps=entry["steps"], clip_rate=entry["clip_rate"], clips=entry["clips"],
                       spikes=entry["spikes"], threshold=recommendation.get("threshold"),

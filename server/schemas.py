@@ -417,6 +417,7 @@ class EventOut(BaseModel):
     message: str
     time: JsonFloat
     detail: dict[str, Any] | None = None
+    threshold_kind: Literal["clip", "detector", "alert"] | None = None  # what `threshold` is
 
 
 class StatsOut(BaseModel):

@@ -42,13 +42,21 @@ class Settings(BaseSettings):
     allow_host: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Host name the server answers besides the loopback names "
                                           "(repeatable or comma list; '*' answers any)")
+    alert_webhook: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="webhook URL for alerts (repeatable; env: comma list)")
+    alert_clip_rate: float | None = Field(None, ge=0.0, lt=1.0,
+                                          description="alert when more than this share of the last "
+                                                      "--alert-window steps were clipped")
+    alert_window: int = Field(100, ge=1, description="steps the sustained-clipping alert looks at")
+    alert_min_interval: float = Field(300.0, ge=0.0, description="seconds between two alerts of one "
+                                                                  "kind about one run")
 
     @field_validator("token", "read_token")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
-    @field_validator("allow_origin", "allow_host", mode="before")
+    @field_validator("allow_origin", "allow_host", "alert_webhook", mode="before")
     @classmethod
     def _comma_list(cls, value) -> list[str]:
         """`a,b` (a variable) or ["a", "b,c"] (repeated flags): one flat list, blanks dropped."""
@@ -75,7 +83,9 @@ class Settings(BaseSettings):
 SERVE_FLAGS = {"db_url": "--db", "host": "--host", "port": "--port", "token": "--token",
                "read_token": "--read-token", "max_body": "--max-body", "workers": "--workers",
                "cache_runs": "--cache-runs", "allow_origin": "--allow-origin",
-               "allow_host": "--allow-host"}
+               "allow_host": "--allow-host", "alert_webhook": "--alert-webhook",
+               "alert_clip_rate": "--alert-clip-rate", "alert_window": "--alert-window",
+               "alert_min_interval": "--alert-min-interval"}
 
 
 class ClientSettings(BaseSettings):

@@ -73,4 +73,6 @@ def test_only_rank_zero_streams_unless_all_ranks(tmp_path, all_ranks):
             # The same global norm on every rank; each rank's own loss.
             assert zero["pre_norm"] == one["pre_norm"] and len(zero["step"]) == 20
             assert set(zero["loss"]) == {0.0} and set(one["loss"]) == {1.0}
-            assert runs["dist-rank1"]["meta"]["rank"] == 1 and runs["dist-rank1"]["meta"]["world_size"] == 2
+            with urllib.request.urlopen(server.url + "/api/runs/dist-rank1", timeout=30) as answer:
+                meta = json.loads(answer.read())["meta"]
+            assert meta["rank"] == 1 and meta["world_size"] == 2

@@ -132,6 +132,7 @@ def test_without_a_server_close_is_quick_and_push_delivers_every_step_once(serve
     assert f"{steps} step(s) sent, {steps} stored, 0 duplicate(s)" in first.stdout
     check_series(stored(server, "offline"), steps)
     (run,) = get(server.url + "/api/runs")
+    run = get(server.url + "/api/runs/" + run["name"])
     assert run["meta"]["config"] == {"note": "no server"} and run["meta"]["clipper"]["max_norm"] == 1.0
 
     second = push(spool_dir, server.url)
@@ -228,7 +229,7 @@ def test_tensor_norms_and_run_metadata_reach_the_server(server, tmp_path):
                     for tree in trees]
         assert np.allclose([float(value) for value in row], expected, rtol=1e-6)
     (run,) = get(server.url + "/api/runs")
-    meta = run["meta"]
+    meta = get(server.url + "/api/runs/" + run["name"])["meta"]
     assert meta["tensors"]["shapes"] == {"layers.0.weight": [3, 2], "bias": [2]}
     assert meta["mlx"] == mx.__version__ and meta["config"] == {"lr": 3e-4}
     assert {"host", "pid", "start_time"} <= set(meta)

@@ -43,7 +43,7 @@ def test_demo_stores_a_run_with_clips_spikes_and_a_recommendation(tmp_path):
         spikes = _get(f"{server.url}/api/runs/{run}/events?kind=spike")
         assert len(clips) >= 1 and len(spikes) >= 1
         # Each deliberately corrupted batch (inputs x40, listed in the run's config) is a spike.
-        corrupted = runs[0]["meta"]["config"]["corrupted_steps"]
+        corrupted = _get(f"{server.url}/api/runs/{run}")["meta"]["config"]["corrupted_steps"]
         assert len(corrupted) == 4
         assert set(corrupted) <= {event["step"] for event in spikes}
         # Every clip event is a step whose pre-clip norm exceeded the demo's threshold of 1.0.

@@ -19,6 +19,7 @@ class Receiver:
         self.bodies: list[dict] = []
         self.received = threading.Event()
         self.release = threading.Event()
+        self.in_flight = 0  # requests the receiver holds right now (hang=True)
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -27,7 +28,9 @@ class Receiver:
                 outer.bodies.append(body)
                 outer.received.set()
                 if hang:
-                    outer.release.wait(30)
+                    outer.in_flight += 1
+                    outer.release.wait(60)
+                    outer.in_flight -= 1
                 self.send_response(status)
                 self.end_headers()
 

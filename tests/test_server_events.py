@@ -107,6 +107,7 @@ def _downgrade_to_version_1(store: Store) -> None:
         for name in ("skipped", "robust_z", "level_shift"):  # schema 3's columns
             cursor.execute(f"ALTER TABLE steps DROP COLUMN {name}")
         cursor.execute("ALTER TABLE runs DROP COLUMN clip_flags")
+        cursor.execute("DROP TABLE alert_claims")  # schema 4's table
         cursor.execute("UPDATE schema_version SET version = 1")
         for run_id, step, value, threshold, mask, stamp in clip_rows:
             shown = "NaN" if value is None else ("Infinity" if value == math.inf else value)
@@ -136,7 +137,7 @@ def test_a_version_1_database_is_migrated_without_duplicate_clip_events(store):
         engine = make_engine(url.render_as_string(hide_password=False))
         create_schema(engine)
         migrated = Store(engine)
-        assert count_rows(migrated, "SELECT MAX(version) FROM schema_version") == SCHEMA_VERSION == 3
+        assert count_rows(migrated, "SELECT MAX(version) FROM schema_version") == SCHEMA_VERSION == 4
         assert count_rows(migrated, "SELECT COUNT(*) FROM events WHERE kind = 'clip'") == 1
         agent_clip = {"step": 3, "kind": "clip", "value": None, "threshold": None,
                       "message": "agent: clipped by hand", "time": None, "detail": {"by": "agent"}}

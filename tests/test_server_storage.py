@@ -91,7 +91,8 @@ def test_runs_list_counts_clips_spikes_and_nonfinite(client):
     assert run["clip_rate"] == pytest.approx(clipped / 400)
     assert run["spikes"] == 2
     assert run["nonfinite"] == sum(batch["nonfinite"])
-    assert run["created"].endswith("Z") and run["meta"] == {}
+    assert run["created"].endswith("Z") and "meta" not in run
+    assert client.get("/api/runs/counted").json() == {**run, "meta": {}}
     events = client.get("/api/runs/counted/events").json()
     kinds = {event["kind"] for event in events}
     assert kinds == {"clip", "spike", "nonfinite"}

@@ -63,7 +63,7 @@ def test_ws_ingest_acks_each_batch_with_its_seq_after_commit(server):
     assert replies[5]["type"] == "error" and replies[5]["status"] == 422
     with httpx.Client(base_url=server.url, headers=bearer(READ)) as client:
         run = {r["name"]: r for r in client.get("/api/runs").json()}["ws-run"]
-        assert run["steps"] == 150 and run["meta"]["clipper"]["max_norm"] == 1.5
+        assert run["steps"] == 150 and client.get("/api/runs/ws-run").json()["meta"]["clipper"]["max_norm"] == 1.5
         drops = client.get("/api/runs/ws-run/events", params={"kind": "drop"}).json()
         assert drops[0]["step"] == 100 and drops[0]["detail"] == {"reason": "disk_cap", "count": 10}
 

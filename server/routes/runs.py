@@ -1,18 +1,26 @@
-"""Runs: the list, a run's series, events, per-tensor norms, CSV export, delete."""
+"""Runs: the list (paged), one run, a run's series, events, per-tensor norms, CSV export, delete.
+
+Lists say when they were cut the same way as `/series` (`X-Total-Steps`):
+`X-Total-Count` is how many there are, `X-Next-Cursor` (runs) the cursor of
+the next page, `X-Truncated: true` (events) that the limit cut the answer.
+"""
 from __future__ import annotations
 
+import base64
+import json
 import re
 from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Query
+from pydantic import create_model
 from fastapi.responses import Response, StreamingResponse
 
 from gradwatch.server import derived_events, stats, tensor_groups
 from gradwatch.server.routes.deps import READ, WRITE, RunName, StoreDep, check_range, json_response
 from gradwatch.server.schemas import (COLUMNS, LIVE_FIELDS, MAX_STEP, BatchError, DeletedOut, EventOut, RunOut,
                                       SeriesOut, TensorsOut, encode_floats)
-from gradwatch.server.storage import csv_lines, encode_series
+from gradwatch.server.storage import UnknownRun, csv_lines, encode_series
 from gradwatch.server.storage.registry import EVENT_KIND_NAMES
 
 router = APIRouter(tags=["runs"])
@@ -32,9 +40,55 @@ def series_fields(fields: str | None) -> tuple[str, ...]:
     return wanted
 
 
-@router.get("/api/runs", dependencies=READ, response_model=list[RunOut])
-def list_runs(store: StoreDep) -> Response:
-    return json_response(store.list_runs())
+# A run in the list: the counters, without `meta` (tensor names and shapes: GET /api/runs/{run}).
+RunSummaryOut = create_model("RunSummaryOut", **{name: (info.annotation, ...)
+                                                 for name, info in RunOut.model_fields.items() if name != "meta"})
+
+
+def encode_cursor(run: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps([run["updated"], run["name"]]).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        updated, name = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if isinstance(updated, str) and isinstance(name, str):
+            return updated, name
+    except ValueError:
+        pass
+    raise BatchError(f"cursor {cursor[:40]!r} is not one this server gave (take it from X-Next-Cursor)")
+
+
+@router.get("/api/runs", dependencies=READ, response_model=list[RunSummaryOut])
+def list_runs(store: StoreDep, limit: int | None = Query(None, ge=1, le=100_000, description="at most this "
+                                                         "many runs; all when left out"),
+              cursor: str | None = Query(None, description="X-Next-Cursor of the previous page")) -> Response:
+    """Runs, most recently updated first (ties by name), without `meta`. Paged by a keyset
+    cursor (updated, name): a run updated between two pages moves to the front and is not
+    repeated or skipped among the others. Headers: `X-Total-Count`, `X-Next-Cursor` when cut."""
+    runs = sorted(sorted(store.list_runs(), key=lambda run: run["name"]), key=lambda run: run["updated"],
+                  reverse=True)
+    total = len(runs)
+    if cursor:
+        updated, name = decode_cursor(cursor)
+        runs = [run for run in runs if run["updated"] < updated or (run["updated"] == updated and run["name"] > name)]
+    headers = {"X-Total-Count": str(total)}
+    if limit is not None and len(runs) > limit:
+        runs = runs[:limit]
+        headers["X-Next-Cursor"] = encode_cursor(runs[-1])
+    for run in runs:
+        run.pop("meta", None)
+    return json_response(runs, headers=headers)
+
+
+@router.get("/api/runs/{run}", dependencies=READ, response_model=RunOut)
+def get_run(name: RunName, store: StoreDep) -> Response:
+    """One run: the list's counters plus `meta` (config, clipper, tensor names and shapes)."""
+    store.run_id(name)  # 404 for an unknown run
+    found = next((run for run in store.list_runs() if run["name"] == name), None)
+    if found is None:
+        raise UnknownRun(name)
+    return json_response(found)
 
 
 @router.delete("/api/runs/{run}", dependencies=WRITE, response_model=DeletedOut)
@@ -74,7 +128,41 @@ def series(name: RunName, store: StoreDep, fields: str | None = Query(
 def events(name: RunName, store: StoreDep,
            kind: EventKind | None = Query(None, description="one kind of event; all when left out"),
            limit: int = Query(1000, ge=1, le=100_000)) -> Response:
-    return json_response(derived_events.merged_events(store, name, kind, limit))
+    """Newest first, at most `limit`; `X-Total-Count` (all of that kind) and `X-Truncated`.
+    `threshold_kind` says what `threshold` is: 'clip' (the clip threshold of the step, for
+    clip and spike events), 'detector' (a detector's bound), 'alert' (an alert rule's), or null."""
+    run_id = store.run_id(name)
+    rows = derived_events.merged_events(store, name, kind, limit + 1)  # one more: was it cut?
+    truncated = len(rows) > limit
+    rows = rows[:limit]
+    for row in rows:
+        row["threshold_kind"] = threshold_kind(row)
+    total = max(count_events(store, run_id, kind), len(rows) + truncated)
+    return json_response(rows, headers={"X-Total-Count": str(total),
+                                        "X-Truncated": "true" if truncated else "false"})
+
+
+def threshold_kind(event: dict) -> str | None:
+    detail = event.get("detail") or {}
+    if isinstance(detail, dict) and detail.get("threshold_kind") in ("clip", "detector", "alert"):
+        return detail["threshold_kind"]
+    if event.get("threshold") is None:
+        return None
+    return {"clip": "clip", "spike": "clip", "alert": "alert"}.get(event["kind"], "detector")
+
+
+def count_events(store, run_id: int, kind: str | None) -> int:
+    """Stored events of the kind plus, for 'clip' or all kinds, the clipped steps (clip
+    events are read from the steps, see `Reader.events`)."""
+    if kind == "clip":
+        stored = 0
+    elif kind:
+        stored = store.reader.read("SELECT COUNT(*) FROM events WHERE run_id = ? AND kind = ?", (run_id, kind))[0][0]
+    else:
+        stored = store.reader.read("SELECT COUNT(*) FROM events WHERE run_id = ?", (run_id,))[0][0]
+    clips = 0 if kind not in (None, "clip") else \
+        store.reader.read("SELECT clips FROM runs WHERE id = ?", (run_id,))[0][0] or 0
+    return int(stored) + int(clips)
 
 
 @router.get("/api/runs/{run}/tensors", dependencies=READ, response_model=TensorsOut)

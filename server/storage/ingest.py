@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
@@ -145,6 +146,7 @@ class Ingestor(Database):
         self._write_lock = threading.Lock() if self.is_sqlite else None
         self._insert_sql: dict[tuple[int, tuple[str, ...]], str] = {}
         self.on_stored: list[Callable[[Any, StoredRows], None]] = []
+        self.after_commit: list[Callable[[str, Batch, IngestResult], None]] = []  # committed; must not block
         self.checkpointer: WalCheckpointer | None = None
         if self.is_sqlite and str(self.read("PRAGMA journal_mode")[0][0]).lower() == "wal":
             self.checkpointer = WalCheckpointer(engine, self._write_lock)
@@ -207,12 +209,21 @@ class Ingestor(Database):
                     raw.commit()
                 if result.run_id is not None:  # only once committed: no reader sees it before
                     self._run_ids[run] = result.run_id
+                if result.accepted and batch is not None:
+                    self._after_commit(run, batch, result)
                 return result
             except BaseException:
                 rollback_quietly(raw, self.is_sqlite)
                 raise
         finally:
             raw.close()
+
+    def _after_commit(self, run: str, batch: Batch, result: IngestResult) -> None:
+        for callback in self.after_commit:  # the batch is stored: a hook's failure is only logged
+            try:
+                callback(run, batch, result)
+            except Exception:
+                logging.getLogger("gradwatch.server").exception("after-commit hook failed")
 
     def _ingest_in_transaction(self, cursor, run: str, batch: Batch | None, meta: dict | None,
                                events: list[dict] | None) -> IngestResult:

@@ -34,7 +34,7 @@ from sqlalchemy import (BigInteger, Boolean, Column, Double, ForeignKey, Index, 
 
 from gradwatch.server.storage.registry import STEP_COLUMNS
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 CLIPPED_INDEX = "ix_steps_clipped"
 # How the partial index's predicate is spelled in each dialect; a query must use the same words.
 CLIPPED_WHERE = {"sqlite": "clipped = 1", "postgresql": "clipped"}
@@ -101,6 +101,14 @@ events = Table(
     Column("time", Double),
     Index("ix_events_run_kind_step", "run_id", "kind", "step"),
     Index("ix_events_run_step", "run_id", "step"),
+)
+
+# The alert rate limit shared by workers and servers (server/alerts.py `DatabaseClaims`).
+alert_claims = Table(
+    "alert_claims", metadata,
+    Column("run", String(200), primary_key=True),
+    Column("kind", String(40), primary_key=True),
+    Column("last_sent", Double, nullable=False),
 )
 
 schema_version = Table(
