@@ -616,13 +616,16 @@ class BlackHole:
 
 
 def test_a_server_that_never_answers_costs_the_training_thread_no_disk_io_and_no_steps(tmp_path):
-    """While a connection attempt hangs (here until the open timeout), the sender thread keeps
-    draining the buffer into the spool: the training thread never writes, nothing is dropped."""
+    """While a connection attempt hangs (here until the open timeout), the spool is written by
+    the sender thread only: the training thread never writes, and every step reaches it. The
+    buffer holds every step, so the result does not depend on how fast the sender thread gets
+    the GIL on a loaded machine (a buffer smaller than the run would drop `queue_full` there)."""
     import threading
 
     hole = BlackHole()
     try:
-        watch = GradWatch("blackhole", url=hole.url, spool_dir=tmp_path, queue_size=1000,
+        steps = 6_000
+        watch = GradWatch("blackhole", url=hole.url, spool_dir=tmp_path, queue_size=steps,
                           batch_steps=100, tensor_norms=False, detectors=[])
         writers = []
         append = watch._spool.append
@@ -632,7 +635,6 @@ def test_a_server_that_never_answers_costs_the_training_thread_no_disk_io_and_no
             return append(*args, **kwargs)
 
         watch._spool.append = recording_append
-        steps = 6_000
         for step in range(steps):
             mx.eval(watch.step({"w": mx.array([float(step) + 1.0])}))
         started = time.monotonic()
