@@ -170,6 +170,10 @@ def test_dashboard_files_are_served_with_a_strict_csp(open_server):
         assert "javascript" in plotly.headers["content-type"]
         plain = client.get("/static/plotly.min.js", headers={"Accept-Encoding": "identity"})
         assert plain.content == plotly_js and "content-encoding" not in plain.headers
+        bundle = client.get("/static/plotly-cartesian.min.js")  # the shipped partial bundle, gzipped
+        assert bundle.content == (STATIC_DIR / "plotly-cartesian.min.js").read_bytes()
+        assert bundle.headers["content-encoding"] == "gzip"
+        assert int(bundle.headers["content-length"]) < len(bundle.content) / 2
         for name in sorted(p.name for p in STATIC_DIR.iterdir() if p.suffix in (".js", ".css")):
             answer = client.get(f"/static/{name}")
             assert answer.status_code == 200 and answer.content == (STATIC_DIR / name).read_bytes()
