@@ -19,7 +19,6 @@ import os
 import re
 import socket
 import sys
-import threading
 import time
 import warnings
 import weakref

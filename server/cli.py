@@ -17,7 +17,7 @@ from typing import Sequence
 
 from pydantic_core import PydanticUndefined
 
-from gradwatch.server.settings import (DEFAULT_HOST, DEFAULT_PORT, SERVE_FLAGS, ClientSettings,
+from gradwatch.server.settings import (DEFAULT_PORT, SERVE_FLAGS, ClientSettings,
                                        Settings)
 
 

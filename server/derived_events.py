@@ -18,6 +18,7 @@ import numpy as np
 
 from gradwatch.server import diagnostics
 from gradwatch.server.storage.serialise import encode_float
+from gradwatch.server.storage.reads import merge_newest_first
 
 DERIVED_KINDS = ("level_shift", "skipped", "loss_spike")
 COLUMNS_NEEDED = ("pre_norm", "threshold", "loss", "spike", "time", "skipped", "level_shift")
@@ -122,17 +123,4 @@ def merged_events(store, run: str, kind: str | None, limit: int) -> list[dict]:
     seen = {(item["kind"], item["step"]) for item in stored}
     extra = [item for item in derived(arrays)
              if (kind is None or item["kind"] == kind) and (item["kind"], item["step"]) not in seen]
-    if not extra:
-        return stored
-    nulls_last = not store.reader.is_postgres
-    out: list[dict] = []
-    pending = 0
-    for item in stored:
-        step = item["step"]
-        while pending < len(extra) and (step is None and nulls_last or
-                                        step is not None and extra[pending]["step"] > step):
-            out.append(extra[pending])
-            pending += 1
-        out.append(item)
-    out.extend(extra[pending:])
-    return out[:limit]
+    return merge_newest_first(stored, extra, not store.reader.is_postgres)[:limit]

@@ -11,7 +11,6 @@ Pure NumPy, except `read_step_norms`, the one function that reads the tables.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
@@ -162,30 +161,21 @@ def read_step_norms(store, run_id: int, start: int | None, end: int | None
     this module; port it to the store when the tensor storage changes."""
     lo = start if start is not None else 0
     hi = end if end is not None else 2**62
-    layouts = {row[0]: json.loads(row[1]) for row in
-               store.read("SELECT id, names FROM tensor_layouts WHERE run_id = ?", (run_id,))}
-    names: list[str] = []
-    where: dict[str, int] = {}
-    for layout in layouts.values():
-        for name in layout:
-            if name not in where:
-                where[name] = len(names)
-                names.append(name)
+    names, columns = store.reader.tensor_layouts(run_id)
     rows = store.read("SELECT step, layout_id, norms FROM tensor_norms WHERE run_id = ? "
                       "AND step BETWEEN ? AND ? ORDER BY step", (run_id, lo, hi))
     steps = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-    if len(layouts) == 1 and rows:
+    if len(columns) == 1 and rows:
         width = len(names)
         norms = np.frombuffer(b"".join(row[2] for row in rows), dtype="<f4").reshape(len(rows), width)
         return names, steps, norms, np.zeros(norms.shape, dtype=bool)
     norms = np.full((len(rows), len(names)), np.nan, dtype=np.float32)
     absent = np.ones((len(rows), len(names)), dtype=bool)
     layout_ids = np.fromiter((row[1] for row in rows), dtype=np.int64, count=len(rows))
-    for layout_id, layout in layouts.items():
+    for layout_id, target in columns.items():
         picked = np.flatnonzero(layout_ids == layout_id)
         if not len(picked):
             continue
-        target = np.array([where[n] for n in layout], dtype=np.intp)
         block = np.frombuffer(b"".join(rows[i][2] for i in picked.tolist()), dtype="<f4")
         norms[picked[:, None], target] = block.reshape(len(picked), len(target))
         absent[picked[:, None], target] = False

@@ -120,21 +120,7 @@ class Reader(Database):
             stored.append(item)
         if kind not in (None, "clip"):
             return stored
-        clips = self.clip_events(run_id, limit)
-        if not clips:
-            return stored
-        out: list[dict] = []
-        pending = 0
-        nulls_last = not self.is_postgres
-        for item in stored:
-            step = item["step"]
-            while pending < len(clips) and (step is None and nulls_last or
-                                            step is not None and clips[pending]["step"] > step):
-                out.append(clips[pending])
-                pending += 1
-            out.append(item)
-        out.extend(clips[pending:])
-        return out[:limit]
+        return merge_newest_first(stored, self.clip_events(run_id, limit), not self.is_postgres)[:limit]
 
     def clip_events(self, run_id: int, limit: int) -> list[dict]:
         """The newest `limit` clipped steps as clip events, newest first."""
@@ -152,6 +138,22 @@ class Reader(Database):
                         "message": f"pre-clip norm {value} clipped", "time": stamp})
         return out
 
+    def tensor_layouts(self, run_id: int) -> tuple[list[str], dict[int, np.ndarray]]:
+        """Every tensor name of a run in first-seen order, and for each stored layout the
+        positions of its names in that list (a step's blob holds its layout's names in order)."""
+        layouts = {row[0]: json.loads(row[1]) for row in
+                   self.read("SELECT id, names FROM tensor_layouts WHERE run_id = ?", (run_id,))}
+        names: list[str] = []
+        index: dict[str, int] = {}
+        for layout in layouts.values():
+            for name in layout:
+                if name not in index:
+                    index[name] = len(names)
+                    names.append(name)
+        columns = {layout_id: np.array([index[n] for n in layout], dtype=np.intp)
+                   for layout_id, layout in layouts.items()}
+        return names, columns
+
     def tensor_norms(self, run_id: int, start: int | None, end: int | None,
                      points: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         """(names, steps, norms[steps, names], absent[steps, names]) over a step range,
@@ -164,17 +166,7 @@ class Reader(Database):
         """
         lo = start if start is not None else 0
         hi = end if end is not None else 2**62
-        layouts = {row[0]: json.loads(row[1]) for row in
-                   self.read("SELECT id, names FROM tensor_layouts WHERE run_id = ?", (run_id,))}
-        names: list[str] = []
-        index: dict[str, int] = {}
-        for layout in layouts.values():
-            for name in layout:
-                if name not in index:
-                    index[name] = len(names)
-                    names.append(name)
-        columns = {layout_id: np.array([index[n] for n in layout], dtype=np.intp)
-                   for layout_id, layout in layouts.items()}
+        names, columns = self.tensor_layouts(run_id)
         total = self.read("SELECT COUNT(*) FROM tensor_norms WHERE run_id = ? AND step BETWEEN ? AND ?",
                           (run_id, lo, hi))[0][0]
         size = max(-(-total // points), 1) if total else 1
@@ -220,3 +212,22 @@ class Reader(Database):
             raw.close()
         out[has_nan | ~seen] = np.nan
         return names, labels, out, ~seen
+
+
+def merge_newest_first(stored: list[dict], extra: list[dict], nulls_last: bool) -> list[dict]:
+    """Events read from the table (newest step first, stepless ones where the database
+    sorts NULL) merged with `extra` events that all name a step, newest first; at equal
+    steps the stored event comes first."""
+    if not extra:
+        return stored
+    out: list[dict] = []
+    pending = 0
+    for item in stored:
+        step = item["step"]
+        while pending < len(extra) and (step is None and nulls_last or
+                                        step is not None and extra[pending]["step"] > step):
+            out.append(extra[pending])
+            pending += 1
+        out.append(item)
+    out.extend(extra[pending:])
+    return out
