@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     engine = make_engine(settings.db_url)
     create_schema(engine)
-    store = Store(engine, cache_runs=settings.cache_runs)
+    store = Store(engine, cache_mb=settings.cache_mb)
     hub = LiveHub()
     if store.is_postgres:
         store.ingestor.on_stored.append(notify_in_transaction)

@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     read_token: str | None = Field(None, description="read token guarding reads and the dashboard")
     max_body: int = Field(DEFAULT_MAX_BODY, gt=0, description="largest accepted request body, in bytes")
     workers: int = Field(1, ge=1, description="uvicorn worker processes (use with PostgreSQL)")
-    cache_runs: int = Field(4, ge=1, description="runs whose columns each process keeps in memory")
+    cache_mb: float = Field(128, gt=0, description="megabytes of run columns each process keeps in memory "
+                            "(the least recently read runs go first)")
     allow_origin: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="browser origin allowed to open the WebSockets besides the "
                                           "server's own (repeatable or comma list, e.g. https://gw.example.com)")
@@ -82,7 +83,7 @@ class Settings(BaseSettings):
 # `gradwatch serve` flag of each Settings field.
 SERVE_FLAGS = {"db_url": "--db", "host": "--host", "port": "--port", "token": "--token",
                "read_token": "--read-token", "max_body": "--max-body", "workers": "--workers",
-               "cache_runs": "--cache-runs", "allow_origin": "--allow-origin",
+               "cache_mb": "--cache-mb", "allow_origin": "--allow-origin",
                "allow_host": "--allow-host", "alert_webhook": "--alert-webhook",
                "alert_clip_rate": "--alert-clip-rate", "alert_window": "--alert-window",
                "alert_min_interval": "--alert-min-interval"}

@@ -155,31 +155,9 @@ def spike_counts(values: np.ndarray, missing: np.ndarray, k: float = SPIKE_K,
 
 def read_step_norms(store, run_id: int, start: int | None, end: int | None
                     ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """(names, steps, norms[steps, tensors] float32, absent) read whole from the
-    `tensor_layouts`/`tensor_norms` tables (one float32 blob per step, db.py): a
-    join of the blobs and one frombuffer per layout. The only storage-aware part of
-    this module; port it to the store when the tensor storage changes."""
-    lo = start if start is not None else 0
-    hi = end if end is not None else 2**62
-    names, columns = store.reader.tensor_layouts(run_id)
-    rows = store.read("SELECT step, layout_id, norms FROM tensor_norms WHERE run_id = ? "
-                      "AND step BETWEEN ? AND ? ORDER BY step", (run_id, lo, hi))
-    steps = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-    if len(columns) == 1 and rows:
-        width = len(names)
-        norms = np.frombuffer(b"".join(row[2] for row in rows), dtype="<f4").reshape(len(rows), width)
-        return names, steps, norms, np.zeros(norms.shape, dtype=bool)
-    norms = np.full((len(rows), len(names)), np.nan, dtype=np.float32)
-    absent = np.ones((len(rows), len(names)), dtype=bool)
-    layout_ids = np.fromiter((row[1] for row in rows), dtype=np.int64, count=len(rows))
-    for layout_id, target in columns.items():
-        picked = np.flatnonzero(layout_ids == layout_id)
-        if not len(picked):
-            continue
-        block = np.frombuffer(b"".join(rows[i][2] for i in picked.tolist()), dtype="<f4")
-        norms[picked[:, None], target] = block.reshape(len(picked), len(target))
-        absent[picked[:, None], target] = False
-    return names, steps, norms, absent
+    """(names, steps, norms[steps, tensors] float32, absent) of every step in range, from the
+    store's tensor chunks: the only storage-aware part of this module."""
+    return store.reader.tensor_steps(run_id, start, end)
 
 
 def _encode(values: np.ndarray, missing: np.ndarray) -> list:

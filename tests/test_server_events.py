@@ -95,19 +95,49 @@ def test_runs_list_clip_rate_agrees_with_stats(store):
     assert runs["some-flags"]["clips"] == 3 and runs["no-flag"]["clips"] == 0
 
 
+V1_FLOATS = ("pre_norm", "post_norm", "scale", "threshold", "loss", "lr", "z", "ema", "time")
+V1_COLUMNS = ("pre_norm", "post_norm", "scale", "threshold", "clipped", "loss", "lr", "z", "ema", "spike",
+              "nonfinite", "time")
+V1_DDL = (
+    "CREATE TABLE steps (run_id INTEGER NOT NULL REFERENCES runs (id), step BIGINT NOT NULL, "
+    + ", ".join(f"{name} {'BOOLEAN' if name in ('clipped', 'spike', 'nonfinite') else 'DOUBLE PRECISION'}"
+                for name in V1_COLUMNS)
+    + ", nan_mask SMALLINT NOT NULL, PRIMARY KEY (run_id, step))",
+    "CREATE TABLE tensor_layouts (id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs (id), "
+    "digest VARCHAR(64) NOT NULL, names TEXT NOT NULL, UNIQUE (run_id, digest))",
+    "CREATE TABLE tensor_norms (run_id INTEGER NOT NULL REFERENCES runs (id), step BIGINT NOT NULL, "
+    "layout_id INTEGER NOT NULL REFERENCES tensor_layouts (id), norms BYTEA NOT NULL, PRIMARY KEY (run_id, step))",
+)
+
+
 def _downgrade_to_version_1(store: Store) -> None:
-    """The layout of schema version 1, with the clip events it stored on ingest."""
-    clip_rows = store.read("SELECT run_id, step, pre_norm, threshold, nan_mask, time FROM steps "
-                           "WHERE clipped = ? ORDER BY step", (True,))  # before the DDL locks the tables
+    """The layout of schema version 1 (a row per step, NaN as NULL plus a bit of nan_mask), holding
+    the steps the store holds now, with the clip events that layout stored on ingest."""
+    rows, clip_rows = [], []
+    for (run_id,) in store.read("SELECT id FROM runs"):
+        steps, values, missing = store.fetch_steps(run_id)
+        for index, step in enumerate(steps.tolist()):
+            mask, row = 0, [run_id, step]
+            for name in V1_COLUMNS:
+                value = float(values[name][index])
+                absent = missing[name] is not None and bool(missing[name][index])
+                if name in V1_FLOATS and value != value and not absent:
+                    mask |= 1 << V1_FLOATS.index(name)
+                row.append(None if value != value else (value == 1.0 if name not in V1_FLOATS else value))
+            rows.append(tuple(row) + (mask,))
+            if values["clipped"][index] == 1.0:
+                clip_rows.append((run_id, step, row[2], row[5], mask, row[-1]))
     raw = store.engine.raw_connection()
     try:
         cursor = raw.cursor()
-        cursor.execute("DROP INDEX ix_steps_clipped")
-        cursor.execute("DROP TABLE alembic_version")  # releases before Alembic had only schema_version
-        for name in ("skipped", "robust_z", "level_shift"):  # schema 3's columns
-            cursor.execute(f"ALTER TABLE steps DROP COLUMN {name}")
+        for table in ("chunk_columns", "chunk_summaries", "chunks", "tensor_summaries", "tensor_chunks",
+                      "alembic_version", "alert_claims"):  # releases before Alembic had only schema_version
+            cursor.execute(f"DROP TABLE {table}")
         cursor.execute("ALTER TABLE runs DROP COLUMN clip_flags")
-        cursor.execute("DROP TABLE alert_claims")  # schema 4's table
+        for statement in V1_DDL:
+            cursor.execute(statement.replace("BYTEA", "BLOB") if store.is_sqlite else statement)
+        cursor.executemany(store._sql(f"INSERT INTO steps (run_id, step, {', '.join(V1_COLUMNS)}, nan_mask) "
+                                      f"VALUES ({', '.join(['?'] * (len(V1_COLUMNS) + 3))})"), rows)
         cursor.execute("UPDATE schema_version SET version = 1")
         for run_id, step, value, threshold, mask, stamp in clip_rows:
             shown = "NaN" if value is None else ("Infinity" if value == math.inf else value)
@@ -137,7 +167,7 @@ def test_a_version_1_database_is_migrated_without_duplicate_clip_events(store):
         engine = make_engine(url.render_as_string(hide_password=False))
         create_schema(engine)
         migrated = Store(engine)
-        assert count_rows(migrated, "SELECT MAX(version) FROM schema_version") == SCHEMA_VERSION == 4
+        assert count_rows(migrated, "SELECT MAX(version) FROM schema_version") == SCHEMA_VERSION == 5
         assert count_rows(migrated, "SELECT COUNT(*) FROM events WHERE kind = 'clip'") == 1
         agent_clip = {"step": 3, "kind": "clip", "value": None, "threshold": None,
                       "message": "agent: clipped by hand", "time": None, "detail": {"by": "agent"}}

@@ -25,7 +25,6 @@ from gradwatch.server.app import create_app
 from gradwatch.server.settings import Settings
 from gradwatch.server.storage import SCHEMA_VERSION, SchemaError, upgrade_database
 from gradwatch.server.storage.migrate import head_revision
-from gradwatch.server.storage.registry import VALUE_COLUMNS
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 INPUT = json.loads((FIXTURES / "v2_input.json").read_text())
@@ -99,7 +98,7 @@ def _sent_alpha() -> dict[int, dict]:
 def test_the_old_release_database_upgrades_and_reads_back_exactly(old_database):
     with TestClient(create_app(Settings(db_url=old_database)), base_url="http://localhost") as client:
         health = client.get("/healthz").json()
-        assert health["schema_version"] == SCHEMA_VERSION == 4
+        assert health["schema_version"] == SCHEMA_VERSION == 5
         # The list leaves `meta` to GET /api/runs/{run} (issue 14); the rest is the old answer.
         assert client.get("/api/runs").json() == [{k: v for k, v in run.items() if k != "meta"}
                                                   for run in ANSWERS["runs"]]
@@ -151,11 +150,13 @@ def test_several_servers_starting_at_once_upgrade_once(old_database):
     results = [starter.communicate(timeout=120) for starter in starters]
     assert all(starter.returncode == 0 for starter in starters), results
     befores = sorted(out.strip() for out, _ in results)
-    assert befores == ["('0002', '0004')"] + ["('0004', '0004')"] * 3  # exactly one did the upgrade
+    progress = [err for out, err in results if out.strip() == "('0002', '0005')"][0]
+    assert "moving steps into chunks" in progress and "steps" in progress.splitlines()[-1]  # said how far it got
+    assert befores == ["('0002', '0005')"] + ["('0005', '0005')"] * 3  # exactly one did the upgrade
     engine = create_engine(old_database)
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0004"]
-        assert connection.execute(text("SELECT version FROM schema_version")).scalars().all() == [4]
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0005"]
+        assert connection.execute(text("SELECT version FROM schema_version")).scalars().all() == [5]
         assert connection.execute(text("SELECT clip_flags FROM runs WHERE name = 'alpha'")).scalar() == 11
     engine.dispose()
 
@@ -188,7 +189,8 @@ def test_a_fresh_database_at_head_matches_the_tables(tmp_path):
     engine = create_engine(url)
     with engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), metadata)
-        columns = [row[1] for row in connection.execute(text("PRAGMA table_info(steps)"))]
+        tables = {row[0] for row in connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))}
     engine.dispose()
     assert diff == []
-    assert set(columns) == {"run_id", "nan_mask", "step", *VALUE_COLUMNS}
+    assert {"chunks", "chunk_columns", "chunk_summaries", "tensor_chunks", "tensor_summaries"} <= tables
+    assert not tables & {"steps", "tensor_norms", "tensor_layouts"}  # moved into chunks by 0005

@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 from gradwatch.server.storage import registry
-from gradwatch.server.storage.tables import steps as steps_table
 
 ROOT = Path(__file__).resolve().parent.parent
 # The agent names these two from the record itself, outside its value-column lists
@@ -73,12 +72,31 @@ def test_dashboard_takes_its_column_types_from_columns_js():
         assert not re.search(r"BOOL_COLUMNS = new Set\(\[", path.read_text()), f"{path.name} lists booleans"
 
 
-def test_the_steps_table_has_a_column_per_registry_entry():
-    table = {column.name: column.type.python_type.__name__ for column in steps_table.columns}
-    wanted = {"int": "int", "float": "float", "bool": "bool"}
-    for column in registry.STEP_COLUMNS:
-        assert table.pop(column.name) == wanted[column.type], column.name
-    assert set(table) == {"run_id", "nan_mask"}
+def test_every_registry_column_is_stored_as_its_own_chunk_column(tmp_path):
+    """A batch with every registry column lands as one `chunk_columns` row per column (and the
+    steps), each holding the storage its type asks for, read here with plain sqlite3."""
+    import sqlite3
+
+    import numpy as np
+
+    from gradwatch.server.chunks import column_storage
+    from gradwatch.server.schemas import parse_batch
+    from gradwatch.server.storage import Store, create_schema, make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
+    create_schema(engine)
+    batch = {"step": [0, 1, 2]}
+    for column in registry.STEP_COLUMNS[1:]:
+        batch[column.name] = {"float": [0.5, 1.5, 2.5], "bool": [True, False, True], "int": [1, 2, 3]}[column.type]
+    Store(engine).ingest("r", parse_batch(batch))
+    engine.dispose()
+    with sqlite3.connect(tmp_path / "r.db") as connection:
+        stored = dict(connection.execute("SELECT name, data FROM chunk_columns").fetchall())
+    assert set(stored) == set(registry.COLUMNS)
+    expected = {"float": "float32", "bool": "bool", "int": "int32"}
+    for column in registry.STEP_COLUMNS[1:]:
+        assert column_storage(stored[column.name]) == expected[column.type], column.name
+    assert np.array_equal(np.frombuffer(stored["step"][1:], "<u2"), [0, 1, 2])
 
 
 def test_nan_bits_keep_their_positions():

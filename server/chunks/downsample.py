@@ -170,14 +170,15 @@ def overview(source: ChunkSource, spec: Spec, lo: int, hi: int, points: int, fie
     cache: dict[int, Chunk | None] = {}
 
     def chunks(ids) -> list[Chunk]:
-        out = []
-        for chunk_id in ids:
-            if chunk_id not in cache:
-                cache[chunk_id] = source.chunk(chunk_id, names)
+        ids = list(ids)
+        todo = [chunk_id for chunk_id in ids if chunk_id not in cache]
+        if todo:   # a source that reads many chunks at once (one query) may say so with `chunks`
+            many = getattr(source, "chunks", None)
+            got = many(todo, names) if many is not None else {c: source.chunk(c, names) for c in todo}
+            for chunk_id in todo:
+                cache[chunk_id] = got.get(chunk_id)
                 decoded.append(chunk_id)
-            if cache[chunk_id] is not None:
-                out.append(cache[chunk_id])
-        return out
+        return [cache[chunk_id] for chunk_id in ids if cache[chunk_id] is not None]
 
     def raw(ids, a=lo, b=hi) -> _Rows:
         return _Rows.of_chunks(chunks(ids), spec, key, names, a, b)

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Query
 from pydantic import create_model
 from fastapi.responses import Response, StreamingResponse
 
-from gradwatch.server import derived_events, stats, tensor_groups
+from gradwatch.server import derived_events, tensor_groups
 from gradwatch.server.routes.deps import READ, WRITE, RunName, StoreDep, check_range, json_response
 from gradwatch.server.schemas import (COLUMNS, LIVE_FIELDS, MAX_STEP, BatchError, DeletedOut, EventOut, RunOut,
                                       SeriesOut, TensorsOut, encode_floats)
@@ -109,19 +109,10 @@ def series(name: RunName, store: StoreDep, fields: str | None = Query(
     pre-clip norm, always keeping spikes and non-finite steps; never sampled."""
     check_range(start, end)
     wanted = series_fields(fields)
-    arrays = store.arrays(name, tuple(wanted) + ("pre_norm", "spike", "nonfinite"))
-    low = 0 if start is None else int(np.searchsorted(arrays.steps, start, side="left"))
-    high = len(arrays.steps) if end is None else int(np.searchsorted(arrays.steps, end, side="right"))
-    pre = arrays.values["pre_norm"][low:high]
-    keep = (arrays.values["spike"][low:high] == 1.0) | (arrays.values["nonfinite"][low:high] == 1.0)
-    chosen = stats.downsample_indices(pre, points, keep) + low
-    in_range = high - low
-    sub_values = {n: arrays.values[n][chosen] for n in wanted if n != "step"}
-    sub_missing = {n: (arrays.missing[n][chosen] if arrays.missing[n] is not None else None)
-                   for n in wanted if n != "step"}
-    body = encode_series(arrays.steps[chosen], sub_values, sub_missing, tuple(wanted))
-    return json_response(body, headers={"X-Total-Steps": str(in_range),
-                                        "X-Downsampled": "true" if len(chosen) < in_range else "false"})
+    found = store.overview(store.run_id(name), start, end, points, tuple(n for n in wanted if n != "step"))
+    body = encode_series(found.steps, found.values, found.missing, tuple(wanted))
+    return json_response(body, headers={"X-Total-Steps": str(found.total),
+                                        "X-Downsampled": "true" if found.downsampled else "false"})
 
 
 @router.get("/api/runs/{run}/events", dependencies=READ, response_model=list[EventOut])

@@ -5,7 +5,7 @@
 - `engine`: engines and raw connections; `ingest`, `reads`, `cache`, `serialise`
 - `store.Store`: the facade routes use
 """
-from gradwatch.server.storage.cache import RunArrays, RunCache, arrays_from_rows
+from gradwatch.server.storage.cache import RunArrays, RunCache
 from gradwatch.server.storage.engine import make_engine, normalize_url
 from gradwatch.server.storage.ingest import IngestResult, StoredRows
 from gradwatch.server.storage.migrate import SchemaError, create_schema, upgrade_database
@@ -14,6 +14,6 @@ from gradwatch.server.storage.serialise import csv_lines, encode_series
 from gradwatch.server.storage.store import Store
 from gradwatch.server.storage.tables import SCHEMA_VERSION
 
-__all__ = ["RunArrays", "RunCache", "arrays_from_rows", "make_engine", "normalize_url", "IngestResult",
+__all__ = ["RunArrays", "RunCache", "make_engine", "normalize_url", "IngestResult",
            "StoredRows", "SchemaError", "create_schema", "upgrade_database", "UnknownRun", "iso",
            "csv_lines", "encode_series", "Store", "SCHEMA_VERSION"]

@@ -1,9 +1,13 @@
-"""The run cache: a run's step columns as numpy arrays, refreshed by appending.
+"""The run cache: runs' step columns as numpy arrays, bounded in bytes, refreshed by chunk.
 
-Reads of a run's columns (stats, series, CSV) go through `RunCache`: arrays of
-the run's steps, refreshed by reading only the rows past the cached last step
-when the run's row count says that is all that changed. `forget(run_id)` drops
-a run (after a delete).
+Reads of a run's whole columns (stats, recommendation, what-if, histogram,
+CSV, derived events) go through `RunCache.get`. An entry remembers the run
+version it was read at; when the run's version moves, only the chunks written
+after it are read (`chunks.version > cached`: an append rewrites the tail
+chunk, a late step its own chunk) and spliced into the arrays in place of the
+old copies of those chunks. The entries together hold at most `max_bytes`
+(`serve --cache-mb`); the least recently used go first, and an answer larger
+than the whole budget is returned without being kept.
 """
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.server.storage.registry import FLOAT_FIELDS, NAN_BITS, VALUE_COLUMNS, value_columns
+from gradwatch.server.chunks import CHUNK
+from gradwatch.server.storage.chunk_rows import arrays_of
+from gradwatch.server.storage.registry import VALUE_COLUMNS, value_columns
 
 
 @dataclass
@@ -24,6 +30,7 @@ class RunArrays:
     steps: np.ndarray
     values: dict[str, np.ndarray]
     missing: dict[str, np.ndarray | None]
+    version: int = -1
 
     _ordered: np.ndarray | None = None
 
@@ -37,90 +44,103 @@ class RunArrays:
     def last_step(self) -> int:
         return int(self.steps[-1]) if len(self.steps) else -1
 
+    def nbytes(self) -> int:
+        total = self.steps.nbytes + sum(v.nbytes for v in self.values.values())
+        total += sum(m.nbytes for m in self.missing.values() if m is not None)
+        return total + (self._ordered.nbytes if self._ordered is not None else 0)
 
 
-def arrays_from_rows(rows: list[tuple], columns: tuple[str, ...] = VALUE_COLUMNS
-                     ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray | None]]:
-    """Rows of (step, *columns, nan_mask) as arrays: float64, NaN where NaN or NULL,
-    bools as 0/1/NaN, and per float column a mask of the missing (NULL, not NaN) values."""
-    width = len(columns) + 2
-    table = np.array(rows, dtype=np.float64).reshape(len(rows), width) if rows else np.zeros((0, width))
-    steps = table[:, 0].astype(np.int64)
-    nan_mask = table[:, -1].astype(np.int64)
-    values: dict[str, np.ndarray] = {}
-    missing: dict[str, np.ndarray | None] = {}
-    for position, name in enumerate(columns, start=1):
-        column = np.ascontiguousarray(table[:, position])
-        nulls = np.isnan(column)
-        if name in FLOAT_FIELDS and nulls.any():
-            is_nan = (nan_mask & NAN_BITS[name]) != 0
-            absent = nulls & ~is_nan
-            missing[name] = absent if absent.any() else None
+def splice(old: RunArrays, steps: np.ndarray, values: dict[str, np.ndarray],
+           missing: dict[str, np.ndarray | None], changed: list[int], version: int) -> RunArrays:
+    """`old` with the rows of the `changed` chunks (sorted ids) replaced by the new rows
+    (`steps`.. hold exactly those chunks' rows, ascending)."""
+    old_ids = old.steps // CHUNK
+    new_ids = steps // CHUNK
+    keep_parts: list[tuple[str, int, int]] = []   # ("old"|"new", begin, end)
+    position = 0
+    for chunk_id in changed:
+        a = int(np.searchsorted(old_ids, chunk_id, side="left"))
+        b = int(np.searchsorted(old_ids, chunk_id, side="right"))
+        c = int(np.searchsorted(new_ids, chunk_id, side="left"))
+        d = int(np.searchsorted(new_ids, chunk_id, side="right"))
+        keep_parts.append(("old", position, a))
+        keep_parts.append(("new", c, d))
+        position = b
+    keep_parts.append(("old", position, len(old.steps)))
+
+    def build(old_array: np.ndarray, new_array: np.ndarray) -> np.ndarray:
+        return np.concatenate([(old_array if side == "old" else new_array)[a:b] for side, a, b in keep_parts])
+
+    merged_missing: dict[str, np.ndarray | None] = {}
+    for name in old.values:
+        a, b = old.missing[name], missing[name]
+        if a is None and b is None:
+            merged_missing[name] = None
         else:
-            missing[name] = None if name in FLOAT_FIELDS or not nulls.any() else nulls
-        values[name] = column
-    return steps, values, missing
+            merged_missing[name] = build(a if a is not None else np.zeros(len(old.steps), bool),
+                                         b if b is not None else np.zeros(len(steps), bool))
+    merged_steps = build(old.steps, steps)
+    return RunArrays(count=len(merged_steps), steps=merged_steps,
+                     values={name: build(old.values[name], values[name]) for name in old.values},
+                     missing=merged_missing, version=version)
 
 
 class RunCache:
-    """Per-process cache of runs' columns as arrays, keyed by the run's stored row count.
+    """Per-process cache of runs' columns as arrays, at most `max_bytes` in all."""
 
-    Rows are never deleted or overwritten, so an unchanged count means
-    unchanged rows; a larger count whose new rows all lie past the cached last
-    step is an append (only those rows are read); anything else reloads.
-    Columns are read when first asked for (a stats request reads three of the
-    twelve), each checked to line up with the cached steps.
-    """
-
-    def __init__(self, store, max_runs: int = 4):
-        self.store = store
-        self.max_runs = max_runs
+    def __init__(self, reader, max_bytes: int = 128 << 20):
+        self.reader = reader
+        self.max_bytes = max_bytes
         self._runs: OrderedDict[tuple[int, float], RunArrays] = OrderedDict()
         self._locks: dict[int, threading.Lock] = {}
         self._lock = threading.Lock()
 
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(entry.nbytes() for entry in self._runs.values())
+
     def get(self, run_id: int, fields: tuple[str, ...] | set[str] = VALUE_COLUMNS) -> RunArrays:
         wanted = {name for name in fields if name != "step"}
-        count, _, created = self.store.run_counters(run_id)
+        version, created = self.reader.run_version(run_id)
         key = (run_id, created)  # a deleted run's id may come back (SQLite): `created` tells them apart
         with self._lock:
             run_lock = self._locks.setdefault(run_id, threading.Lock())
             current = self._runs.get(key)
-        if current is not None and current.count == count and wanted <= current.values.keys():
+        if current is not None and current.version == version and wanted <= current.values.keys():
+            with self._lock:
+                if key in self._runs:
+                    self._runs.move_to_end(key)
             return current
         with run_lock:
-            current = self._runs.get(key)
-            if current is not None and current.count >= count and wanted <= current.values.keys():
-                return current
-            fresh = self._refresh(run_id, current, wanted) if current is not None else None
-            if fresh is None:
-                columns = _ordered_columns(wanted | (set(current.values) if current is not None else set()))
-                _, (steps, values, missing) = self.store.fetch_steps_counted(run_id, columns)
-                fresh = RunArrays(count=len(steps), steps=steps, values=values, missing=missing)
             with self._lock:
-                self._runs[key] = fresh
-                self._runs.move_to_end(key)
-                while len(self._runs) > self.max_runs:
-                    self._runs.popitem(last=False)
+                current = self._runs.get(key)
+            if current is not None and current.version >= version and wanted <= current.values.keys():
+                return current
+            if current is not None and wanted <= current.values.keys():
+                columns = value_columns(current.values)
+                now, chunks = self.reader.load_chunks(run_id, columns, since_version=current.version)
+                steps, values, missing = arrays_of(chunks.values(), columns)
+                fresh = splice(current, steps, values, missing, sorted(chunks), now)
+            else:
+                columns = value_columns(wanted | (set(current.values) if current is not None else set()))
+                now, chunks = self.reader.load_chunks(run_id, columns)
+                steps, values, missing = arrays_of(chunks.values(), columns)
+                fresh = RunArrays(count=len(steps), steps=steps, values=values, missing=missing, version=now)
+            self._keep(key, fresh)
         return fresh
 
-    def _refresh(self, run_id: int, current: RunArrays, wanted: set[str]) -> RunArrays | None:
-        """Append new rows and add columns to `current`; None when only a reload will do."""
-        loaded = _ordered_columns(set(current.values))
-        total, (steps, values, missing) = self.store.fetch_steps_counted(run_id, loaded, after=current.last_step)
-        if current.count + len(steps) != total:
-            return None
-        merged = _concat(current, steps, values, missing) if len(steps) else current
-        extra = _ordered_columns(wanted - set(merged.values))
-        if extra:
-            _, (steps, values, missing) = self.store.fetch_steps_counted(run_id, extra, upto=merged.last_step)
-            if not np.array_equal(steps, merged.steps):
-                return None
-            merged = RunArrays(count=merged.count, steps=merged.steps, values={**merged.values, **values},
-                               missing={**merged.missing, **missing})
-        return merged
-
-
+    def _keep(self, key: tuple[int, float], entry: RunArrays) -> None:
+        with self._lock:
+            self._runs.pop(key, None)
+            size = entry.nbytes()
+            if size > self.max_bytes:
+                return
+            self._runs[key] = entry
+            total = sum(item.nbytes() for item in self._runs.values())
+            while total > self.max_bytes and len(self._runs) > 1:
+                _, dropped = self._runs.popitem(last=False)
+                total -= dropped.nbytes()
 
     def forget(self, run_id: int) -> None:
         """Drop a run's arrays (the run was deleted)."""
@@ -128,24 +148,3 @@ class RunCache:
             for key in [key for key in self._runs if key[0] == run_id]:
                 del self._runs[key]
             self._locks.pop(run_id, None)
-
-
-def _ordered_columns(names: set[str]) -> tuple[str, ...]:
-    return value_columns(names)
-
-
-def _concat(old: RunArrays, steps: np.ndarray, values: dict[str, np.ndarray],
-            missing: dict[str, np.ndarray | None]) -> RunArrays:
-    merged_missing: dict[str, np.ndarray | None] = {}
-    for name in old.values:
-        a, b = old.missing[name], missing[name]
-        if a is None and b is None:
-            merged_missing[name] = None
-        else:
-            merged_missing[name] = np.concatenate([
-                a if a is not None else np.zeros(len(old.steps), dtype=bool),
-                b if b is not None else np.zeros(len(steps), dtype=bool)])
-    return RunArrays(count=len(old.steps) + len(steps), steps=np.concatenate([old.steps, steps]),
-                     values={name: np.concatenate([old.values[name], values[name]]) for name in old.values},
-                     missing=merged_missing)
-

@@ -1,14 +1,13 @@
 """Ingest: store one validated batch (and events, meta) in one transaction.
 
-One transaction per batch on a raw DBAPI connection; steps go in as
-multi-row `INSERT ... VALUES (...), (...)` statements of up to 2,000 rows
-(about twice as fast as executemany in sqlite3; see `_insert_steps`). SQLite takes the write lock up
-front (`BEGIN IMMEDIATE`), so the set of steps already stored, read at the
-start, cannot change before the insert. PostgreSQL inserts with `ON CONFLICT
-DO NOTHING`; if another process stored some of the same steps in between
-(the rowcount says so), the transaction is rolled back and replayed once.
-Re-sent rows are compared with the stored ones: equal is a duplicate,
-different is a conflict (stored as a `conflict` event), never an overwrite.
+One transaction per batch on a raw DBAPI connection. The run's row is locked
+first (SQLite: `BEGIN IMMEDIATE` holds the write lock; PostgreSQL: `SELECT
+... FOR UPDATE`), then the chunks the batch touches are read, the batch is
+merged into them (`server/chunks/merge.py`: a step not stored yet is added,
+an equal resend is a duplicate, a different one a conflict, stored as a
+`conflict` event and never an overwrite), and the changed chunks are written
+back with their summaries and the run's new version. A late step lands in its
+own chunk; no other chunk is read or written. The batch is all or nothing.
 Clip events are not stored: reads derive them from the clipped steps.
 
 Whoever wants to know of newly stored rows (the live feed) registers a
@@ -17,14 +16,13 @@ the cursor (so a PostgreSQL NOTIFY is delivered only if the batch commits).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import threading
 import time
 from dataclasses import dataclass
-from itertools import compress, groupby, repeat
+from itertools import groupby, repeat
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -32,20 +30,15 @@ import orjson
 from sqlalchemy import Engine
 
 from gradwatch.server.storage.engine import Database, rollback_quietly
-from gradwatch.server.storage.registry import BOOL_FIELDS, COLUMNS, NAN_BITS, VALUE_COLUMNS
-from gradwatch.server.storage.serialise import encode_bools, encode_floats
+from gradwatch.server.chunks import chunk_ids, merge_batch, merge_tensors, split_by_chunk
+from gradwatch.server.storage.chunk_rows import SPEC, ChunkRows
+from gradwatch.server.storage.serialise import encode_floats
 from gradwatch.server.storage.wal import WalCheckpointer
 
 if TYPE_CHECKING:
     from gradwatch.server.schemas import Batch
 
-STEP_COLUMNS = ", ".join(COLUMNS)
 INGEST_CONFIGURED = "gradwatch_ingest_configured"  # key in a pooled connection's .info
-INSERT_CHUNK = 2000  # 2,000 rows x 16 values stays under SQLite's 32,766 bound parameters
-
-
-class IngestRace(RuntimeError):
-    """Another process stored some of this batch's steps during our transaction."""
 
 
 @dataclass
@@ -88,55 +81,6 @@ def _event_row(run_id: int, step: int | None, kind: str, value: float | None, th
     return (run_id, step, kind, value, threshold, mask, message, detail_text, timestamp)
 
 
-def _column_lists(batch: Batch, sqlite: bool = False) -> tuple[list[list], np.ndarray]:
-    """The batch as per-column Python lists ready to bind, and each row's nan_mask.
-
-    A column that was not sent is `[None] * n` (callers leave it out of the
-    INSERT; the lists serve the duplicate comparison). For SQLite (REAL
-    affinity stores ints as floats) a float column that arrived as plain JSON
-    numbers is bound from the decoded list itself: JSON has no NaN, so there is
-    nothing to encode; and booleans are bound as the ints 0/1, which is what
-    SQLite stores for them anyway: Python's sqlite3 sends every `bool` (and
-    `None`) through its adapter lookup, about 0.8 us each, where an int or a
-    float binds directly (6,000 flags per 2,000-step batch were ~5 ms).
-    """
-    n = len(batch)
-    nan_mask = np.zeros(n, dtype=np.int64)
-    lists: list[list] = []
-    for name in VALUE_COLUMNS:
-        column = batch.columns.get(name)
-        if column is None:
-            lists.append([None] * n)
-            continue
-        values = column.values
-        if name in BOOL_FIELDS:
-            if not sqlite:
-                lists.append(encode_bools(values) if column.missing is not None else (values == 1.0).tolist())
-            elif column.missing is None:
-                lists.append((values == 1.0).view(np.int8).tolist())
-            else:
-                items = (values == 1.0).view(np.int8).tolist()
-                for index in np.flatnonzero(column.missing).tolist():
-                    items[index] = None
-                lists.append(items)
-            continue
-        if sqlite and column.raw is not None:
-            lists.append(column.raw)
-            continue
-        items = values.tolist()
-        nans = np.isnan(values)
-        if nans.any():
-            if column.missing is not None:
-                nan_mask |= (nans & ~column.missing).astype(np.int64) * NAN_BITS[name]
-            else:
-                nan_mask |= nans.astype(np.int64) * NAN_BITS[name]
-            for index in np.flatnonzero(nans).tolist():
-                items[index] = None
-        lists.append(items)
-    return lists, nan_mask
-
-
-
 class Ingestor(Database):
     """The write path of one server process."""
 
@@ -144,16 +88,22 @@ class Ingestor(Database):
         super().__init__(engine)
         self._run_ids = run_ids
         self._write_lock = threading.Lock() if self.is_sqlite else None
-        self._insert_sql: dict[tuple[int, tuple[str, ...]], str] = {}
+        self.rows = ChunkRows(self._sql)
         self.on_stored: list[Callable[[Any, StoredRows], None]] = []
         self.after_commit: list[Callable[[str, Batch, IngestResult], None]] = []  # committed; must not block
         self.checkpointer: WalCheckpointer | None = None
         if self.is_sqlite and str(self.read("PRAGMA journal_mode")[0][0]).lower() == "wal":
             self.checkpointer = WalCheckpointer(engine, self._write_lock)
 
-    def _ensure_run(self, cursor, name: str) -> tuple[int, int | None]:
-        """The run's id (creating the run) and its last stored step."""
-        cursor.execute(self._sql("SELECT id, last_step FROM runs WHERE name = ?"), (name,))
+    def _ensure_run(self, cursor, name: str) -> tuple[int, int]:
+        """The run's id (creating the run) and its version, the run's row locked until commit.
+
+        SQLite holds the database's write lock already (`BEGIN IMMEDIATE`); PostgreSQL
+        takes the row lock (`FOR UPDATE`), so batches of one run from several servers
+        merge into its chunks one after the other and none overwrites another's rows.
+        """
+        lock = "" if self.is_sqlite else " FOR UPDATE"
+        cursor.execute(self._sql(f"SELECT id, version FROM runs WHERE name = ?{lock}"), (name,))
         row = cursor.fetchone()
         if row:
             return row[0], row[1]
@@ -161,24 +111,17 @@ class Ingestor(Database):
         cursor.execute(self._sql("INSERT INTO runs (name, created, updated, meta, steps, clips, clip_flags, "
                                  "spikes, nonfinite, version) VALUES (?, ?, ?, '{}', 0, 0, 0, 0, 0, 0) "
                                  "ON CONFLICT (name) DO NOTHING"), (name, stamp, stamp))
-        cursor.execute(self._sql("SELECT id, last_step FROM runs WHERE name = ?"), (name,))
+        cursor.execute(self._sql(f"SELECT id, version FROM runs WHERE name = ?{lock}"), (name,))
         row = cursor.fetchone()
         return row[0], row[1]
-
 
     def ingest(self, run: str, batch: Batch | None, meta: dict | None = None,
                events: list[dict] | None = None) -> IngestResult:
         """Store one batch in one transaction; returns counts once it is committed."""
-        for attempt in range(3):
-            try:
-                if self._write_lock is not None:
-                    with self._write_lock:
-                        return self._ingest_once(run, batch, meta, events)
+        if self._write_lock is not None:
+            with self._write_lock:
                 return self._ingest_once(run, batch, meta, events)
-            except IngestRace:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        return self._ingest_once(run, batch, meta, events)
 
     def _configure_ingest_connection(self, cursor) -> None:
         """Once per pooled SQLite connection, the first time it ingests (outside a transaction):
@@ -229,7 +172,7 @@ class Ingestor(Database):
                                events: list[dict] | None) -> IngestResult:
         if (batch is None or not len(batch)) and not events and not meta:
             return IngestResult(run=run, accepted=0, duplicates=0, conflicts=0)  # stores no run
-        run_id, last_stored = self._ensure_run(cursor, run)
+        run_id, version = self._ensure_run(cursor, run)
         stamp = now()
         accepted = duplicates = conflicts = 0
         new_mask = None
@@ -237,41 +180,20 @@ class Ingestor(Database):
         counts = {"steps": 0, "clips": 0, "clip_flags": 0, "spikes": 0, "nonfinite": 0}
         first = last = None
         if batch is not None and len(batch):
-            lists, nan_mask = _column_lists(batch, sqlite=self.is_sqlite)
             steps = batch.steps
-            step_list = steps.tolist()
-            lo, hi = int(steps.min()), int(steps.max())
-            stored: dict[int, tuple] = {}
-            if last_stored is not None and lo <= last_stored:  # appends past the last step skip this
-                cursor.execute(self._sql(f"SELECT {STEP_COLUMNS}, nan_mask FROM steps "
-                                         "WHERE run_id = ? AND step BETWEEN ? AND ?"), (run_id, lo, hi))
-                stored = {row[0]: row for row in cursor.fetchall()}
-            columns = [step_list, *lists, nan_mask.tolist()]
-            if stored:
-                new_mask = np.fromiter((step not in stored for step in step_list), dtype=bool, count=len(steps))
-                keep = new_mask.tolist()
-                new_columns = [list(compress(column, keep)) for column in columns]
-            else:
-                new_mask = np.ones(len(steps), dtype=bool)
-                new_columns = columns
-            accepted = len(new_columns[0])
+            loaded = self.rows.load(cursor, run_id, np.unique(chunk_ids(steps)).tolist())
+            sent = {name: (column.values, column.missing) for name, column in batch.columns.items()}
+            merge = merge_batch(loaded.get, steps, sent, SPEC)
+            new_mask = merge.added
+            accepted, duplicates, conflicts = int(new_mask.sum()), int(merge.duplicate.sum()), len(merge.conflicts)
             if accepted:
-                sent = ("step",) + tuple(name for name in VALUE_COLUMNS if name in batch.columns) + ("nan_mask",)
-                self._insert_steps(cursor, run_id, sent,
-                                   [column for name, column in zip(COLUMNS + ("nan_mask",), new_columns)
-                                    if name in sent], run)
-            rows = [tuple(column[i] for column in columns) for i in np.flatnonzero(~new_mask).tolist()]
-            for row in rows:
-                old = stored[row[0]]
-                differing = [name for name, a, b in zip(COLUMNS[1:] + ("nan_mask",), row[1:], old[1:])
-                             if not (a == b or (a is None and b is None))]
-                if not differing:
-                    duplicates += 1
-                    continue
-                conflicts += 1
+                version += 1
+                self.rows.write(cursor, run_id, version, [r.chunk for r in merge.chunks.values() if r.changed])
+            for conflict in merge.conflicts:
+                differing = list(conflict.fields)
                 event_rows.append(_event_row(
-                    run_id, row[0], "conflict", None, None,
-                    f"step {row[0]} was sent again with different values ({', '.join(differing)}); "
+                    run_id, conflict.step, "conflict", None, None,
+                    f"step {conflict.step} was sent again with different values ({', '.join(differing)}); "
                     f"the stored values were kept",
                     {"fields": differing}, stamp))
             if accepted:
@@ -289,7 +211,7 @@ class Ingestor(Database):
                         int(np.count_nonzero(~clipped.missing[new_mask]))
                 counts["nonfinite"] = int(np.count_nonzero(self._nonfinite_rows(batch)[new_mask]))
                 if batch.tensor_norms is not None:
-                    self._store_tensor_norms(cursor, run_id, batch, new_mask)
+                    self._store_tensor_norms(cursor, run_id, version, batch, new_mask)
         for item in events or []:
             event_rows.append(_event_row(run_id, item.get("step"), item["kind"], item.get("value"),
                                          item.get("threshold"), item.get("message", ""),
@@ -327,31 +249,6 @@ class Ingestor(Database):
                 callback(cursor, stored_rows)
         return IngestResult(run=run, accepted=accepted, duplicates=duplicates, conflicts=conflicts,
                             new_mask=new_mask, run_id=run_id)
-
-    def _insert_steps(self, cursor, run_id: int, names: tuple[str, ...], columns: list[list], run: str) -> None:
-        """Multi-row `INSERT ... VALUES (...), (...)` in chunks: about twice as fast as executemany
-        in sqlite3 (one statement step per chunk instead of per row); fine in psycopg too.
-        Only the columns sent are named (the others are NULL): binding None costs sqlite3
-        an adapter lookup per value."""
-        width = len(columns) + 1
-        total = len(columns[0])
-        for begin in range(0, total, INSERT_CHUNK):
-            size = min(INSERT_CHUNK, total - begin)
-            statement = self._insert_sql.get((size, names))
-            if statement is None:
-                one = "(" + ", ".join(["?"] * width) + ")"
-                statement = self._sql(f"INSERT INTO steps (run_id, {', '.join(names)}) VALUES "
-                                      + ", ".join([one] * size) + " ON CONFLICT DO NOTHING")
-                if len(self._insert_sql) < 64:
-                    self._insert_sql[(size, names)] = statement
-            # Row-major parameters by strided slice assignment: about 3x cheaper than
-            # flattening zip(*columns) through chain.
-            params = [run_id] * (size * width)
-            for position, column in enumerate(columns, start=1):
-                params[position::width] = column if size == total else column[begin:begin + size]
-            cursor.execute(statement, params)
-            if cursor.rowcount is not None and 0 <= cursor.rowcount < size:
-                raise IngestRace(run)
 
     @staticmethod
     def _nonfinite_rows(batch: Batch) -> np.ndarray:
@@ -415,21 +312,14 @@ class Ingestor(Database):
             lambda indices: [f"non-finite gradient: pre-clip norm {norm}" for norm in norms(indices)])
         return rows
 
-    def _store_tensor_norms(self, cursor, run_id: int, batch: Batch, new_mask: np.ndarray) -> None:
-        names_text = orjson.dumps(batch.tensor_names).decode()
-        digest = hashlib.sha256(names_text.encode()).hexdigest()
-        cursor.execute(self._sql("SELECT id FROM tensor_layouts WHERE run_id = ? AND digest = ?"),
-                       (run_id, digest))
-        row = cursor.fetchone()
-        if row is None:
-            cursor.execute(self._sql("INSERT INTO tensor_layouts (run_id, digest, names) VALUES (?, ?, ?) "
-                                     "ON CONFLICT DO NOTHING"), (run_id, digest, names_text))
-            cursor.execute(self._sql("SELECT id FROM tensor_layouts WHERE run_id = ? AND digest = ?"),
-                           (run_id, digest))
-            row = cursor.fetchone()
-        layout_id = row[0]
-        norms = np.ascontiguousarray(batch.tensor_norms, dtype="<f4")
-        rows = [(run_id, int(batch.steps[i]), layout_id, norms[i].tobytes())
-                for i in np.flatnonzero(new_mask).tolist()]
-        cursor.executemany(self._sql("INSERT INTO tensor_norms (run_id, step, layout_id, norms) "
-                                     "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"), rows)
+    def _store_tensor_norms(self, cursor, run_id: int, version: int, batch: Batch, new_mask: np.ndarray) -> None:
+        """Add the stored steps' tensor norms to their tensor chunks (a step's tensor row follows
+        the step: a duplicate or conflicting step adds none)."""
+        norms = np.asarray(batch.tensor_norms, dtype=np.float32)
+        rows = np.flatnonzero(new_mask)
+        steps = batch.steps[rows]
+        by_chunk = split_by_chunk(steps)
+        loaded = self.rows.load_tensors(cursor, run_id, [chunk_id for chunk_id, _ in by_chunk])
+        changed = [merge_tensors(loaded.get(chunk_id), chunk_id, steps[picked], batch.tensor_names,
+                                 norms[rows[picked]]) for chunk_id, picked in by_chunk]
+        self.rows.write_tensors(cursor, run_id, version, changed)

@@ -1,20 +1,29 @@
-"""Reads: runs, a run's steps, events (stored ones merged with clips), tensor norms."""
+"""Reads: runs, a run's chunks as arrays, the overview, events (stored ones merged with clips),
+per-tensor norms.
+
+Reads that take more than one statement run in one snapshot (`snapshot()`: a
+read transaction in SQLite, REPEATABLE READ in PostgreSQL), so a batch that
+commits meanwhile is seen whole or not at all.
+"""
 from __future__ import annotations
 
 import json
 import math
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 from sqlalchemy import Engine
 
-from gradwatch.server.storage.cache import arrays_from_rows
+from gradwatch.server.chunks import CHUNK, Chunk, Series, heatmap, overview
+from gradwatch.server.storage.chunk_rows import KEY, SPEC, ChunkRows, arrays_of
 from gradwatch.server.storage.engine import Database
-from gradwatch.server.storage.registry import COLUMNS, NAN_BITS
+from gradwatch.server.storage.registry import VALUE_COLUMNS
 from gradwatch.server.storage.serialise import encode_float
-from gradwatch.server.storage.tables import CLIPPED_INDEX, CLIPPED_WHERE
 
-STEP_COLUMNS = ", ".join(COLUMNS)
+LAST_CHUNK = 2**62 // CHUNK
+CLIP_COLUMNS = ("pre_norm", "threshold", "clipped", "time")
 
 
 class UnknownRun(LookupError):
@@ -34,6 +43,7 @@ class Reader(Database):
     def __init__(self, engine: Engine, run_ids: dict[str, int]):
         super().__init__(engine)
         self._run_ids = run_ids
+        self.rows = ChunkRows(self.sql)
 
     def run_id(self, name: str) -> int:
         """The run's id, read each time (one indexed row): another process may have deleted
@@ -56,39 +66,80 @@ class Reader(Database):
                         "spikes": spikes, "nonfinite": nonfinite, "meta": json.loads(meta or "{}")})
         return out
 
-    def run_counters(self, run_id: int) -> tuple[int, int | None, float]:
-        """(stored steps, last step, when created); UnknownRun(run_id) once it is deleted."""
-        rows = self.read("SELECT steps, last_step, created FROM runs WHERE id = ?", (run_id,))
+    def run_version(self, run_id: int) -> tuple[int, float]:
+        """(version, when created); UnknownRun(run_id) once it is deleted."""
+        rows = self.read("SELECT version, created FROM runs WHERE id = ?", (run_id,))
         if not rows:
             raise UnknownRun(run_id)
-        return rows[0][0], rows[0][1], rows[0][2]
+        return rows[0][0], rows[0][1]
+
+    def step_range(self, run_id: int) -> tuple[int | None, int | None]:
+        """The run's first and last stored step (None, None before any)."""
+        rows = self.read("SELECT first_step, last_step FROM runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise UnknownRun(run_id)
+        return rows[0][0], rows[0][1]
+
+    @contextmanager
+    def snapshot(self) -> Iterator:
+        """A cursor whose statements all see one committed state of the database."""
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            if self.is_sqlite:
+                cursor.execute("BEGIN")
+            else:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            try:
+                yield cursor
+            finally:
+                if self.is_sqlite:
+                    cursor.execute("COMMIT")
+                else:
+                    raw.rollback()
+                cursor.close()
+        finally:
+            raw.close()
+
+    def load_chunks(self, run_id: int, columns: tuple[str, ...], since_version: int | None = None
+                    ) -> tuple[int, dict[int, Chunk]]:
+        """(the run's version, its chunks with `columns`), only those written after
+        `since_version` when given; one snapshot, so the version and the chunks agree."""
+        with self.snapshot() as cursor:
+            cursor.execute(self.sql("SELECT version FROM runs WHERE id = ?"), (run_id,))
+            row = cursor.fetchone()
+            if row is None:
+                raise UnknownRun(run_id)
+            chunks = self.rows.load_range(cursor, run_id, 0, LAST_CHUNK, columns, since_version)
+        return row[0], chunks
 
     def fetch_steps(self, run_id: int, after: int = -1, lo: int | None = None,
                     hi: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray | None]]:
         """Rows of a run with step > after (or in [lo, hi]) as arrays, ordered by step."""
-        if lo is not None:
-            where, params = "run_id = ? AND step BETWEEN ? AND ?", (run_id, lo, hi)
-        else:
-            where, params = "run_id = ? AND step > ?", (run_id, after)
-        rows = self.read(f"SELECT {STEP_COLUMNS}, nan_mask FROM steps WHERE {where} ORDER BY step", params)
-        return arrays_from_rows(rows)
+        if lo is None:
+            lo, hi = after + 1, 2**62
+        with self.snapshot() as cursor:
+            chunks = self.rows.load_range(cursor, run_id, lo // CHUNK, hi // CHUNK, VALUE_COLUMNS)
+        steps, values, missing = arrays_of(chunks.values(), VALUE_COLUMNS)
+        inside = (steps >= lo) & (steps <= hi)
+        if inside.all():
+            return steps, values, missing
+        return steps[inside], {n: v[inside] for n, v in values.items()}, \
+            {n: (m[inside] if m is not None else None) for n, m in missing.items()}
 
-    def fetch_steps_counted(self, run_id: int, columns: tuple[str, ...], after: int = -1,
-                            upto: int | None = None) -> tuple[int, tuple]:
-        """Rows with after < step (<= upto) and the run's stored row count, in one statement.
-
-        Only `columns` (value columns) are read. One statement sees one snapshot
-        (SQLite and PostgreSQL alike), so the count and the rows agree even
-        while other transactions commit.
-        """
-        selected = ", ".join(f"s.{name}" for name in ("step",) + columns)
-        bound = "" if upto is None else " AND s.step <= ?"
-        params = (after,) + (() if upto is None else (upto,)) + (run_id,)
-        rows = self.read(f"SELECT r.steps, {selected}, s.nan_mask FROM runs r LEFT JOIN steps s "
-                         f"ON s.run_id = r.id AND s.step > ?{bound} WHERE r.id = ? ORDER BY s.step", params)
-        count = rows[0][0] if rows else 0
-        body = [row[1:] for row in rows if row[1] is not None]
-        return count, arrays_from_rows(body, columns)
+    def overview(self, run_id: int, start: int | None, end: int | None, points: int,
+                 fields: tuple[str, ...]) -> Series:
+        """The downsampled series of steps [start, end] (`server/chunks/downsample.py`): from the
+        summaries, decoding raw chunks only at the range's edges and where spikes or non-finite
+        steps are to be kept."""
+        first, last = self.step_range(run_id)
+        lo = first if start is None or first is not None and start < first else start
+        hi = last if end is None or last is not None and end > last else end
+        if first is None or lo > hi:
+            empty = np.zeros(0)
+            return Series(np.zeros(0, np.int64), {n: empty for n in fields}, {n: None for n in fields}, 0)
+        with self.snapshot() as cursor:
+            return overview(_Source(self.rows, cursor, run_id), SPEC, lo, hi, points, fields, key=KEY)
 
     def events(self, run_id: int, kind: str | None, limit: int) -> list[dict]:
         """A run's events, newest first (by step, then by when stored), at most `limit`.
@@ -123,95 +174,104 @@ class Reader(Database):
         return merge_newest_first(stored, self.clip_events(run_id, limit), not self.is_postgres)[:limit]
 
     def clip_events(self, run_id: int, limit: int) -> list[dict]:
-        """The newest `limit` clipped steps as clip events, newest first."""
-        where = CLIPPED_WHERE[self.dialect] if self.dialect in CLIPPED_WHERE else "clipped"
-        hint = f" INDEXED BY {CLIPPED_INDEX}" if self.is_sqlite else ""  # SQLite would walk the whole run
-        rows = self.read(f"SELECT step, pre_norm, threshold, nan_mask, time FROM steps{hint} "
-                         f"WHERE run_id = ? AND {where} ORDER BY step DESC LIMIT ?", (run_id, limit))
-        threshold_nan = NAN_BITS["threshold"]
+        """The newest `limit` clipped steps as clip events, newest first: the chunk summaries
+        count each chunk's clipped steps, so only the newest chunks holding `limit` are read."""
+        with self.snapshot() as cursor:
+            summary = self.rows.summaries(cursor, run_id, 0, LAST_CHUNK, CHUNK)
+            counts = summary.flags["clipped"].true if "clipped" in summary.flags else np.zeros(0, np.int64)
+            wanted: list[int] = []
+            found = 0
+            for index in np.flatnonzero(counts)[::-1].tolist():
+                wanted.append(int(summary.start[index]) // CHUNK)
+                found += int(counts[index])
+                if found >= limit:
+                    break
+            chunks = self.rows.load(cursor, run_id, wanted, CLIP_COLUMNS) if wanted else {}
+        steps, values, missing = arrays_of(chunks.values(), CLIP_COLUMNS)
+        rows = np.flatnonzero(values["clipped"] == 1.0)[::-1][:limit]
+        threshold_missing = missing["threshold"]
         out = []
-        for step, value, threshold, mask, stamp in rows:
-            value = encode_float(math.nan if value is None else value)  # pre_norm is NULL only for a NaN
-            if threshold is None and mask & threshold_nan:
-                threshold = math.nan
-            out.append({"step": step, "kind": "clip", "value": value, "threshold": encode_float(threshold),
-                        "message": f"pre-clip norm {value} clipped", "time": stamp})
+        for index in rows.tolist():
+            value = encode_float(float(values["pre_norm"][index]))
+            threshold = None if threshold_missing is not None and threshold_missing[index] else \
+                encode_float(float(values["threshold"][index]))
+            stamp = float(values["time"][index])
+            out.append({"step": int(steps[index]), "kind": "clip", "value": value, "threshold": threshold,
+                        "message": f"pre-clip norm {value} clipped", "time": stamp if stamp == stamp else None})
         return out
-
-    def tensor_layouts(self, run_id: int) -> tuple[list[str], dict[int, np.ndarray]]:
-        """Every tensor name of a run in first-seen order, and for each stored layout the
-        positions of its names in that list (a step's blob holds its layout's names in order)."""
-        layouts = {row[0]: json.loads(row[1]) for row in
-                   self.read("SELECT id, names FROM tensor_layouts WHERE run_id = ?", (run_id,))}
-        names: list[str] = []
-        index: dict[str, int] = {}
-        for layout in layouts.values():
-            for name in layout:
-                if name not in index:
-                    index[name] = len(names)
-                    names.append(name)
-        columns = {layout_id: np.array([index[n] for n in layout], dtype=np.intp)
-                   for layout_id, layout in layouts.items()}
-        return names, columns
 
     def tensor_norms(self, run_id: int, start: int | None, end: int | None,
                      points: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-        """(names, steps, norms[steps, names], absent[steps, names]) over a step range,
-        at most `points` steps; `absent` marks tensors a step (bucket) did not report.
+        """(names, steps, norms[buckets, names], absent[buckets, names]) over a step range, at
+        most about `points` buckets of consecutive steps; each tensor keeps its largest norm in
+        a bucket (a NaN wins: it is the thing to see), a bucket is labelled by its first step,
+        `absent` marks tensors a bucket never saw. From the per-64-step summaries, raw rows
+        only where the range cuts a summary (`server/chunks/tensors.py`)."""
+        first, last = self.step_range(run_id)
+        lo = first if start is None or first is not None and start < first else start
+        hi = last if end is None or last is not None and end > last else end
+        if first is None or lo > hi:
+            return [], np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros((0, 0), bool)
+        with self.snapshot() as cursor:
+            found = heatmap(lambda chunk_id: self.rows.load_tensors(cursor, run_id, [chunk_id]).get(chunk_id),
+                            lambda a, b: self.rows.tensor_summaries(cursor, run_id, a, b), lo, hi, points)
+        return found.names, found.labels, found.norms, found.absent
 
-        Past `points` steps, consecutive steps are grouped into equal buckets and
-        each tensor keeps its largest norm in the bucket (a NaN wins: it is the
-        thing to see); a bucket is labelled by its first step. Rows are read in
-        chunks, so a long run never sits in memory whole.
-        """
+    def tensor_steps(self, run_id: int, start: int | None, end: int | None
+                     ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """(names, steps, norms[steps, names] float32, absent[steps, names]) of every step in
+        [start, end] that reported tensor norms; names in first-seen order."""
         lo = start if start is not None else 0
         hi = end if end is not None else 2**62
-        names, columns = self.tensor_layouts(run_id)
-        total = self.read("SELECT COUNT(*) FROM tensor_norms WHERE run_id = ? AND step BETWEEN ? AND ?",
-                          (run_id, lo, hi))[0][0]
-        size = max(-(-total // points), 1) if total else 1
-        buckets = -(-total // size) if total else 0
-        out = np.full((buckets, len(names)), -np.inf, dtype=np.float32)
-        has_nan = np.zeros((buckets, len(names)), dtype=bool)
-        seen = np.zeros((buckets, len(names)), dtype=bool)
-        labels = np.zeros(buckets, dtype=np.int64)
-        raw = self.engine.raw_connection()
-        try:
-            cursor = raw.cursor()
-            cursor.execute(self._sql("SELECT step, layout_id, norms FROM tensor_norms WHERE run_id = ? "
-                                     "AND step BETWEEN ? AND ? ORDER BY step"), (run_id, lo, hi))
-            position = 0
-            while position < total:
-                rows = cursor.fetchmany(20_000)[:total - position]
-                if not rows:
-                    break
-                chunk_positions = np.arange(position, position + len(rows))
-                chunk_buckets = chunk_positions // size
-                starts_here = chunk_positions % size == 0
-                labels[chunk_buckets[starts_here]] = [row[0] for row, first in zip(rows, starts_here) if first]
-                layout_ids = np.array([row[1] for row in rows])
-                for layout_id in np.unique(layout_ids).tolist():
-                    picked = np.flatnonzero(layout_ids == layout_id)
-                    target = columns[layout_id]
-                    block = np.frombuffer(b"".join(rows[i][2] for i in picked.tolist()), dtype="<f4")
-                    block = block.reshape(len(picked), len(target))
-                    ids = chunk_buckets[picked]
-                    cuts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-                    nan = np.isnan(block)
-                    highest = np.maximum.reduceat(np.where(nan, -np.inf, block), cuts, axis=0)
-                    any_nan = np.logical_or.reduceat(nan, cuts, axis=0)
-                    rows_at = ids[cuts][:, None]
-                    out[rows_at, target] = np.maximum(out[rows_at, target], highest)
-                    has_nan[rows_at, target] |= any_nan
-                    seen[rows_at, target] = True
-                position += len(rows)
-            cursor.close()
-            if not self.is_sqlite:
-                raw.rollback()
-        finally:
-            raw.close()
-        out[has_nan | ~seen] = np.nan
-        return names, labels, out, ~seen
+        with self.snapshot() as cursor:
+            chunks = self.rows.load_tensor_range(cursor, run_id, lo // CHUNK, hi // CHUNK)
+        names: list[str] = []
+        index: dict[str, int] = {}
+        for chunk in chunks:
+            for name in chunk.names:
+                if name not in index:
+                    index[name] = len(names)
+                    names.append(name)
+        picked = [(chunk, (chunk.steps >= lo) & (chunk.steps <= hi)) for chunk in chunks]
+        total = sum(int(mask.sum()) for _, mask in picked)
+        steps = np.zeros(total, np.int64)
+        norms = np.full((total, len(names)), np.nan, np.float32)
+        absent = np.ones((total, len(names)), bool)
+        row = 0
+        for chunk, mask in picked:
+            count = int(mask.sum())
+            if not count:
+                continue
+            columns = np.array([index[n] for n in chunk.names], np.intp)
+            steps[row:row + count] = chunk.steps[mask]
+            block = slice(row, row + count)
+            if len(columns) == len(names) and np.array_equal(columns, np.arange(len(names))):
+                norms[block] = chunk.norms[mask]
+                absent[block] = False if chunk.present is None else ~chunk.present[mask]
+            else:
+                norms[block, columns] = chunk.norms[mask]
+                absent[block, columns] = False if chunk.present is None else ~chunk.present[mask]
+            row += count
+        return names, steps, norms, absent
+
+
+class _Source:
+    """The overview's ChunkSource over one snapshot cursor."""
+
+    def __init__(self, rows: ChunkRows, cursor, run_id: int):
+        self.rows, self.cursor, self.run_id = rows, cursor, run_id
+
+    def summaries(self, first_chunk: int, last_chunk: int, width: int):
+        return self.rows.summaries(self.cursor, self.run_id, first_chunk, last_chunk, width)
+
+    def chunk(self, chunk_id: int, columns: tuple[str, ...]) -> Chunk | None:
+        return self.rows.load(self.cursor, self.run_id, [chunk_id], columns).get(chunk_id)
+
+    def chunks(self, chunk_ids: list[int], columns: tuple[str, ...]) -> dict[int, Chunk]:
+        ids = sorted(chunk_ids)
+        if ids and ids[-1] - ids[0] + 1 == len(ids):   # one range scan
+            return self.rows.load_range(self.cursor, self.run_id, ids[0], ids[-1], columns)
+        return self.rows.load(self.cursor, self.run_id, ids, columns)
 
 
 def merge_newest_first(stored: list[dict], extra: list[dict], nulls_last: bool) -> list[dict]:

@@ -17,12 +17,12 @@ from gradwatch.server.storage.registry import VALUE_COLUMNS
 class Store(Database):
     """Ingest (`ingest`), reads (`list_runs`, `events`, ...), `cache`, and `delete_run`."""
 
-    def __init__(self, engine: Engine, cache_runs: int = 4):
+    def __init__(self, engine: Engine, cache_mb: float = 128):
         super().__init__(engine)
         self._run_ids: dict[str, int] = {}
         self.ingestor = Ingestor(engine, self._run_ids)
         self.reader = Reader(engine, self._run_ids)
-        self.cache = RunCache(self.reader, max_runs=cache_runs)
+        self.cache = RunCache(self.reader, max_bytes=int(cache_mb * (1 << 20)))
 
     @property
     def checkpointer(self):
@@ -38,9 +38,6 @@ class Store(Database):
     def list_runs(self) -> list[dict]:
         return self.reader.list_runs()
 
-    def run_counters(self, run_id: int) -> tuple[int, int | None, float]:
-        return self.reader.run_counters(run_id)
-
     def fetch_steps(self, run_id: int, after: int = -1, lo: int | None = None, hi: int | None = None):
         return self.reader.fetch_steps(run_id, after=after, lo=lo, hi=hi)
 
@@ -50,6 +47,9 @@ class Store(Database):
     def tensor_norms(self, run_id: int, start: int | None, end: int | None, points: int):
         return self.reader.tensor_norms(run_id, start, end, points)
 
+    def overview(self, run_id: int, start: int | None, end: int | None, points: int, fields: tuple[str, ...]):
+        return self.reader.overview(run_id, start, end, points, fields)
+
     def arrays(self, run: str, fields=VALUE_COLUMNS) -> RunArrays:
         """A run's columns from the cache; UnknownRun when there is no such run."""
         try:
@@ -58,7 +58,7 @@ class Store(Database):
             raise UnknownRun(run) from None
 
     def delete_run(self, name: str) -> dict[str, int]:
-        """Remove a run: its steps, tensor norms and layouts, events, and cached arrays.
+        """Remove a run: its chunks, tensor chunks, events, and cached arrays.
 
         One transaction (under the ingest write lock on SQLite, so no batch of
         this process is half-way); returns the rows removed per table.
@@ -83,10 +83,9 @@ class Store(Database):
                 if row is None:
                     raise UnknownRun(name)
                 run_id = row[0]
-                removed = {}
-                for table in ("steps", "tensor_norms", "tensor_layouts", "events"):
-                    cursor.execute(self._sql(f"DELETE FROM {table} WHERE run_id = ?"), (run_id,))
-                    removed[table] = max(cursor.rowcount or 0, 0)
+                removed = self.ingestor.rows.delete_run(cursor, run_id)
+                cursor.execute(self._sql("DELETE FROM events WHERE run_id = ?"), (run_id,))
+                removed["events"] = max(cursor.rowcount or 0, 0)
                 cursor.execute(self._sql("DELETE FROM runs WHERE id = ?"), (run_id,))
                 if self.is_sqlite:
                     cursor.execute("COMMIT")

@@ -11,16 +11,14 @@ Layout:
   (steps, first/last step, clips, steps that carry a clipped flag, spikes,
   non-finite) so `GET /api/runs` never scans `steps`, and a `version` bumped
   by every batch that stores rows.
-- `steps`: one row per (run, step), the primary key; a `WITHOUT ROWID` table in
-  SQLite, so rows are stored clustered by (run_id, step) and range reads are
-  sequential. A partial index on (run_id, step) of the clipped rows answers
-  "the newest clip events" without scanning a run whose clips are sparse.
-  NaN floats are NULL with the column's bit set in `nan_mask` (registry.NAN_BITS).
-- `tensor_layouts` + `tensor_norms`: per-tensor norms as one packed float32
-  blob per step, the tensor names stored once per run (per layout). Measured
-  (SQLite, 2 shared cores): a row per tensor per step stored 0.19 M values/s at
-  21.7 bytes per value; one blob per step 3.0 M values/s at 4.7 bytes per
-  value, and the heatmap always reads whole steps. float32 keeps NaN and Inf.
+- `chunks`, `chunk_columns`, `chunk_summaries`: a run's steps in chunks of
+  4,096 consecutive step numbers, each column one packed blob per chunk, with
+  summaries per 64, 512 and 4,096 steps written at ingest (server/chunks/ for
+  the codec, storage/chunk_rows.py for the rows). Measured against the row per
+  step it replaced (schema 4): `benchmarks/scale_bench.py`.
+- `tensor_chunks` + `tensor_summaries`: per-tensor norms in the same chunks,
+  a steps x tensors float32 matrix with the chunk's tensor names, and the
+  per-64-step maxima the heatmap of a long run reads.
 - `events`: spike, nonfinite (derived from the columns on ingest), conflict,
   and what agents send (registry.EVENT_KINDS). Clip events are not stored:
   they are read from the clipped steps.
@@ -29,16 +27,10 @@ Layout:
 """
 from __future__ import annotations
 
-from sqlalchemy import (BigInteger, Boolean, Column, Double, ForeignKey, Index, Integer, LargeBinary,
-                        MetaData, SmallInteger, String, Table, Text, UniqueConstraint, text)
+from sqlalchemy import (BigInteger, Column, Double, ForeignKey, Index, Integer, LargeBinary, MetaData,
+                        SmallInteger, String, Table, Text)
 
-from gradwatch.server.storage.registry import STEP_COLUMNS
-
-SCHEMA_VERSION = 4
-CLIPPED_INDEX = "ix_steps_clipped"
-# How the partial index's predicate is spelled in each dialect; a query must use the same words.
-CLIPPED_WHERE = {"sqlite": "clipped = 1", "postgresql": "clipped"}
-SQL_TYPES = {"int": BigInteger, "float": Double, "bool": Boolean}
+SCHEMA_VERSION = 5
 
 metadata = MetaData()
 
@@ -59,32 +51,47 @@ runs = Table(
     Column("version", BigInteger, nullable=False),
 )
 
-steps = Table(
-    "steps", metadata,
+chunks = Table(
+    "chunks", metadata,
     Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
-    Column("step", BigInteger, primary_key=True),
-    *(Column(c.name, SQL_TYPES[c.type], nullable=True) for c in STEP_COLUMNS if c.name != "step"),
-    Column("nan_mask", SmallInteger, nullable=False),
-    Index(CLIPPED_INDEX, "run_id", "step", sqlite_where=text(CLIPPED_WHERE["sqlite"]),
-          postgresql_where=text(CLIPPED_WHERE["postgresql"])),
+    Column("chunk_id", BigInteger, primary_key=True),
+    Column("n", Integer, nullable=False),
+    Column("version", BigInteger, nullable=False),
     sqlite_with_rowid=False,
 )
 
-tensor_layouts = Table(
-    "tensor_layouts", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("run_id", Integer, ForeignKey("runs.id"), nullable=False),
-    Column("digest", String(64), nullable=False),
-    Column("names", Text, nullable=False),
-    UniqueConstraint("run_id", "digest"),
+chunk_columns = Table(
+    "chunk_columns", metadata,
+    Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
+    Column("name", String(40), primary_key=True),
+    Column("chunk_id", BigInteger, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+    sqlite_with_rowid=False,
 )
 
-tensor_norms = Table(
-    "tensor_norms", metadata,
+chunk_summaries = Table(
+    "chunk_summaries", metadata,
     Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
-    Column("step", BigInteger, primary_key=True),
-    Column("layout_id", Integer, ForeignKey("tensor_layouts.id"), nullable=False),
-    Column("norms", LargeBinary, nullable=False),
+    Column("width", Integer, primary_key=True),
+    Column("chunk_id", BigInteger, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+    sqlite_with_rowid=False,
+)
+
+tensor_chunks = Table(
+    "tensor_chunks", metadata,
+    Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
+    Column("chunk_id", BigInteger, primary_key=True),
+    Column("n", Integer, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+)
+
+tensor_summaries = Table(
+    "tensor_summaries", metadata,
+    Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
+    Column("chunk_id", BigInteger, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
 )
 
 events = Table(

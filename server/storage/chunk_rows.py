@@ -1,0 +1,219 @@
+"""A run's chunks in SQL: the rows of `chunks`, `chunk_columns`, `chunk_summaries`,
+`tensor_chunks` and `tensor_summaries` (tables.py), read and written on a DBAPI cursor.
+
+The codec, merge and summaries are `server/chunks/` (pure NumPy); this module
+only moves their blobs in and out of the database, so ingest, reads and the
+migration share one spelling of the SQL.
+
+- A chunk holds steps [c*CHUNK, (c+1)*CHUNK). Its steps and each registry
+  column are one row of `chunk_columns` (run_id, name, chunk_id), so a read of
+  one column of a whole run is one range scan of that column's rows, and a
+  column added to the registry later needs no table change (a chunk without
+  its row decodes it as all null).
+- `chunks` (run_id, chunk_id, n, version): the steps a chunk holds and the run
+  version that last wrote it, so a reader that holds version v fetches only
+  the chunks written after v (an append, or a late step into an old chunk).
+- `chunk_summaries` (run_id, width, chunk_id): the chunk's summaries at each
+  width of `LEVELS` (64, 512, 4,096 steps); an overview reads one width.
+- `tensor_chunks` / `tensor_summaries`: per-tensor norms of a chunk's steps
+  (a steps x tensors float32 matrix) and their per-64-step maxima.
+
+Writes are upserts (`INSERT ... ON CONFLICT DO UPDATE`) of the handful of rows
+a batch changes, sent with `executemany` (psycopg pipelines them).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable
+
+import numpy as np
+
+from gradwatch.server.chunks import (CHUNK, LEVELS, Chunk, TensorChunk, TensorSummary, combine,
+                                     decode_chunk, decode_summaries, decode_tensor_summary, decode_tensors,
+                                     encode_chunk, encode_summary, encode_tensor_summary, encode_tensors,
+                                     summarize, summarize_tensors)
+from gradwatch.server.chunks.codec import empty_values
+from gradwatch.server.chunks.summaries import Summary, empty_summary
+from gradwatch.server.storage.registry import FLOAT_FIELDS, STEP_COLUMNS, value_columns
+
+SPEC: dict[str, str] = {column.name: column.type for column in STEP_COLUMNS if column.name != "step"}
+KEY = "pre_norm"          # the column the overview keeps the min and max of
+IDS_PER_QUERY = 400       # chunk ids bound in one IN (...)
+
+_UPSERT = {
+    "chunks": ("INSERT INTO chunks (run_id, chunk_id, n, version) VALUES (?, ?, ?, ?) "
+               "ON CONFLICT (run_id, chunk_id) DO UPDATE SET n = excluded.n, version = excluded.version"),
+    "chunk_columns": ("INSERT INTO chunk_columns (run_id, name, chunk_id, data) VALUES (?, ?, ?, ?) "
+                      "ON CONFLICT (run_id, name, chunk_id) DO UPDATE SET data = excluded.data"),
+    "chunk_summaries": ("INSERT INTO chunk_summaries (run_id, width, chunk_id, data) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (run_id, width, chunk_id) DO UPDATE SET data = excluded.data"),
+    "tensor_chunks": ("INSERT INTO tensor_chunks (run_id, chunk_id, n, version, data) VALUES (?, ?, ?, ?, ?) "
+                      "ON CONFLICT (run_id, chunk_id) DO UPDATE SET n = excluded.n, version = excluded.version, "
+                      "data = excluded.data"),
+    "tensor_summaries": ("INSERT INTO tensor_summaries (run_id, chunk_id, data) VALUES (?, ?, ?) "
+                         "ON CONFLICT (run_id, chunk_id) DO UPDATE SET data = excluded.data"),
+}
+
+CHUNK_TABLES = ("chunks", "chunk_columns", "chunk_summaries", "tensor_chunks", "tensor_summaries")
+
+
+def _groups(ids: list[int]) -> Iterable[list[int]]:
+    for begin in range(0, len(ids), IDS_PER_QUERY):
+        yield ids[begin:begin + IDS_PER_QUERY]
+
+
+def complete(chunk: Chunk) -> Chunk:
+    """The chunk with every registry column, those it lacks as all null (a chunk made from an
+    older layout, e.g. by a migration)."""
+    for name, kind in SPEC.items():
+        if name not in chunk.values:
+            chunk.values[name] = empty_values(kind, len(chunk.steps))
+            chunk.valid[name] = np.zeros(len(chunk.steps), bool)
+    return chunk
+
+
+def summaries_of(chunk: Chunk) -> dict[int, bytes]:
+    """The chunk's summaries at every width of LEVELS, encoded (summaries of summaries)."""
+    summary = summarize(chunk, SPEC, KEY)
+    out = {}
+    for width in LEVELS:
+        summary = combine(summary, width) if width != summary.width else summary
+        out[width] = encode_summary(summary)
+    return out
+
+
+class ChunkRows:
+    """SQL for the chunk tables; `sql` turns `?` into the driver's placeholder."""
+
+    def __init__(self, sql):
+        self.sql = sql
+
+    # ----- steps -----
+
+    def load(self, cursor, run_id: int, chunk_ids: list[int], columns: tuple[str, ...] | None = None
+             ) -> dict[int, Chunk]:
+        """The stored chunks among `chunk_ids`, decoded with `columns` (all by default)."""
+        columns = tuple(SPEC) if columns is None else columns
+        names = ("step",) + columns
+        blobs: dict[int, dict[str, bytes]] = defaultdict(dict)
+        name_marks = ", ".join("?" * len(names))
+        for group in _groups(sorted(set(chunk_ids))):
+            cursor.execute(self.sql(f"SELECT chunk_id, name, data FROM chunk_columns WHERE run_id = ? "
+                                    f"AND name IN ({name_marks}) AND chunk_id IN ({', '.join('?' * len(group))})"),
+                           (run_id, *names, *group))
+            for chunk_id, name, data in cursor.fetchall():
+                blobs[chunk_id][name] = data
+        return {chunk_id: decode_chunk(chunk_id, parts, SPEC, columns)
+                for chunk_id, parts in sorted(blobs.items()) if "step" in parts}
+
+    def load_range(self, cursor, run_id: int, first: int, last: int, columns: tuple[str, ...],
+                   since_version: int | None = None) -> dict[int, Chunk]:
+        """Chunks first..last (ids) with `columns`; only those written after `since_version` if given."""
+        names = ("step",) + columns
+        name_marks = ", ".join("?" * len(names))
+        if since_version is None:
+            cursor.execute(self.sql(f"SELECT chunk_id, name, data FROM chunk_columns WHERE run_id = ? AND "
+                                    f"name IN ({name_marks}) AND chunk_id BETWEEN ? AND ?"),
+                           (run_id, *names, first, last))
+        else:
+            cursor.execute(self.sql(f"SELECT c.chunk_id, c.name, c.data FROM chunks k JOIN chunk_columns c "
+                                    f"ON c.run_id = k.run_id AND c.chunk_id = k.chunk_id AND c.name IN "
+                                    f"({name_marks}) WHERE k.run_id = ? AND k.version > ? "
+                                    f"AND k.chunk_id BETWEEN ? AND ?"),
+                           (*names, run_id, since_version, first, last))
+        blobs: dict[int, dict[str, bytes]] = defaultdict(dict)
+        for chunk_id, name, data in cursor.fetchall():
+            blobs[chunk_id][name] = data
+        return {chunk_id: decode_chunk(chunk_id, parts, SPEC, columns)
+                for chunk_id, parts in sorted(blobs.items()) if "step" in parts}
+
+    def write(self, cursor, run_id: int, version: int, chunks: list[Chunk]) -> None:
+        """Upsert the chunks (every column), their summaries and their `chunks` rows."""
+        if not chunks:
+            return
+        column_rows, summary_rows, chunk_rows = [], [], []
+        for chunk in map(complete, chunks):
+            for name, blob in encode_chunk(chunk, SPEC).items():
+                column_rows.append((run_id, name, chunk.chunk_id, blob))
+            for width, blob in summaries_of(chunk).items():
+                summary_rows.append((run_id, width, chunk.chunk_id, blob))
+            chunk_rows.append((run_id, chunk.chunk_id, len(chunk), version))
+        cursor.executemany(self.sql(_UPSERT["chunk_columns"]), column_rows)
+        cursor.executemany(self.sql(_UPSERT["chunk_summaries"]), summary_rows)
+        cursor.executemany(self.sql(_UPSERT["chunks"]), chunk_rows)
+
+    def summaries(self, cursor, run_id: int, first: int, last: int, width: int) -> Summary:
+        """Entries of `width` over the stored chunks first..last, ascending."""
+        cursor.execute(self.sql("SELECT data FROM chunk_summaries WHERE run_id = ? AND width = ? "
+                                "AND chunk_id BETWEEN ? AND ? ORDER BY chunk_id"), (run_id, width, first, last))
+        blobs = [row[0] for row in cursor.fetchall()]
+        return decode_summaries(blobs) if blobs else empty_summary(SPEC, KEY, width)
+
+    # ----- per-tensor norms -----
+
+    def load_tensors(self, cursor, run_id: int, chunk_ids: list[int]) -> dict[int, TensorChunk]:
+        out: dict[int, TensorChunk] = {}
+        for group in _groups(sorted(set(chunk_ids))):
+            cursor.execute(self.sql(f"SELECT chunk_id, data FROM tensor_chunks WHERE run_id = ? "
+                                    f"AND chunk_id IN ({', '.join('?' * len(group))})"), (run_id, *group))
+            for chunk_id, data in cursor.fetchall():
+                out[chunk_id] = decode_tensors(chunk_id, data)
+        return out
+
+    def load_tensor_range(self, cursor, run_id: int, first: int, last: int) -> list[TensorChunk]:
+        cursor.execute(self.sql("SELECT chunk_id, data FROM tensor_chunks WHERE run_id = ? "
+                                "AND chunk_id BETWEEN ? AND ? ORDER BY chunk_id"), (run_id, first, last))
+        return [decode_tensors(chunk_id, data) for chunk_id, data in cursor.fetchall()]
+
+    def tensor_summaries(self, cursor, run_id: int, first: int, last: int) -> list[TensorSummary]:
+        cursor.execute(self.sql("SELECT data FROM tensor_summaries WHERE run_id = ? "
+                                "AND chunk_id BETWEEN ? AND ? ORDER BY chunk_id"), (run_id, first, last))
+        return [decode_tensor_summary(row[0]) for row in cursor.fetchall()]
+
+    def write_tensors(self, cursor, run_id: int, version: int, chunks: list[TensorChunk]) -> None:
+        if not chunks:
+            return
+        cursor.executemany(self.sql(_UPSERT["tensor_chunks"]),
+                           [(run_id, c.chunk_id, len(c.steps), version, encode_tensors(c)) for c in chunks])
+        cursor.executemany(self.sql(_UPSERT["tensor_summaries"]),
+                           [(run_id, c.chunk_id, encode_tensor_summary(summarize_tensors(c))) for c in chunks])
+
+    def delete_run(self, cursor, run_id: int) -> dict[str, int]:
+        """Remove a run's chunk rows; returns the steps and the tensor-norm steps they held."""
+        cursor.execute(self.sql("SELECT COALESCE(SUM(n), 0) FROM chunks WHERE run_id = ?"), (run_id,))
+        steps = int(cursor.fetchone()[0])
+        cursor.execute(self.sql("SELECT COALESCE(SUM(n), 0) FROM tensor_chunks WHERE run_id = ?"), (run_id,))
+        tensor_steps = int(cursor.fetchone()[0])
+        for table in CHUNK_TABLES:
+            cursor.execute(self.sql(f"DELETE FROM {table} WHERE run_id = ?"), (run_id,))
+        return {"steps": steps, "tensor_norms": tensor_steps}
+
+
+def arrays_of(chunks: Iterable[Chunk], columns: tuple[str, ...]
+              ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray | None]]:
+    """Decoded chunks (ascending) as the server's run arrays: steps, float64 values with NaN where
+    NaN or missing (bools 0.0/1.0/NaN), and per column a mask of the missing values (None: none)."""
+    chunks = list(chunks)
+    columns = value_columns(columns)
+    if not chunks:
+        return np.zeros(0, np.int64), {n: np.zeros(0) for n in columns}, {n: None for n in columns}
+    steps = np.concatenate([c.steps for c in chunks])
+    values: dict[str, np.ndarray] = {}
+    missing: dict[str, np.ndarray | None] = {}
+    for name in columns:
+        parts = [c.values[name] for c in chunks]
+        oks = [c.valid.get(name) for c in chunks]
+        column = np.concatenate(parts).astype(np.float64, copy=False)
+        if all(ok is None for ok in oks):
+            values[name], missing[name] = column, None
+            continue
+        valid = np.concatenate([np.ones(len(c.steps), bool) if ok is None else ok for c, ok in zip(chunks, oks)])
+        if name not in FLOAT_FIELDS:
+            column = np.where(valid, column, np.nan)
+        absent = ~valid
+        values[name], missing[name] = column, absent if absent.any() else None
+    return steps, values, missing
+
+
+def chunk_span(lo: int, hi: int) -> tuple[int, int]:
+    return lo // CHUNK, hi // CHUNK
