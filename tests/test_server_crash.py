@@ -52,7 +52,7 @@ def test_kill_9_during_a_large_batch_stores_it_whole_or_not_at_all(tmp_path):
             sender.join(60)
             with sqlite3.connect(db_path) as check:
                 assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-                stored = check.execute("SELECT COUNT(*) FROM steps JOIN runs ON runs.id = steps.run_id "
+                stored = check.execute("SELECT COALESCE(SUM(n), 0) FROM chunks JOIN runs ON runs.id = chunks.run_id "
                                        "WHERE runs.name = ?", (run,)).fetchone()[0]
                 counted = check.execute("SELECT COALESCE(SUM(steps), 0) FROM runs WHERE name = ?",
                                         (run,)).fetchone()[0]
@@ -78,7 +78,7 @@ def test_database_error_is_503_and_leaves_nothing_half_written(tmp_path):
             assert post(client, "fragile", make_batch(np.arange(100), rng)).status_code == 200
             with sqlite3.connect(db_path) as sabotage:
                 sabotage.execute("DROP TABLE events")
-            # Steps insert first, then its spike event fails: the whole batch rolls back.
+            # Chunks are written first, then its spike event fails: the whole batch rolls back.
             broken = make_batch(np.arange(100, 200), rng, spike_steps=[150])
             answer = post(client, "fragile", broken)
             assert answer.status_code == 503 and "database" in answer.json()["detail"]
@@ -86,7 +86,7 @@ def test_database_error_is_503_and_leaves_nothing_half_written(tmp_path):
                 list(range(100))
             assert client.get("/api/runs/fragile/events").status_code == 503
             with sqlite3.connect(db_path) as sabotage:
-                sabotage.execute("ALTER TABLE steps RENAME TO steps_gone")
+                sabotage.execute("ALTER TABLE chunk_columns RENAME TO chunk_columns_gone")
             assert client.get("/api/runs/fragile/series").status_code in (200, 503)  # may be cached
             assert post(client, "fragile", make_batch(np.arange(300, 310), rng)).status_code == 503
             assert client.get("/healthz").status_code == 200
@@ -94,5 +94,6 @@ def test_database_error_is_503_and_leaves_nothing_half_written(tmp_path):
         server.stop()
     with sqlite3.connect(db_path) as check:
         assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert check.execute("SELECT COUNT(*) FROM steps_gone").fetchone()[0] == 100
+        assert check.execute("SELECT SUM(n) FROM chunks").fetchone()[0] == 100
+        assert check.execute("SELECT COUNT(DISTINCT chunk_id) FROM chunk_columns_gone").fetchone()[0] == 1
         assert check.execute("SELECT steps FROM runs WHERE name = 'fragile'").fetchone()[0] == 100
