@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="server address (env GRADWATCH_URL; default: %(default)s)")
     recommend.add_argument("--token", default=client.read_token, help="read token (env GRADWATCH_READ_TOKEN)")
     recommend.add_argument("--window", type=int, default=None,
-                           help="last N steps, at least 100 (default: the last 10%% of the run, at least 500)")
+                           help="last N steps, at least 100 (default: the last 10%% of the run, at least 500, at most 20,000)")
     recommend.add_argument("--target-clip-rate", type=float, default=None,
                            help="optional: the (1 - rate) quantile of the clean window instead of the robust rule")
     recommend.set_defaults(handler=_recommend)

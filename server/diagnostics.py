@@ -39,6 +39,7 @@ MIN_WINDOW = 100
 MIN_CLEAN = 100
 DEFAULT_WINDOW_FRACTION = 0.10
 DEFAULT_MIN_WINDOW = 500
+DEFAULT_MAX_WINDOW = 20_000   # recent enough to be the regime the threshold is for; bounds the work
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p95", 95.0), ("p99", 99.0), ("p99.9", 99.9))
 
 
@@ -68,6 +69,109 @@ def robust_spikes(values: Sequence[float] | np.ndarray, *, log: bool = True, k: 
                   history: int = 200, warmup: int = 25, shift_window: int = 20,
                   shift_count: int = 10, min_scale: float = 0.01) -> RobustSpikes:
     """The robust spike rule over ``values`` (oldest first), one-sided.
+
+    ``log=True`` (norms): in log space, the same rule and defaults as the
+    agent's ``RobustDetector`` (``min_scale`` in log units). ``log=False``
+    (losses, which can be <= 0): in linear space, and the scale is floored at
+    ``min_scale·|median|`` instead (relative, so it works at any loss scale).
+    None values are treated as NaN (a spike); callers drop missing values first.
+
+    Exactly the step-by-step rule (`_robust_loop`), computed a block of steps
+    at a time where that is provably the same: the medians of the raw values'
+    windows equal those of the fed (clipped) windows whenever every clipped
+    value stays above both middle order statistics of the windows it is in
+    (checked); series with a level shift take the loop.
+    """
+    if shift_window > history or shift_count >= shift_window:
+        raise ValueError("need shift_count < shift_window <= history")
+    x = np.asarray([np.nan if v is None else v for v in values] if not isinstance(values, np.ndarray)
+                   else values, dtype=np.float64)
+    params = dict(log=log, k=k, history=history, warmup=warmup, shift_window=shift_window,
+                  shift_count=shift_count, min_scale=min_scale)
+    finite_all = np.isfinite(x)
+    positions = np.flatnonzero(finite_all)
+    if len(positions) <= 2 * history:
+        return _robust_loop(x, **params)
+    if log:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lx = np.log(np.maximum(x[positions], TINY))
+    else:
+        lx = x[positions]
+    prefix = _robust_loop(x[positions[:history]], **params)
+    if prefix.level_shift.any():
+        return _robust_loop(x, **params)
+    fast = _blocked_rule(lx, prefix, k=k, history=history, shift_window=shift_window, shift_count=shift_count,
+                         min_scale=min_scale, log=log)
+    if fast is None:
+        return _robust_loop(x, **params)
+    flagged, z = fast
+    n = len(x)
+    spike = ~finite_all
+    spike[positions[flagged]] = True
+    seen_before = np.cumsum(finite_all) - finite_all
+    score = np.where(finite_all, 0.0, np.nan)
+    score[positions] = z
+    return RobustSpikes(spike=spike, level_shift=np.zeros(n, bool), transition=np.zeros(n, bool), score=score,
+                        ready=seen_before >= warmup)
+
+
+def _blocked_rule(lx: np.ndarray, prefix: RobustSpikes, *, k: float, history: int, shift_window: int,
+                  shift_count: int, min_scale: float, log: bool, block: int = 2048
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(flagged, score) over finite transformed values `lx`, the first `history` taken from the
+    loop's `prefix`; None when the result cannot be shown to equal the loop's."""
+    n, h = len(lx), history
+    flagged = np.zeros(n, bool)
+    z = np.zeros(n)
+    flagged[:h] = prefix.spike
+    z[:h] = prefix.score
+    fed = lx.copy()
+    for i in np.flatnonzero(prefix.spike).tolist():   # prefix spikes entered the history clipped
+        window = fed[:i]
+        med = float(np.median(window))
+        floor = min_scale if log else min_scale * abs(med)
+        scale = max(MAD_TO_SIGMA * float(np.median(np.abs(window - med))), floor)
+        fed[i] = min(lx[i], med + k * scale)
+    lo_k, hi_k = (h - 1) // 2, h // 2
+    median, upper, dev_upper, scales = np.empty(n), np.empty(n), np.empty(n), np.empty(n)
+    windows = np.lib.stride_tricks.sliding_window_view(fed, h)   # row r: fed[r:r + h], the history of step r + h
+    for begin in range(h, n, block):
+        end = min(begin + block, n)
+        part = np.partition(windows[begin - h:end - h], (lo_k, hi_k), axis=1)
+        med = (part[:, lo_k] + part[:, hi_k]) / 2 if lo_k != hi_k else part[:, hi_k]
+        dev = np.partition(np.abs(part - med[:, None]), (lo_k, hi_k), axis=1)
+        mad = (dev[:, lo_k] + dev[:, hi_k]) / 2 if lo_k != hi_k else dev[:, hi_k]
+        floor = min_scale if log else min_scale * np.abs(med)
+        scale = np.maximum(MAD_TO_SIGMA * mad, floor)
+        value = lx[begin:end]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.where(scale > 0, (value - med) / np.where(scale > 0, scale, 1.0),
+                             np.where(value > med, np.inf, np.where(value == med, 0.0, -np.inf)))
+        z[begin:end] = score
+        median[begin:end], upper[begin:end], dev_upper[begin:end], scales[begin:end] = \
+            med, part[:, hi_k], dev[:, hi_k], scale
+    flagged[h:] = z[h:] > k
+    counts = np.cumsum(flagged)
+    recent = counts - np.concatenate([np.zeros(shift_window, counts.dtype), counts[:-shift_window]])
+    if np.any(flagged & (recent > shift_count)):
+        return None   # a level shift: the history is replaced, the loop's business
+    # The windows above hold the raw values of the steps flagged after the prefix; the loop
+    # fed them clipped. Same medians and MADs as long as each clipped value stays above the
+    # upper middle value, and the upper middle deviation, of every window it is in.
+    for j in np.flatnonzero(flagged[h:]).tolist():
+        j += h
+        entered = min(lx[j], median[j] + k * scales[j])
+        span = slice(j + 1, min(j + h, n - 1) + 1)
+        if not (np.all(entered > upper[span]) and np.all(entered - median[span] > dev_upper[span])):
+            return None
+    return flagged, z
+
+
+def _robust_loop(values: Sequence[float] | np.ndarray, *, log: bool = True, k: float = 5.0,
+                  history: int = 200, warmup: int = 25, shift_window: int = 20,
+                  shift_count: int = 10, min_scale: float = 0.01) -> RobustSpikes:
+    """`robust_spikes` one step at a time: the reference, and the path for series the
+    vectorised one cannot prove exact (level shifts, warm-up only).
 
     ``log=True`` (norms): in log space, the same rule and defaults as the
     agent's ``RobustDetector`` (``min_scale`` in log units). ``log=False``
@@ -140,8 +244,9 @@ def robust_spikes(values: Sequence[float] | np.ndarray, *, log: bool = True, k: 
 
 # -- the recommendation ----------------------------------------------------------------
 def default_window(count: int) -> int:
-    """The last 10% of the run, but at least 500 steps (the whole run when shorter)."""
-    return min(count, max(DEFAULT_MIN_WINDOW, int(math.ceil(DEFAULT_WINDOW_FRACTION * count))))
+    """The last 10% of the run, but at least 500 and at most 20,000 steps (the whole run when shorter)."""
+    size = max(DEFAULT_MIN_WINDOW, int(math.ceil(DEFAULT_WINDOW_FRACTION * count)))
+    return min(count, DEFAULT_MAX_WINDOW, size)
 
 
 def _rate(values: np.ndarray, threshold: float | None) -> float | None:
@@ -168,7 +273,8 @@ def recommend(steps: Sequence[int] | np.ndarray, pre_norm: Sequence[float] | np.
         steps, pre_norm: the run's steps (ascending) and pre-clip norms, as
             stored (NaN/inf allowed, None = NaN).
         window: how many of the last steps to work on (default: the last 10%
-            of the run, at least 500; the whole run when shorter); >= 100.
+            of the run, at least 500 and at most 20,000; the whole run when
+            shorter); >= 100.
         target_clip_rate: when given (r in [0, 1)), τ is the (1 - r) quantile
             of the clean window instead of the robust rule.
         current_threshold: the run's clip threshold, to report its clip rate.

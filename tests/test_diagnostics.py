@@ -46,6 +46,41 @@ def test_robust_spikes_other_parameters():
     assert list(found.level_shift) == [r[2] for r in ref]
 
 
+@pytest.mark.parametrize("case", ["spiky", "drift", "student_t", "level_shift", "losses"])
+def test_the_blocked_rule_equals_the_python_loop_on_long_series(case):
+    """Long series take the vectorised path (`_blocked_rule`); the answer must be the
+    independent step-by-step reference's, flag for flag and score for score."""
+    rng = np.random.default_rng(["spiky", "drift", "student_t", "level_shift", "losses"].index(case))
+    n = 3000
+    if case == "losses":
+        values = list(2.0 - np.arange(n) / n + 0.05 * rng.standard_normal(n))
+        values[1500] = 9.0
+    else:
+        values = np.exp(0.25 * rng.standard_normal(n))
+        if case == "drift":
+            values *= np.exp(np.linspace(0, -1.5, n))
+        if case == "student_t":
+            values = np.exp(0.2 * rng.standard_t(4, n))
+        if case == "level_shift":
+            values[2000:] *= 6.0
+        values[rng.choice(n, 12, replace=False)] *= 30.0
+        values[[100, 900]] = [math.nan, math.inf]
+        values = list(values)
+    log = case != "losses"
+    found = robust_spikes(values, log=log)
+    if log:
+        ref = python_robust(values)
+        assert list(found.spike | found.transition) == [r[1] for r in ref]
+        assert list(found.level_shift) == [r[2] for r in ref]
+        for i, r in enumerate(ref):
+            if r[0] is not None:
+                assert found.score[i] == pytest.approx(r[0], rel=1e-9, abs=1e-9)
+    assert found.spike.sum() >= (1 if case == "losses" else 12)
+    loop = diagnostics._robust_loop(np.asarray(values, dtype=float), log=log)
+    assert np.array_equal(found.spike, loop.spike) and np.array_equal(found.ready, loop.ready)
+    assert np.array_equal(found.score, loop.score, equal_nan=True)
+
+
 def test_linear_space_for_losses_that_go_negative():
     loss = [-1.0 + 0.01 * ((i * 5) % 7 - 3) for i in range(60)]
     loss[40] = 0.5       # far above the median -1.0 in linear units

@@ -38,8 +38,8 @@ def run_stats(name: RunName, store: StoreDep, window: int | None = Window) -> Re
 @router.get("/api/runs/{run}/recommendation", response_model=RecommendationOut)
 def recommendation(name: RunName, store: StoreDep,
                    window: int | None = Query(None, ge=100, description=(
-                       "the last N steps, at least 100; default the last 10% of the run but at least "
-                       "500 steps (the whole run when shorter)")),
+                       "the last N steps, at least 100; default the last 10% of the run, at least 500 "
+                       "and at most 20,000 steps (the whole run when shorter)")),
                    target_clip_rate: float | None = Query(None, ge=0.0, lt=1.0, description=(
                        "optional, in [0, 1): the threshold becomes the (1 - rate) quantile of the "
                        "clean window instead of the robust rule"))) -> Response:
