@@ -81,7 +81,7 @@ def run_once(bodies: list[bytes], steps: int) -> float:
             post_all(server.port, "warmup", bodies[:5])
             elapsed = post_all(server.port, "bench", bodies)
         with sqlite3.connect(db_path) as check:
-            stored = check.execute("SELECT COUNT(*) FROM steps JOIN runs ON runs.id = steps.run_id "
+            stored = check.execute("SELECT SUM(n) FROM chunks JOIN runs ON runs.id = chunks.run_id "
                                    "WHERE runs.name = 'bench'").fetchone()[0]
     if stored != steps:
         raise RuntimeError(f"stored {stored} steps, sent {steps}")
