@@ -4,6 +4,9 @@ from __future__ import annotations
 from sqlalchemy import Engine, create_engine, event
 
 
+SQLITE_PAGE_SIZE = 16384
+
+
 def normalize_url(url: str) -> str:
     """`postgresql://` and `postgres://` mean psycopg 3, the driver gradwatch installs."""
     for prefix in ("postgresql://", "postgres://"):
@@ -35,6 +38,7 @@ def make_engine(url: str, begin: str = "BEGIN", **pool) -> Engine:
         def _sqlite_connect(dbapi_connection, _record) -> None:
             dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
             cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")  # a new file only; a no-op afterwards
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=30000")

@@ -30,8 +30,9 @@ import orjson
 from sqlalchemy import Engine
 
 from gradwatch.server.storage.engine import Database, rollback_quietly
-from gradwatch.server.chunks import chunk_ids, merge_batch, merge_tensors, split_by_chunk
-from gradwatch.server.storage.chunk_rows import SPEC, ChunkRows
+from gradwatch.server.chunks import BatchMerge, Chunk, merge_batch, merge_tensors, split_by_chunk
+from gradwatch.server.storage.chunk_rows import SPEC, ChunkRows, complete, summary_of
+from gradwatch.server.storage.tails import Tail, TailCache
 from gradwatch.server.storage.serialise import encode_floats
 from gradwatch.server.storage.wal import WalCheckpointer
 
@@ -89,31 +90,34 @@ class Ingestor(Database):
         self._run_ids = run_ids
         self._write_lock = threading.Lock() if self.is_sqlite else None
         self.rows = ChunkRows(self._sql)
+        self.tails = TailCache()
+        self._pending = threading.local()   # .tail: set in a transaction, kept once it commits
         self.on_stored: list[Callable[[Any, StoredRows], None]] = []
         self.after_commit: list[Callable[[str, Batch, IngestResult], None]] = []  # committed; must not block
         self.checkpointer: WalCheckpointer | None = None
         if self.is_sqlite and str(self.read("PRAGMA journal_mode")[0][0]).lower() == "wal":
             self.checkpointer = WalCheckpointer(engine, self._write_lock)
 
-    def _ensure_run(self, cursor, name: str) -> tuple[int, int]:
-        """The run's id (creating the run) and its version, the run's row locked until commit.
+    def _ensure_run(self, cursor, name: str) -> tuple[int, int, float]:
+        """The run's id (creating the run), version and creation time, the run's row locked
+        until commit.
 
         SQLite holds the database's write lock already (`BEGIN IMMEDIATE`); PostgreSQL
         takes the row lock (`FOR UPDATE`), so batches of one run from several servers
         merge into its chunks one after the other and none overwrites another's rows.
         """
         lock = "" if self.is_sqlite else " FOR UPDATE"
-        cursor.execute(self._sql(f"SELECT id, version FROM runs WHERE name = ?{lock}"), (name,))
+        cursor.execute(self._sql(f"SELECT id, version, created FROM runs WHERE name = ?{lock}"), (name,))
         row = cursor.fetchone()
         if row:
-            return row[0], row[1]
+            return row[0], row[1], row[2]
         stamp = now()
         cursor.execute(self._sql("INSERT INTO runs (name, created, updated, meta, steps, clips, clip_flags, "
                                  "spikes, nonfinite, version) VALUES (?, ?, ?, '{}', 0, 0, 0, 0, 0, 0) "
                                  "ON CONFLICT (name) DO NOTHING"), (name, stamp, stamp))
-        cursor.execute(self._sql(f"SELECT id, version FROM runs WHERE name = ?{lock}"), (name,))
+        cursor.execute(self._sql(f"SELECT id, version, created FROM runs WHERE name = ?{lock}"), (name,))
         row = cursor.fetchone()
-        return row[0], row[1]
+        return row[0], row[1], row[2]
 
     def ingest(self, run: str, batch: Batch | None, meta: dict | None = None,
                events: list[dict] | None = None) -> IngestResult:
@@ -143,6 +147,7 @@ class Ingestor(Database):
                 raw.info[INGEST_CONFIGURED] = True
             try:
                 self._begin(cursor, write=True)
+                self._pending.tail = None
                 result = self._ingest_in_transaction(cursor, run, batch, meta, events)
                 if self.is_sqlite:
                     cursor.execute("COMMIT")
@@ -150,6 +155,8 @@ class Ingestor(Database):
                         self.checkpointer.request()
                 else:
                     raw.commit()
+                if self._pending.tail is not None:
+                    self.tails.put(*self._pending.tail)
                 if result.run_id is not None:  # only once committed: no reader sees it before
                     self._run_ids[run] = result.run_id
                 if result.accepted and batch is not None:
@@ -172,7 +179,7 @@ class Ingestor(Database):
                                events: list[dict] | None) -> IngestResult:
         if (batch is None or not len(batch)) and not events and not meta:
             return IngestResult(run=run, accepted=0, duplicates=0, conflicts=0)  # stores no run
-        run_id, version = self._ensure_run(cursor, run)
+        run_id, version, created = self._ensure_run(cursor, run)
         stamp = now()
         accepted = duplicates = conflicts = 0
         new_mask = None
@@ -181,14 +188,17 @@ class Ingestor(Database):
         first = last = None
         if batch is not None and len(batch):
             steps = batch.steps
-            loaded = self.rows.load(cursor, run_id, np.unique(chunk_ids(steps)).tolist())
+            ids = [chunk_id for chunk_id, _ in split_by_chunk(steps)]
+            tail = self.tails.get((run_id, created), version)
+            held = {tail.chunk.chunk_id: tail.chunk} if tail is not None and tail.chunk.chunk_id in ids else {}
+            loaded = {**self.rows.load(cursor, run_id, [i for i in ids if i not in held]), **held}
             sent = {name: (column.values, column.missing) for name, column in batch.columns.items()}
             merge = merge_batch(loaded.get, steps, sent, SPEC)
             new_mask = merge.added
             accepted, duplicates, conflicts = int(new_mask.sum()), int(merge.duplicate.sum()), len(merge.conflicts)
             if accepted:
                 version += 1
-                self.rows.write(cursor, run_id, version, [r.chunk for r in merge.chunks.values() if r.changed])
+                self._write_chunks(cursor, run_id, created, version, steps, merge, held)
             for conflict in merge.conflicts:
                 differing = list(conflict.fields)
                 event_rows.append(_event_row(
@@ -249,6 +259,21 @@ class Ingestor(Database):
                 callback(cursor, stored_rows)
         return IngestResult(run=run, accepted=accepted, duplicates=duplicates, conflicts=conflicts,
                             new_mask=new_mask, run_id=run_id)
+
+    def _write_chunks(self, cursor, run_id: int, created: float, version: int, steps: np.ndarray,
+                      merge: BatchMerge, held: dict[int, Chunk]) -> None:
+        """Write the changed chunks; the held tail's summary is extended, not recomputed, and
+        the newest chunk written becomes the run's tail once the transaction commits."""
+        changed = [result for result in merge.chunks.values() if result.changed]
+        summaries = {}
+        for result in changed:
+            chunk_id = result.chunk.chunk_id
+            before = self.tails.get((run_id, created), version - 1) if chunk_id in held else None
+            first = int(steps[result.rows[result.added]].min())
+            summaries[chunk_id] = summary_of(result.chunk, before.summary if before else None, first)
+        self.rows.write(cursor, run_id, version, [result.chunk for result in changed], summaries)
+        newest = max(changed, key=lambda result: result.chunk.chunk_id).chunk
+        self._pending.tail = ((run_id, created), Tail(version, complete(newest), summaries[newest.chunk_id]))
 
     @staticmethod
     def _nonfinite_rows(batch: Batch) -> np.ndarray:

@@ -13,7 +13,7 @@ Layout:
   by every batch that stores rows.
 - `chunks`, `chunk_columns`, `chunk_summaries`: a run's steps in chunks of
   4,096 consecutive step numbers, each column one packed blob per chunk, with
-  summaries per 64, 512 and 4,096 steps written at ingest (server/chunks/ for
+  a summary entry per 64 steps written at ingest (server/chunks/ for
   the codec, storage/chunk_rows.py for the rows). Measured against the row per
   step it replaced (schema 4): `benchmarks/scale_bench.py`.
 - `tensor_chunks` + `tensor_summaries`: per-tensor norms in the same chunks,
