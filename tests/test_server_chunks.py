@@ -1,0 +1,153 @@
+"""Chunked storage through a real server (SQLite and PostgreSQL): chunk boundaries, late
+steps, duplicates and conflicts inside a chunk, NaN/Inf/null, float32 or float64 per
+column, the stored summaries against NumPy, and two writers on one run."""
+from __future__ import annotations
+
+import math
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, text
+
+from gradwatch.server.chunks import BLOCK, CHUNK, column_storage, decode_summaries
+from gradwatch.server.schemas import parse_batch
+from gradwatch.server.storage import Store, create_schema, make_engine, normalize_url
+from tests.test_server_support import db_url_for, post, start_server
+
+SPELLED = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def served(request, tmp_path):
+    url = db_url_for(request.param, tmp_path, request)
+    server = start_server(url, tmp_path)
+    yield url, server
+    server.stop()
+
+
+def rows_of(db_url: str, sql: str, params: dict | None = None) -> list[tuple]:
+    engine = create_engine(normalize_url(db_url))
+    with engine.connect() as connection:
+        rows = connection.execute(text(sql), params or {}).fetchall()
+    engine.dispose()
+    return rows
+
+
+def batch_of(steps, pre, loss=None) -> dict:
+    body = {"step": list(steps), "pre_norm": list(pre)}
+    if loss is not None:
+        body["loss"] = list(loss)
+    return body
+
+
+def as_float(value):
+    return None if value is None else SPELLED.get(value, value) if isinstance(value, str) else float(value)
+
+
+def same(a, b) -> bool:
+    a, b = as_float(a), as_float(b)
+    return a is None and b is None or (a is not None and b is not None and
+                                       (a == b or math.isnan(a) and math.isnan(b)))
+
+
+def test_batches_across_chunks_late_steps_duplicates_and_conflicts(served):
+    url, server = served
+    rng = np.random.default_rng(0)
+    sent: dict[int, tuple] = {}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        # one batch spanning three chunks, with NaN, +-Inf and missing values
+        steps = list(range(CHUNK - 50, 2 * CHUNK + 30))
+        pre = [float(v) for v in np.exp(rng.normal(size=len(steps)))]
+        pre[3], pre[60], pre[61] = "NaN", "Infinity", "NaN"
+        loss = [float(v) for v in rng.normal(size=len(steps))]
+        loss[4], loss[70] = None, "-Infinity"
+        answer = post(client, "c", batch_of(steps, pre, loss)).json()
+        assert answer == {"accepted": len(steps), "duplicates": 0, "conflicts": 0}
+        sent.update({s: (p, l) for s, p, l in zip(steps, pre, loss)})
+        # late steps into the first chunk (before everything stored), one more past the end
+        late = [7, 11, 5 * CHUNK + 1]
+        answer = post(client, "c", batch_of(late, [0.25, 0.5, 0.75], [1.0, None, 2.0])).json()
+        assert answer["accepted"] == 3
+        sent.update({7: (0.25, 1.0), 11: (0.5, None), 5 * CHUNK + 1: (0.75, 2.0)})
+        # inside one chunk: an equal resend (duplicate), a different one (conflict), a new step
+        resend = [CHUNK + 10, CHUNK + 11, 2 * CHUNK + 100]
+        index = {s: i for i, s in enumerate(steps)}
+        values = [pre[index[CHUNK + 10]], 99.0, 1.5]
+        losses = [loss[index[CHUNK + 10]], loss[index[CHUNK + 11]], None]
+        answer = post(client, "c", batch_of(resend, values, losses)).json()
+        assert answer == {"accepted": 1, "duplicates": 1, "conflicts": 1}
+        sent[2 * CHUNK + 100] = (1.5, None)
+        conflicts = client.get("/api/runs/c/events", params={"kind": "conflict"}).json()
+        assert [(e["step"], e["detail"]["fields"]) for e in conflicts] == [(CHUNK + 11, ["pre_norm"])]
+        series = client.get("/api/runs/c/series", params={"fields": "pre_norm,loss", "points": 100_000}).json()
+    assert series["step"] == sorted(sent)
+    for position, step in enumerate(series["step"]):
+        assert same(series["pre_norm"][position], sent[step][0]), step
+        assert same(series["loss"][position], sent[step][1]), step
+    chunk_rows = dict(rows_of(url, "SELECT chunk_id, n FROM chunks"))
+    expected = {}
+    for step in sent:
+        expected[step // CHUNK] = expected.get(step // CHUNK, 0) + 1
+    assert chunk_rows == expected
+
+
+def test_float32_only_where_exact_and_summaries_equal_numpy(served):
+    url, server = served
+    rng = np.random.default_rng(1)
+    steps = np.sort(rng.choice(3 * CHUNK, 5000, replace=False))
+    pre32 = rng.lognormal(size=len(steps)).astype(np.float32).astype(np.float64)   # exact in float32
+    loss64 = rng.normal(size=len(steps))                                             # not
+    pre32[[10, 20]] = [np.nan, np.inf]
+    body = {"step": steps.tolist(), "pre_norm": [("NaN" if v != v else "Infinity" if v == np.inf else v)
+                                                 for v in pre32.tolist()],
+            "loss": loss64.tolist(), "clipped": (pre32 > 1.5).tolist()}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        assert post(client, "s", body).json()["accepted"] == len(steps)
+    stored = rows_of(url, "SELECT name, chunk_id, data FROM chunk_columns")
+    kinds = {(name, chunk_id): column_storage(bytes(data)) for name, chunk_id, data in stored}
+    for chunk_id in range(3):
+        assert kinds[("pre_norm", chunk_id)] == "float32"
+        assert kinds[("loss", chunk_id)] == "float64"
+        assert kinds[("clipped", chunk_id)] == "bool"
+        assert kinds[("lr", chunk_id)] == "null"    # never sent
+    blobs = [bytes(row[0]) for row in rows_of(url, "SELECT data FROM chunk_summaries ORDER BY chunk_id")]
+    summary = decode_summaries(blobs)
+    blocks = steps // BLOCK
+    assert summary.start.tolist() == (np.unique(blocks) * BLOCK).tolist()
+    for entry, block in enumerate(np.unique(blocks).tolist()):
+        inside = blocks == block
+        pre, loss = pre32[inside], loss64[inside]
+        finite = np.isfinite(pre)
+        nums = summary.nums["pre_norm"]
+        assert summary.rows[entry] == inside.sum()
+        assert nums.count[entry] == finite.sum() and nums.nan[entry] == np.isnan(pre).sum()
+        assert nums.inf[entry] == np.isinf(pre).sum()
+        assert nums.min[entry] == pre[finite].min() and nums.max[entry] == pre[finite].max()
+        assert nums.min_step[entry] == steps[inside][finite][np.argmin(pre[finite])]
+        assert nums.sum[entry] == pytest.approx(pre[finite].sum(), rel=1e-12)
+        assert summary.nums["loss"].sumsq[entry] == pytest.approx((loss ** 2).sum(), rel=1e-12)
+        assert summary.flags["clipped"].true[entry] == (pre > 1.5).sum()
+
+
+def test_two_writers_on_one_run_keep_each_others_steps(tmp_path, request):
+    """Two stores (as two server processes) append to one run in turns: each one's kept
+    tail chunk is stale after the other wrote, and must be read again, not reused."""
+    url = db_url_for("sqlite", tmp_path, request)
+    engines = [make_engine(url), make_engine(url)]
+    create_schema(engines[0])
+    stores = [Store(engine) for engine in engines]
+    rng = np.random.default_rng(2)
+    sent = {}
+    for turn in range(8):
+        steps = np.arange(turn * 500, turn * 500 + 500)
+        pre = rng.lognormal(size=500)
+        sent.update(zip(steps.tolist(), pre.tolist()))
+        answer = stores[turn % 2].ingest("w", parse_batch({"step": steps.tolist(), "pre_norm": pre.tolist()}))
+        assert answer.accepted == 500
+    for store in stores:
+        arrays = store.arrays("w", ("pre_norm",))
+        assert arrays.steps.tolist() == sorted(sent)
+        assert arrays.values["pre_norm"].tolist() == [sent[s] for s in sorted(sent)]
+    for engine in engines:
+        engine.dispose()
