@@ -3,6 +3,8 @@ steps, duplicates and conflicts inside a chunk, NaN/Inf/null, float32 or float64
 column, the stored summaries against NumPy, and two writers on one run."""
 from __future__ import annotations
 
+import csv
+import io
 import math
 
 import httpx
@@ -42,7 +44,9 @@ def batch_of(steps, pre, loss=None) -> dict:
 
 
 def as_float(value):
-    return None if value is None else SPELLED.get(value, value) if isinstance(value, str) else float(value)
+    if value is None:
+        return None
+    return (SPELLED[value] if value in SPELLED else float(value)) if isinstance(value, str) else float(value)
 
 
 def same(a, b) -> bool:
@@ -81,6 +85,11 @@ def test_batches_across_chunks_late_steps_duplicates_and_conflicts(served):
         conflicts = client.get("/api/runs/c/events", params={"kind": "conflict"}).json()
         assert [(e["step"], e["detail"]["fields"]) for e in conflicts] == [(CHUNK + 11, ["pre_norm"])]
         series = client.get("/api/runs/c/series", params={"fields": "pre_norm,loss", "points": 100_000}).json()
+        exported = list(csv.DictReader(io.StringIO(client.get("/api/runs/c/export.csv").text)))
+    assert [int(row["step"]) for row in exported] == sorted(sent)   # streamed chunk by chunk
+    for row in exported:
+        assert same(row["pre_norm"], sent[int(row["step"])][0]) and \
+            same(row["loss"] or None, sent[int(row["step"])][1]), row
     assert series["step"] == sorted(sent)
     for position, step in enumerate(series["step"]):
         assert same(series["pre_norm"][position], sent[step][0]), step

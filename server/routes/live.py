@@ -33,7 +33,7 @@ async def ws_live(websocket: WebSocket, run: str, store: StoreDep, hub: HubDep,
         if since is not None:
             try:
                 run_id = await run_in_threadpool(store.run_id, name)
-                steps, values, missing = await run_in_threadpool(store.fetch_steps, run_id, since)
+                steps, values, missing = await run_in_threadpool(store.fetch_steps, run_id, since, None, None, LIVE_BACKLOG)
                 if len(steps) > LIVE_BACKLOG:  # a dashboard far behind reloads /series instead
                     steps = steps[-LIVE_BACKLOG:]
                     values = {key: column[-LIVE_BACKLOG:] for key, column in values.items()}

@@ -175,7 +175,7 @@ def tensors(name: RunName, store: StoreDep, start: int | None = Query(None, ge=0
 
 @router.get("/api/runs/{run}/export.csv", dependencies=READ)
 def export_csv(name: RunName, store: StoreDep) -> StreamingResponse:
-    arrays = store.arrays(name)
+    parts = store.reader.iter_steps(store.run_id(name))
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:100]
-    return StreamingResponse(csv_lines(arrays), media_type="text/csv; charset=utf-8",
+    return StreamingResponse(csv_lines(parts), media_type="text/csv; charset=utf-8",
                              headers={"Content-Disposition": f'attachment; filename="{safe}.csv"'})

@@ -113,19 +113,42 @@ class Reader(Database):
             chunks = self.rows.load_range(cursor, run_id, 0, LAST_CHUNK, columns, since_version)
         return row[0], chunks
 
-    def fetch_steps(self, run_id: int, after: int = -1, lo: int | None = None,
-                    hi: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray | None]]:
-        """Rows of a run with step > after (or in [lo, hi]) as arrays, ordered by step."""
+    def fetch_steps(self, run_id: int, after: int = -1, lo: int | None = None, hi: int | None = None,
+                    newest: int | None = None
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray | None]]:
+        """Rows of a run with step > after (or in [lo, hi]) as arrays, ordered by step; with
+        `newest`, at least the newest that many of them (only the chunks holding those are read)."""
         if lo is None:
             lo, hi = after + 1, 2**62
         with self.snapshot() as cursor:
-            chunks = self.rows.load_range(cursor, run_id, lo // CHUNK, hi // CHUNK, VALUE_COLUMNS)
+            first = lo // CHUNK
+            if newest is not None:
+                cursor.execute(self.sql("SELECT chunk_id, n FROM chunks WHERE run_id = ? AND chunk_id BETWEEN ? AND ? "
+                                        "ORDER BY chunk_id DESC"), (run_id, first, hi // CHUNK))
+                held = 0
+                for chunk_id, n in cursor.fetchall():
+                    first, held = chunk_id, held + n
+                    if held >= newest:
+                        break
+            chunks = self.rows.load_range(cursor, run_id, first, hi // CHUNK, VALUE_COLUMNS)
         steps, values, missing = arrays_of(chunks.values(), VALUE_COLUMNS)
         inside = (steps >= lo) & (steps <= hi)
         if inside.all():
             return steps, values, missing
         return steps[inside], {n: v[inside] for n, v in values.items()}, \
             {n: (m[inside] if m is not None else None) for n, m in missing.items()}
+
+    def iter_steps(self, run_id: int, chunks_per_read: int = 16) -> Iterator[tuple]:
+        """Every row of a run, every column, as (steps, values, missing) parts of at most
+        `chunks_per_read` chunks, all from one snapshot: a CSV export of a long run never
+        holds the whole run in memory."""
+        with self.snapshot() as cursor:
+            cursor.execute(self.sql("SELECT chunk_id FROM chunks WHERE run_id = ? ORDER BY chunk_id"), (run_id,))
+            ids = [row[0] for row in cursor.fetchall()]
+            for begin in range(0, len(ids), chunks_per_read):
+                group = ids[begin:begin + chunks_per_read]
+                chunks = self.rows.load_range(cursor, run_id, group[0], group[-1], VALUE_COLUMNS)
+                yield arrays_of(chunks.values(), VALUE_COLUMNS)
 
     def overview(self, run_id: int, start: int | None, end: int | None, points: int,
                  fields: tuple[str, ...]) -> Series:

@@ -72,21 +72,22 @@ def _cell(item) -> str:
     return repr(item) if isinstance(item, float) else str(item)
 
 
-def csv_lines(arrays, chunk: int = 10_000) -> Iterator[str]:
-    """Every step of `arrays` (a cache.RunArrays with every column) as CSV text, in chunks:
-    the registry's columns, NaN/Infinity spelled as on the wire, missing values empty."""
+def csv_lines(parts, chunk: int = 10_000) -> Iterator[str]:
+    """Every step of `parts` ((steps, values, missing) of every column, in step order, e.g.
+    `Reader.iter_steps`) as CSV text, in pieces: the registry's columns, NaN/Infinity spelled
+    as on the wire, missing values empty."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(COLUMNS)
-    for begin in range(0, len(arrays.steps), chunk):
-        stop = begin + chunk
-        part = encode_series(arrays.steps[begin:stop],
-                             {k: v[begin:stop] for k, v in arrays.values.items()},
-                             {k: (m[begin:stop] if m is not None else None) for k, m in arrays.missing.items()},
-                             VALUE_COLUMNS)
-        writer.writerows(map(_cell, row) for row in zip(*(part[name] for name in COLUMNS)))
-        yield buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
+    for steps, values, missing in parts:
+        for begin in range(0, len(steps), chunk):
+            stop = begin + chunk
+            part = encode_series(steps[begin:stop], {k: v[begin:stop] for k, v in values.items()},
+                                 {k: (m[begin:stop] if m is not None else None) for k, m in missing.items()},
+                                 VALUE_COLUMNS)
+            writer.writerows(map(_cell, row) for row in zip(*(part[name] for name in COLUMNS)))
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
     if buffer.tell():
         yield buffer.getvalue()

@@ -38,8 +38,9 @@ class Store(Database):
     def list_runs(self) -> list[dict]:
         return self.reader.list_runs()
 
-    def fetch_steps(self, run_id: int, after: int = -1, lo: int | None = None, hi: int | None = None):
-        return self.reader.fetch_steps(run_id, after=after, lo=lo, hi=hi)
+    def fetch_steps(self, run_id: int, after: int = -1, lo: int | None = None, hi: int | None = None,
+                    newest: int | None = None):
+        return self.reader.fetch_steps(run_id, after=after, lo=lo, hi=hi, newest=newest)
 
     def events(self, run_id: int, kind: str | None, limit: int) -> list[dict]:
         return self.reader.events(run_id, kind, limit)
