@@ -46,7 +46,7 @@ def window_stats(pre_norm: np.ndarray, clipped: np.ndarray | None = None,
     counts as non-finite when flagged so or when its pre-clip norm is NaN/Inf.
     `ordered` is `sorted_finite(pre_norm)` when the caller has it already.
     """
-    good = ordered if ordered is not None else sorted_finite(pre_norm)
+    good = ordered if ordered is not None else finite(pre_norm)   # np.percentile partitions: no sort needed
     count = len(pre_norm)
     bad_norm = ~np.isfinite(pre_norm)
     if nonfinite is not None:
@@ -64,8 +64,8 @@ def window_stats(pre_norm: np.ndarray, clipped: np.ndarray | None = None,
         "nonfinite": int(np.count_nonzero(bad_norm)),
         "mean": _scaled(good, np.mean),
         "std": _scaled(good, np.std),
-        "min": float(good[0]) if len(good) else None,
-        "max": float(good[-1]) if len(good) else None,
+        "min": float(good.min()) if len(good) else None,
+        "max": float(good.max()) if len(good) else None,
     }
 
 
@@ -78,8 +78,12 @@ def _scaled(good: np.ndarray, reduce) -> float | None:
 
 
 def whatif(pre_norm: np.ndarray, threshold: float, ordered: np.ndarray | None = None) -> dict:
-    good = ordered if ordered is not None else sorted_finite(pre_norm)
-    clipped = len(good) - int(np.searchsorted(good, threshold, side="right"))
+    if ordered is not None:
+        good = ordered
+        clipped = len(good) - int(np.searchsorted(good, threshold, side="right"))
+    else:
+        good = finite(pre_norm)
+        clipped = int(np.count_nonzero(good > threshold))
     return {"threshold": threshold, "count": len(good), "clipped": clipped,
             "clip_rate": clipped / len(good) if len(good) else None}
 

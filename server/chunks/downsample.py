@@ -32,6 +32,7 @@ from .codec import BLOCK, CHUNK, Chunk, Spec, decode_chunk, encode_chunk
 from .summaries import Summary, combine, decode_summaries, empty_summary, encode_summary, summarize
 
 LEVELS = (BLOCK, 8 * BLOCK, CHUNK)   # summary widths the overview reads (64, 512, 4096)
+EXTRA_CHUNKS = 16   # chunks decoded at once for the rows kept beside the min/max (bounds memory)
 
 
 class ChunkSource(Protocol):
@@ -228,14 +229,26 @@ def overview(source: ChunkSource, spec: Spec, lo: int, hi: int, points: int, fie
     lower = max([int(nonfinite.sum())] + [int(inner.flags[n].true.sum()) for n in keep])
     if lower <= points:
         flagged = sorted({int(s) // CHUNK for s in inner.start[counts > 0]})
-        extra_rows = raw(flagged) if flagged else _Rows.of_chunks([], spec, key, names, lo, hi)
-        extra_rows = extra_rows.take(_keep_mask(extra_rows, keep))
-        extras = _Rows.join([extra_rows, edge_rows.take(edge_extra)], names)
+        parts = [_Rows.of_chunks([], spec, key, names, lo, hi)]
+        for begin in range(0, len(flagged), EXTRA_CHUNKS):   # a few chunks at a time, kept rows only
+            group = flagged[begin:begin + EXTRA_CHUNKS]
+            for chunk in _fetch(source, group, names, decoded):
+                rows = _Rows.of_chunks([chunk], spec, key, names, lo, hi)
+                parts.append(rows.take(_keep_mask(rows, keep)))
+        extras = _Rows.join(parts + [edge_rows.take(edge_extra)], names)
         if len(np.unique(extras.steps)) <= points:
             chosen.append(extras)
     rows = _Rows.join(chosen, names)
     steps, first = np.unique(rows.steps, return_index=True)
     return _series(rows.take(first), fields, spec, total, decoded)
+
+
+def _fetch(source: ChunkSource, ids: list[int], names: tuple[str, ...], decoded: list[int]) -> list[Chunk]:
+    """The stored chunks among `ids` (ascending), read at once when the source can."""
+    many = getattr(source, "chunks", None)
+    got = many(ids, names) if many is not None else {c: source.chunk(c, names) for c in ids}
+    decoded.extend(ids)
+    return [got[c] for c in ids if got.get(c) is not None]
 
 
 def _anchor_rows(inner: Summary, has: np.ndarray, which: str, names, key: str, spec: Spec) -> _Rows:

@@ -1,7 +1,6 @@
 """Statistics: percentiles, the recommended threshold, what-if, histogram (numbers in `stats`)."""
 from __future__ import annotations
 
-import numpy as np
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
@@ -18,17 +17,12 @@ def window_of(arrays: RunArrays, window: int | None) -> slice:
     return slice(max(len(arrays.steps) - window, 0), None) if window else slice(None)
 
 
-def ordered(arrays: RunArrays, window: int | None) -> np.ndarray | None:
-    """The cached sorted finite norms when the window is the whole run, else None."""
-    return arrays.ordered_pre_norm() if not window or window >= len(arrays.steps) else None
-
-
 @router.get("/api/runs/{run}/stats", response_model=StatsOut)
 def run_stats(name: RunName, store: StoreDep, window: int | None = Window) -> Response:
     arrays = store.arrays(name, ("pre_norm", "clipped", "nonfinite"))
     part = window_of(arrays, window)
     result = stats.window_stats(arrays.values["pre_norm"][part], arrays.values["clipped"][part],
-                                arrays.values["nonfinite"][part], ordered=ordered(arrays, window))
+                                arrays.values["nonfinite"][part])
     steps = arrays.steps[part]
     result["first_step"] = int(steps[0]) if len(steps) else None
     result["last_step"] = int(steps[-1]) if len(steps) else None
@@ -60,7 +54,7 @@ def whatif(name: RunName, store: StoreDep, threshold: float = Query(..., allow_i
            window: int | None = Window) -> Response:
     arrays = store.arrays(name, ("pre_norm",))
     part = window_of(arrays, window)
-    answer = stats.whatif(arrays.values["pre_norm"][part], threshold, ordered=ordered(arrays, window))
+    answer = stats.whatif(arrays.values["pre_norm"][part], threshold)
     answer["window"] = stats.covered(arrays.steps[part])
     return json_response(answer)
 
@@ -70,6 +64,6 @@ def histogram(name: RunName, store: StoreDep, window: int | None = Window,
               bins: int = Query(60, ge=1, le=1000)) -> Response:
     arrays = store.arrays(name, ("pre_norm",))
     part = window_of(arrays, window)
-    answer = stats.histogram(arrays.values["pre_norm"][part], bins, ordered=ordered(arrays, window))
+    answer = stats.histogram(arrays.values["pre_norm"][part], bins)
     answer["window"] = stats.covered(arrays.steps[part])
     return json_response(answer)

@@ -32,14 +32,6 @@ class RunArrays:
     missing: dict[str, np.ndarray | None]
     version: int = -1
 
-    _ordered: np.ndarray | None = None
-
-    def ordered_pre_norm(self) -> np.ndarray:
-        """The run's finite pre-clip norms, sorted; computed once per cached version."""
-        if self._ordered is None:
-            self._ordered = np.sort(self.values["pre_norm"][np.isfinite(self.values["pre_norm"])])
-        return self._ordered
-
     @property
     def last_step(self) -> int:
         return int(self.steps[-1]) if len(self.steps) else -1
@@ -47,7 +39,7 @@ class RunArrays:
     def nbytes(self) -> int:
         total = self.steps.nbytes + sum(v.nbytes for v in self.values.values())
         total += sum(m.nbytes for m in self.missing.values() if m is not None)
-        return total + (self._ordered.nbytes if self._ordered is not None else 0)
+        return total
 
 
 def splice(old: RunArrays, steps: np.ndarray, values: dict[str, np.ndarray],
