@@ -36,7 +36,13 @@ EXTRA_CHUNKS = 16   # chunks decoded at once for the rows kept beside the min/ma
 
 
 class ChunkSource(Protocol):
-    """What the overview needs from storage (the storage package implements it over SQL)."""
+    """What the overview needs from storage (the storage package implements it over SQL).
+
+    Optionally also `kept_flags` (bool column names) and `kept_rows(chunk_ids, columns) ->
+    {chunk_id: Chunk}`: per chunk, the rows whose key is not finite or that one of those
+    flags marks (`kept_rows_of`), stored beside the summaries, so the rows an overview always
+    keeps are read without decoding whole chunks.
+    """
 
     def summaries(self, first_chunk: int, last_chunk: int, width: int) -> Summary:
         """Entries of `width` (one of LEVELS) over the stored chunks first..last, ascending."""
@@ -230,8 +236,17 @@ def overview(source: ChunkSource, spec: Spec, lo: int, hi: int, points: int, fie
     if lower <= points:
         flagged = sorted({int(s) // CHUNK for s in inner.start[counts > 0]})
         parts = [_Rows.of_chunks([], spec, key, names, lo, hi)]
-        for begin in range(0, len(flagged), EXTRA_CHUNKS):   # a few chunks at a time, kept rows only
-            group = flagged[begin:begin + EXTRA_CHUNKS]
+        stored = getattr(source, "kept_rows", None)
+        if stored is not None and set(keep) <= set(getattr(source, "kept_flags", ())):
+            held = stored(flagged, names)   # chunk id -> the chunk's kept rows, written at ingest
+        else:
+            held = {}
+        missing = [chunk_id for chunk_id in flagged if chunk_id not in held]
+        for chunk in (held[chunk_id] for chunk_id in flagged if chunk_id in held):
+            rows = _Rows.of_chunks([chunk], spec, key, names, lo, hi)
+            parts.append(rows.take(_keep_mask(rows, keep)))
+        for begin in range(0, len(missing), EXTRA_CHUNKS):   # a few chunks at a time, kept rows only
+            group = missing[begin:begin + EXTRA_CHUNKS]
             for chunk in _fetch(source, group, names, decoded):
                 rows = _Rows.of_chunks([chunk], spec, key, names, lo, hi)
                 parts.append(rows.take(_keep_mask(rows, keep)))
@@ -241,6 +256,19 @@ def overview(source: ChunkSource, spec: Spec, lo: int, hi: int, points: int, fie
     rows = _Rows.join(chosen, names)
     steps, first = np.unique(rows.steps, return_index=True)
     return _series(rows.take(first), fields, spec, total, decoded)
+
+
+def kept_rows_of(chunk: Chunk, key: str, flags: tuple[str, ...]) -> Chunk:
+    """The rows of `chunk` an overview always keeps: a key that is not finite, or a true flag."""
+    mask = ~np.isfinite(chunk.values[key]) if key in chunk.values else np.zeros(len(chunk), bool)
+    for name in flags:
+        values = chunk.values.get(name)
+        if values is not None:
+            valid = chunk.valid.get(name)
+            mask |= values if valid is None else values & valid
+    rows = np.flatnonzero(mask)
+    return Chunk(chunk.chunk_id, chunk.steps[rows], {n: v[rows] for n, v in chunk.values.items()},
+                 {n: (ok[rows] if ok is not None else None) for n, ok in chunk.valid.items()})
 
 
 def _fetch(source: ChunkSource, ids: list[int], names: tuple[str, ...], decoded: list[int]) -> list[Chunk]:

@@ -33,12 +33,15 @@ from gradwatch.server.chunks import (BLOCK, CHUNK, Chunk, TensorChunk, TensorSum
                                      decode_chunk, decode_summaries, decode_tensor_summary, decode_tensors,
                                      encode_chunk, encode_summary, encode_tensor_summary, encode_tensors,
                                      summarize, summarize_tensors)
-from gradwatch.server.chunks.codec import empty_values
+from gradwatch.server.chunks.codec import empty_values, pack_arrays, unpack_arrays
+from gradwatch.server.chunks.downsample import kept_rows_of
 from gradwatch.server.chunks.summaries import Summary, concat, empty_summary
 from gradwatch.server.storage.registry import FLOAT_FIELDS, STEP_COLUMNS, value_columns
 
 SPEC: dict[str, str] = {column.name: column.type for column in STEP_COLUMNS if column.name != "step"}
 KEY = "pre_norm"          # the column the overview keeps the min and max of
+KEPT_FLAGS = ("spike", "nonfinite")   # rows the overview always keeps (with a non-finite key)
+KEPT_WIDTH = 0            # `chunk_summaries.width` of the row holding a chunk's kept rows
 IDS_PER_QUERY = 400       # chunk ids bound in one IN (...)
 
 _UPSERT = {
@@ -146,6 +149,8 @@ class ChunkRows:
                 column_rows.append((run_id, name, chunk.chunk_id, blob))
             summary = summaries.get(chunk.chunk_id) or summary_of(chunk)
             summary_rows.append((run_id, BLOCK, chunk.chunk_id, encode_summary(summary)))
+            kept = encode_chunk(kept_rows_of(chunk, KEY, KEPT_FLAGS), SPEC)
+            summary_rows.append((run_id, KEPT_WIDTH, chunk.chunk_id, pack_arrays(kept)))
             chunk_rows.append((run_id, chunk.chunk_id, len(chunk), version))
         cursor.executemany(self.sql(_UPSERT["chunk_columns"]), column_rows)
         cursor.executemany(self.sql(_UPSERT["chunk_summaries"]), summary_rows)
@@ -160,6 +165,17 @@ class ChunkRows:
             return empty_summary(SPEC, KEY, width)
         summary = decode_summaries(blobs)
         return summary if width == BLOCK else combine(summary, width)
+
+    def kept_rows(self, cursor, run_id: int, chunk_ids: list[int], columns: tuple[str, ...]) -> dict[int, Chunk]:
+        """The kept rows (`KEPT_FLAGS`, non-finite key) of the chunks among `chunk_ids`."""
+        out: dict[int, Chunk] = {}
+        for group in _groups(sorted(set(chunk_ids))):
+            cursor.execute(self.sql(f"SELECT chunk_id, data FROM chunk_summaries WHERE run_id = ? AND width = ? "
+                                    f"AND chunk_id IN ({', '.join('?' * len(group))})"),
+                           (run_id, KEPT_WIDTH, *group))
+            for chunk_id, data in cursor.fetchall():
+                out[chunk_id] = decode_chunk(chunk_id, unpack_arrays(bytes(data)), SPEC, columns)
+        return out
 
     # ----- per-tensor norms -----
 

@@ -17,7 +17,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from gradwatch.server.chunks import CHUNK, Chunk, Series, heatmap, overview
-from gradwatch.server.storage.chunk_rows import KEY, SPEC, ChunkRows, arrays_of
+from gradwatch.server.storage.chunk_rows import KEPT_FLAGS, KEY, SPEC, ChunkRows, arrays_of
 from gradwatch.server.storage.engine import Database
 from gradwatch.server.storage.registry import VALUE_COLUMNS
 from gradwatch.server.storage.serialise import encode_float
@@ -289,6 +289,11 @@ class _Source:
 
     def chunk(self, chunk_id: int, columns: tuple[str, ...]) -> Chunk | None:
         return self.rows.load(self.cursor, self.run_id, [chunk_id], columns).get(chunk_id)
+
+    kept_flags = KEPT_FLAGS
+
+    def kept_rows(self, chunk_ids: list[int], columns: tuple[str, ...]) -> dict[int, Chunk]:
+        return self.rows.kept_rows(self.cursor, self.run_id, chunk_ids, columns)
 
     def chunks(self, chunk_ids: list[int], columns: tuple[str, ...]) -> dict[int, Chunk]:
         ids = sorted(chunk_ids)
