@@ -26,6 +26,7 @@ No per-value Python loops: every path is a handful of vectorised numpy calls.
 """
 from __future__ import annotations
 
+import functools
 import json
 import struct
 import zlib
@@ -292,12 +293,18 @@ def pack_arrays(arrays: Mapping[str, np.ndarray | bytes]) -> bytes:
     return _MAGIC + struct.pack("<I", len(text)) + text + b"".join(parts)
 
 
+@functools.lru_cache(maxsize=256)
+def _header(text: bytes) -> list:
+    """A packed blob's parsed header; the blobs of full chunks share theirs, so it is parsed once."""
+    return json.loads(text)
+
+
 def unpack_arrays(blob: bytes) -> dict[str, np.ndarray | bytes]:
     """Inverse of `pack_arrays`; arrays are read-only views of `blob` (no copy)."""
     if blob[:4] != _MAGIC:
         raise CodecError("not a packed-arrays blob")
     (size,) = struct.unpack_from("<I", blob, 4)
-    header = json.loads(bytes(blob[8:8 + size]))
+    header = _header(bytes(blob[8:8 + size]))
     base = 8 + size
     view = memoryview(blob)
     out: dict[str, np.ndarray | bytes] = {}

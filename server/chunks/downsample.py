@@ -242,8 +242,8 @@ def overview(source: ChunkSource, spec: Spec, lo: int, hi: int, points: int, fie
         else:
             held = {}
         missing = [chunk_id for chunk_id in flagged if chunk_id not in held]
-        for chunk in (held[chunk_id] for chunk_id in flagged if chunk_id in held):
-            rows = _Rows.of_chunks([chunk], spec, key, names, lo, hi)
+        if held:   # small: a handful of rows per chunk, joined at once
+            rows = _Rows.of_chunks([held[c] for c in flagged if c in held], spec, key, names, lo, hi)
             parts.append(rows.take(_keep_mask(rows, keep)))
         for begin in range(0, len(missing), EXTRA_CHUNKS):   # a few chunks at a time, kept rows only
             group = missing[begin:begin + EXTRA_CHUNKS]
