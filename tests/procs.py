@@ -82,3 +82,58 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+WORKER_HEADER = "X-Gradwatch-Worker"
+
+
+def child_pids(pid: int) -> set[int]:
+    """Live children of `pid` (Linux /proc): a `serve --workers N` supervisor's workers."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.add(int(stat.parent.name))
+    return children
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def answering_worker(port: int, connection: "http.client.HTTPConnection | None" = None) -> int:
+    """The pid in `X-Gradwatch-Worker` of a `/healthz` answer (on `connection`, else a new one)."""
+    import http.client
+
+    own = connection is None
+    connection = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", "/healthz")
+        answer = connection.getresponse()
+        answer.read()
+        if answer.status != 200 or answer.getheader(WORKER_HEADER) is None:
+            raise RuntimeError(f"/healthz answered {answer.status} without {WORKER_HEADER}")
+        return int(answer.getheader(WORKER_HEADER))
+    finally:
+        if own:
+            connection.close()
+
+
+def wait_for_workers(server: ServerProcess, count: int, timeout: float = 60.0) -> set[int]:
+    """Open new connections until `count` different workers have answered (each worker listens
+    only once its app has started; until then the kernel gives its share to the others)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only workers {sorted(seen)} answered within {timeout} s, wanted {count}")
+        seen.add(answering_worker(server.port))
+    return seen
