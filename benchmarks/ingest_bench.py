@@ -101,6 +101,7 @@ class Database:
 
     name: str
     fresh: object  # () -> context manager yielding a URL (a fresh database, or the given one)
+    given: bool = False  # the user's database: the measured runs are deleted afterwards
 
 
 @dataclass
@@ -192,12 +193,13 @@ def run_once(config: Config, bodies: list[bytes], writers: int, steps_each: int,
             if errors:
                 raise errors[0]
             elapsed = max(finished) - started
-            stored = {run["name"]: run["steps"] for run in api_json(server.port, "GET", "/api/runs")}
             for run in runs:
-                if stored.get(run) != steps_each:
-                    raise RuntimeError(f"run {run}: stored {stored.get(run)} steps, sent {steps_each}")
-                api_json(server.port, "DELETE", f"/api/runs/{run}")
-                api_json(server.port, "DELETE", f"/api/runs/warmup-{run}")
+                stored = api_json(server.port, "GET", f"/api/runs/{run}")["steps"]
+                if stored != steps_each:
+                    raise RuntimeError(f"run {run}: stored {stored} steps, sent {steps_each}")
+                if config.database.given:
+                    api_json(server.port, "DELETE", f"/api/runs/{run}")
+                    api_json(server.port, "DELETE", f"/api/runs/warmup-{run}")
     config.times.append(elapsed)
     if pids:
         config.spreads.append(spread)
@@ -214,9 +216,10 @@ def main(steps: int = 400_000, batch: int = 2000, repeat: int = 1, db: str | Non
     steps_each = steps // writers
     bodies = make_batches(steps_each, batch)
     total = steps_each * writers
-    given = Database(_db_name(db), lambda: contextlib.nullcontext(db)) if db else Database("sqlite", fresh_sqlite)
+    first = (Database(_db_name(db), lambda: contextlib.nullcontext(db), given=True) if db
+             else Database("sqlite", fresh_sqlite))
     with contextlib.ExitStack() as stack:
-        databases = [given]
+        databases = [first]
         if pg:
             cluster = stack.enter_context(PostgresCluster())
             databases.append(Database("postgresql", lambda: contextlib.nullcontext(cluster.new_database())))
@@ -282,7 +285,8 @@ if __name__ == "__main__":
     parser.add_argument("--db", help="database URL to measure (default: a fresh SQLite file per run)")
     parser.add_argument("--pg", action="store_true",
                         help="also a throwaway PostgreSQL cluster; prints both and their ratio")
-    parser.add_argument("--writers", type=int, default=1, help="concurrent writers, each its own run and connection")
+    parser.add_argument("--writers", type=int, default=1,
+                        help="concurrent writers, each its own run and connection")
     parser.add_argument("--workers", type=int, default=1,
                         help="serve --workers N, measured against one worker in the same run")
     parser.add_argument("--balance", action="store_true",

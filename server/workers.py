@@ -16,8 +16,8 @@ once in `serve.check_database`):
   SO_REUSEPORT server, is an error rather than a silently shared port), then starts N
   `python -m gradwatch.server.workers` children, each given one socket and the read end
   of a pipe whose write end only the supervisor holds;
-- forwards SIGINT/SIGTERM to every worker, once per signal received (uvicorn drains on
-  the first and drops connections on a second SIGINT), and exits 0 when all have exited;
+- forwards each SIGINT/SIGTERM to every worker (uvicorn drains on the first and drops
+  open connections on a second SIGINT), and exits 0 when all have exited;
 - when a worker exits on its own (a crash, an OOM kill, a failed start), stops the
   others and exits 1. It does not restart workers: a restart loop inside would hide a
   worker that keeps crashing; restarting the whole server is the process manager's job
@@ -116,7 +116,8 @@ class Supervisor:
 
     settings: Settings
     running: dict[int, int] = field(default_factory=dict)   # pid -> worker index
-    signalled: dict[int, set[int]] = field(default_factory=dict)  # signal -> pids it was sent to
+    signalled: set[int] = field(default_factory=set)        # pids sent a signal at least once
+    last_signal: int = signal.SIGTERM
     stopping: bool = False
     failed: bool = False
     _write_end: int = -1  # the pipe's write end: closed (or the supervisor gone) -> workers stop
@@ -138,17 +139,23 @@ class Supervisor:
             os.close(read_end)
             for sock in sockets:
                 sock.close()
-        for signum in list(self.signalled):  # a signal that came while workers were starting
-            self.forward(signum)
+        if self.stopping:  # a signal came while workers were starting: the ones it missed
+            for pid in set(self.running) - self.signalled:
+                self._send(pid, self.last_signal)
 
     def forward(self, signum: int, _frame=None) -> None:
-        """Signal handler: pass SIGINT/SIGTERM on to each worker once."""
+        """Signal handler: pass SIGINT/SIGTERM on to every worker (each time it comes)."""
         self.stopping = True
-        sent = self.signalled.setdefault(signum, set())
+        self.last_signal = signum
         for pid in list(self.running):
-            if pid not in sent:
-                sent.add(pid)
-                _kill(pid, signum)
+            self._send(pid, signum)
+
+    def _send(self, pid: int, signum: int) -> None:
+        self.signalled.add(pid)
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
 
     def wait(self) -> int:
         """Until every worker has exited: 0 after a requested stop, 1 when one died on its own."""
@@ -171,13 +178,6 @@ class Supervisor:
             os.close(self._write_end)
             self._write_end = -1
         return 1 if self.failed else 0
-
-
-def _kill(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def serve_workers(settings: Settings) -> int:

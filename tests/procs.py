@@ -158,7 +158,8 @@ class PostgresCluster:
         self.bin_dir = postgres_bin()
         if self.bin_dir is None:
             raise RuntimeError("PostgreSQL server binaries not found (apt-get install -y postgresql)")
-        self.data_dir = Path(tempfile.mkdtemp(prefix="gradwatch-pg-"))  # not 0700 parents: initdb may run as postgres
+        # Not under pytest's 0700 temp folders: initdb may run as `postgres`.
+        self.data_dir = Path(tempfile.mkdtemp(prefix="gradwatch-pg-"))
         self.run_as: list[str] = []
         if os.geteuid() == 0:  # initdb refuses to run as root
             shutil.chown(self.data_dir, "postgres")
