@@ -1,23 +1,40 @@
-"""Ingest throughput: columnar 2,000-step batches over one keep-alive HTTP connection.
+"""Ingest throughput: columnar 2,000-step batches over keep-alive HTTP connections.
 
-Starts `gradwatch serve` itself on a fresh SQLite file, posts a run of
-generated steps (every column the agent sends, a few clips and spikes), and
-prints steps stored per second, measured from the first request to the last
-answer (each answer is sent after its transaction commits), and the ratio to
-MLflow 3.17's `log_batch` into SQLite on this machine (5,170 points/s).
+Starts `gradwatch serve` itself, has K writers (threads, each its own run and its own
+keep-alive connection) post generated steps (every column the agent sends, a few clips
+and spikes), and prints steps stored per second from the first request to the last
+answer (each answer is sent after its transaction commits). Every stored count is
+checked through the API afterwards.
 
     python benchmarks/ingest_bench.py [--steps N] [--batch B] [--repeat R]
+        [--db URL] [--pg] [--writers K] [--workers N]
 
-The machine is shared and noisy: `--repeat 5` reports the median of five runs.
+- default: one writer into a fresh SQLite file per run, compared with MLflow 3.17's
+  `log_batch` into SQLite on this machine (5,170 points/s);
+- `--db URL`: the database to measure (`sqlite:///file.db`, `postgresql+psycopg://...`);
+  used as it is, each run's rows under fresh run names, deleted afterwards;
+- `--pg`: also a throwaway PostgreSQL cluster (fsync off, as in the tests; a fresh
+  database per run): SQLite (or `--db`) and PostgreSQL figures and their ratio in one run;
+- `--writers K`: K concurrent writers; `--steps` is the total, split over them;
+- `--workers N` (N > 1): `serve --workers N` measured against `--workers 1` in the same run;
+  each run prints how many writers the kernel placed on each worker, and `--balance`
+  reconnects writers until they are spread evenly.
+
+Configurations are measured in turn within each repeat (so drift hits all alike); the
+first is the baseline every ratio is against. The machine is shared and noisy:
+`--repeat 5` reports the median of five runs of each.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
-import sqlite3
 import sys
 import tempfile
+import threading
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +44,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.procs import ServerProcess  # noqa: E402
+from tests.procs import PostgresCluster, ServerProcess, answering_worker, wait_for_workers  # noqa: E402
 
 MLFLOW_POINTS_PER_S = 5170.0
+WARMUP_BATCHES = 2
 
 
 def make_batches(steps: int, batch: int, seed: int = 0) -> list[bytes]:
@@ -58,8 +76,11 @@ def make_batches(steps: int, batch: int, seed: int = 0) -> list[bytes]:
     return bodies
 
 
-def post_all(port: int, run: str, bodies: list[bytes]) -> float:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+def post_all(port: int, run: str, bodies: list[bytes],
+             connection: http.client.HTTPConnection | None = None) -> float:
+    """Seconds to post `bodies` to `run`, one after another on one keep-alive connection."""
+    own = connection is None
+    connection = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     headers = {"Content-Type": "application/json"}
     started = time.perf_counter()
     for body in bodies:
@@ -69,50 +90,208 @@ def post_all(port: int, run: str, bodies: list[bytes]) -> float:
         if answer.status != 200:
             raise RuntimeError(f"ingest answered {answer.status}: {payload[:200]!r}")
     elapsed = time.perf_counter() - started
-    connection.close()
+    if own:
+        connection.close()
     return elapsed
 
 
-def run_once(bodies: list[bytes], steps: int) -> float:
-    """Seconds to store `bodies` into a fresh SQLite file through a fresh server."""
+@dataclass
+class Database:
+    """Where one configuration stores: `fresh()` gives the URL for one measured run."""
+
+    name: str
+    fresh: object  # () -> context manager yielding a URL (a fresh database, or the given one)
+    given: bool = False  # the user's database: the measured runs are deleted afterwards
+
+
+@dataclass
+class Config:
+    database: Database
+    workers: int
+    times: list[float] = field(default_factory=list)
+    spreads: list[list[int]] = field(default_factory=list)  # writers per worker, each run
+
+    @property
+    def label(self) -> str:
+        return f"{self.database.name}, {self.workers} worker{'s' if self.workers > 1 else ''}"
+
+
+@contextlib.contextmanager
+def fresh_sqlite():
     with tempfile.TemporaryDirectory() as folder:
-        db_path = Path(folder) / "bench.db"
-        with ServerProcess(f"sqlite:///{db_path}") as server:
-            post_all(server.port, "warmup", bodies[:5])
-            elapsed = post_all(server.port, "bench", bodies)
-        with sqlite3.connect(db_path) as check:
-            stored = check.execute("SELECT SUM(n) FROM chunks JOIN runs ON runs.id = chunks.run_id "
-                                   "WHERE runs.name = 'bench'").fetchone()[0]
-    if stored != steps:
-        raise RuntimeError(f"stored {stored} steps, sent {steps}")
+        yield f"sqlite:///{Path(folder) / 'bench.db'}"
+
+
+def api_json(port: int, method: str, path: str):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        connection.request(method, path)
+        answer = connection.getresponse()
+        payload = answer.read()
+        if answer.status >= 300:
+            raise RuntimeError(f"{method} {path} answered {answer.status}: {payload[:200]!r}")
+        return orjson.loads(payload) if payload else None
+    finally:
+        connection.close()
+
+
+def connect_writers(port: int, pids: list[int], writers: int,
+                    balance: bool) -> tuple[list[http.client.HTTPConnection], list[int]]:
+    """One keep-alive connection per writer, and how many landed on each worker. The kernel
+    picks a worker by a hash of each connection's ports, so 4 writers on 2 workers are 2:2
+    only 3 times in 8; `balance` reconnects until no worker has more than its share."""
+    connections: list[http.client.HTTPConnection] = []
+    spread = [0] * max(len(pids), 1)
+    share = -(-writers // max(len(pids), 1))
+    while len(connections) < writers:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        slot = pids.index(answering_worker(port, connection)) if pids else 0
+        if balance and spread[slot] >= share:
+            connection.close()
+            continue
+        spread[slot] += 1
+        connections.append(connection)
+    return connections, spread
+
+
+def run_once(config: Config, bodies: list[bytes], writers: int, steps_each: int, balance: bool = False) -> float:
+    """Seconds for `writers` concurrent writers to store `bodies` each, into their own runs,
+    through a fresh server with `config.workers` workers; checks every count through the API."""
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    runs = [f"{prefix}-w{index}" for index in range(writers)]
+    with config.database.fresh() as url, tempfile.TemporaryDirectory() as logs:
+        extra = ["--workers", str(config.workers)] if config.workers > 1 else []
+        with ServerProcess(url, extra_args=extra, log_path=Path(logs) / "server.log") as server:
+            pids = sorted(wait_for_workers(server, config.workers)) if config.workers > 1 else []
+            connections, spread = connect_writers(server.port, pids, writers, balance)
+            ready = threading.Barrier(writers + 1)
+            finished: list[float] = []
+            errors: list[BaseException] = []
+
+            def write(connection: http.client.HTTPConnection, run: str) -> None:
+                try:
+                    post_all(server.port, f"warmup-{run}", bodies[:WARMUP_BATCHES], connection)
+                    ready.wait()
+                    post_all(server.port, run, bodies, connection)
+                    finished.append(time.perf_counter())
+                except BaseException as error:  # noqa: BLE001 - re-raised below
+                    errors.append(error)
+                    ready.abort()
+
+            threads = [threading.Thread(target=write, args=pair) for pair in zip(connections, runs)]
+            for thread in threads:
+                thread.start()
+            try:
+                ready.wait()
+            except threading.BrokenBarrierError:
+                pass
+            started = time.perf_counter()
+            for thread in threads:
+                thread.join()
+            for connection in connections:
+                connection.close()
+            if errors:
+                raise errors[0]
+            elapsed = max(finished) - started
+            for run in runs:
+                stored = api_json(server.port, "GET", f"/api/runs/{run}")["steps"]
+                if stored != steps_each:
+                    raise RuntimeError(f"run {run}: stored {stored} steps, sent {steps_each}")
+                if config.database.given:
+                    api_json(server.port, "DELETE", f"/api/runs/{run}")
+                    api_json(server.port, "DELETE", f"/api/runs/warmup-{run}")
+    config.times.append(elapsed)
+    if pids:
+        config.spreads.append(spread)
     return elapsed
 
 
-def main(steps: int = 400_000, batch: int = 2000, repeat: int = 1) -> dict:
-    bodies = make_batches(steps, batch)
-    times = []
-    for attempt in range(repeat):
-        times.append(run_once(bodies, steps))
-        if repeat > 1:
-            print(f"  run {attempt + 1}/{repeat}: {steps / times[-1]:,.0f} steps/s", flush=True)
-    elapsed = sorted(times)[len(times) // 2]  # the median run (the upper one of an even count)
-    rate = steps / elapsed
-    figures = {"steps": steps, "batch": batch, "seconds": round(elapsed, 3),
-               "steps_per_s": round(rate), "vs_mlflow_log_batch": round(rate / MLFLOW_POINTS_PER_S, 1),
-               "batch_ms": round(elapsed / len(bodies) * 1000, 2),
-               "body_bytes_per_step": round(sum(map(len, bodies)) / steps, 1), "runs": repeat}
-    print(f"ingest: {steps:,} steps in {len(bodies)} batches of {batch:,} over one HTTP connection "
-          f"into SQLite: {elapsed:.2f} s, {rate:,.0f} steps/s stored "
-          f"({rate / MLFLOW_POINTS_PER_S:.1f}x MLflow 3.17 log_batch's {MLFLOW_POINTS_PER_S:,.0f} points/s), "
-          f"{figures['batch_ms']} ms per batch" + (f" (median of {repeat} runs)" if repeat > 1 else ""))
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]  # the median run (the upper one of an even count)
+
+
+def main(steps: int = 400_000, batch: int = 2000, repeat: int = 1, db: str | None = None,
+         pg: bool = False, writers: int = 1, workers: int = 1, balance: bool = False) -> dict:
+    writers = max(writers, 1)
+    steps_each = steps // writers
+    bodies = make_batches(steps_each, batch)
+    total = steps_each * writers
+    first = (Database(_db_name(db), lambda: contextlib.nullcontext(db), given=True) if db
+             else Database("sqlite", fresh_sqlite))
+    with contextlib.ExitStack() as stack:
+        databases = [first]
+        if pg:
+            cluster = stack.enter_context(PostgresCluster())
+            databases.append(Database("postgresql", lambda: contextlib.nullcontext(cluster.new_database())))
+        configs = [Config(database, count) for database in databases
+                   for count in sorted({1, max(workers, 1)})]
+        for attempt in range(repeat):
+            for config in configs:
+                elapsed = run_once(config, bodies, writers, steps_each, balance)
+                spread = f", writers per worker {config.spreads[-1]}" if config.workers > 1 else ""
+                print(f"  run {attempt + 1}/{repeat} {config.label}: {total / elapsed:,.0f} steps/s{spread}",
+                      flush=True)
+    return report(configs, total, batch, bodies, writers, repeat, balance)
+
+
+def _db_name(url: str) -> str:
+    return url.split(":", 1)[0].split("+", 1)[0]
+
+
+def report(configs: list[Config], total: int, batch: int, bodies: list[bytes], writers: int, repeat: int,
+           balance: bool = False) -> dict:
+    base = configs[0]
+    base_rate = total / median(base.times)
+    figures = {"steps": total, "batch": batch, "writers": writers, "runs": repeat,
+               "body_bytes_per_step": round(sum(map(len, bodies)) / (total // writers), 1)}
+    what = (f"{total:,} steps in batches of {batch:,}, {writers} writer{'s' if writers > 1 else ''} "
+            f"(each its own run and connection{', balanced over the workers' if balance else ''})"
+            + (f", median of {repeat} runs" if repeat > 1 else ""))
+    print(f"ingest: {what}")
+    for config in configs:
+        elapsed = median(config.times)
+        rate = total / elapsed
+        key = config.label.replace(", ", "_").replace(" ", "_")
+        figures[f"{key}_steps_per_s"] = round(rate)
+        line = f"  {config.label:<26} {rate:>10,.0f} steps/s  {elapsed:7.2f} s"
+        if config is base:
+            line += "  baseline"
+            if len(configs) == 1 and config.database.name == "sqlite" and writers == 1:
+                figures.update(seconds=round(elapsed, 3), steps_per_s=round(rate),
+                               vs_mlflow_log_batch=round(rate / MLFLOW_POINTS_PER_S, 1),
+                               batch_ms=round(elapsed / len(bodies) * 1000, 2))
+                line += (f" ({rate / MLFLOW_POINTS_PER_S:.1f}x MLflow 3.17 log_batch's "
+                         f"{MLFLOW_POINTS_PER_S:,.0f} points/s), {figures['batch_ms']} ms per batch")
+        else:
+            figures[f"{key}_vs_baseline"] = round(rate / base_rate, 3)
+            line += f"  {rate / base_rate:.2f}x baseline"
+            one = next(c for c in configs if c.database is config.database and c.workers == 1)
+            if one is not config and one is not base:
+                ratio = rate / (total / median(one.times))
+                figures[f"{key}_vs_1_worker"] = round(ratio, 3)
+                line += f", {ratio:.2f}x {one.label}"
+        if config.spreads:
+            line += f"  (writers per worker: {', '.join(map(str, config.spreads))})"
+        print(line)
     return figures
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400_000)
+    parser.add_argument("--steps", type=int, default=400_000, help="steps in all, split over the writers")
     parser.add_argument("--batch", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=1,
                         help="run N times (a fresh server and database each) and report the median run")
+    parser.add_argument("--db", help="database URL to measure (default: a fresh SQLite file per run)")
+    parser.add_argument("--pg", action="store_true",
+                        help="also a throwaway PostgreSQL cluster; prints both and their ratio")
+    parser.add_argument("--writers", type=int, default=1,
+                        help="concurrent writers, each its own run and connection")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="serve --workers N, measured against one worker in the same run")
+    parser.add_argument("--balance", action="store_true",
+                        help="reconnect writers until they spread evenly over the workers (the server's "
+                             "capacity, apart from how the kernel's hash happened to place them)")
     options = parser.parse_args()
-    main(options.steps, options.batch, max(options.repeat, 1))
+    main(options.steps, options.batch, max(options.repeat, 1), options.db, options.pg,
+         options.writers, options.workers, options.balance)

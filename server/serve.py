@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 
-from gradwatch.server.settings import SETTINGS_ENV, Settings
+from gradwatch.server.settings import Settings
 
 
 KEEP_ALIVE_S = 10  # idle keep-alive connections: enough for an agent's next POST, short for a slow client
@@ -61,32 +60,39 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def uvicorn_options(settings: Settings) -> dict:
+    """The uvicorn.Config options every server process uses (one process or each worker).
+
+    uvicorn cannot time out a slow header or body read (README: "Running the server for a
+    team" gives the proxy settings); an idle keep-alive connection is closed after 10 s."""
+    return dict(ws_max_size=settings.max_body, access_log=False, log_level="warning",
+                timeout_keep_alive=KEEP_ALIVE_S)
+
+
+def announce(settings: Settings) -> None:
+    """The one line saying where the server listens, once the port is bound."""
+    print(f"gradwatch serving http://{settings.host}:{settings.port}/ "
+          f"(database {_safe_url(settings.db_url)}, workers {settings.workers})", file=sys.stderr, flush=True)
+
+
 def serve(settings: Settings) -> int:
     import uvicorn
 
-    problem = check_database(settings.db_url)  # creates or upgrades the schema first
+    problem = check_database(settings.db_url)  # creates or upgrades the schema, once, first
     if problem:
         return _fail(problem)
+    if settings.workers > 1:
+        from gradwatch.server.workers import serve_workers
+
+        return serve_workers(settings)
     try:
         sock = bind_socket(settings.host, settings.port)
     except OSError as error:
         return _fail(f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}")
-    # uvicorn cannot time out a slow header or body read (README: "Running the server for a
-    # team" gives the proxy settings); an idle keep-alive connection is closed after 10 s.
-    common = dict(ws_max_size=settings.max_body, access_log=False, log_level="warning",
-                  timeout_keep_alive=KEEP_ALIVE_S)
-    print(f"gradwatch serving http://{settings.host}:{settings.port}/ "
-          f"(database {_safe_url(settings.db_url)}, workers {settings.workers})", file=sys.stderr, flush=True)
-    if settings.workers > 1:
-        sock.close()  # uvicorn's supervisor binds it again and shares it with the workers
-        os.environ[SETTINGS_ENV] = settings.to_env()
-        uvicorn.run("gradwatch.server.app:app_from_env", factory=True, host=settings.host,
-                    port=settings.port, workers=settings.workers, **common)
-        return 0
+    announce(settings)
     from gradwatch.server.app import create_app
 
-    config = uvicorn.Config(create_app(settings), **common)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), **uvicorn_options(settings)))
     server.run(sockets=[sock])
     return 0
 

@@ -14,7 +14,7 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-SETTINGS_ENV = "GRADWATCH_SERVER_SETTINGS"   # settings handed to uvicorn worker processes, as JSON
+SETTINGS_ENV = "GRADWATCH_SERVER_SETTINGS"   # settings handed to worker processes, as JSON
 DEFAULT_DB = "sqlite:///gradwatch.db"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     token: str | None = Field(None, description="write token guarding ingest and deletes")
     read_token: str | None = Field(None, description="read token guarding reads and the dashboard")
     max_body: int = Field(DEFAULT_MAX_BODY, gt=0, description="largest accepted request body, in bytes")
-    workers: int = Field(1, ge=1, description="uvicorn worker processes (use with PostgreSQL)")
+    workers: int = Field(1, ge=1, description="worker processes, each its own socket on Linux (use with PostgreSQL)")
     cache_mb: float = Field(128, gt=0, description="megabytes of run columns each process keeps in memory "
                             "(the least recently read runs go first)")
     allow_origin: Annotated[list[str], NoDecode] = Field(
@@ -73,7 +73,7 @@ class Settings(BaseSettings):
 
     @classmethod
     def from_env(cls) -> "Settings":
-        """In a uvicorn worker: the settings `gradwatch serve` packed; else GRADWATCH_* variables."""
+        """In a worker process: the settings `gradwatch serve` packed; else GRADWATCH_* variables."""
         import os
 
         packed = os.environ.get(SETTINGS_ENV)

@@ -1,6 +1,7 @@
 """Real server processes for tests: start `gradwatch serve`, wait, kill -9, restart."""
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -78,6 +79,124 @@ class ServerProcess:
         return self.start(timeout)
 
     def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+WORKER_HEADER = "X-Gradwatch-Worker"
+
+
+def child_pids(pid: int) -> set[int]:
+    """Live children of `pid` (Linux /proc): a `serve --workers N` supervisor's workers."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.add(int(stat.parent.name))
+    return children
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def answering_worker(port: int, connection: http.client.HTTPConnection | None = None) -> int:
+    """The pid in `X-Gradwatch-Worker` of a `/healthz` answer (on `connection`, else a new one)."""
+    own = connection is None
+    connection = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", "/healthz")
+        answer = connection.getresponse()
+        answer.read()
+        if answer.status != 200 or answer.getheader(WORKER_HEADER) is None:
+            raise RuntimeError(f"/healthz answered {answer.status} without {WORKER_HEADER}")
+        return int(answer.getheader(WORKER_HEADER))
+    finally:
+        if own:
+            connection.close()
+
+
+def wait_for_workers(server: ServerProcess, count: int, timeout: float = 60.0) -> set[int]:
+    """Open new connections until `count` different workers have answered (each worker listens
+    only once its app has started; until then the kernel gives its share to the others)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only workers {sorted(seen)} answered within {timeout} s, wanted {count}")
+        seen.add(answering_worker(server.port))
+    return seen
+
+
+def postgres_bin() -> Path | None:
+    """The newest PostgreSQL server binaries under /usr/lib/postgresql (Debian's layout)."""
+    for version_dir in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (version_dir / "postgres").exists():
+            return version_dir
+    return None
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster in a temporary folder on 127.0.0.1 (benchmarks; the tests'
+    `postgres_url` fixture does the same). `url` is its `postgres` database; `new_database()`
+    creates an empty one and returns its SQLAlchemy URL."""
+
+    def __init__(self):
+        import shutil
+        import tempfile
+
+        self.bin_dir = postgres_bin()
+        if self.bin_dir is None:
+            raise RuntimeError("PostgreSQL server binaries not found (apt-get install -y postgresql)")
+        # Not under pytest's 0700 temp folders: initdb may run as `postgres`.
+        self.data_dir = Path(tempfile.mkdtemp(prefix="gradwatch-pg-"))
+        self.run_as: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            shutil.chown(self.data_dir, "postgres")
+            os.chmod(self.data_dir, 0o700)
+            self.run_as = ["runuser", "-u", "postgres", "--"]
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self._databases = 0
+
+    def start(self) -> "PostgresCluster":
+        subprocess.run(self.run_as + [str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-A", "trust",
+                                      "-U", "postgres", "--no-sync"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(self.run_as + [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-w", "-l",
+                                      str(self.data_dir / "server.log"), "-o",
+                                      f"-h 127.0.0.1 -p {self.port} -k {self.data_dir} -c fsync=off "
+                                      f"-c max_connections=200", "start"],
+                       check=True, stdout=subprocess.DEVNULL)
+        return self
+
+    def new_database(self) -> str:
+        import psycopg
+
+        self._databases += 1
+        name = f"gw_{os.getpid()}_{self._databases}"
+        with psycopg.connect(self.url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as db:
+            db.execute(f"CREATE DATABASE {name}")
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
+    def stop(self) -> None:
+        import shutil
+
+        subprocess.run(self.run_as + [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "immediate",
+                                      "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> "PostgresCluster":
         return self.start()
 
     def __exit__(self, *exc) -> None:
