@@ -174,13 +174,15 @@ def reads_under_ingest(url: str, runs: list[str], seconds: float, writers: int =
     stored = [0] * writers
     rng = np.random.default_rng(7)
 
+    tag = f"{os.getpid()}-{int(time.time())}"   # fresh runs each time a reused database is read
+
     def write(index: int) -> None:
         client = Client(url)
         step = 0
         next_at = time.perf_counter()
         while not stop.is_set():
             block = np.arange(step, step + 200)
-            client.post(f"/api/runs/writer-{index}/steps", json.dumps(columns(block, rng)).encode())
+            client.post(f"/api/runs/writer-{tag}-{index}/steps", json.dumps(columns(block, rng)).encode())
             step += 200
             stored[index] += 200
             next_at += 0.1
@@ -200,6 +202,9 @@ def reads_under_ingest(url: str, runs: list[str], seconds: float, writers: int =
     stop.set()
     for thread in threads:
         thread.join(30)
+    for index in range(writers):   # leave a reused database as it was built
+        reader.connection.request("DELETE", f"/api/runs/writer-{tag}-{index}")
+        reader.connection.getresponse().read()
     return latencies, sum(stored)
 
 

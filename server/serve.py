@@ -91,6 +91,9 @@ def serve(settings: Settings) -> int:
         return _fail(f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}")
     announce(settings)
     from gradwatch.server.app import create_app
+    from gradwatch.server.malloc import limit_retained_memory
+
+    limit_retained_memory()   # before any thread starts: the arenas are per thread
 
     server = uvicorn.Server(uvicorn.Config(create_app(settings), **uvicorn_options(settings)))
     server.run(sockets=[sock])

@@ -240,7 +240,9 @@ def worker_main(argv: list[str]) -> int:
     import uvicorn
 
     from gradwatch.server.app import create_app
+    from gradwatch.server.malloc import limit_retained_memory
 
+    limit_retained_memory()   # before any thread starts: the arenas are per thread
     _index, sock_fd, pipe_fd = (int(arg) for arg in argv)
     sock = socket.socket(fileno=sock_fd)
     settings = Settings.from_env()
