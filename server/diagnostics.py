@@ -37,6 +37,7 @@ MAD_TO_SIGMA = 1.4826
 TINY = 1e-30
 MIN_WINDOW = 100
 MIN_CLEAN = 100
+HISTORY_BEFORE_WINDOW = 400   # steps before the window the robust rule reads as history
 DEFAULT_WINDOW_FRACTION = 0.10
 DEFAULT_MIN_WINDOW = 500
 DEFAULT_MAX_WINDOW = 20_000   # recent enough to be the regime the threshold is for; bounds the work
@@ -304,7 +305,7 @@ def recommend(steps: Sequence[int] | np.ndarray, pre_norm: Sequence[float] | np.
     count = len(norms)
     size = default_window(count) if window is None else min(int(window), count)
     start = count - size
-    lead = max(0, start - 400)
+    lead = max(0, start - HISTORY_BEFORE_WINDOW)
     found = robust_spikes(norms[lead:])
     offset = start - lead
     w_norms = norms[start:]

@@ -195,3 +195,38 @@ def test_the_overview_from_the_database_equals_the_reference(tmp_path, lo, hi, p
     assert set(series.decoded) <= edges, series.decoded
     np.testing.assert_array_equal(series.values["pre_norm"], pre[np.searchsorted(steps, series.steps)])
     engine.dispose()
+
+
+def test_the_recommendation_reads_the_runs_tail_and_answers_as_for_the_whole_run(tmp_path):
+    """A long run's recommendation reads the newest chunks only; the answer must be the rule's
+    answer on the whole run's arrays (default window, an explicit one, a target rate)."""
+    from fastapi.testclient import TestClient
+
+    from gradwatch.server import stats
+    from gradwatch.server.app import create_app
+    from gradwatch.server.settings import Settings
+
+    rng = np.random.default_rng(4)
+    n = 30_000
+    pre = np.exp(rng.normal(0.0, 0.3, n))
+    pre[rng.choice(n, 30, replace=False)] *= 40.0
+    threshold = np.where(np.arange(n) < 20_000, 1.0, 2.0)
+    with TestClient(create_app(Settings(db_url=f"sqlite:///{tmp_path / 'r.db'}")),
+                    base_url="http://localhost") as client:
+        for begin in range(0, n, 5000):
+            part = slice(begin, begin + 5000)
+            assert post(client, "long", {"step": list(range(begin, min(begin + 5000, n))),
+                                         "pre_norm": pre[part].tolist(),
+                                         "threshold": threshold[part].tolist()}).status_code == 200
+        for params in ({}, {"window": 1000}, {"target_clip_rate": 0.01}):
+            got = client.get("/api/runs/long/recommendation", params=params).json()
+            expected = stats.recommend(np.arange(n), pre, threshold, window=params.get("window"),
+                                       target_clip_rate=params.get("target_clip_rate"))
+            assert got == json_round_trip(expected), params
+            assert got["current_threshold"] == 2.0
+
+
+def json_round_trip(value):
+    import json
+
+    return json.loads(json.dumps(value))

@@ -1,6 +1,7 @@
 """Statistics: percentiles, the recommended threshold, what-if, histogram (numbers in `stats`)."""
 from __future__ import annotations
 
+import numpy as np
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
@@ -29,6 +30,25 @@ def run_stats(name: RunName, store: StoreDep, window: int | None = Window) -> Re
     return json_response(result)
 
 
+def recent_norms(store, name: str, window: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
+    """(steps, pre_norm, threshold, window) the recommendation needs: the window and the 400 steps
+    before it (the robust rule's history), read from the newest chunks only. A million-step
+    run's recommendation then reads ~20,000 steps, not the run. The whole run when it is
+    short, or when the tail has no clip threshold to report (an older one may exist)."""
+    from gradwatch.server import diagnostics
+
+    run_id = store.run_id(name)
+    count = store.reader.run_size(run_id)
+    size = window if window is not None else diagnostics.default_window(count)
+    if size >= diagnostics.MIN_WINDOW and count > size + diagnostics.HISTORY_BEFORE_WINDOW:
+        need = size + diagnostics.HISTORY_BEFORE_WINDOW
+        steps, values, _ = store.fetch_steps(run_id, newest=need)
+        if len(steps) >= need and np.isfinite(values["threshold"][-need:]).any():
+            return steps[-need:], values["pre_norm"][-need:], values["threshold"][-need:], size
+    arrays = store.arrays(name, ("pre_norm", "threshold"))
+    return arrays.steps, arrays.values["pre_norm"], arrays.values["threshold"], window
+
+
 @router.get("/api/runs/{run}/recommendation", response_model=RecommendationOut)
 def recommendation(name: RunName, store: StoreDep,
                    window: int | None = Query(None, ge=100, description=(
@@ -40,10 +60,9 @@ def recommendation(name: RunName, store: StoreDep,
     """The clip threshold for the run: the robust rule on a recent window of clean steps
     (docs/diagnostics.md). 422 for a window below 100 or a rate outside [0, 1); a run with
     too few clean steps answers 200 with `threshold: null` and the `reason`."""
-    arrays = store.arrays(name, ("pre_norm", "threshold"))
+    steps, pre_norm, threshold, size = recent_norms(store, name, window)
     try:
-        answer = stats.recommend(arrays.steps, arrays.values["pre_norm"], arrays.values["threshold"],
-                                 window=window, target_clip_rate=target_clip_rate)
+        answer = stats.recommend(steps, pre_norm, threshold, window=size, target_clip_rate=target_clip_rate)
     except ValueError as error:
         raise BatchError(str(error)) from None
     return json_response(answer)

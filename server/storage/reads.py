@@ -73,6 +73,13 @@ class Reader(Database):
             raise UnknownRun(run_id)
         return rows[0][0], rows[0][1]
 
+    def run_size(self, run_id: int) -> int:
+        """How many steps the run holds."""
+        rows = self.read("SELECT steps FROM runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise UnknownRun(run_id)
+        return int(rows[0][0])
+
     def step_range(self, run_id: int) -> tuple[int | None, int | None]:
         """The run's first and last stored step (None, None before any)."""
         rows = self.read("SELECT first_step, last_step FROM runs WHERE id = ?", (run_id,))
