@@ -76,6 +76,31 @@ def complete(chunk: Chunk) -> Chunk:
     return chunk
 
 
+def pack_rows(chunk: Chunk) -> bytes:
+    """A few rows of a chunk as plain arrays in one blob (no per-column codec: these are the
+    handful of rows an overview always keeps, written with every batch)."""
+    arrays: dict[str, np.ndarray] = {"step": chunk.steps}
+    for name, values in chunk.values.items():
+        arrays["v:" + name] = values
+        if chunk.valid.get(name) is not None:
+            arrays["m:" + name] = chunk.valid[name]
+    return pack_arrays(arrays)
+
+
+def unpack_rows(chunk_id: int, blob: bytes, columns: tuple[str, ...]) -> Chunk:
+    """`pack_rows` back, with `columns` (a column not stored is all null)."""
+    arrays = unpack_arrays(blob)
+    steps = arrays["step"]
+    chunk = Chunk(chunk_id, steps)
+    for name in columns:
+        values = arrays.get("v:" + name)
+        if values is None:
+            chunk.values[name], chunk.valid[name] = empty_values(SPEC[name], len(steps)), np.zeros(len(steps), bool)
+        else:
+            chunk.values[name], chunk.valid[name] = values, arrays.get("m:" + name)
+    return chunk
+
+
 def summary_of(chunk: Chunk, before: Summary | None = None, first_changed: int | None = None) -> Summary:
     """The chunk's 64-step summary (the only width stored: coarser ones are combined from it
     when read, many chunks in one vectorised pass; writing three widths at ingest took 55% of a
@@ -149,8 +174,7 @@ class ChunkRows:
                 column_rows.append((run_id, name, chunk.chunk_id, blob))
             summary = summaries.get(chunk.chunk_id) or summary_of(chunk)
             summary_rows.append((run_id, BLOCK, chunk.chunk_id, encode_summary(summary)))
-            kept = encode_chunk(kept_rows_of(chunk, KEY, KEPT_FLAGS), SPEC)
-            summary_rows.append((run_id, KEPT_WIDTH, chunk.chunk_id, pack_arrays(kept)))
+            summary_rows.append((run_id, KEPT_WIDTH, chunk.chunk_id, pack_rows(kept_rows_of(chunk, KEY, KEPT_FLAGS))))
             chunk_rows.append((run_id, chunk.chunk_id, len(chunk), version))
         cursor.executemany(self.sql(_UPSERT["chunk_columns"]), column_rows)
         cursor.executemany(self.sql(_UPSERT["chunk_summaries"]), summary_rows)
@@ -174,7 +198,7 @@ class ChunkRows:
                                     f"AND chunk_id IN ({', '.join('?' * len(group))})"),
                            (run_id, KEPT_WIDTH, *group))
             for chunk_id, data in cursor.fetchall():
-                out[chunk_id] = decode_chunk(chunk_id, unpack_arrays(bytes(data)), SPEC, columns)
+                out[chunk_id] = unpack_rows(chunk_id, bytes(data), columns)
         return out
 
     # ----- per-tensor norms -----
