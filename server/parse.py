@@ -34,7 +34,7 @@ from gradwatch.server.schemas import BatchError
 
 SMALL_BODY = 64 * 1024       # below: a refusal is worded by the whole-document reference
 PIECE_BYTES = 64 * 1024      # a column longer than this is decoded this much text at a time
-WALK_TOKENS = 200_000        # most brackets and strings walked to find where a free-form value ends
+WALK_TOKENS = 100_000        # most brackets and strings walked to find where a free-form value ends
 NESTED_WALK = 4_096          # the same, for a column holding lists or objects (refused either way)
 FREEFORM_SLACK = 4 * 1024 * 1024  # free-form JSON may cost max(this, the body's size) decoded
 
@@ -52,9 +52,10 @@ _RE = {
     # a list with no list or object inside: numbers, literals and strings (which may hold brackets)
     "flat": _both(r'\[(?:[^\[\]{}"]++|' + _STRING_BODY + r")*+\]"),
     "flat_prefix": _both(r'\[(?:[^\[\]{}"]++|' + _STRING_BODY + r")*+"),
+    "rows_close": _both(r"\][ \t\n\r]*+\]"),  # searched for: a literal first character is fast
     "rows": _both(r'\[[ \t\n\r]*+(?:\[(?:[^\[\]{}"]++|' + _STRING_BODY + r')*+\][ \t\n\r]*+'
                   r'(?:,[ \t\n\r]*+\[(?:[^\[\]{}"]++|' + _STRING_BODY + r')*+\][ \t\n\r]*+)*+)?\]'),
-    "boring": _both(r'[^\[\]{}"]*+'),
+    "structure": _both(r'[\[\]{}]|' + _STRING_BODY + r'|"'),  # a bracket, a string, or a lone quote
     "scalar": _both(r'[^ \t\n\r,:\[\]{}"]++'),
 }
 _TYPE_BY_FIRST = {"{": "dict", "[": "list", '"': "str", "t": "bool", "f": "bool", "n": "NoneType"}
@@ -106,6 +107,41 @@ class _Doc:
             raise self.fail(i, "unterminated string")
         return match.end()
 
+    def has(self, char: str, start: int, end: int) -> bool:
+        return self.data.find(self.tok(char), start, end) != -1
+
+    def flat_end(self, i: int) -> int | None:
+        """Where the list at `i` ends when nothing is nested in it; None when something is.
+
+        The first "]" ends it when no "[", "{" comes before it and it is outside strings
+        (`find`/`count` run at memchr speed; a regex over every byte is ~15 ns a byte);
+        strings with brackets or escapes are left to the string-aware regex."""
+        close = self.data.find(self.rbracket, i + 1)
+        if close == -1:
+            raise self.fail(self.n, "unexpected end of data")
+        if not self.has("[", i + 1, close) and not self.has("{", i + 1, close):
+            if not self.has('"', i + 1, close):
+                return close + 1
+            if not self.has("\\", i + 1, close) and self.data.count(self.quote, i + 1, close) % 2 == 0:
+                return close + 1
+        match = self.re["flat"].match(self.data, i)
+        return match.end() if match is not None else None
+
+    def rows_end(self, i: int) -> int | None:
+        """Where the list of rows at `i` ends (per-tensor norms: flat lists of numbers); None
+        when it is not one. Without strings the first "]]" ends it (a nested row found later
+        is refused when its piece is read); with strings, the string-aware regex."""
+        j = self.ws(i + 1)
+        if self.at(j) == "]":
+            return j + 1
+        close = self.re["rows_close"].search(self.data, j)
+        if close is None:
+            raise self.fail(self.n, "unexpected end of data")
+        if not self.has('"', i, close.end()) and not self.has("{", i, close.end()):
+            return close.end()
+        match = self.re["rows"].match(self.data, i)
+        return match.end() if match is not None else None
+
     def load(self, start: int, end: int) -> Any:
         try:
             return orjson.loads(self.view[start:end])
@@ -144,26 +180,24 @@ class _Doc:
                 raise self.fail(i, "expected a value")
             return match.end()
         depth = deepest = 0
-        boring = self.re["boring"]
-        while True:
-            i = boring.match(self.data, i).end()
-            if i >= self.n:
-                raise self.fail(i, "unexpected end of data")
+        opening, closing, quote = self.tok("[{"), self.tok("]}"), self.tok('"')
+        for match in self.re["structure"].finditer(self.data, i):
             budget -= 1
             if budget < 0:
                 raise _TooLong(deepest)
-            char = self.at(i)
-            if char == '"':
-                i = self.string_end(i)
-                continue
-            if char in "[{":
+            token = match.group()
+            if len(token) > 1:
+                continue  # a string
+            if token in opening:
                 depth += 1
                 deepest = max(deepest, depth)
-            else:
+            elif token in closing:
                 depth -= 1
                 if depth == 0:
-                    return i + 1
-            i += 1
+                    return match.end()
+            else:
+                raise self.fail(match.start(), "unterminated string")
+        raise self.fail(self.n, "unexpected end of data")
 
     def members(self, i: int, value_end: Callable[[str, int], int]) -> tuple[dict[str, tuple[int, int]], int]:
         """The object at `i` as {key: (value start, value end)} and where it ends; a repeated
@@ -210,6 +244,9 @@ class _Doc:
                         following = self._next_cut(cut + 1, hi, after)
                         odd ^= data.count(quote, cut, following) % 2
                         cut = following
+            if after is not None and cut - pos > 2 * PIECE_BYTES and (
+                    self.has("{", pos, cut) or self.has('"', pos, cut)):
+                raise _RowTooLong()  # one huge row of objects or strings: refused unread
             items = self.load_list(pos, cut)
             if not items and (pos != lo or cut != hi):
                 raise self.fail(pos, "expected a value")
@@ -232,6 +269,10 @@ class _Doc:
             start = close + 1
 
 
+class _RowTooLong(Exception):
+    """A row of per-tensor norms longer than two pieces that holds objects or strings."""
+
+
 class _Escape(Exception):
     """A string with a backslash escape inside a column: no allowed string needs one."""
 
@@ -252,28 +293,57 @@ class _BatchReader:
         self.doc = doc
         self.start = start
         self.flat: dict[str, bool] = {}
+        self.raw_bytes = 0
+        self.tensor_fields: dict | None = None
         if doc.at(start) != "{":  # only the top level: a message's batch is read when it is "{"
             raise BatchError(f"a batch must be a JSON object of columns, got {doc.type_name(start, doc.n)}")
         self.fields, self.end = doc.members(start, self._value_end)
 
     def _value_end(self, key: str, i: int) -> int:
         doc = self.doc
+        if key not in S.BATCH_KEYS:  # refused whatever it holds: not read any further
+            raise BatchError(f"unknown field '{key}'")
         if key in S.COLUMNS and doc.at(i) == "[":
-            match = doc.re["flat"].match(doc.data, i)
-            if match is not None:
+            end = doc.flat_end(i)
+            if end is not None:
                 self.flat[key] = True
-                return match.end()
+                return end
             self.flat[key] = False
             try:
                 return doc.value_end(i, NESTED_WALK)
             except _TooLong:
                 raise self._nested_error(key, i) from None
+        if key == "tensor_norms" and doc.at(i) == "{":
+            self.tensor_fields, end = self._tensor_members(i)
+            return end
         try:
             return doc.value_end(i)
         except _TooLong:
-            if key not in S.BATCH_KEYS:
-                raise BatchError(f"unknown field '{key}'") from None
             raise BatchError(f"field '{key}' is too large to read") from None
+
+    def _tensor_members(self, i: int) -> tuple[dict | None, int]:
+        """The skeleton of `tensor_norms`: names as a flat list, norms as a list of rows;
+        None (refused when read) for any other shape."""
+        doc = self.doc
+        shaped = True
+
+        def value_end(key: str, j: int) -> int:
+            nonlocal shaped
+            end = None
+            if key == "names" and doc.at(j) == "[":
+                end = doc.flat_end(j)
+            elif key == "norms" and doc.at(j) == "[":
+                end = doc.rows_end(j)
+            if end is None:
+                shaped = False
+                try:
+                    end = doc.value_end(j)
+                except _TooLong:
+                    raise BatchError("field 'tensor_norms' must be an object with 'names' and 'norms'") from None
+            return end
+
+        fields, end = doc.members(i, value_end)
+        return (fields if shaped else None), end
 
     def batch(self) -> S.Batch:
         fields = self.fields
@@ -341,32 +411,38 @@ class _BatchReader:
             values = doc.load(start, end)
             if len(values) != n_steps:
                 raise BatchError(f"column '{name}' has {len(values)} values, 'step' has {n_steps}")
-            return S._parse_column(name, values)
+            column = S._parse_column(name, values)
+            # `raw` (the decoded list, bound as it is by SQLite ingest) is kept while the
+            # lists kept cost at most the body's size (~40 bytes an item): always for the
+            # usual 2,000-step batch, not for a body of a million short numbers
+            self.raw_bytes += 40 * len(values)
+            if self.raw_bytes > self.doc.n:
+                column.raw = None
+            return column
         values = np.empty(n_steps, dtype=np.float64)
         missing = None
-        count, error = 0, None
+        count = 0
         for items in self._pieces(name, start, end):
-            if error is None and count + len(items) <= n_steps:
-                try:
-                    part = S._parse_column(name, items, count)
-                except BatchError as refused:
-                    error = refused  # named after the length check, as the reference does
-                else:
-                    values[count:count + len(items)] = part.values
-                    if part.missing is not None:
-                        if missing is None:
-                            missing = np.zeros(n_steps, dtype=bool)
-                        missing[count:count + len(items)] = part.missing
+            if count + len(items) <= n_steps:
+                # a bad item is named at once (the reference names a wrong length first; a
+                # long column is not read to its end to count it when it is refused anyway)
+                part = S._parse_column(name, items, count)
+                values[count:count + len(items)] = part.values
+                if part.missing is not None:
+                    if missing is None:
+                        missing = np.zeros(n_steps, dtype=bool)
+                    missing[count:count + len(items)] = part.missing
             count += len(items)
         if count != n_steps:
             raise BatchError(f"column '{name}' has {count} values, 'step' has {n_steps}")
-        if error is not None:
-            raise error
         return S.Column(values, missing)
 
     def _pieces(self, name: str, start: int, end: int, after=None):
         try:
             yield from self.doc.pieces(start + 1, end - 1, after)
+        except _RowTooLong:
+            raise BatchError("field 'tensor_norms.norms' holds a row too long to read that is not "
+                             "all numbers") from None
         except _Escape as escape:
             where = "field 'tensor_norms.norms'" if name == "tensor_norms.norms" else f"column '{name}'"
             raise BatchError(f"{where} holds a string with a backslash escape (char {escape.at}); "
@@ -408,17 +484,10 @@ class _BatchReader:
         shape = "field 'tensor_norms' must be an object with 'names' and 'norms'"
         if end - start <= PIECE_BYTES:
             return S._parse_tensor_norms(doc.load(start, end), n_steps)
-        if doc.at(start) != "{":
-            raise BatchError(shape)
-        def value_end(key: str, i: int) -> int:
-            match = doc.re["rows"].match(doc.data, i) if key == "norms" else None
-            return match.end() if match is not None else doc.value_end(i)
-
-        try:
-            fields, _ = doc.members(start, value_end)
-        except _TooLong:
-            raise BatchError(shape) from None
-        if set(fields) != {"names", "norms"}:
+        fields = self.tensor_fields
+        if fields is None or set(fields) != {"names", "norms"}:
+            if end - start <= SMALL_BODY:
+                return S._parse_tensor_norms(doc.load(start, end), n_steps)
             raise BatchError(shape)
         names_start, names_end = fields["names"]
         if _cost(doc, names_start, names_end) > _freeform_allowance(doc):
@@ -433,22 +502,14 @@ class _BatchReader:
         if doc.at(rows_start) != "[":
             raise BatchError(f"field 'tensor_norms.norms' must have one row per step ({n_steps}), "
                              f"got {doc.type_name(rows_start, rows_end)}")
-        match = doc.re["rows"].match(doc.data, rows_start)
-        if match is None or match.end() != rows_end:
-            raise BatchError(f"field 'tensor_norms.norms' must be a list of rows of {len(names)} numbers")
         norms = np.empty((n_steps, len(names)), dtype=np.float32)
-        count, error = 0, None
+        count = 0
         for rows in self._pieces("tensor_norms.norms", rows_start, rows_end, after="]"):
-            if error is None and count + len(rows) <= n_steps:
-                try:
-                    norms[count:count + len(rows)] = S._norm_rows(rows, len(names), count)
-                except BatchError as refused:
-                    error = refused
+            if count + len(rows) <= n_steps:
+                norms[count:count + len(rows)] = S._norm_rows(rows, len(names), count)
             count += len(rows)
         if count != n_steps:
             raise BatchError(f"field 'tensor_norms.norms' must have one row per step ({n_steps}), got {count}")
-        if error is not None:
-            raise error
         return names, norms
 
 
@@ -510,6 +571,8 @@ def read_message(data: bytes | str) -> tuple[Any, S.IngestMessage]:
     seen = {"seq": None}
 
     def value_end(key: str, i: int) -> int:
+        if key not in S.MESSAGE_KEYS:  # refused whatever it holds: not read any further
+            raise BatchError(f"unknown field '{key}' in the message")
         if key == "batch" and doc.at(i) == "{":
             readers[key] = _BatchReader(doc, i)
             return readers[key].end
@@ -519,8 +582,6 @@ def read_message(data: bytes | str) -> tuple[Any, S.IngestMessage]:
                 seen["seq"] = S.message_seq({"seq": doc.load(i, end) if end - i <= 4096 else None})
             return end
         except _TooLong as long:
-            if key not in S.MESSAGE_KEYS:
-                raise BatchError(f"unknown field '{key}' in the message") from None
             if key == "meta" and long.depth > S.MAX_JSON_DEPTH:
                 raise BatchError(f"field 'meta' nests deeper than {S.MAX_JSON_DEPTH} levels") from None
             raise BatchError(f"field '{key}' is too large to read") from None
