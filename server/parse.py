@@ -293,7 +293,7 @@ class _BatchReader:
         self.doc = doc
         self.start = start
         self.flat: dict[str, bool] = {}
-        self.raw_bytes = 0
+        self.raw_budget = 0
         self.tensor_fields: dict | None = None
         if doc.at(start) != "{":  # only the top level: a message's batch is read when it is "{"
             raise BatchError(f"a batch must be a JSON object of columns, got {doc.type_name(start, doc.n)}")
@@ -354,6 +354,8 @@ class _BatchReader:
             if required not in fields:
                 raise BatchError(f"missing required column '{required}'")
         steps = self._steps(*fields["step"])
+        arrays = 8 * len(steps) * (1 + sum(name in fields for name in S.VALUE_COLUMNS))
+        self.raw_budget = 4 * self.doc.n - arrays
         columns: dict[str, S.Column] = {}
         for name in S.VALUE_COLUMNS:
             if name in fields:
@@ -412,12 +414,13 @@ class _BatchReader:
             if len(values) != n_steps:
                 raise BatchError(f"column '{name}' has {len(values)} values, 'step' has {n_steps}")
             column = S._parse_column(name, values)
-            # `raw` (the decoded list, bound as it is by SQLite ingest) is kept while the
-            # lists kept cost at most the body's size (~40 bytes an item): always for the
-            # usual 2,000-step batch, not for a body of a million short numbers
-            self.raw_bytes += 40 * len(values)
-            if self.raw_bytes > self.doc.n:
-                column.raw = None
+            # `raw` (the decoded list, bound as it is by SQLite ingest, which saves a
+            # `tolist()`) is kept while the lists kept and the arrays fit in 4x the body:
+            # always for the usual 2,000-step batch, not for a million short numbers
+            if column.raw is not None:
+                self.raw_budget -= len(values) * (8 if name in S.BOOL_FIELDS else 36)
+                if self.raw_budget < 0:
+                    column.raw = None
             return column
         values = np.empty(n_steps, dtype=np.float64)
         missing = None
