@@ -6,7 +6,8 @@ Part 1, in this process: the peak of Python allocations (tracemalloc) while each
 batches and the hostile shapes of issue 11, at 1, 8 and 32 MiB (the reference at 1 and 8 MiB
 only: at 32 MiB it takes gigabytes). Part 2, through a real `gradwatch serve` (SQLite): the rise
 of the server's peak resident memory (VmHWM in /proc) for the issue's probe, a 32 MiB body of
-`{"step":[0],"pre_norm":[{},{},...]}`, sent once and then four at once.
+`{"step":[0],"pre_norm":[{},{},...]}`, sent once and then four at once, and for a valid 32 MiB
+agent batch (parsed and stored). Before this parser the probe raised it by ~1 GB (31x).
 
     python benchmarks/parse_memory.py [--sizes 1 8 32] [--no-server]
 """
@@ -43,7 +44,7 @@ def _fill(prefix: bytes, item: bytes, suffix: bytes, size: int) -> bytes:
 
 def agent_batch(size: int) -> bytes:
     """What the agent sends: every column, floats with 17 digits."""
-    n = max(1, size // 255)
+    n = max(1, size // 148)
     rng = np.random.default_rng(0)
     pre = np.exp(rng.normal(0, 0.3, n))
     return orjson.dumps({
@@ -138,10 +139,11 @@ def post(port: int, body: bytes, answers: list) -> None:
 
 
 def through_server() -> None:
-    body = _fill(b'{"step":[0],"pre_norm":[', b"{}", b"]}", 32 * MiB - 1024)
-    print(f"\nthe issue's probe through a real server: {len(body) / MiB:.1f} MiB of "
-          f"{{\"step\":[0],\"pre_norm\":[{{}},...]}} (VmHWM rise of the server process)")
-    for at_once in (1, 4):
+    probe = _fill(b'{"step":[0],"pre_norm":[', b"{}", b"]}", 32 * MiB - 1024)
+    valid = agent_batch(32 * MiB - 1024)
+    print(f"\nthrough a real server (SQLite): the rise of the server process's peak RSS (VmHWM)")
+    for label, body, at_once in (("the issue's probe, [{},...]", probe, 1), ("the issue's probe, [{},...]", probe, 4),
+                                 ("a valid agent batch, stored", valid, 1)):
         with tempfile.TemporaryDirectory() as folder, \
                 ServerProcess(f"sqlite:///{Path(folder) / 'probe.db'}") as server:
             pid = server.process.pid
@@ -156,8 +158,8 @@ def through_server() -> None:
                 thread.join()
             rise = vm_hwm(pid) - before
             statuses = sorted(status for status, _ in answers)
-            print(f"  {at_once} at once: answers {statuses}, server peak RSS rose by {rise / MiB:.0f} MiB "
-                  f"({rise / len(body):.2f}x one body)")
+            print(f"  {label:28} {len(body) / MiB:4.1f} MiB, {at_once} at once: answers {statuses}, "
+                  f"peak RSS +{rise / MiB:.0f} MiB ({rise / len(body):.2f}x one body)")
 
 
 def main() -> None:

@@ -34,9 +34,10 @@ from gradwatch.server.schemas import BatchError
 
 SMALL_BODY = 64 * 1024       # below: a refusal is worded by the whole-document reference
 PIECE_BYTES = 64 * 1024      # a column longer than this is decoded this much text at a time
-WALK_TOKENS = 100_000        # most brackets and strings walked to find where a free-form value ends
+WALK_TOKENS = 400_000        # most brackets and strings walked to find where a free-form value ends
 NESTED_WALK = 4_096          # the same, for a column holding lists or objects (refused either way)
-FREEFORM_SLACK = 4 * 1024 * 1024  # free-form JSON may cost max(this, the body's size) decoded
+NESTED_BYTES = 4_096         # such a column up to this long is decoded, to be named as the reference does
+FREEFORM_SLACK = 16 * 1024 * 1024  # free-form JSON may cost max(this, 2x the body's size) decoded
 
 __all__ = ["SMALL_BODY", "PIECE_BYTES", "load_batch", "load_message"]
 
@@ -72,8 +73,8 @@ class _Doc:
     """The body, with the few scanning steps the readers need (bytes or str alike)."""
 
     def __init__(self, data: bytes | str):
-        if isinstance(data, (bytearray, memoryview)):
-            data = bytes(data)
+        if isinstance(data, memoryview):
+            data = bytes(data)  # bytes, bytearray (an HTTP body as read) and str are read in place
         self.data = data
         self.n = len(data)
         kind = str if isinstance(data, str) else bytes
@@ -384,7 +385,7 @@ class _BatchReader:
         if doc.at(start) != "[":
             raise self._as_list_error("step", start, end)
         if self._whole("step", start, end):
-            if not self.flat["step"] and end - start > SMALL_BODY:
+            if not self.flat["step"] and end - start > NESTED_BYTES:
                 raise self._nested_error("step", start)
             return S._parse_steps(doc.load(start, end))
         upper = doc.data.count(doc.comma, start, end) + 1
@@ -408,7 +409,7 @@ class _BatchReader:
         if doc.at(start) != "[":
             raise self._as_list_error(name, start, end)
         if self._whole(name, start, end):
-            if not self.flat[name] and end - start > SMALL_BODY:
+            if not self.flat[name] and end - start > NESTED_BYTES:
                 raise self._nested_error(name, start)
             values = doc.load(start, end)
             if len(values) != n_steps:
@@ -489,7 +490,7 @@ class _BatchReader:
             return S._parse_tensor_norms(doc.load(start, end), n_steps)
         fields = self.tensor_fields
         if fields is None or set(fields) != {"names", "norms"}:
-            if end - start <= SMALL_BODY:
+            if end - start <= NESTED_BYTES:
                 return S._parse_tensor_norms(doc.load(start, end), n_steps)
             raise BatchError(shape)
         names_start, names_end = fields["names"]
@@ -517,18 +518,19 @@ class _BatchReader:
 
 
 def _cost(doc: _Doc, start: int, end: int) -> int:
-    """An upper bound, in bytes, of what orjson builds for data[start:end]: per list or
-    object ~72 (the container and its slot), per string ~64 plus its text, per other item
-    (a number) ~40; the counts are C-speed `count` calls, nothing is built."""
+    """About the most orjson builds for data[start:end], in bytes, from C-speed counts (nothing
+    is built): per list or object 72 (the container and its slot), per key 32 (its entry: short
+    keys are cached), per other string 64 plus its text, per other item (a number) 40."""
     data, tok = doc.data, doc.tok
     containers = data.count(tok("{"), start, end) + data.count(tok("["), start, end)
-    strings = data.count(tok('"'), start, end) // 2
-    items = data.count(tok(","), start, end) + data.count(tok(":"), start, end) + 1
-    return 72 * containers + 64 * strings + 40 * items + 4 * (end - start)
+    keys = data.count(tok(":"), start, end)
+    strings = max(0, data.count(tok('"'), start, end) // 2 - keys)
+    items = data.count(tok(","), start, end) + 1
+    return 72 * containers + 32 * keys + 64 * strings + 40 * items + (end - start)
 
 
 def _freeform_allowance(doc: _Doc) -> int:
-    return max(FREEFORM_SLACK, doc.n)
+    return max(FREEFORM_SLACK, 2 * doc.n)
 
 
 def _reference_batch(data: bytes | str) -> S.Batch:
@@ -550,7 +552,7 @@ def read_batch(data: bytes | str) -> S.Batch:
     return reader.batch()
 
 
-def load_batch(data: bytes | str) -> S.Batch:
+def load_batch(data: bytes | bytearray | str) -> S.Batch:
     """A `POST /api/runs/{run}/steps` body -> a validated Batch (BatchError: 422 naming the fault)."""
     try:
         return read_batch(data)
