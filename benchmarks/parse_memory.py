@@ -162,12 +162,30 @@ def through_server() -> None:
                   f"peak RSS +{rise / MiB:.0f} MiB ({rise / len(body):.2f}x one body)")
 
 
+def parse_time() -> None:
+    """What bounding costs the usual case: a 2,000-step agent batch, best of 25 passes."""
+    from benchmarks.ingest_bench import make_batches
+
+    bodies = make_batches(20_000, 2_000)
+    best = {"reference": float("inf"), "bounded": float("inf")}
+    for _ in range(25):
+        for name, parse in (("reference", P._reference_batch), ("bounded", P.load_batch)):
+            started = time.perf_counter()
+            for body in bodies:
+                parse(body)
+            best[name] = min(best[name], (time.perf_counter() - started) / len(bodies))
+    print(f"\nparse time of a 2,000-step batch ({len(bodies[0]) / 1024:.0f} KiB): bounded "
+          f"{best['bounded'] * 1e3:.2f} ms, reference {best['reference'] * 1e3:.2f} ms "
+          f"(ratio {best['bounded'] / best['reference']:.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--no-server", action="store_true")
     args = parser.parse_args()
     in_process(args.sizes)
+    parse_time()
     if not args.no_server:
         through_server()
 
