@@ -141,7 +141,7 @@ def post(port: int, body: bytes, answers: list) -> None:
 def through_server() -> None:
     probe = _fill(b'{"step":[0],"pre_norm":[', b"{}", b"]}", 32 * MiB - 1024)
     valid = agent_batch(32 * MiB - 1024)
-    print(f"\nthrough a real server (SQLite): the rise of the server process's peak RSS (VmHWM)")
+    print("\nthrough a real server (SQLite): the rise of the server process's peak RSS (VmHWM)")
     for label, body, at_once in (("the issue's probe, [{},...]", probe, 1), ("the issue's probe, [{},...]", probe, 4),
                                  ("a valid agent batch, stored", valid, 1)):
         with tempfile.TemporaryDirectory() as folder, \

@@ -181,7 +181,7 @@ class _Doc:
                 raise self.fail(i, "expected a value")
             return match.end()
         depth = deepest = 0
-        opening, closing, quote = self.tok("[{"), self.tok("]}"), self.tok('"')
+        opening, closing = self.tok("[{"), self.tok("]}")
         for match in self.re["structure"].finditer(self.data, i):
             budget -= 1
             if budget < 0:
@@ -230,7 +230,7 @@ class _Doc:
         """The items written in data[lo:hi] (a flat list's inside) as lists of about
         PIECE_BYTES of text each: cut at a comma outside strings (or, with `after` = "]",
         at a comma following a row's closing bracket)."""
-        data, quote, comma = self.data, self.quote, self.comma
+        data, quote = self.data, self.quote
         if data.find(self.bslash, lo, hi) != -1:
             raise _Escape(data.find(self.bslash, lo, hi))
         quotes = data.find(quote, lo, hi) != -1
