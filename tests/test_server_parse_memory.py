@@ -247,3 +247,46 @@ def test_the_issues_probe_raises_the_servers_memory_by_a_few_bodies_not_a_gigaby
         assert post_all(server.port, [body] * 4) == [422] * 4
         four = vm_hwm(server.process.pid) - before  # the peak rise over the warm server's
         assert four <= 3.0 * len(body), f"four at once: {four / len(body):.2f}x"
+
+
+def test_mutated_bodies_are_accepted_exactly_when_the_whole_document_reference_accepts_them(monkeypatch):
+    """3,000 valid batches with bytes inserted, deleted or replaced (seeded): read in pieces of
+    40 bytes, each is accepted with the reference's values or refused (422) when the reference
+    refuses it; nothing else escapes (a syntax error inside a piece is still a syntax error)."""
+    import random
+
+    monkeypatch.setattr(parse, "PIECE_BYTES", 40)
+    monkeypatch.setattr(parse, "NESTED_WALK", 5)
+    rng = random.Random(11)
+    junk = [b",", b"]", b"[", b"{", b"}", b'"', b"true", b"{}", b"[]", b'"x"', b"\\", b" ", b"-", b"1",
+            b"null", b":", b'"NaN"', b"\xff", b"\x00", b"\n"]
+    accepted = 0
+    for _ in range(3_000):
+        n = rng.randint(0, 30)
+        obj = {"step": sorted(rng.sample(range(100), n)),
+               "pre_norm": [rng.choice([0, 1.5, "NaN", "Infinity", 2**53, 1e300]) for _ in range(n)]}
+        if rng.random() < 0.5:
+            obj["loss"] = [rng.choice([None, 1, -2.5, "-Infinity"]) for _ in range(n)]
+        if rng.random() < 0.5:
+            obj["clipped"] = [rng.choice([True, False, None, 0, 1]) for _ in range(n)]
+        if rng.random() < 0.3:
+            obj["tensor_norms"] = {"names": ["a", "b"], "norms": [[rng.choice([0, 1.25, "NaN"]), 2] for _ in range(n)]}
+        body = orjson.dumps(obj)
+        for _ in range(rng.choice([0, 1, 1, 2])):
+            at, op = rng.randrange(len(body) + 1), rng.random()
+            body = (body[:at] + rng.choice(junk) + body[at:] if op < 0.4 else body[:at] + body[at + 1:] if op < 0.8
+                    else body[:at] + rng.choice(junk) + body[at + 1:])
+        try:
+            want = parse_batch(orjson.loads(body))
+        except (BatchError, orjson.JSONDecodeError):
+            want = None
+        try:
+            got = parse.read_batch(body)
+        except BatchError as error:
+            assert want is None, f"refused what the reference accepts: {body!r}: {error}"
+            assert error.status == 422
+            continue
+        assert want is not None, f"accepted what the reference refuses: {body!r}"
+        assert_same_batch(got, want)
+        accepted += 1
+    assert 500 < accepted < 2_900  # both kinds were exercised
