@@ -109,7 +109,8 @@ def _bool_at(values: list, array: np.ndarray) -> int | None:
     return next((index for index in np.flatnonzero(hits).tolist() if type(values[index]) is bool), None)
 
 
-def _parse_steps(values: list) -> np.ndarray:
+def _step_array(values: list) -> np.ndarray:
+    """The steps as int64, or a 422 naming the first item that is not an integer."""
     try:
         array = np.array(values)
     except (ValueError, OverflowError, TypeError):
@@ -117,25 +118,47 @@ def _parse_steps(values: list) -> np.ndarray:
     if len(values) and (array.dtype.kind not in "iu" or array.ndim != 1):
         bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, int)), None)
         raise BatchError(f"column 'step' must hold integers, got {bad!r}")
-    steps = array.astype(np.int64) if len(values) else np.zeros(0, dtype=np.int64)
+    return array.astype(np.int64) if len(values) else np.zeros(0, dtype=np.int64)
+
+
+def _check_step_range(steps: np.ndarray) -> None:
     if len(steps) and (steps.min() < 0 or steps.max() > MAX_STEP):
         bad = int(steps.min()) if steps.min() < 0 else int(steps.max())
         raise BatchError(f"column 'step' must hold integers from 0 to 2**53 - 1, got {bad}")
-    if len(steps) and steps.min() <= 1:  # a boolean reads as 0 or 1
+
+
+def _step_bool_error(values: list, steps: np.ndarray, offset: int = 0) -> BatchError | None:
+    """A boolean among the steps (it reads as 0 or 1), as the error to raise; None when none."""
+    if len(steps) and steps.min() <= 1:
         index = _bool_at(values, steps)
         if index is not None:
-            raise BatchError(f"column 'step' must hold integers, got {values[index]!r} at index {index}")
+            return BatchError(f"column 'step' must hold integers, got {values[index]!r} "
+                              f"at index {index + offset}")
+    return None
+
+
+def _check_step_repeats(steps: np.ndarray) -> None:
     if len(steps) > 1 and not bool(np.all(steps[1:] > steps[:-1])):  # the usual batch is ascending
         ordered = np.sort(steps)
         repeats = np.flatnonzero(ordered[1:] == ordered[:-1])
         if len(repeats):
             raise BatchError(f"column 'step' repeats step {int(ordered[repeats[0]])} within the batch")
+
+
+def _parse_steps(values: list) -> np.ndarray:
+    steps = _step_array(values)
+    _check_step_range(steps)
+    error = _step_bool_error(values, steps)
+    if error is not None:
+        raise error
+    _check_step_repeats(steps)
     return steps
 
 
-def _parse_items(name: str, values: list, booleans: bool = False) -> Column:
+def _parse_items(name: str, values: list, booleans: bool = False, offset: int = 0) -> Column:
     """Item by item, for a column numpy could not read as plain numbers (or booleans):
-    nulls, the non-finite strings, or a bad item to name."""
+    nulls, the non-finite strings, or a bad item to name (`offset`: the index of
+    `values[0]` in its column, when `values` is one piece of it)."""
     out = np.empty(len(values), dtype=np.float64)
     missing = np.zeros(len(values), dtype=bool)
     for index, value in enumerate(values):
@@ -146,85 +169,111 @@ def _parse_items(name: str, values: list, booleans: bool = False) -> Column:
             if value is True or value is False or (type(value) is int and value in (0, 1)):
                 out[index] = float(value)
             else:
-                raise BatchError(f"column '{name}' must hold booleans, got {value!r} at index {index}")
+                raise BatchError(f"column '{name}' must hold booleans, got {value!r} at index {index + offset}")
         elif isinstance(value, str):
             if value not in NONFINITE_STRINGS:
-                raise BatchError(f"column '{name}' holds the string {value[:40]!r} at index {index}; "
+                raise BatchError(f"column '{name}' holds the string {value[:40]!r} at index {index + offset}; "
                                  f"strings allowed are 'NaN', 'Infinity', '-Infinity'")
             out[index] = NONFINITE_STRINGS[value]
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             try:
                 out[index] = float(value)
             except OverflowError:
-                raise BatchError(f"column '{name}' holds a number too large at index {index}") from None
+                raise BatchError(f"column '{name}' holds a number too large at index {index + offset}") from None
         else:
             raise BatchError(f"column '{name}' must hold numbers, got {type(value).__name__} "
-                             f"at index {index}")
-    if name == "pre_norm" and missing.any():
-        raise BatchError(f"column 'pre_norm' holds null at index {int(np.flatnonzero(missing)[0])}")
+                             f"at index {index + offset}")
     return Column(out, missing if missing.any() else None)
 
 
-def _parse_float(name: str, values: list) -> Column:
+def _refuse_null_pre_norm(name: str, column: Column) -> None:
+    """`pre_norm` is the one required float: null is not a norm (checked after the whole
+    column, so that a bad item anywhere in it is named first)."""
+    if name == "pre_norm" and column.missing is not None:
+        raise BatchError(f"column 'pre_norm' holds null at index {int(np.flatnonzero(column.missing)[0])}")
+
+
+def _parse_float(name: str, values: list, offset: int = 0) -> Column:
     try:
         array = np.array(values)
     except (ValueError, OverflowError, TypeError):
         array = None
+    if offset and array is not None and array.ndim == 1 and array.dtype.kind == "b" and len(values):
+        # a later piece of a long column (parse.py), all booleans: named as in a mixed column
+        raise BatchError(f"column '{name}' must hold numbers, got {values[0]!r} at index {offset}")
     if array is not None and array.ndim == 1 and array.dtype.kind in "fi":
         index = _bool_at(values, array)
         if index is not None:
-            raise BatchError(f"column '{name}' must hold numbers, got {values[index]!r} at index {index}")
+            raise BatchError(f"column '{name}' must hold numbers, got {values[index]!r} at index {index + offset}")
         floats = array.astype(np.float64, copy=False)
         # `raw` is bound as sent: only where every int is the float it means (|x| <= 2**53), so
         # 2**60 + 1 in `time` is stored, and compared on a resend, as float(2**60 + 1).
         exact = array.dtype.kind == "f" and not bool(np.any(np.abs(floats) >= 2.0**53)) \
             or array.dtype.kind == "i" and (not len(array) or int(np.abs(array).max()) <= 2**53)
         return Column(floats, raw=values if exact else None)
-    return _parse_items(name, values)
+    return _parse_items(name, values, offset=offset)
 
 
-def _parse_bool(name: str, values: list) -> Column:
+def _parse_bool(name: str, values: list, offset: int = 0) -> Column:
     try:
         array = np.array(values)
     except (ValueError, TypeError):
         array = None
     if array is not None and array.ndim == 1 and array.dtype.kind == "b":
         return Column(array.astype(np.float64), raw=values)
-    return _parse_items(name, values, booleans=True)
+    return _parse_items(name, values, booleans=True, offset=offset)
 
 
-def _parse_tensor_norms(value: Any, n_steps: int) -> tuple[list[str], np.ndarray]:
-    if not isinstance(value, dict) or set(value) != {"names", "norms"}:
-        raise BatchError("field 'tensor_norms' must be an object with 'names' and 'norms'")
-    names = value["names"]
+def _parse_column(name: str, values: list, offset: int = 0) -> Column:
+    """One value column (or one piece of it, `offset` items in), by its registry type."""
+    return (_parse_bool if name in BOOL_FIELDS else _parse_float)(name, values, offset)
+
+
+def _tensor_names(names: Any) -> list[str]:
     if (not isinstance(names, list) or not names
             or not all(isinstance(n, str) and 0 < len(n) <= 1000 for n in names)):
         raise BatchError("field 'tensor_norms.names' must be a non-empty list of names")
     if len(set(names)) != len(names):
         raise BatchError("field 'tensor_norms.names' repeats a name")
+    return names
+
+
+def _rows_error(n_steps: int, rows: Any) -> BatchError:
+    got = len(rows) if isinstance(rows, list) else type(rows).__name__
+    return BatchError(f"field 'tensor_norms.norms' must have one row per step ({n_steps}), got {got}")
+
+
+def _parse_tensor_norms(value: Any, n_steps: int) -> tuple[list[str], np.ndarray]:
+    if not isinstance(value, dict) or set(value) != {"names", "norms"}:
+        raise BatchError("field 'tensor_norms' must be an object with 'names' and 'norms'")
+    names = _tensor_names(value["names"])
     rows = value["norms"]
     if not isinstance(rows, list) or len(rows) != n_steps:
-        got = len(rows) if isinstance(rows, list) else type(rows).__name__
-        raise BatchError(f"field 'tensor_norms.norms' must have one row per step ({n_steps}), got {got}")
+        raise _rows_error(n_steps, rows)
+    return names, _norm_rows(rows, len(names))
+
+
+def _norm_rows(rows: list, width: int, offset: int = 0) -> np.ndarray:
+    """Rows of per-tensor norms as float32 (`offset`: the index of `rows[0]`, when a piece)."""
     try:
-        norms = np.array(rows, dtype=np.float32) if n_steps else np.zeros((0, len(names)), np.float32)
+        norms = np.array(rows, dtype=np.float32) if rows else np.zeros((0, width), np.float32)
     except (ValueError, TypeError):
         norms = None
-    if norms is None or norms.shape != (n_steps, len(names)):
-        norms = np.empty((n_steps, len(names)), dtype=np.float32)
+    if norms is None or norms.shape != (len(rows), width):
+        norms = np.empty((len(rows), width), dtype=np.float32)
         for index, row in enumerate(rows):
-            if not isinstance(row, list) or len(row) != len(names):
-                raise BatchError(f"field 'tensor_norms.norms' row {index} must have {len(names)} values")
+            if not isinstance(row, list) or len(row) != width:
+                raise BatchError(f"field 'tensor_norms.norms' row {index + offset} must have {width} values")
             column = _parse_items("tensor_norms.norms", row)
             if column.missing is not None:
-                raise BatchError(f"field 'tensor_norms.norms' row {index} holds null")
+                raise BatchError(f"field 'tensor_norms.norms' row {index + offset} holds null")
             norms[index] = column.values
     else:
-        _refuse_bool_norms(rows, norms)
-    return names, norms
+        _refuse_bool_norms(rows, norms, offset)
+    return norms
 
 
-def _refuse_bool_norms(rows: list[list], norms: np.ndarray) -> None:
+def _refuse_bool_norms(rows: list[list], norms: np.ndarray, offset: int = 0) -> None:
     """`np.array(rows, dtype=float32)` reads a JSON boolean as 0.0/1.0: look at those cells."""
     hits = (norms == 1) | (norms == 0)
     count = int(np.count_nonzero(hits))
@@ -237,7 +286,7 @@ def _refuse_bool_norms(rows: list[list], norms: np.ndarray) -> None:
         cells = map(tuple, np.argwhere(hits).tolist())
     for index, position in cells:
         if type(rows[index][position]) is bool:
-            raise BatchError(f"field 'tensor_norms.norms' row {index} must hold numbers, "
+            raise BatchError(f"field 'tensor_norms.norms' row {index + offset} must hold numbers, "
                              f"got {rows[index][position]!r} at index {position}")
 
 
@@ -259,7 +308,8 @@ def parse_batch(obj: Any) -> Batch:
         values = _as_list(name, obj[name])
         if len(values) != len(steps):
             raise BatchError(f"column '{name}' has {len(values)} values, 'step' has {len(steps)}")
-        columns[name] = (_parse_bool if name in BOOL_FIELDS else _parse_float)(name, values)
+        columns[name] = _parse_column(name, values)
+        _refuse_null_pre_norm(name, columns[name])
     for name in NORM_FIELDS:
         if name in columns:
             _refuse_negative(name, columns[name].values)

@@ -226,9 +226,9 @@ class EdgeGuard:
 class ByteBudget:
     """At most `capacity` bytes of request bodies being read, parsed and stored at once.
 
-    Parsing a JSON batch costs a few times its size (the bytes, the decoded lists,
-    the numpy columns); ten clients each sending a 32 MiB body would multiply that
-    by ten. Each ingest holds its body's size (its Content-Length, or `max_body`
+    Reading and parsing a body costs a few times its size (the chunks as received
+    and joined, then `parse.py`'s columns: at most about 4x, whatever the body
+    holds); ten clients each sending a 32 MiB body would multiply that by ten. Each ingest holds its body's size (its Content-Length, or `max_body`
     when it streams without one) from before the body is read until it is stored;
     the others wait. `create_app` sizes it at 2x `max_body`: two full bodies at a
     time. The counters (`holders`, `waiting`, `peak_*`) are read by tests and

@@ -17,7 +17,8 @@ from starlette.websockets import WebSocketDisconnect
 
 from gradwatch.server.live import LiveHub, accept_with_token, batch_points
 from gradwatch.server.routes.deps import DB_ERRORS, WRITE, HubDep, RunName, StoreDep, json_response
-from gradwatch.server.schemas import BatchError, IngestAnswer, message_seq, parse_batch, parse_ingest_message
+from gradwatch.server.parse import load_batch, load_message
+from gradwatch.server.schemas import BatchError, IngestAnswer
 from gradwatch.server.storage import Store
 
 log = logging.getLogger("gradwatch.server")
@@ -40,16 +41,13 @@ async def ingest_steps(name: RunName, request: Request, store: StoreDep, hub: Hu
                              status_code=415)
     budget = request.app.state.parse_budget
     declared = request.headers.get("content-length")
-    size = int(declared) if declared and declared.isdigit() else request.app.state.settings.max_body
+    declared = int(declared) if declared and declared.isdigit() else None
+    size = declared if declared is not None else request.app.state.settings.max_body
     async with budget.hold(size):  # concurrent large bodies wait their turn (security.ByteBudget)
-        body = await request.body()
+        body = await read_body(request, declared)
 
         def work():
-            try:
-                obj = orjson.loads(body)
-            except orjson.JSONDecodeError as error:
-                raise BatchError(f"invalid JSON: {error}") from None
-            batch = parse_batch(obj)
+            batch = load_batch(body)  # bounded memory, whatever the body holds (server/parse.py)
             return batch, store.ingest(name, batch)
 
         batch, result = await run_in_threadpool(work)
@@ -57,18 +55,32 @@ async def ingest_steps(name: RunName, request: Request, store: StoreDep, hub: Hu
     return json_response(result.answer())
 
 
+async def read_body(request: Request, declared: int | None) -> bytearray:
+    """The body in one buffer, written as its chunks arrive: about 1x its size, where
+    `request.body()` holds the chunks and their join at once (2x)."""
+    if declared is None:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+        return body
+    body = bytearray(declared)
+    filled = 0
+    async for chunk in request.stream():
+        body[filled:filled + len(chunk)] = chunk  # grows the buffer if more than declared arrives
+        filled += len(chunk)
+    del body[filled:]
+    return body
+
+
 def handle_message(store: Store, text: str | bytes) -> tuple[dict, str | None, Any]:
     """One `/ws/ingest` message: (reply, run, (batch, result)); errors become replies."""
     seq = None
     try:
-        decoded = orjson.loads(text)
-        seq = message_seq(decoded)
-        message = parse_ingest_message(decoded)
+        seq, message = load_message(text)  # bounded memory (server/parse.py)
         result = store.ingest(message.run, message.batch, meta=message.meta, events=message.events)
         return {"type": "ack", "seq": seq, **result.answer()}, message.run, (message.batch, result)
-    except orjson.JSONDecodeError as error:
-        return {"type": "error", "seq": seq, "status": 422, "detail": f"invalid JSON: {error}"}, None, None
     except BatchError as error:
+        seq = getattr(error, "seq", seq)
         return {"type": "error", "seq": seq, "status": error.status, "detail": str(error)}, None, None
     except DB_ERRORS as error:
         log.warning("ingest failed: %s", error)
