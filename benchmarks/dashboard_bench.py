@@ -262,6 +262,11 @@ def main(argv: list[str] | None = None) -> dict:
         "plotly_js_alone_median_s": round(statistics.median(loads["plotly_alone"]) / 1000, 3),
         "plotly_full_alone_median_s": round(statistics.median(loads["plotly_full_alone"]) / 1000, 3),
         "points_drawn": loads["cold"][-1]["points"],
+        # performance.now() marks of the page (state.js probe.marks): modules evaluated (appStart),
+        # plotly.js evaluated (plotlyReady), the series answer in hand, Plotly.newPlot called.
+        "cold_marks_median_ms": {name: round(statistics.median(load["marks"][name] for load in loads["cold"]))
+                                 for name in ("appStart", "seriesReceived", "plotlyReady", "newPlotStart")
+                                 if all(name in load["marks"] for load in loads["cold"])},
         "live_latency_median_ms": round(statistics.median(loads["live"]), 1),
         "live_latency_max_ms": round(max(loads["live"]), 1),
         "load_average_1min": round(os.getloadavg()[0], 2),
@@ -280,6 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{figures['first_chart_warm_s']}")
     print(f"  /series request: {figures['series_request_median_ms']} ms; plotly.min.js loaded at "
           f"{figures['plotly_js_loaded_median_ms']} ms; {figures['points_drawn']:,} points drawn")
+    print("  where the time goes (cold, median ms from navigation): " + ", ".join(
+        f"{name} {value}" for name, value in figures["cold_marks_median_ms"].items()))
     print(f"  floor: a blank page with only the shipped plotly-cartesian.min.js takes "
           f"{figures['plotly_js_alone_median_s']} s (cold, median); baseline, the full plotly.min.js: "
           f"{figures['plotly_full_alone_median_s']} s (ratio "

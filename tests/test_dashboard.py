@@ -103,7 +103,7 @@ def test_run_page_draws_norm_chart_and_histogram_from_the_api(page, server, outp
     assert traces["spike"]["x"] == expected.spike_steps
     nonfinite_x = {x for x in traces["non-finite"]["x"] if x is not None}
     assert nonfinite_x == set(expected.nonfinite_steps) and nonfinite_x
-    assert set(traces["clipped"]["x"]) == {int(s) for s, v in zip(expected.steps, expected.pre_norm)
+    assert set(traces["clipped"]["x"]) - {None} == {int(s) for s, v in zip(expected.steps, expected.pre_norm)
                                            if np.isfinite(v) and v > expected.threshold}
 
     histogram = page.evaluate("document.getElementById('histogram').data[0].meta.counts")
@@ -118,6 +118,8 @@ def test_run_page_draws_norm_chart_and_histogram_from_the_api(page, server, outp
     tau = min(max(tau, np.median(clean)), 10 * np.median(clean))
     assert recommended == pytest.approx(tau, rel=5e-3)
     assert page.text_content("#rec-rationale").strip()
+    # Labelled with the window the server used (its default: 10% of the run, at least 500 steps).
+    assert "clean steps (last 500 steps: 1,000–1,499)" in page.text_content("#rec-rate")
     assert page.evaluate("document.querySelectorAll('#event-rows tr').length") > 0
     assert page.get_attribute("#export-csv", "href") == f"/api/runs/{MAIN_RUN}/export.csv"
 
