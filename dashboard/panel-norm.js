@@ -23,7 +23,11 @@ async function fetchSeries(run, params, signal) {
   if (early) {
     try {
       const response = await early;
-      if (response.ok) return await response.json();
+      if (response.ok) {
+        const raw = await response.json();
+        probe.marks.earlySeries = performance.now();
+        return raw;
+      }
     } catch {
       // Asked again below, where errors and the token prompt are handled.
     }
