@@ -31,6 +31,7 @@ SPIKE_WARMUP = 25
 MIN_SCALE = 0.01
 MAD_TO_SIGMA = 1.4826
 TINY = 1e-30           # log floor, as the detector's
+SLACK = 1e-5           # log units: covers float32 rounding in the spike bounds
 
 
 def block_of(name: str) -> str:
@@ -152,72 +153,80 @@ def _fences(rows: np.ndarray, counts: np.ndarray | None = None, k: float = SPIKE
     return center + k * np.maximum(MAD_TO_SIGMA * mad, MIN_SCALE)
 
 
-def spike_flags(logs: np.ndarray, k: float = SPIKE_K, history: int = SPIKE_HISTORY,
+def spike_flags(norms: np.ndarray, k: float = SPIKE_K, history: int = SPIKE_HISTORY,
                 warmup: int = SPIKE_WARMUP, grid: int = 50) -> np.ndarray:
-    """Which finite log norms are spikes by the robust rule, each column (a group's
-    sequence of finite log norms, in step order) on its own: logs[j] > median +
-    k·max(1.4826·MAD, MIN_SCALE) of logs[j-history:j], once `warmup` values came before.
-    logs: [n] or [n, columns]; flags of the same shape.
+    """Which finite norms are spikes by the robust rule, each column (a group's sequence of
+    finite norms, in step order) on its own: with l = log(max(norm, TINY)) in float64,
+    l[j] > median + k·max(1.4826·MAD, MIN_SCALE) of l[j-history:j], once `warmup` values
+    came before. norms: [n] or [n, columns]; flags of the same shape.
 
     Exact, and vectorised without a median per step: the windows ending at grid points J
     (every `grid` values, and the last) are sorted once. A window j at most d = grid/2
     values from J shares all but d values with it, so its lower middle value is >= the
     (history/2 - d)-th smallest of J's, and its MAD >= half the shortest interval holding
     history/2 - d of J's values (median ± MAD holds half of window j). That is a lower
-    bound on j's fence; only values above it (about 0.05% of Gaussian noise, plus the real
+    bound on j's fence; only norms above it (about 0.05% of Gaussian noise, plus the real
     spikes) get their exact median and MAD, the same flags as a median per step
-    (tests/test_dashboard_groups.py). The first windows, shorter than `history`, are exact."""
-    one = logs.ndim == 1
-    table = np.ascontiguousarray(np.asarray(logs, dtype=np.float64).reshape(len(logs), -1).T)  # [columns, n]
+    (tests/test_dashboard_groups.py). The first windows, shorter than `history`, are exact.
+    The bounds need no logarithm of every norm: the log is monotone, so J's windows are
+    sorted as norms, and only their few order statistics (and ratios) are logged."""
+    one = norms.ndim == 1
+    table = np.ascontiguousarray(np.asarray(norms).reshape(len(norms), -1).T)  # [columns, n]
     flags = _spike_rows(table, k, history, warmup, grid)
     return flags[0] if one else flags.T
 
 
 def _spike_rows(table: np.ndarray, k: float, history: int, warmup: int, grid: int = 50) -> np.ndarray:
-    """spike_flags on rows: table[columns, n] (C-contiguous float64), flags[columns, n]."""
+    """spike_flags on rows: table[columns, n] of finite norms (float32 or float64), flags[columns, n]."""
     columns, n = table.shape
     flags = np.zeros((columns, n), dtype=bool)
-    # Bounds and first guesses are sorted in float32 (3x faster, SIMD); this slack covers its
-    # rounding: a bound never excludes a spike, and a guess this close to its fence is redone exactly.
-    slack = 1e-5 * (1.0 + np.abs(table).max(axis=1, keepdims=True)) if n else None
-    if n > warmup and columns:
-        short = np.arange(warmup, min(n, history))
-        if len(short):  # every row padded to `history`; _medians masks each past its count
-            first = np.full((columns, history), np.inf)
-            first[:, :min(n, history)] = table[:, :history]
-            rough = np.broadcast_to(first.astype(np.float32)[:, None, :], (columns, len(short), history))
-            fence = _fences(rough.reshape(-1, history), np.tile(short, columns), k).reshape(columns, len(short))
-            values = table[:, short]
-            flags[:, short] = values > fence
-            c, i = np.nonzero(np.abs(values - fence) <= slack)
-            if len(c):
-                flags[c, short[i]] = values[c, i] > _fences(first[c], short[i], k)
-        if n > history:
-            d = grid // 2
-            rank = (history - 1) // 2 - d       # 0-based index of the bound on the lower middle value
-            cover = (history - 1) // 2 + 1 - d  # values of J's window the interval must hold
-            if rank < 0 or cover < 2:
-                raise ValueError(f"grid ({grid}) too coarse for a history of {history}")
-            windows = np.lib.stride_tricks.sliding_window_view(table, history, axis=1)  # [c, i] = table[c, i:i+h]
-            coarse = np.lib.stride_tricks.sliding_window_view(table.astype(np.float32), history, axis=1)
-            points = np.arange(history, n + 1, grid)
-            if points[-1] != n:
-                points = np.append(points, n)
-            full = np.arange(history, n)
-            nearest = np.minimum((full - history + d) // grid, len(points) - 1)  # at most d away
-            chunk = max(1, 4_000_000 // (len(points) * history))  # columns per sort, ~16 MB
-            for first_column in range(0, columns, chunk):
-                part = slice(first_column, first_column + chunk)
-                ordered = np.sort(coarse[part, points - history], axis=2)          # [columns, points, history]
-                shortest = (ordered[:, :, cover - 1:] - ordered[:, :, :history - cover + 1]).min(axis=2)
-                bound = ordered[:, :, rank] + k * np.maximum(MAD_TO_SIGMA * shortest / 2, MIN_SCALE)
-                bound = bound.astype(np.float64) - slack[part]
-                column, position = np.nonzero(table[part, history:] > bound[:, nearest])
-                column += first_column
-                position += history
-                for pick in np.array_split(np.arange(len(column)), max(1, len(column) // 20_000)):
-                    c, j = column[pick], position[pick]
-                    flags[c, j] = table[c, j] > _fences(windows[c, j - history], None, k)
+    if n <= warmup or not columns:
+        return flags
+    lin = np.maximum(table, TINY)
+    # Bounds and first guesses are computed in float32 (sorts 3x faster, SIMD); SLACK (in log
+    # units) covers its rounding: a bound never excludes a spike, and a first guess this close
+    # to its fence is redone exactly.
+    short = np.arange(warmup, min(n, history))
+    if len(short):  # every row padded to `history`; _medians masks each past its count
+        first = np.full((columns, history), np.inf)
+        first[:, :min(n, history)] = np.log(lin[:, :history].astype(np.float64))
+        rough = np.broadcast_to(first.astype(np.float32)[:, None, :], (columns, len(short), history))
+        fence = _fences(rough.reshape(-1, history), np.tile(short, columns), k).reshape(columns, len(short))
+        values = first[:, short]
+        flags[:, short] = values > fence
+        c, i = np.nonzero(np.abs(values - fence) <= SLACK * (1.0 + np.abs(fence)))
+        if len(c):
+            flags[c, short[i]] = values[c, i] > _fences(first[c], short[i], k)
+    if n <= history:
+        return flags
+    d = grid // 2
+    rank = (history - 1) // 2 - d       # 0-based index of the bound on the lower middle value
+    cover = (history - 1) // 2 + 1 - d  # values of J's window the interval must hold
+    if rank < 0 or cover < 2:
+        raise ValueError(f"grid ({grid}) too coarse for a history of {history}")
+    windows = np.lib.stride_tricks.sliding_window_view(lin, history, axis=1)  # [c, i] = lin[c, i:i+h]
+    coarse = np.lib.stride_tricks.sliding_window_view(lin.astype(np.float32, copy=False), history, axis=1)
+    points = np.arange(history, n + 1, grid)
+    if points[-1] != n:
+        points = np.append(points, n)
+    nearest = np.minimum((np.arange(history, n) - history + d) // grid, len(points) - 1)  # at most d away
+    biggest = np.finfo(np.float32).max
+    chunk = max(1, 4_000_000 // (len(points) * history))  # columns per sort, ~16 MB
+    for first_column in range(0, columns, chunk):
+        part = slice(first_column, first_column + chunk)
+        ordered = np.sort(coarse[part, points - history], axis=2)          # [columns, points, history]
+        with np.errstate(over="ignore"):  # an overflowed ratio: log(max float32) is still a lower bound
+            ratio = (ordered[:, :, cover - 1:] / ordered[:, :, :history - cover + 1]).min(axis=2)
+        shortest = np.log(np.minimum(ratio, biggest).astype(np.float64))
+        bound = np.log(ordered[:, :, rank].astype(np.float64)) + k * np.maximum(MAD_TO_SIGMA * shortest / 2, MIN_SCALE)
+        bound = np.exp(bound - SLACK * (1.0 + np.abs(bound)))
+        column, position = np.nonzero(lin[part, history:] > bound[:, nearest])
+        column += first_column
+        position += history
+        for pick in np.array_split(np.arange(len(column)), max(1, len(column) // 20_000)):
+            c, j = column[pick], position[pick]
+            logs = np.log(windows[c, j - history].astype(np.float64))
+            flags[c, j] = np.log(lin[c, j].astype(np.float64)) > _fences(logs, None, k)
     return flags
 
 
@@ -245,13 +254,10 @@ def spike_counts(values: np.ndarray, missing: np.ndarray, k: float = SPIKE_K,
     flagged = present & ~finite                    # a non-finite norm is a spike
     whole = finite.all(axis=1)                     # groups with a finite norm at every step: at once
     if whole.any():
-        picked = values if whole.all() else values[whole]
-        logs = np.log(np.maximum(picked.astype(np.float64), TINY))
-        flagged[whole] = _spike_rows(logs, k, history, warmup)
+        flagged[whole] = _spike_rows(values if whole.all() else values[whole], k, history, warmup)
     for g in np.flatnonzero(~whole).tolist():      # the others on their own finite sequence
         rows = np.flatnonzero(finite[g])
-        logs = np.log(np.maximum(values[g, rows].astype(np.float64), TINY))
-        flagged[g, rows[_spike_rows(logs[None, :], k, history, warmup)[0]]] = True
+        flagged[g, rows[_spike_rows(values[g, rows][None, :], k, history, warmup)[0]]] = True
     counts = np.count_nonzero(flagged, axis=1).astype(np.int64)
     hit = counts > 0
     latest[hit] = steps - 1 - np.argmax(flagged[:, ::-1], axis=1)[hit]
