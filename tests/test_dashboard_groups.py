@@ -120,3 +120,34 @@ def test_group_spikes_agree_with_the_robust_detector_and_count_non_finite_norms(
     reported = np.flatnonzero(~missing[:, 1] & np.isfinite(norms[:, 1]))
     second = per_step_rule(np.log(norms[reported, 1].astype(np.float64)))
     assert counts[1] == second.sum() + 1 and latest[1] == max([500] + reported[second].tolist())
+
+
+def test_grouped_answers_follow_new_steps_through_the_cache(tmp_path):
+    """The server keeps grouped answers per run state: asked twice, the same answer; after a
+    batch, the new steps are in it (real server, real SQLite, over HTTP)."""
+    from tests.procs import ServerProcess
+    from tests.test_dashboard_support import get_json, post_steps
+
+    names = [f"layers.{b}.{m}.weight" for b in range(2) for m in ("attn", "mlp")]
+    rng = np.random.default_rng(4)
+
+    def batch(start, count):
+        norms = rng.uniform(0.5, 2.0, (count, len(names)))
+        return norms, {"step": list(range(start, start + count)), "pre_norm": [1.0] * count,
+                       "tensor_norms": {"names": names, "norms": norms.tolist()}}
+
+    with ServerProcess(f"sqlite:///{tmp_path / 'groups.db'}") as server:
+        first, body = batch(0, 300)
+        post_steps(server.url, "grouped", body)
+        path = "/api/runs/grouped/tensors?group=module&points=1000"
+        answer = get_json(server.url, path)
+        assert answer == get_json(server.url, path) and answer["steps_total"] == 300
+        second, body = batch(300, 50)
+        post_steps(server.url, "grouped", body)
+        answer = get_json(server.url, path)
+        assert answer["steps_total"] == 350 and answer["step"] == list(range(350))
+        both = np.concatenate([first, second])
+        for g, group in enumerate(answer["names"]):
+            np.testing.assert_allclose(answer["norms"][g], both[:, names.index(group + ".weight")], rtol=1e-6)
+        blocks = get_json(server.url, "/api/runs/grouped/tensors?group=block&points=1000")
+        np.testing.assert_allclose(blocks["norms"][1], np.sqrt((both[:, 2:4] ** 2).sum(axis=1)), rtol=1e-6)
