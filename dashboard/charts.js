@@ -446,7 +446,9 @@ export function heatmapFigure({ rows, step, selectedStep = null, uirevision }) {
   const labels = rows.map((row) => plotlyText(row.label));
   const data = [{
     type: 'heatmap', x: step, y: labels.map((_, i) => i), z, colorscale: 'Viridis',
-    customdata: rows.map((row) => step.map(() => plotlyText(row.name))), meta: { rows: rows.map((row) => row.name) },
+    // The row's name for the hover, per cell (a heatmap has no per-row text); escaped once per row.
+    customdata: rows.map((row) => new Array(step.length).fill(plotlyText(row.name))),
+    meta: { rows: rows.map((row) => row.name) },
     colorbar: { title: { text: 'log10 norm', side: 'right' }, thickness: 12 },
     hovertemplate: '%{customdata}<br>step %{x}<br>log10 norm %{z:.3f}<extra></extra>',
   }];

@@ -74,6 +74,7 @@ export const probe = {
   run: null,
   scale: null,
   tensorsMs: null,
+  tensorsFetchMs: null,
   marks: { appStart: performance.now() },
 };
 
