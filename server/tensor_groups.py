@@ -7,7 +7,12 @@ norms at that step, sqrt(sum of squares), which is exactly the gradient norm of
 the group's parameters. It must be computed per step, before downsampling:
 the max of per-tensor bucket maxima is not the norm of any step.
 
-Pure NumPy, except `read_step_norms`, the one function that reads the tables.
+Which groups spike: each group's norm judged against its own recent history by
+the spike detector's rule (`spike_flags`, exact and vectorised). The route asks
+`grouped_json`, which keeps the latest encoded answers per run state.
+
+Pure NumPy, except `read_step_norms`, the one function that reads the tables
+(and `grouped_json`, which calls it and the store's run counters).
 """
 from __future__ import annotations
 
@@ -374,6 +379,7 @@ class AnswerCache:
 
 
 _CACHES: "weakref.WeakKeyDictionary[object, AnswerCache]" = weakref.WeakKeyDictionary()
+MAX_CACHED_BYTES = 16 * 2**20  # a page asks for ~1,000 columns (under 3 MB); a huge `points` is not kept
 
 
 def grouped_json(store, run_id: int, start: int | None, end: int | None, level: str, points: int) -> bytes:
@@ -385,5 +391,6 @@ def grouped_json(store, run_id: int, start: int | None, end: int | None, level: 
     if body is None:
         names, steps, norms, absent = read_step_norms(store, run_id, start, end)
         body = encode_answer(grouped_answer(names, steps, norms, absent, level, points))
-        cache.put(key, body)
+        if len(body) <= MAX_CACHED_BYTES:
+            cache.put(key, body)
     return body
