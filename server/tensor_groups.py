@@ -159,7 +159,7 @@ def _fences(rows: np.ndarray, counts: np.ndarray | None = None, k: float = SPIKE
 
 
 def spike_flags(norms: np.ndarray, k: float = SPIKE_K, history: int = SPIKE_HISTORY,
-                warmup: int = SPIKE_WARMUP, grid: int = 50) -> np.ndarray:
+                warmup: int = SPIKE_WARMUP, grid: int = 40) -> np.ndarray:
     """Which finite norms are spikes by the robust rule, each column (a group's sequence of
     finite norms, in step order) on its own: with l = log(max(norm, TINY)) in float64,
     l[j] > median + k·max(1.4826·MAD, MIN_SCALE) of l[j-history:j], once `warmup` values
@@ -170,7 +170,7 @@ def spike_flags(norms: np.ndarray, k: float = SPIKE_K, history: int = SPIKE_HIST
     values from J shares all but d values with it, so its lower middle value is >= the
     (history/2 - d)-th smallest of J's, and its MAD >= half the shortest interval holding
     history/2 - d of J's values (median ± MAD holds half of window j). That is a lower
-    bound on j's fence; only norms above it (about 0.05% of Gaussian noise, plus the real
+    bound on j's fence; only norms above it (about 0.1% of Gaussian noise, plus the real
     spikes) get their exact median and MAD, the same flags as a median per step
     (tests/test_dashboard_groups.py). The first windows, shorter than `history`, are exact.
     The bounds need no logarithm of every norm: the log is monotone, so J's windows are
@@ -181,7 +181,7 @@ def spike_flags(norms: np.ndarray, k: float = SPIKE_K, history: int = SPIKE_HIST
     return flags[0] if one else flags.T
 
 
-def _spike_rows(table: np.ndarray, k: float, history: int, warmup: int, grid: int = 50) -> np.ndarray:
+def _spike_rows(table: np.ndarray, k: float, history: int, warmup: int, grid: int = 40) -> np.ndarray:
     """spike_flags on rows: table[columns, n] of finite norms (float32 or float64), flags[columns, n]."""
     columns, n = table.shape
     flags = np.zeros((columns, n), dtype=bool)
