@@ -41,7 +41,8 @@ function openRun(name, { push } = { push: false }) {
   $('contrib-title').textContent = 'Click a spike (chart marker or event) to see which tensors contributed';
   plotly().then((Plotly) => Plotly.purge($('contributions'))).catch(() => {});
   connectLive(name);
-  loadSeries().then((ok) => {
+  run.loaded = loadSeries();
+  run.loaded.then((ok) => {
     // An unknown run: one message, not one per panel; the live feed brings it in if it starts.
     if (!ok || run !== app.run) return;
     loadMarks();
@@ -107,7 +108,11 @@ async function start() {
   adoptTokenFromAddress();
   wireControls();
   const requested = new URL(window.location.href).searchParams.get('run');
-  if (requested) openRun(requested, { push: false });
+  if (requested) {
+    openRun(requested, { push: false });
+    // The run list after the first chart: its request and table are not on the chart's path.
+    await app.run.loaded.catch(() => {});
+  }
   const runs = await loadRuns();
   if (!requested && !app.run) {
     const recent = mostRecentRun(runs);

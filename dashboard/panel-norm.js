@@ -7,16 +7,33 @@ import { getJSON, runPath } from './api.js';
 import { parseSeries, lastStep, appendAfter } from './series.js';
 import { normFigure } from './charts.js';
 import { plotly, PLOT_CONFIG } from './plot.js';
+import { chartPoints, seriesURL, takeEarlySeries, SERIES_FIELDS } from './boot.js';
 import { app, actions, probe, showError, reportError } from './state.js';
 import { currentRunInfo, renderSummary } from './panel-runs.js';
 
 const $ = (id) => document.getElementById(id);
-// Every column the server has: a column added later (skipped, robust_z, level_shift) shows up by itself.
-const SERIES_FIELDS = 'all';
+// SERIES_FIELDS: every column the server has, so a column added later (skipped, robust_z,
+// level_shift) shows up by itself. chartPoints: about two per pixel. Both in boot.js, which
+// asks for the opened run's series before the other modules have even loaded.
+export { chartPoints };
 
-export function chartPoints() {
-  const width = $('norm-chart').clientWidth || 1000;
-  return Math.max(1000, Math.min(4000, Math.round(width * 2)));
+/** The series answer: boot.js's early request when it asked for this URL (and got a 200), else getJSON. */
+async function fetchSeries(run, params, signal) {
+  const early = params.start === undefined ? takeEarlySeries(seriesURL(run.name)) : null;
+  if (early) {
+    try {
+      const response = await early;
+      if (response.ok) {
+        const raw = await response.json();
+        probe.marks.earlySeries = performance.now();
+        return raw;
+      }
+    } catch {
+      // Asked again below, where errors and the token prompt are handled.
+    }
+    if (signal.aborted) throw new DOMException('aborted', 'AbortError');
+  }
+  return getJSON(runPath(run.name, '/series'), params, { signal });
 }
 
 /** Fetch the run's series (or the zoomed range) and draw it. False when the run is unknown. */
@@ -29,7 +46,7 @@ export async function loadSeries() {
   if (view) { params.start = view.start; params.end = view.end; }
   let raw;
   try {
-    raw = await getJSON(runPath(run.name, '/series'), params, { signal });
+    raw = await fetchSeries(run, params, signal);
     showError('series', '');
   } catch (error) {
     if (signal.aborted) return true;

@@ -48,6 +48,7 @@ export async function loadTensors() {
         ? getJSON(runPath(run.name, '/tensors'), { ...rangeParams(points), group: 'module' }, { signal }) : null,
     ]);
     if (signal.aborted) return;
+    probe.tensorsFetchMs = performance.now() - began; // the answer in hand; tensorsMs: drawn too
     run.tensors = { level, blocks: primary, modules: level === 'module' ? primary : modules };
   } catch (error) {
     if (!signal.aborted) reportError('tensors', error, 'Per-tensor norms');

@@ -66,6 +66,15 @@ function explanationLines(recommendation) {
   return lines;
 }
 
+/** "last 500 steps: 1,000–1,499" from the window the server says it used; the asked one otherwise. */
+export function recommendationWindowText(recommendation, asked = null) {
+  const span = recommendation && recommendation.window;
+  if (span && Number.isInteger(span.steps) && Number.isInteger(span.start) && Number.isInteger(span.end)) {
+    return `last ${formatInt(span.steps)} steps: ${formatInt(span.start)}–${formatInt(span.end)}`;
+  }
+  return asked ? `last ${formatInt(asked)} steps` : 'the server\'s default window';
+}
+
 export function renderRecommendation() {
   const run = app.run;
   const recommendation = run.recommendation || {};
@@ -73,10 +82,12 @@ export function renderRecommendation() {
   $('rec-threshold').textContent = formatNumber(threshold, 4);
   const candidates = Array.isArray(recommendation.candidates) ? recommendation.candidates : [];
   const own = candidates.find((c) => wireNumber(c.threshold) === threshold);
-  const count = run.stats && Number.isFinite(run.stats.count) ? run.stats.count : null;
-  const windowText = app.window ? `last ${formatInt(app.window)} steps` : 'whole run';
+  // The candidates' clip rates are over the recommendation's clean steps, in the window it
+  // names: by default the last 10% of the run (at least 500 steps), not the whole run.
+  const count = Number.isFinite(recommendation.count) ? recommendation.count : null;
+  const windowText = recommendationWindowText(recommendation, app.window);
   $('rec-rate').textContent = own
-    ? `would clip ${formatRate(own.clip_rate)} of ${count === null ? 'the' : formatInt(count)} steps (${windowText})`
+    ? `would clip ${formatRate(own.clip_rate)} of ${count === null ? 'the' : formatInt(count)} clean steps (${windowText})`
     : `(${windowText})`;
   $('rec-rationale').textContent = tidyNumbers(recommendation.rationale ?? '');
   $('rec-explanation').replaceChildren(...explanationLines(recommendation).map((line) => el('li', {}, tidyNumbers(line))));

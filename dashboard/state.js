@@ -28,6 +28,7 @@ export function createRunState(name) {
     selectedStep: null,
     contributions: null,
     whatifTouched: false,
+    loaded: Promise.resolve(true), // the first loadSeries of this run (app.js)
     /**
      * A signal for one kind of request ("series", "events", ...): a newer request of
      * the same kind aborts the older one, and closing the run aborts them all.
@@ -73,6 +74,7 @@ export const probe = {
   run: null,
   scale: null,
   tensorsMs: null,
+  tensorsFetchMs: null,
   marks: { appStart: performance.now() },
 };
 

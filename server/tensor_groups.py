@@ -7,21 +7,36 @@ norms at that step, sqrt(sum of squares), which is exactly the gradient norm of
 the group's parameters. It must be computed per step, before downsampling:
 the max of per-tensor bucket maxima is not the norm of any step.
 
-Pure NumPy, except `read_step_norms`, the one function that reads the tables.
+Which groups spike: each group's norm judged against its own recent history by
+the spike detector's rule (`spike_flags`, exact and vectorised). The route asks
+`grouped_json`, which keeps the latest encoded answers per run state.
+
+Pure NumPy, except `read_step_norms`, the one function that reads the tables
+(and `grouped_json`, which calls it and the store's run counters).
 """
 from __future__ import annotations
 
 import re
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 
 LEVELS = ("block", "module", "tensor")
 # The first `<name>.<integer>` in a path ends the block: `layers.3`, `model.layers.12`, `h.0`.
 _BLOCK = re.compile(r"^((?:[^.]+\.)*?[^.]+\.\d+)(?:\.|$)")
-SPIKE_K = 5.0          # outlier when log norm > median + k * 1.4826 * MAD (the detector's rule)
-SPIKE_HISTORY = 128    # steps of a group's own history that define "usual"
-MAD_FLOOR = 0.05       # log-space MAD floor: a perfectly steady group is not a spike at +1%
+# The spike rule of clip/robust.py's RobustDetector with its defaults (a group spikes when
+# its log norm > median + k·max(1.4826·MAD, min_scale) of its previous `history` finite log norms).
+SPIKE_K = 5.0
+SPIKE_HISTORY = 200
+SPIKE_WARMUP = 25
+MIN_SCALE = 0.01
+MAD_TO_SIGMA = 1.4826
+TINY = 1e-30           # log floor, as the detector's
+SLACK = 1e-5           # log units: covers float32 rounding in the spike bounds
 
 
 def block_of(name: str) -> str:
@@ -120,36 +135,137 @@ def downsample_max(steps: np.ndarray, values: np.ndarray, missing: np.ndarray, p
     return steps[cuts], highest, all_missing
 
 
-def spike_counts(values: np.ndarray, missing: np.ndarray, k: float = SPIKE_K,
-                 history: int = SPIKE_HISTORY) -> tuple[np.ndarray, np.ndarray]:
-    """How often each group's norm is an outlier against its own recent history.
+def _medians(rows: np.ndarray, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(median, MAD) of each row as NumPy's median computes them (mean of the two middle
+    values); with `counts`, of each row's first counts[i] entries only."""
+    if counts is None:
+        center = np.median(rows, axis=1)
+        return center, np.median(np.abs(rows - center[:, None]), axis=1)
+    width = rows.shape[1]
+    valid = np.arange(width)[None, :] < counts[:, None]
+    low, high = ((counts - 1) // 2)[:, None], (counts // 2)[:, None]
 
-    The detector's robust rule in log space: above median + k * 1.4826 * MAD of the
-    group's previous `history` steps. The baseline is taken per block of `history`
-    steps (each block judged against the block before it), so a 100,000-step,
-    300-group run is one vectorised median over the run, not one per step.
+    def middle(values: np.ndarray) -> np.ndarray:
+        ordered = np.sort(np.where(valid, values, np.inf), axis=1)
+        return (np.take_along_axis(ordered, low, 1) + np.take_along_axis(ordered, high, 1))[:, 0] / 2
+
+    center = middle(rows)
+    return center, middle(np.abs(rows - center[:, None]))
+
+
+def _fences(rows: np.ndarray, counts: np.ndarray | None = None, k: float = SPIKE_K) -> np.ndarray:
+    center, mad = _medians(rows, counts)
+    return center + k * np.maximum(MAD_TO_SIGMA * mad, MIN_SCALE)
+
+
+def spike_flags(norms: np.ndarray, k: float = SPIKE_K, history: int = SPIKE_HISTORY,
+                warmup: int = SPIKE_WARMUP, grid: int = 40) -> np.ndarray:
+    """Which finite norms are spikes by the robust rule, each column (a group's sequence of
+    finite norms, in step order) on its own: with l = log(max(norm, TINY)) in float64,
+    l[j] > median + k·max(1.4826·MAD, MIN_SCALE) of l[j-history:j], once `warmup` values
+    came before. norms: [n] or [n, columns]; flags of the same shape.
+
+    Exact, and vectorised without a median per step: the windows ending at grid points J
+    (every `grid` values, and the last) are sorted once. A window j at most d = grid/2
+    values from J shares all but d values with it, so its lower middle value is >= the
+    (history/2 - d)-th smallest of J's, and its MAD >= half the shortest interval holding
+    history/2 - d of J's values (median ± MAD holds half of window j). That is a lower
+    bound on j's fence; only norms above it (about 0.1% of Gaussian noise, plus the real
+    spikes) get their exact median and MAD, the same flags as a median per step
+    (tests/test_dashboard_groups.py). The first windows, shorter than `history`, are exact.
+    The bounds need no logarithm of every norm: the log is monotone, so J's windows are
+    sorted as norms, and only their few order statistics (and ratios) are logged."""
+    one = norms.ndim == 1
+    table = np.ascontiguousarray(np.asarray(norms).reshape(len(norms), -1).T)  # [columns, n]
+    flags = _spike_rows(table, k, history, warmup, grid)
+    return flags[0] if one else flags.T
+
+
+def _spike_rows(table: np.ndarray, k: float, history: int, warmup: int, grid: int = 40) -> np.ndarray:
+    """spike_flags on rows: table[columns, n] of finite norms (float32 or float64), flags[columns, n]."""
+    columns, n = table.shape
+    flags = np.zeros((columns, n), dtype=bool)
+    if n <= warmup or not columns:
+        return flags
+    lin = np.maximum(table, TINY)
+    # Bounds and first guesses are computed in float32 (sorts 3x faster, SIMD); SLACK (in log
+    # units) covers its rounding: a bound never excludes a spike, and a first guess this close
+    # to its fence is redone exactly.
+    short = np.arange(warmup, min(n, history))
+    if len(short):  # every row padded to `history`; _medians masks each past its count
+        first = np.full((columns, history), np.inf)
+        first[:, :min(n, history)] = np.log(lin[:, :history].astype(np.float64))
+        rough = np.broadcast_to(first.astype(np.float32)[:, None, :], (columns, len(short), history))
+        fence = _fences(rough.reshape(-1, history), np.tile(short, columns), k).reshape(columns, len(short))
+        values = first[:, short]
+        flags[:, short] = values > fence
+        c, i = np.nonzero(np.abs(values - fence) <= SLACK * (1.0 + np.abs(fence)))
+        if len(c):
+            flags[c, short[i]] = values[c, i] > _fences(first[c], short[i], k)
+    if n <= history:
+        return flags
+    d = grid // 2
+    rank = (history - 1) // 2 - d       # 0-based index of the bound on the lower middle value
+    cover = (history - 1) // 2 + 1 - d  # values of J's window the interval must hold
+    if rank < 0 or cover < 2:
+        raise ValueError(f"grid ({grid}) too coarse for a history of {history}")
+    windows = np.lib.stride_tricks.sliding_window_view(lin, history, axis=1)  # [c, i] = lin[c, i:i+h]
+    coarse = np.lib.stride_tricks.sliding_window_view(lin.astype(np.float32, copy=False), history, axis=1)
+    points = np.arange(history, n + 1, grid)
+    if points[-1] != n:
+        points = np.append(points, n)
+    nearest = np.minimum((np.arange(history, n) - history + d) // grid, len(points) - 1)  # at most d away
+    biggest = np.finfo(np.float32).max
+    chunk = max(1, 4_000_000 // (len(points) * history))  # columns per sort, ~16 MB
+    for first_column in range(0, columns, chunk):
+        part = slice(first_column, first_column + chunk)
+        ordered = np.sort(coarse[part, points - history], axis=2)          # [columns, points, history]
+        with np.errstate(over="ignore"):  # an overflowed ratio: log(max float32) is still a lower bound
+            ratio = (ordered[:, :, cover - 1:] / ordered[:, :, :history - cover + 1]).min(axis=2)
+        shortest = np.log(np.minimum(ratio, biggest).astype(np.float64))
+        bound = np.log(ordered[:, :, rank].astype(np.float64)) + k * np.maximum(MAD_TO_SIGMA * shortest / 2, MIN_SCALE)
+        bound = np.exp(bound - SLACK * (1.0 + np.abs(bound)))
+        column, position = np.nonzero(lin[part, history:] > bound[:, nearest])
+        column += first_column
+        position += history
+        for pick in np.array_split(np.arange(len(column)), max(1, len(column) // 20_000)):
+            c, j = column[pick], position[pick]
+            logs = np.log(windows[c, j - history].astype(np.float64))
+            flags[c, j] = np.log(lin[c, j].astype(np.float64)) > _fences(logs, None, k)
+    return flags
+
+
+def spike_counts(values: np.ndarray, missing: np.ndarray, k: float = SPIKE_K,
+                 history: int = SPIKE_HISTORY, warmup: int = SPIKE_WARMUP) -> tuple[np.ndarray, np.ndarray]:
+    """How often each group's norm is an outlier against its own recent history, by the
+    detector's robust rule (clip/robust.py `RobustDetector`, defaults k=5, history=200,
+    warm-up 25, min_scale 0.01) on each group's own sequence of finite norms, per step.
+
+    A non-finite group norm counts as a spike (as the detector reports it) and never
+    enters the history; a missing one is skipped. Not modelled: the detector's clamp of a
+    spike to the fence before it joins the history (one value of 200 above the median
+    moves neither the median nor the MAD while it stays above both) and its level-shift
+    reset (a lasting jump counts as spikes until the rolling median has followed it).
     Returns (counts[groups], index of the latest spike per group or -1)."""
     steps, groups = values.shape
     counts = np.zeros(groups, dtype=np.int64)
     latest = np.full(groups, -1, dtype=np.int64)
-    blocks = steps // history
-    if blocks < 2 or groups == 0:
+    if steps == 0:
         return counts, latest
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logs = np.log(values[:blocks * history].astype(np.float32))
-    bad = missing[:blocks * history] | ~np.isfinite(logs)
-    if bad.any():  # a neutral value keeps np.median (partition) instead of the slow nanmedian
-        neutral = np.nanmedian(np.where(bad, np.nan, logs), axis=0) if (~bad).any() else np.zeros(groups)
-        logs = np.where(bad, np.nan_to_num(neutral).astype(np.float32)[None, :], logs)
-    shaped = logs.reshape(blocks, history, groups)
-    center = np.median(shaped, axis=1)                                   # [blocks, groups]
-    mad = np.median(np.abs(shaped - center[:, None, :]), axis=1)
-    fence = center + k * 1.4826 * np.maximum(mad, MAD_FLOOR)
-    above = (shaped[1:] > fence[:-1, None, :]) & ~bad.reshape(blocks, history, groups)[1:]
-    above = above.reshape(-1, groups)
-    counts = above.sum(axis=0)
-    hit = above.any(axis=0)
-    latest[hit] = history + (above.shape[0] - 1 - np.argmax(above[::-1], axis=0))[hit]
+    # Groups in rows ([groups, steps], contiguous): each group's sequence is one row.
+    values = np.ascontiguousarray(np.asarray(values).T)
+    present = ~np.ascontiguousarray(np.asarray(missing, dtype=bool).T)
+    finite = np.isfinite(values) & present
+    flagged = present & ~finite                    # a non-finite norm is a spike
+    whole = finite.all(axis=1)                     # groups with a finite norm at every step: at once
+    if whole.any():
+        flagged[whole] = _spike_rows(values if whole.all() else values[whole], k, history, warmup)
+    for g in np.flatnonzero(~whole).tolist():      # the others on their own finite sequence
+        rows = np.flatnonzero(finite[g])
+        flagged[g, rows[_spike_rows(values[g, rows][None, :], k, history, warmup)[0]]] = True
+    counts = np.count_nonzero(flagged, axis=1).astype(np.int64)
+    hit = counts > 0
+    latest[hit] = steps - 1 - np.argmax(flagged[:, ::-1], axis=1)[hit]
     return counts, latest
 
 
@@ -160,24 +276,33 @@ def read_step_norms(store, run_id: int, start: int | None, end: int | None
     return store.reader.tensor_steps(run_id, start, end)
 
 
-def _encode(values: np.ndarray, missing: np.ndarray) -> list:
-    """float64 as JSON items: NaN/Inf as the wire's strings, missing as null."""
-    out = values.tolist()
-    for index in np.flatnonzero(~np.isfinite(values) | missing).tolist():
-        value = out[index]
-        if missing[index]:
-            out[index] = None
-        elif value != value:
-            out[index] = "NaN"
-        else:
-            out[index] = "Infinity" if value > 0 else "-Infinity"
+def _encode_rows(shown: np.ndarray, missing: np.ndarray) -> list:
+    """Group rows for JSON: a row without NaN/Inf/missing stays a float32 array (orjson
+    writes it natively, shortest float32 digits: a third of the bytes of float64 lists);
+    the others as lists with the wire's "NaN"/"Infinity" strings and null for missing."""
+    rows = np.ascontiguousarray(shown.T)
+    gaps = np.ascontiguousarray(missing.T)
+    bad_rows = (~np.isfinite(rows) | gaps).any(axis=1)
+    out: list = list(rows)
+    for g in np.flatnonzero(bad_rows).tolist():
+        values = rows[g].tolist()
+        for index in np.flatnonzero(~np.isfinite(rows[g]) | gaps[g]).tolist():
+            value = values[index]
+            if gaps[g, index]:
+                values[index] = None
+            elif value != value:
+                values[index] = "NaN"
+            else:
+                values[index] = "Infinity" if value > 0 else "-Infinity"
+        out[g] = values
     return out
 
 
 def grouped_answer(tensor_names: list[str], steps: np.ndarray, norms: np.ndarray, absent: np.ndarray,
                    level: str, points: int) -> dict:
     """The `/tensors?group=` answer from per-step norms[steps, tensors]: group rows, each the
-    per-step L2 of its members then the max per bucket, with members, parents and spike counts."""
+    per-step L2 of its members then the max per bucket, with members, parents and spike counts.
+    Rows may be float32 arrays: encode with `encode_answer` (or orjson's numpy option)."""
     if level not in LEVELS:
         raise ValueError(f"group must be one of {', '.join(LEVELS)}")
     plan = grouping(list(tensor_names), level)
@@ -191,9 +316,59 @@ def grouped_answer(tensor_names: list[str], steps: np.ndarray, norms: np.ndarray
         "members": plan.members,
         "parents": plan.parents,
         "step": labels.tolist(),
-        "norms": [_encode(shown[:, g], shown_missing[:, g]) for g in range(len(plan.names))],
+        "norms": _encode_rows(shown, shown_missing),
         "spikes": counts.tolist(),
         "latest_spike": [int(steps[i]) if i >= 0 else None for i in latest.tolist()],
         "steps_total": int(len(steps)),
-        "spike_rule": f"log norm > median + {SPIKE_K:g}·1.4826·MAD of the group's previous block of {SPIKE_HISTORY} steps",
+        "spike_rule": (f"log norm > median + {SPIKE_K:g}·1.4826·MAD of the group's previous {SPIKE_HISTORY} "
+                       f"finite norms (after {SPIKE_WARMUP}), as the spike detector; a non-finite norm counts"),
     }
+
+
+def encode_answer(answer: dict) -> bytes:
+    return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class AnswerCache:
+    """The encoded answers of the latest grouped requests, keyed by the request and the
+    run's counters (stored steps, last step, creation time: a batch that stores steps
+    changes them, a deleted and re-created run too). A dashboard reload, a second tab or
+    a resize back asks again for the same answer; reading 100,000 x 300 norms again is
+    most of its cost. Thread-safe: routes run in a thread pool."""
+
+    def __init__(self, entries: int = 8):
+        self.entries = entries
+        self._answers: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> bytes | None:
+        with self._lock:
+            body = self._answers.get(key)
+            if body is not None:
+                self._answers.move_to_end(key)
+            return body
+
+    def put(self, key: tuple, body: bytes) -> None:
+        with self._lock:
+            self._answers[key] = body
+            self._answers.move_to_end(key)
+            while len(self._answers) > self.entries:
+                self._answers.popitem(last=False)
+
+
+_CACHES: "weakref.WeakKeyDictionary[object, AnswerCache]" = weakref.WeakKeyDictionary()
+MAX_CACHED_BYTES = 16 * 2**20  # a page asks for ~1,000 columns (under 3 MB); a huge `points` is not kept
+
+
+def grouped_json(store, run_id: int, start: int | None, end: int | None, level: str, points: int) -> bytes:
+    """The `/tensors?group=` answer as JSON bytes, from the store's answer cache when the
+    run has not changed since (one small query for its counters), else computed and kept."""
+    cache = _CACHES.setdefault(store, AnswerCache())
+    key = (run_id, store.run_counters(run_id), start, end, level, points)
+    body = cache.get(key)
+    if body is None:
+        names, steps, norms, absent = read_step_norms(store, run_id, start, end)
+        body = encode_answer(grouped_answer(names, steps, norms, absent, level, points))
+        if len(body) <= MAX_CACHED_BYTES:
+            cache.put(key, body)
+    return body

@@ -7,12 +7,15 @@ made. The page is served with the server's CSP, which stays on: Playwright's
 """
 from __future__ import annotations
 
+import json
 import time
 import urllib.parse
+import urllib.request
 
 import numpy as np
 import pytest
 
+from gradwatch.dashboard import STATIC_DIR
 from tests.procs import ServerProcess
 from tests.test_dashboard_support import (SPIKY_TENSOR, get_json, launch_chromium, post_steps,
                                           synthetic_batch, wait_until)
@@ -103,7 +106,7 @@ def test_run_page_draws_norm_chart_and_histogram_from_the_api(page, server, outp
     assert traces["spike"]["x"] == expected.spike_steps
     nonfinite_x = {x for x in traces["non-finite"]["x"] if x is not None}
     assert nonfinite_x == set(expected.nonfinite_steps) and nonfinite_x
-    assert set(traces["clipped"]["x"]) == {int(s) for s, v in zip(expected.steps, expected.pre_norm)
+    assert set(traces["clipped"]["x"]) - {None} == {int(s) for s, v in zip(expected.steps, expected.pre_norm)
                                            if np.isfinite(v) and v > expected.threshold}
 
     histogram = page.evaluate("document.getElementById('histogram').data[0].meta.counts")
@@ -118,6 +121,8 @@ def test_run_page_draws_norm_chart_and_histogram_from_the_api(page, server, outp
     tau = min(max(tau, np.median(clean)), 10 * np.median(clean))
     assert recommended == pytest.approx(tau, rel=5e-3)
     assert page.text_content("#rec-rationale").strip()
+    # Labelled with the window the server used (its default: 10% of the run, at least 500 steps).
+    assert "clean steps (last 500 steps: 1,000–1,499)" in page.text_content("#rec-rate")
     assert page.evaluate("document.querySelectorAll('#event-rows tr').length") > 0
     assert page.get_attribute("#export-csv", "href") == f"/api/runs/{MAIN_RUN}/export.csv"
 
@@ -235,6 +240,37 @@ def test_page_requests_nothing_outside_the_server(page, server):
     assert not outside, outside
     assert page.recorded.requests and page.recorded.websockets
     assert all(url.startswith(server.ws_url + "/ws/live/") for url in page.recorded.websockets)
+
+
+def test_first_chart_takes_one_early_series_request_and_the_versioned_bundle(page, server):
+    """boot.js asks for the series before the other modules have loaded; panel-norm.js takes
+    that answer (one request, not two), and the run list is asked for after the first chart."""
+    open_run(page, server, MAIN_RUN)
+    wait_until(page, "window.gradwatch.renders.histogram > 0 && document.querySelectorAll('#run-rows tr').length > 0")
+    requests = page.recorded.requests
+    series = [index for index, url in enumerate(requests) if f"/api/runs/{MAIN_RUN}/series" in url]
+    assert len(series) == 1 and page.evaluate("window.gradwatch.marks.earlySeries") is not None
+    assert series[0] < min(index for index, url in enumerate(requests) if url.endswith("/api/runs"))
+    version = json.loads((STATIC_DIR / "plotly-cartesian.json").read_text())["version"]
+    assert {url for url in requests if "plotly" in url} == {f"{server.url}/static/plotly-cartesian.min.js?v={version}"}
+    assert not page.recorded.console_errors and not page.recorded.page_errors
+
+
+def test_versioned_bundle_is_kept_for_a_year_and_other_files_revalidated(server):
+    version = json.loads((STATIC_DIR / "plotly-cartesian.json").read_text())["version"]
+    for text in ((STATIC_DIR / "boot.js").read_text(), (STATIC_DIR / "index.html").read_text()):
+        assert f"/static/plotly-cartesian.min.js?v={version}" in text  # the URL names the shipped version
+
+    def cache_control(path: str) -> str:
+        request = urllib.request.Request(server.url + path, headers={"Accept-Encoding": "gzip"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            answer.read()
+            return answer.headers["Cache-Control"]
+
+    assert cache_control(f"/static/plotly-cartesian.min.js?v={version}") == "public, max-age=31536000, immutable"
+    assert cache_control("/static/plotly-cartesian.min.js?v=0.0.1") == "no-cache"  # not this version
+    assert cache_control("/static/plotly-cartesian.min.js") == "no-cache"
+    assert cache_control("/static/boot.js") == "no-cache"
 
 
 def test_whatif_control_shows_the_clip_rate_of_the_chosen_threshold(page, server):

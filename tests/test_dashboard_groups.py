@@ -63,3 +63,91 @@ def test_robust_spike_counts_find_the_group_that_spikes():
     assert sum(counts.values()) == len(spike_steps)  # lognormal noise at sigma 0.1 never passes the fence
     assert answer["latest_spike"][answer["names"].index("layers.2.input_layernorm")] == 1900
     assert answer["parents"][answer["names"].index("layers.2.mlp")] == "layers.2"
+
+
+def per_step_rule(logs: np.ndarray, k=5.0, history=200, warmup=25, min_scale=0.01) -> np.ndarray:
+    """The detector's rule with a median per step (np.median), the plain way."""
+    flags = np.zeros(len(logs), dtype=bool)
+    for j in range(warmup, len(logs)):
+        window = logs[max(0, j - history):j]
+        center = np.median(window)
+        scale = max(1.4826 * np.median(np.abs(window - center)), min_scale)
+        flags[j] = logs[j] > center + k * scale
+    return flags
+
+
+def test_group_spike_flags_equal_a_median_per_step_on_hard_sequences():
+    rng = np.random.default_rng(7)
+    sequences = [rng.normal(0, 0.2, 2500), rng.standard_t(2, 1800) * 0.3,      # heavy tails
+                 np.cumsum(rng.normal(0, 0.05, 2200)),                          # drift
+                 np.round(rng.normal(0, 0.004, 1500), 3),                       # ties at the MAD floor
+                 rng.normal(0, 0.2, 180), rng.normal(0, 0.2, 201), rng.normal(0, 0.2, 20)]  # short runs
+    for logs in sequences:
+        spikes = rng.random(len(logs)) < 0.01
+        logs[spikes] += rng.uniform(0.5, 4.0, spikes.sum())  # some near the fence, some far above
+        norms = np.exp(logs)
+        np.testing.assert_array_equal(tg.spike_flags(norms), per_step_rule(np.log(norms)))
+        single = norms.astype(np.float32)  # as group norms are stored
+        np.testing.assert_array_equal(tg.spike_flags(single), per_step_rule(np.log(single.astype(np.float64))))
+    table = np.exp(np.stack([s[:1800] for s in sequences[:3]], axis=1))  # columns judged on their own
+    got = tg.spike_flags(table)
+    for column in range(table.shape[1]):
+        np.testing.assert_array_equal(got[:, column], per_step_rule(np.log(table[:, column])))
+
+
+def test_group_spikes_agree_with_the_robust_detector_and_count_non_finite_norms():
+    import mlx.core as mx
+    from gradwatch.clip.robust import RobustDetector
+
+    rng = np.random.default_rng(11)
+    n = 700
+    norms = np.exp(rng.normal(0.0, 0.15, (n, 2))).astype(np.float32)
+    norms[[60, 240, 410, 655], 0] *= [9.0, 30.0, 4.0, 80.0]
+    norms[500, 1] = np.nan  # a NaN in the second group: a spike, then left out of its history
+    missing = np.zeros(norms.shape, dtype=bool)
+    missing[100:120, 1] = True  # steps the second group did not report
+    detector = RobustDetector()
+    expected = []
+    for step in range(n):
+        info = detector(mx.array(norms[step, 0]))
+        if bool(info.spike.item()):
+            expected.append(step)
+    assert len(expected) >= 3
+    counts, latest = tg.spike_counts(norms, missing)
+    flags = tg.spike_flags(norms[:, 0])
+    assert np.flatnonzero(flags).tolist() == expected
+    assert counts[0] == len(expected) and latest[0] == expected[-1]
+    reported = np.flatnonzero(~missing[:, 1] & np.isfinite(norms[:, 1]))
+    second = per_step_rule(np.log(norms[reported, 1].astype(np.float64)))
+    assert counts[1] == second.sum() + 1 and latest[1] == max([500] + reported[second].tolist())
+
+
+def test_grouped_answers_follow_new_steps_through_the_cache(tmp_path):
+    """The server keeps grouped answers per run state: asked twice, the same answer; after a
+    batch, the new steps are in it (real server, real SQLite, over HTTP)."""
+    from tests.procs import ServerProcess
+    from tests.test_dashboard_support import get_json, post_steps
+
+    names = [f"layers.{b}.{m}.weight" for b in range(2) for m in ("attn", "mlp")]
+    rng = np.random.default_rng(4)
+
+    def batch(start, count):
+        norms = rng.uniform(0.5, 2.0, (count, len(names)))
+        return norms, {"step": list(range(start, start + count)), "pre_norm": [1.0] * count,
+                       "tensor_norms": {"names": names, "norms": norms.tolist()}}
+
+    with ServerProcess(f"sqlite:///{tmp_path / 'groups.db'}") as server:
+        first, body = batch(0, 300)
+        post_steps(server.url, "grouped", body)
+        path = "/api/runs/grouped/tensors?group=module&points=1000"
+        answer = get_json(server.url, path)
+        assert answer == get_json(server.url, path) and answer["steps_total"] == 300
+        second, body = batch(300, 50)
+        post_steps(server.url, "grouped", body)
+        answer = get_json(server.url, path)
+        assert answer["steps_total"] == 350 and answer["step"] == list(range(350))
+        both = np.concatenate([first, second])
+        for g, group in enumerate(answer["names"]):
+            np.testing.assert_allclose(answer["norms"][g], both[:, names.index(group + ".weight")], rtol=1e-6)
+        blocks = get_json(server.url, "/api/runs/grouped/tensors?group=block&points=1000")
+        np.testing.assert_allclose(blocks["norms"][1], np.sqrt((both[:, 2:4] ** 2).sum(axis=1)), rtol=1e-6)

@@ -4,11 +4,13 @@ the norm axis chosen from the data (a spiky run and a calm one), clean log ticks
 the groups that spike most often, and the report drawn by the same chart code as the page."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
 import time
 import urllib.parse
+import urllib.request
 
 import numpy as np
 import pytest
@@ -184,3 +186,37 @@ def test_report_draws_the_same_traces_as_the_page(page, server, tmp_path):  # no
     assert [t["name"] for t in in_report] == [t["name"] for t in on_page]
     assert in_report == on_page
     assert report_axis == page_axis
+
+
+def test_the_real_demo_run_fits_its_ordinary_steps(page, tmp_path, output_dir):  # noqa: F811
+    """`gradwatch demo --exit` (real MLX training, real agent), then the page on its database:
+    the corrupted batches are off-scale marks on the top edge, the ordinary steps fill the chart."""
+    from tests.procs import free_port
+
+    db_url = f"sqlite:///{tmp_path / 'demo.db'}"
+    demo = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "demo", "--steps", "800", "--exit",
+                           "--port", str(free_port()), "--db", db_url],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    with ServerProcess(db_url, log_path=tmp_path / "server.log") as server:
+        run = json.loads(urllib.request.urlopen(server.url + "/api/runs", timeout=30).read())[0]["name"]
+        meta = json.loads(urllib.request.urlopen(
+            f"{server.url}/api/runs/{urllib.parse.quote(run, safe='')}", timeout=30).read())["meta"]
+        corrupted = meta["config"]["corrupted_steps"]
+        open_run(page, server, run)
+        wait_until(page, "window.gradwatch.renders.histogram > 0 && window.gradwatch.renders.heatmap > 0",
+                   what="the histogram and the heatmap")
+        wait_until(page, "window.gradwatch.renders.norm > 1")
+        traces = page.evaluate("Object.fromEntries(document.getElementById('norm-chart').data.map((t) => [t.name, t]))")
+        layout = page.evaluate("document.getElementById('norm-chart').layout.yaxis")
+        norms = np.array([np.nan if v is None else v for v in traces["pre-clip norm"]["y"]], dtype=float)
+        assert set(corrupted) <= set(traces["off-scale norm"]["x"])  # every corrupted batch on the edge
+        ordinary = norms[np.isfinite(norms) & ~np.isin(traces["pre-clip norm"]["x"], traces["off-scale norm"]["x"])]
+        low, high = layout["range"]
+        if layout["type"] == "log":
+            ordinary = np.log10(ordinary)
+        assert low <= ordinary.min() and ordinary.max() <= high
+        assert np.percentile(ordinary, 99) - np.percentile(ordinary, 1) >= 0.4 * (high - low)
+        assert "clean steps (last 500 steps: 300–799)" in page.text_content("#rec-rate")
+        page.screenshot(path=str(output_dir / "dashboard-demo-run.png"), full_page=True)
+        no_errors(page)

@@ -166,8 +166,8 @@ def tensors(name: RunName, store: StoreDep, start: int | None = Query(None, ge=0
     """Per-tensor norms, one row per tensor (or per group); downsampled by the max per bucket of steps."""
     check_range(start, end)
     if group != "tensor":  # per-step norms first: a group's norm is not a max of bucket maxima
-        names, steps, norms, absent = tensor_groups.read_step_norms(store, store.run_id(name), start, end)
-        return json_response(tensor_groups.grouped_answer(names, steps, norms, absent, group, points))
+        body = tensor_groups.grouped_json(store, store.run_id(name), start, end, group, points)
+        return Response(body, media_type="application/json")
     names, steps, norms, absent = store.tensor_norms(store.run_id(name), start, end, points)
     rows = [encode_floats(np.asarray(norms[:, i], dtype=np.float64), absent[:, i]) for i in range(len(names))]
     return json_response({"names": names, "step": steps.tolist(), "norms": rows})

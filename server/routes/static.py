@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
+import json
 import mimetypes
 import re
 from pathlib import Path
@@ -44,6 +45,16 @@ def plotly_js_gzip(path: Path) -> bytes:
     return gzip.compress(path.read_bytes(), compresslevel=6, mtime=0)
 
 
+@functools.lru_cache(maxsize=1)
+def shipped_plotly_version() -> str | None:
+    """The shipped bundle's version (dashboard/plotly-cartesian.json): the page asks for
+    `plotly-cartesian.min.js?v=<version>`, and that URL's content never changes."""
+    try:
+        return str(json.loads((dashboard_dir() / "plotly-cartesian.json").read_text())["version"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 @router.get("/healthz", tags=["meta"], response_model=HealthOut)
 def healthz(store: StoreDep) -> Response:
     store.read("SELECT 1")
@@ -75,6 +86,9 @@ def static_file(name: str, request: Request) -> Response:
         path = None
         if STATIC_NAME.match(name) and ".." not in name and Path(name).suffix in STATIC_SUFFIXES:
             path = dashboard_dir() / name
+        version = request.query_params.get("v")
+        if name == "plotly-cartesian.min.js" and version is not None and version == shipped_plotly_version():
+            headers["Cache-Control"] = "public, max-age=31536000, immutable"  # a versioned URL: keep it
         if (path is not None and name.endswith(".min.js") and path.is_file()
                 and "gzip" in request.headers.get("accept-encoding", "")):
             headers["Vary"] = "Accept-Encoding"  # a vendored bundle (its version is recorded)
