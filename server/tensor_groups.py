@@ -362,9 +362,10 @@ MAX_CACHED_BYTES = 16 * 2**20  # a page asks for ~1,000 columns (under 3 MB); a 
 
 def grouped_json(store, run_id: int, start: int | None, end: int | None, level: str, points: int) -> bytes:
     """The `/tensors?group=` answer as JSON bytes, from the store's answer cache when the
-    run has not changed since (one small query for its counters), else computed and kept."""
+    run has not changed since (one small query for its version: every batch that stores
+    steps or tensor norms moves it), else computed and kept."""
     cache = _CACHES.setdefault(store, AnswerCache())
-    key = (run_id, store.run_counters(run_id), start, end, level, points)
+    key = (run_id, store.reader.run_version(run_id), start, end, level, points)
     body = cache.get(key)
     if body is None:
         names, steps, norms, absent = read_step_norms(store, run_id, start, end)
