@@ -33,7 +33,7 @@ from gradwatch.server.chunks import (BLOCK, CHUNK, Chunk, TensorChunk, TensorSum
                                      decode_chunk, decode_summaries, decode_tensor_summary, decode_tensors,
                                      encode_chunk, encode_summary, encode_tensor_summary, encode_tensors,
                                      summarize, summarize_tensors)
-from gradwatch.server.chunks.codec import empty_values, pack_arrays, unpack_arrays
+from gradwatch.server.chunks.codec import CodecError, empty_values, pack_arrays, unpack_arrays
 from gradwatch.server.chunks.downsample import kept_rows_of
 from gradwatch.server.chunks.summaries import Summary, concat, empty_summary
 from gradwatch.server.storage.registry import FLOAT_FIELDS, STEP_COLUMNS, value_columns
@@ -90,7 +90,9 @@ def pack_rows(chunk: Chunk) -> bytes:
 def unpack_rows(chunk_id: int, blob: bytes, columns: tuple[str, ...]) -> Chunk:
     """`pack_rows` back, with `columns` (a column not stored is all null)."""
     arrays = unpack_arrays(blob)
-    steps = arrays["step"]
+    steps = arrays.get("step")
+    if not isinstance(steps, np.ndarray) or steps.dtype != np.int64:
+        raise CodecError(f"chunk {chunk_id}: not a kept-rows blob")
     chunk = Chunk(chunk_id, steps)
     for name in columns:
         values = arrays.get("v:" + name)
@@ -198,7 +200,10 @@ class ChunkRows:
                                     f"AND chunk_id IN ({', '.join('?' * len(group))})"),
                            (run_id, KEPT_WIDTH, *group))
             for chunk_id, data in cursor.fetchall():
-                out[chunk_id] = unpack_rows(chunk_id, bytes(data), columns)
+                try:
+                    out[chunk_id] = unpack_rows(chunk_id, bytes(data), columns)
+                except CodecError:   # not readable: the overview decodes the chunk instead
+                    continue
         return out
 
     # ----- per-tensor norms -----
