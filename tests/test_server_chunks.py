@@ -230,3 +230,31 @@ def json_round_trip(value):
     import json
 
     return json.loads(json.dumps(value))
+
+
+def test_per_step_tensor_norms_across_chunks_and_layouts(tmp_path):
+    """`Reader.tensor_steps` (the grouped heatmap's input): every step's norms in first-seen
+    name order, a tensor a step did not report marked absent, across chunks and a layout
+    that grew mid-run; compared with the values sent."""
+    engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
+    create_schema(engine)
+    store = Store(engine)
+    rng = np.random.default_rng(6)
+    first = np.arange(CHUNK - 100, CHUNK + 100)
+    a = rng.random((len(first), 2)).astype(np.float32)
+    store.ingest("t", parse_batch({"step": first.tolist(), "pre_norm": [1.0] * len(first),
+                                   "tensor_norms": {"names": ["x", "y"], "norms": a.tolist()}}))
+    later = np.arange(3 * CHUNK, 3 * CHUNK + 50)
+    b = rng.random((len(later), 3)).astype(np.float32)
+    store.ingest("t", parse_batch({"step": later.tolist(), "pre_norm": [1.0] * len(later),
+                                   "tensor_norms": {"names": ["y", "z", "x"], "norms": b.tolist()}}))
+    names, steps, norms, absent = store.reader.tensor_steps(store.run_id("t"), CHUNK - 50, None)
+    assert names == ["x", "y", "z"]
+    keep = first >= CHUNK - 50
+    assert steps.tolist() == first[keep].tolist() + later.tolist()
+    n = int(keep.sum())
+    np.testing.assert_array_equal(norms[:n, :2], a[keep])
+    assert absent[:n, 2].all() and not absent[:n, :2].any()
+    np.testing.assert_array_equal(norms[n:], b[:, [2, 0, 1]])
+    assert not absent[n:].any()
+    engine.dispose()

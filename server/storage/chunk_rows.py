@@ -222,6 +222,17 @@ class ChunkRows:
                                 "AND chunk_id BETWEEN ? AND ? ORDER BY chunk_id"), (run_id, first, last))
         return [decode_tensors(chunk_id, data) for chunk_id, data in cursor.fetchall()]
 
+    def iter_tensor_range(self, cursor, run_id: int, first: int, last: int, per_fetch: int = 8):
+        """The tensor chunks first..last, ascending, decoded `per_fetch` rows at a time."""
+        cursor.execute(self.sql("SELECT chunk_id, data FROM tensor_chunks WHERE run_id = ? "
+                                "AND chunk_id BETWEEN ? AND ? ORDER BY chunk_id"), (run_id, first, last))
+        while True:
+            rows = cursor.fetchmany(per_fetch)
+            if not rows:
+                return
+            for chunk_id, data in rows:
+                yield decode_tensors(chunk_id, data)
+
     def tensor_summaries(self, cursor, run_id: int, first: int, last: int) -> list[TensorSummary]:
         cursor.execute(self.sql("SELECT data FROM tensor_summaries WHERE run_id = ? "
                                 "AND chunk_id BETWEEN ? AND ? ORDER BY chunk_id"), (run_id, first, last))
