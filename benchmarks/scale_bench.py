@@ -263,8 +263,8 @@ def main() -> int:
     print(f"\nreads during ingest by 4 writers ({ingested / args.ingest_seconds:,.0f} steps/s stored): "
           f"{len(latencies)} reads, p50 {percentile(latencies, 50):.1f} ms, p99 {percentile(latencies, 99):.1f} ms "
           f"(goal p99 <= 250)")
-    print(f"server RSS after the reads {rss_after_reads[0]:.0f} MB, at the end {rss_now:.0f} MB, "
-          f"peak {rss_peak:.0f} MB (goal <= 400)")
+    print(f"server RSS after the reads {rss_after_reads[0]:.0f} MB (peak so far {rss_after_reads[1]:.0f}), "
+          f"at the end {rss_now:.0f} MB, peak {rss_peak:.0f} MB (goal <= 400)")
     print(f"database {db_bytes / 2**20:,.0f} MB for {stored_steps:,} steps: {db_bytes / stored_steps:.1f} bytes "
           f"per step (tensor norms included)")
     return 0

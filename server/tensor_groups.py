@@ -88,15 +88,25 @@ def grouping(tensor_names: list[str], level: str) -> Grouping:
     return Grouping(names, members, [block_of(m[0]) if level != "block" else n for n, m in zip(names, members)], index)
 
 
-def group_norms(norms: np.ndarray, absent: np.ndarray, index: np.ndarray, groups: int
-                ) -> tuple[np.ndarray, np.ndarray]:
+def group_norms(norms: np.ndarray, absent: np.ndarray, index: np.ndarray, groups: int,
+                block: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """Per-step group norms: (values[steps, groups] float32, missing[steps, groups]).
 
     One float32 matrix product of the squared norms with a tensor->group one-hot
     matrix (BLAS: 100,000 x 300 in tens of ms). A tensor a step did not report adds
-    nothing; a non-finite member makes the group NaN (or +Inf when only Infs): the news."""
+    nothing; a non-finite member makes the group NaN (or +Inf when only Infs): the news.
+    `block` steps at a time, so the squares never cost a second copy of the norms."""
     one_hot = np.zeros((len(index), groups), dtype=np.float32)
     one_hot[np.arange(len(index)), index] = 1.0
+    out = np.empty((len(norms), groups), dtype=np.float32)
+    missing = np.zeros((len(norms), groups), dtype=bool)
+    for begin in range(0, len(norms), block):
+        rows = slice(begin, begin + block)
+        out[rows], missing[rows] = _group_block(norms[rows], absent[rows], one_hot)
+    return out, missing
+
+
+def _group_block(norms: np.ndarray, absent: np.ndarray, one_hot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     values = np.asarray(norms, dtype=np.float32)
     bad = ~np.isfinite(values) | absent
     rows_bad = np.flatnonzero(bad.any(axis=1))
@@ -235,6 +245,9 @@ def _spike_rows(table: np.ndarray, k: float, history: int, warmup: int, grid: in
     return flags
 
 
+GROUPS_AT_ONCE = 4   # spike_counts works on this many groups' sequences at a time
+
+
 def spike_counts(values: np.ndarray, missing: np.ndarray, k: float = SPIKE_K,
                  history: int = SPIKE_HISTORY, warmup: int = SPIKE_WARMUP) -> tuple[np.ndarray, np.ndarray]:
     """How often each group's norm is an outlier against its own recent history, by the
@@ -257,10 +270,11 @@ def spike_counts(values: np.ndarray, missing: np.ndarray, k: float = SPIKE_K,
     present = ~np.ascontiguousarray(np.asarray(missing, dtype=bool).T)
     finite = np.isfinite(values) & present
     flagged = present & ~finite                    # a non-finite norm is a spike
-    whole = finite.all(axis=1)                     # groups with a finite norm at every step: at once
-    if whole.any():
-        flagged[whole] = _spike_rows(values if whole.all() else values[whole], k, history, warmup)
-    for g in np.flatnonzero(~whole).tolist():      # the others on their own finite sequence
+    whole = np.flatnonzero(finite.all(axis=1))    # groups with a finite norm at every step: a few at once
+    for begin in range(0, len(whole), GROUPS_AT_ONCE):   # bounds the working memory to a few rows' worth
+        rows = whole[begin:begin + GROUPS_AT_ONCE]
+        flagged[rows] = _spike_rows(values[rows], k, history, warmup)
+    for g in np.flatnonzero(~finite.all(axis=1)).tolist():   # the others on their own finite sequence
         rows = np.flatnonzero(finite[g])
         flagged[g, rows[_spike_rows(values[g, rows][None, :], k, history, warmup)[0]]] = True
     counts = np.count_nonzero(flagged, axis=1).astype(np.int64)

@@ -270,8 +270,13 @@ class Reader(Database):
                     for name in new:
                         index[name] = len(names)
                         names.append(name)
-                    norms = np.hstack([norms, np.full((capacity, len(new)), np.nan, np.float32)])
-                    absent = np.hstack([absent, np.ones((capacity, len(new)), bool)])
+                    wider = np.full((capacity, len(names)), np.nan, np.float32)
+                    wider[:, :norms.shape[1]] = norms
+                    norms = wider
+                    wider = np.ones((capacity, len(names)), bool)
+                    wider[:, :absent.shape[1]] = absent
+                    absent = wider
+                    del wider
                 mask = (chunk.steps >= lo) & (chunk.steps <= hi)
                 count = int(mask.sum())
                 if not count:
