@@ -11,8 +11,9 @@ Which groups spike: each group's norm judged against its own recent history by
 the spike detector's rule (`spike_flags`, exact and vectorised). The route asks
 `grouped_json`, which keeps the latest encoded answers per run state.
 
-Pure NumPy, except `read_step_norms`, the one function that reads the tables
-(and `grouped_json`, which calls it and the store's run counters).
+Pure NumPy, except `grouped_json`, which reads the run's tensor chunks one at a
+time through the store (`Reader.iter_tensor_steps`) and reduces each to its
+groups (`streamed_groups`) before reading the next, and the run's version.
 """
 from __future__ import annotations
 
@@ -283,13 +284,6 @@ def spike_counts(values: np.ndarray, missing: np.ndarray, k: float = SPIKE_K,
     return counts, latest
 
 
-def read_step_norms(store, run_id: int, start: int | None, end: int | None
-                    ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """(names, steps, norms[steps, tensors] float32, absent) of every step in range, from the
-    store's tensor chunks: the only storage-aware part of this module."""
-    return store.reader.tensor_steps(run_id, start, end)
-
-
 def _encode_rows(shown: np.ndarray, missing: np.ndarray) -> list:
     """Group rows for JSON: a row without NaN/Inf/missing stays a float32 array (orjson
     writes it natively, shortest float32 digits: a third of the bytes of float64 lists);
@@ -321,8 +315,50 @@ def grouped_answer(tensor_names: list[str], steps: np.ndarray, norms: np.ndarray
         raise ValueError(f"group must be one of {', '.join(LEVELS)}")
     plan = grouping(list(tensor_names), level)
     values, missing = group_norms(np.asarray(norms), np.asarray(absent, dtype=bool), plan.index, len(plan.names))
+    return answer_from_groups(plan, np.asarray(steps, dtype=np.int64), values, missing, level, points)
+
+
+def streamed_groups(pieces, level: str) -> tuple[Grouping, np.ndarray, np.ndarray, np.ndarray]:
+    """(plan, steps, values[steps, groups], missing) from pieces (steps, tensor names,
+    norms[steps, names], absent[steps, names] or None) in step order, e.g. one per stored
+    chunk: each piece is reduced to its groups before the next is read, so a long run's
+    per-tensor norms are never held whole (a group's norm depends only on its members'
+    names, so the groups of the pieces seen so far are those of the whole)."""
+    tensors: list[str] = []
+    seen: set[str] = set()
+    groups: dict[str, int] = {}
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for steps, names, norms, absent in pieces:
+        for name in names:
+            if name not in seen:
+                seen.add(name)
+                tensors.append(name)
+                groups.setdefault(group_of(name, level), len(groups))
+        index = np.array([groups[group_of(name, level)] for name in names], dtype=np.intp)
+        absent = np.zeros(norms.shape, bool) if absent is None else absent
+        values, missing = group_norms(norms, absent, index, len(groups))
+        parts.append((np.asarray(steps, dtype=np.int64), values, missing))
+    plan = grouping(tensors, level)
+    order = np.array([groups[name] for name in plan.names], dtype=np.intp)   # plan rows in our columns
+    total = sum(len(p[0]) for p in parts)
+    steps = np.zeros(total, np.int64)
+    values = np.full((total, len(plan.names)), np.nan, np.float32)
+    missing = np.ones((total, len(plan.names)), bool)
+    row = 0
+    for part_steps, part_values, part_missing in parts:
+        rows = slice(row, row + len(part_steps))
+        width = part_values.shape[1]
+        take = np.flatnonzero(order < width)          # groups that existed when the piece was read
+        steps[rows] = part_steps
+        values[rows, take] = part_values[:, order[take]]
+        missing[rows, take] = part_missing[:, order[take]]
+        row += len(part_steps)
+    return plan, steps, values, missing
+
+
+def answer_from_groups(plan: Grouping, steps: np.ndarray, values: np.ndarray, missing: np.ndarray,
+                       level: str, points: int) -> dict:
     counts, latest = spike_counts(values, missing)
-    steps = np.asarray(steps, dtype=np.int64)
     labels, shown, shown_missing = downsample_max(steps, values, missing, points)
     return {
         "group": level,
@@ -382,8 +418,10 @@ def grouped_json(store, run_id: int, start: int | None, end: int | None, level: 
     key = (run_id, store.reader.run_version(run_id), start, end, level, points)
     body = cache.get(key)
     if body is None:
-        names, steps, norms, absent = read_step_norms(store, run_id, start, end)
-        body = encode_answer(grouped_answer(names, steps, norms, absent, level, points))
+        if level not in LEVELS:
+            raise ValueError(f"group must be one of {', '.join(LEVELS)}")
+        plan, steps, values, missing = streamed_groups(store.reader.iter_tensor_steps(run_id, start, end), level)
+        body = encode_answer(answer_from_groups(plan, steps, values, missing, level, points))
         if len(body) <= MAX_CACHED_BYTES:
             cache.put(key, body)
     return body

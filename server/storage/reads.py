@@ -247,6 +247,18 @@ class Reader(Database):
                             lambda a, b: self.rows.tensor_summaries(cursor, run_id, a, b), lo, hi, points)
         return found.names, found.labels, found.norms, found.absent
 
+    def iter_tensor_steps(self, run_id: int, start: int | None, end: int | None) -> Iterator[tuple]:
+        """(steps, names, norms[steps, names], absent or None) per stored tensor chunk with steps
+        in [start, end], ascending, from one snapshot, read a few chunks at a time."""
+        lo = start if start is not None else 0
+        hi = end if end is not None else 2**62
+        with self.snapshot() as cursor:
+            for chunk in self.rows.iter_tensor_range(cursor, run_id, lo // CHUNK, hi // CHUNK):
+                mask = (chunk.steps >= lo) & (chunk.steps <= hi)
+                if mask.any():
+                    absent = None if chunk.present is None else ~chunk.present[mask]
+                    yield chunk.steps[mask], chunk.names, chunk.norms[mask], absent
+
     def tensor_steps(self, run_id: int, start: int | None, end: int | None
                      ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         """(names, steps, norms[steps, names] float32, absent[steps, names]) of every step in
