@@ -285,3 +285,43 @@ def test_grouped_tensors_streamed_by_chunk_equal_the_whole_matrix(tmp_path, leve
     assert streamed == json_round_trip(tensor_groups.orjson.loads(tensor_groups.encode_answer(whole)))
     assert sum(streamed["spikes"]) >= 1   # the answer holds spikes to compare
     engine.dispose()
+
+
+def test_appends_become_segments_and_a_late_step_rewrites_the_chunk(served):
+    """Small appends to one chunk are stored as segments (never a rewrite), at most
+    MAX_SEGMENTS of them; a step landing inside the chunk rewrites it as one segment.
+    Every read sees the chunk whole throughout."""
+    from gradwatch.server.storage.chunk_rows import MAX_SEGMENTS
+
+    url, server = served
+    rng = np.random.default_rng(8)
+    sent: dict[int, float] = {}
+
+    def segments() -> int:
+        return rows_of(url, "SELECT segments FROM chunks WHERE chunk_id = 0")[0][0]
+
+    def stored_segments() -> int:
+        return rows_of(url, "SELECT COUNT(DISTINCT seg) FROM chunk_columns WHERE chunk_id = 0")[0][0]
+
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        seen = []
+        for batch in range(MAX_SEGMENTS + 2):
+            steps = list(range(batch * 200, batch * 200 + 200, 2))   # even steps only, appended
+            values = rng.lognormal(size=len(steps)).tolist()
+            sent.update(zip(steps, values))
+            assert post(client, "seg", batch_of(steps, values)).json()["accepted"] == len(steps)
+            seen.append(segments())
+            assert stored_segments() == seen[-1]
+            got = client.get("/api/runs/seg/series", params={"fields": "pre_norm", "points": 100_000}).json()
+            assert got["step"] == sorted(sent) and got["pre_norm"] == [sent[s] for s in sorted(sent)]
+        # the first batch writes the chunk, the next ones add a segment each, up to the cap
+        assert seen[:MAX_SEGMENTS] == list(range(1, MAX_SEGMENTS + 1)) and seen[MAX_SEGMENTS] == 1
+        late = [101, 103]                                          # odd: inside the chunk
+        assert post(client, "seg", batch_of(late, [7.0, 8.0])).json()["accepted"] == 2
+        sent.update({101: 7.0, 103: 8.0})
+        assert segments() == 1 and stored_segments() == 1
+        got = client.get("/api/runs/seg/series", params={"fields": "pre_norm", "points": 100_000}).json()
+        assert got["step"] == sorted(sent) and got["pre_norm"] == [sent[s] for s in sorted(sent)]
+        stats = client.get("/api/runs/seg/stats").json()
+        assert stats["count"] == len(sent)
+        np.testing.assert_allclose(stats["percentiles"]["p50"], np.percentile(list(sent.values()), 50))

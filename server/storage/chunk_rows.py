@@ -6,13 +6,20 @@ only moves their blobs in and out of the database, so ingest, reads and the
 migration share one spelling of the SQL.
 
 - A chunk holds steps [c*CHUNK, (c+1)*CHUNK). Its steps and each registry
-  column are one row of `chunk_columns` (run_id, name, chunk_id), so a read of
-  one column of a whole run is one range scan of that column's rows, and a
+  column are rows of `chunk_columns` (run_id, name, chunk_id, seg), so a read
+  of one column of a whole run is one range scan of that column's rows, and a
   column added to the registry later needs no table change (a chunk without
   its row decodes it as all null).
-- `chunks` (run_id, chunk_id, n, version): the steps a chunk holds and the run
-  version that last wrote it, so a reader that holds version v fetches only
-  the chunks written after v (an append, or a late step into an old chunk).
+- Segments: a batch that only appends to a chunk writes its own rows as the
+  chunk's next segment instead of rewriting the chunk (an agent appending
+  2,000 steps at a time otherwise rewrote each 4,096-step chunk two or three
+  times: measured, 1.3x the CPU of a row per step per batch, against 0.8x with
+  segments). Segments hold consecutive, ascending step ranges, so a chunk is
+  its segments concatenated. A step landing inside a chunk, or a chunk with
+  MAX_SEGMENTS segments, rewrites it as one segment.
+- `chunks` (run_id, chunk_id, n, version, segments): the steps a chunk holds,
+  the run version that last wrote it (a reader that holds version v fetches
+  only the chunks written after v) and how many segments it has.
 - `chunk_summaries` (run_id, width, chunk_id): the chunk's summary entries per
   64 steps; the overview's coarser widths (512, 4,096) are combined from them
   at read time.
@@ -43,12 +50,14 @@ KEY = "pre_norm"          # the column the overview keeps the min and max of
 KEPT_FLAGS = ("spike", "nonfinite")   # rows the overview always keeps (with a non-finite key)
 KEPT_WIDTH = 0            # `chunk_summaries.width` of the row holding a chunk's kept rows
 IDS_PER_QUERY = 400       # chunk ids bound in one IN (...)
+MAX_SEGMENTS = 8          # an append past this many segments rewrites the chunk as one
 
 _UPSERT = {
-    "chunks": ("INSERT INTO chunks (run_id, chunk_id, n, version) VALUES (?, ?, ?, ?) "
-               "ON CONFLICT (run_id, chunk_id) DO UPDATE SET n = excluded.n, version = excluded.version"),
-    "chunk_columns": ("INSERT INTO chunk_columns (run_id, name, chunk_id, data) VALUES (?, ?, ?, ?) "
-                      "ON CONFLICT (run_id, name, chunk_id) DO UPDATE SET data = excluded.data"),
+    "chunks": ("INSERT INTO chunks (run_id, chunk_id, n, version, segments) VALUES (?, ?, ?, ?, ?) "
+               "ON CONFLICT (run_id, chunk_id) DO UPDATE SET n = excluded.n, version = excluded.version, "
+               "segments = excluded.segments"),
+    "chunk_columns": ("INSERT INTO chunk_columns (run_id, name, chunk_id, seg, data) VALUES (?, ?, ?, ?, ?) "
+                      "ON CONFLICT (run_id, name, chunk_id, seg) DO UPDATE SET data = excluded.data"),
     "chunk_summaries": ("INSERT INTO chunk_summaries (run_id, width, chunk_id, data) VALUES (?, ?, ?, ?) "
                         "ON CONFLICT (run_id, width, chunk_id) DO UPDATE SET data = excluded.data"),
     "tensor_chunks": ("INSERT INTO tensor_chunks (run_id, chunk_id, n, version, data) VALUES (?, ?, ?, ?, ?) "
@@ -74,6 +83,12 @@ def complete(chunk: Chunk) -> Chunk:
             chunk.values[name] = empty_values(kind, len(chunk.steps))
             chunk.valid[name] = np.zeros(len(chunk.steps), bool)
     return chunk
+
+
+def tail_rows(chunk: Chunk, start: int) -> Chunk:
+    """The rows of `chunk` from position `start` on (an append's new rows)."""
+    return Chunk(chunk.chunk_id, chunk.steps[start:], {n: v[start:] for n, v in chunk.values.items()},
+                 {n: (ok[start:] if ok is not None else None) for n, ok in chunk.valid.items()})
 
 
 def pack_rows(chunk: Chunk) -> bytes:
@@ -131,16 +146,14 @@ class ChunkRows:
         """The stored chunks among `chunk_ids`, decoded with `columns` (all by default)."""
         columns = tuple(SPEC) if columns is None else columns
         names = ("step",) + columns
-        blobs: dict[int, dict[str, bytes]] = defaultdict(dict)
+        rows: list[tuple] = []
         name_marks = ", ".join("?" * len(names))
         for group in _groups(sorted(set(chunk_ids))):
-            cursor.execute(self.sql(f"SELECT chunk_id, name, data FROM chunk_columns WHERE run_id = ? "
+            cursor.execute(self.sql(f"SELECT chunk_id, seg, name, data FROM chunk_columns WHERE run_id = ? "
                                     f"AND name IN ({name_marks}) AND chunk_id IN ({', '.join('?' * len(group))})"),
                            (run_id, *names, *group))
-            for chunk_id, name, data in cursor.fetchall():
-                blobs[chunk_id][name] = data
-        return {chunk_id: decode_chunk(chunk_id, parts, SPEC, columns)
-                for chunk_id, parts in sorted(blobs.items()) if "step" in parts}
+            rows.extend(cursor.fetchall())
+        return _decode_rows(rows, columns)
 
     def load_range(self, cursor, run_id: int, first: int, last: int, columns: tuple[str, ...],
                    since_version: int | None = None) -> dict[int, Chunk]:
@@ -148,36 +161,44 @@ class ChunkRows:
         names = ("step",) + columns
         name_marks = ", ".join("?" * len(names))
         if since_version is None:
-            cursor.execute(self.sql(f"SELECT chunk_id, name, data FROM chunk_columns WHERE run_id = ? AND "
+            cursor.execute(self.sql(f"SELECT chunk_id, seg, name, data FROM chunk_columns WHERE run_id = ? AND "
                                     f"name IN ({name_marks}) AND chunk_id BETWEEN ? AND ?"),
                            (run_id, *names, first, last))
         else:
-            cursor.execute(self.sql(f"SELECT c.chunk_id, c.name, c.data FROM chunks k JOIN chunk_columns c "
+            cursor.execute(self.sql(f"SELECT c.chunk_id, c.seg, c.name, c.data FROM chunks k JOIN chunk_columns c "
                                     f"ON c.run_id = k.run_id AND c.chunk_id = k.chunk_id AND c.name IN "
                                     f"({name_marks}) WHERE k.run_id = ? AND k.version > ? "
                                     f"AND k.chunk_id BETWEEN ? AND ?"),
                            (*names, run_id, since_version, first, last))
-        blobs: dict[int, dict[str, bytes]] = defaultdict(dict)
-        for chunk_id, name, data in cursor.fetchall():
-            blobs[chunk_id][name] = data
-        return {chunk_id: decode_chunk(chunk_id, parts, SPEC, columns)
-                for chunk_id, parts in sorted(blobs.items()) if "step" in parts}
+        return _decode_rows(cursor.fetchall(), columns)
 
     def write(self, cursor, run_id: int, version: int, chunks: list[Chunk],
-              summaries: dict[int, Summary] | None = None) -> None:
-        """Upsert the chunks (every column), their summaries (computed here unless given by
-        chunk id) and their `chunks` rows."""
+              summaries: dict[int, Summary] | None = None,
+              appends: dict[int, tuple[int, Chunk]] | None = None) -> None:
+        """Upsert the chunks, their summaries (computed here unless given by chunk id) and their
+        `chunks` rows. A chunk in `appends` (chunk id -> (segment number, the appended rows))
+        gets only those rows, as that segment; any other is written whole as segment 0 (and
+        its other segments removed)."""
         if not chunks:
             return
         summaries = summaries or {}
-        column_rows, summary_rows, chunk_rows = [], [], []
+        appends = appends or {}
+        column_rows, summary_rows, chunk_rows, rewritten = [], [], [], []
         for chunk in map(complete, chunks):
-            for name, blob in encode_chunk(chunk, SPEC).items():
-                column_rows.append((run_id, name, chunk.chunk_id, blob))
+            seg, part = appends.get(chunk.chunk_id, (0, chunk))
+            for name, blob in encode_chunk(complete(part), SPEC).items():
+                column_rows.append((run_id, name, chunk.chunk_id, seg, blob))
+            if seg == 0:
+                rewritten.append((run_id, chunk.chunk_id))
             summary = summaries.get(chunk.chunk_id) or summary_of(chunk)
             summary_rows.append((run_id, BLOCK, chunk.chunk_id, encode_summary(summary)))
             summary_rows.append((run_id, KEPT_WIDTH, chunk.chunk_id, pack_rows(kept_rows_of(chunk, KEY, KEPT_FLAGS))))
-            chunk_rows.append((run_id, chunk.chunk_id, len(chunk), version))
+            chunk_rows.append((run_id, chunk.chunk_id, len(chunk), version, seg + 1))
+        if rewritten:   # by the key's prefix (run, name, chunk): a few index seeks per chunk
+            names = ("step",) + tuple(SPEC)
+            cursor.executemany(self.sql(f"DELETE FROM chunk_columns WHERE run_id = ? AND name IN "
+                                        f"({', '.join('?' * len(names))}) AND chunk_id = ? AND seg > 0"),
+                               [(r, *names, c) for r, c in rewritten])
         cursor.executemany(self.sql(_UPSERT["chunk_columns"]), column_rows)
         cursor.executemany(self.sql(_UPSERT["chunk_summaries"]), summary_rows)
         cursor.executemany(self.sql(_UPSERT["chunks"]), chunk_rows)
@@ -255,6 +276,31 @@ class ChunkRows:
         for table in CHUNK_TABLES:
             cursor.execute(self.sql(f"DELETE FROM {table} WHERE run_id = ?"), (run_id,))
         return {"steps": steps, "tensor_norms": tensor_steps}
+
+
+def _decode_rows(rows: list[tuple], columns: tuple[str, ...]) -> dict[int, Chunk]:
+    """(chunk_id, seg, name, data) rows as decoded chunks, each its segments concatenated."""
+    blobs: dict[int, dict[int, dict[str, bytes]]] = defaultdict(lambda: defaultdict(dict))
+    for chunk_id, seg, name, data in rows:
+        blobs[chunk_id][seg][name] = data
+    out: dict[int, Chunk] = {}
+    for chunk_id in sorted(blobs):
+        parts = [decode_chunk(chunk_id, segment, SPEC, columns)
+                 for _, segment in sorted(blobs[chunk_id].items()) if "step" in segment]
+        if parts:
+            out[chunk_id] = parts[0] if len(parts) == 1 else join_segments(chunk_id, parts, columns)
+    return out
+
+
+def join_segments(chunk_id: int, parts: list[Chunk], columns: tuple[str, ...]) -> Chunk:
+    """Segments of one chunk (ascending, disjoint step ranges) as one chunk."""
+    joined = Chunk(chunk_id, np.concatenate([p.steps for p in parts]))
+    for name in columns:
+        joined.values[name] = np.concatenate([p.values[name] for p in parts])
+        oks = [p.valid.get(name) for p in parts]
+        joined.valid[name] = None if all(ok is None for ok in oks) else np.concatenate(
+            [np.ones(len(p.steps), bool) if ok is None else ok for p, ok in zip(parts, oks)])
+    return joined
 
 
 def arrays_of(chunks: Iterable[Chunk], columns: tuple[str, ...]

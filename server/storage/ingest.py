@@ -31,7 +31,7 @@ from sqlalchemy import Engine
 
 from gradwatch.server.storage.engine import Database, rollback_quietly
 from gradwatch.server.chunks import BatchMerge, Chunk, merge_batch, merge_tensors, split_by_chunk
-from gradwatch.server.storage.chunk_rows import SPEC, ChunkRows, complete, summary_of
+from gradwatch.server.storage.chunk_rows import MAX_SEGMENTS, SPEC, ChunkRows, complete, summary_of, tail_rows
 from gradwatch.server.storage.tails import Tail, TailCache
 from gradwatch.server.storage.serialise import encode_floats
 from gradwatch.server.storage.wal import WalCheckpointer
@@ -265,15 +265,22 @@ class Ingestor(Database):
         """Write the changed chunks; the held tail's summary is extended, not recomputed, and
         the newest chunk written becomes the run's tail once the transaction commits."""
         changed = [result for result in merge.chunks.values() if result.changed]
-        summaries = {}
+        summaries, appends, segments = {}, {}, {}
         for result in changed:
-            chunk_id = result.chunk.chunk_id
-            before = self.tails.get((run_id, created), version - 1) if chunk_id in held else None
+            chunk = result.chunk
+            before = self.tails.get((run_id, created), version - 1) if chunk.chunk_id in held else None
             first = int(steps[result.rows[result.added]].min())
-            summaries[chunk_id] = summary_of(result.chunk, before.summary if before else None, first)
-        self.rows.write(cursor, run_id, version, [result.chunk for result in changed], summaries)
+            summaries[chunk.chunk_id] = summary_of(chunk, before.summary if before else None, first)
+            segments[chunk.chunk_id] = 1
+            old = before.chunk if before is not None else None
+            if old is not None and len(old) and first > int(old.steps[-1]) and before.segments < MAX_SEGMENTS:
+                # only appended: the new rows are the merged chunk's last ones, written as a segment
+                appends[chunk.chunk_id] = (before.segments, tail_rows(chunk, len(old)))
+                segments[chunk.chunk_id] = before.segments + 1
+        self.rows.write(cursor, run_id, version, [result.chunk for result in changed], summaries, appends)
         newest = max(changed, key=lambda result: result.chunk.chunk_id).chunk
-        self._pending.tail = ((run_id, created), Tail(version, complete(newest), summaries[newest.chunk_id]))
+        self._pending.tail = ((run_id, created), Tail(version, complete(newest), summaries[newest.chunk_id],
+                                                      segments[newest.chunk_id]))
 
     @staticmethod
     def _nonfinite_rows(batch: Batch) -> np.ndarray:

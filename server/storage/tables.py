@@ -15,7 +15,10 @@ Layout:
   4,096 consecutive step numbers, each column one packed blob per chunk, with
   a summary entry per 64 steps written at ingest (server/chunks/ for
   the codec, storage/chunk_rows.py for the rows). Measured against the row per
-  step it replaced (schema 4): `benchmarks/scale_bench.py`.
+  step it replaced (schema 4): `benchmarks/scale_bench.py`. A batch that only
+  appends to a chunk adds a segment (`seg`) holding just its rows instead of
+  rewriting the chunk; a chunk is rewritten whole (one segment) when a step
+  lands inside it or it has `MAX_SEGMENTS` segments.
 - `tensor_chunks` + `tensor_summaries`: per-tensor norms in the same chunks,
   a steps x tensors float32 matrix with the chunk's tensor names, and the
   per-64-step maxima the heatmap of a long run reads.
@@ -57,6 +60,7 @@ chunks = Table(
     Column("chunk_id", BigInteger, primary_key=True),
     Column("n", Integer, nullable=False),
     Column("version", BigInteger, nullable=False),
+    Column("segments", Integer, nullable=False),
     sqlite_with_rowid=False,
 )
 
@@ -65,6 +69,7 @@ chunk_columns = Table(
     Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
     Column("name", String(40), primary_key=True),
     Column("chunk_id", BigInteger, primary_key=True),
+    Column("seg", Integer, primary_key=True),
     Column("data", LargeBinary, nullable=False),
     sqlite_with_rowid=False,
 )

@@ -23,6 +23,7 @@ class Tail:
     version: int          # the run's version after the batch that wrote this chunk
     chunk: Chunk          # every registry column
     summary: Summary      # the chunk's 64-step summary
+    segments: int = 1     # how many segments the chunk is stored in
 
 
 class TailCache:

@@ -48,11 +48,13 @@ def _create_tables() -> None:
                     sa.Column("chunk_id", sa.BigInteger, primary_key=True),
                     sa.Column("n", sa.Integer, nullable=False),
                     sa.Column("version", sa.BigInteger, nullable=False),
+                    sa.Column("segments", sa.Integer, nullable=False),
                     sqlite_with_rowid=False)
     op.create_table("chunk_columns",
                     sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
                     sa.Column("name", sa.String(40), primary_key=True),
                     sa.Column("chunk_id", sa.BigInteger, primary_key=True),
+                    sa.Column("seg", sa.Integer, primary_key=True),
                     sa.Column("data", sa.LargeBinary, nullable=False),
                     sqlite_with_rowid=False)
     op.create_table("chunk_summaries",
