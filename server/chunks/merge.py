@@ -81,12 +81,12 @@ def normalize(spec: Spec, n: int, columns: Mapping[str, ColumnInput]) -> tuple[d
             raise ValueError(f"column '{name}' has {len(raw)} values for {n} steps")
         ok = None if missing is None else ~np.asarray(missing, dtype=bool)
         if kind == "float":
-            array = raw.astype(np.float64)
+            array = np.asarray(raw, dtype=np.float64)   # a copy is made below only where it is changed
         elif kind == "bool":
             if raw.dtype == bool:
                 array = raw
             else:
-                as_float = raw.astype(np.float64)
+                as_float = np.asarray(raw, dtype=np.float64)
                 nan = np.isnan(as_float)
                 if nan.any():
                     ok = ~nan if ok is None else ok & ~nan
@@ -191,7 +191,7 @@ def merge_batch(load: Callable[[int], Chunk | None], steps: np.ndarray, columns:
     (None: a chunk not stored yet). Only chunks the batch touches are loaded."""
     steps = np.asarray(steps, dtype=np.int64)
     n = len(steps)
-    if n and len(np.unique(steps)) != n:
+    if n and not np.all(steps[1:] > steps[:-1]) and len(np.unique(steps)) != n:   # sorted: unique
         raise ValueError("a batch repeats a step")
     if n and steps.min() < 0:
         raise ValueError("steps must be >= 0")
