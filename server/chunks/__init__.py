@@ -1,23 +1,12 @@
 """Chunked columnar storage, storage-independent: codec, merge, summaries, overview, tensor norms.
 
-Pure NumPy; no database, no other server module. The storage package wires
-these to tables (one row per (run, chunk)); see each module's docstring.
-
-Not wired yet (issue 12). The proposed layout:
-
-- `step_chunks(run_id, chunk_id, n, version, steps blob, one blob per registry
-  column, PK (run_id, chunk_id))`: a read fetches only the columns it needs.
-- `step_summaries(run_id, chunk_id, width, blob, PK (run_id, chunk_id, width))`
-  for widths 64, 512 and 4096 (`LEVELS`); `tensor_chunks(run_id, chunk_id,
-  blob, summary blob)`.
-- Ingest, one transaction per batch: read the touched chunks locked
-  (`SELECT ... FOR UPDATE` / `BEGIN IMMEDIATE`), `merge_batch`, summarize and
-  encode the changed chunks, upsert them with `executemany` (`INSERT ... ON
-  CONFLICT DO UPDATE`: a handful of rows per 2,000-step batch); the row
-  `version` guards several servers writing one run.
-- Alembic data migration: stream `steps` per run in 4096-step slices into
-  chunks with `series_from_arrays`, print progress, verify counts, keep the old
-  table as `steps_legacy` for one release.
+Pure NumPy; no database, no other server module. `server/storage/chunk_rows.py`
+moves these blobs in and out of the tables (`chunks`, `chunk_columns` with a
+row per column and segment, `chunk_summaries` with the 64-step summaries and
+each chunk's kept rows, `tensor_chunks`, `tensor_summaries`); ingest merges a
+batch into the chunks it touches (`merge_batch`), reads decode the columns
+they need or answer from the summaries (`overview`, `heatmap`). Alembic
+revision 0005 moved the row-per-step tables into this layout.
 """
 from .codec import (BLOCK, CHUNK, Chunk, CodecError, check_spec, chunk_ids, column_storage, decode_chunk,
                     decode_column, decode_steps, encode_chunk, encode_column, encode_steps, fits_float32,
