@@ -121,8 +121,8 @@ def unpack_rows(chunk_id: int, blob: bytes, columns: tuple[str, ...]) -> Chunk:
 def summary_of(chunk: Chunk, before: Summary | None = None, first_changed: int | None = None) -> Summary:
     """The chunk's 64-step summary (the only width stored: coarser ones are combined from it
     when read, many chunks in one vectorised pass; writing three widths at ingest took 55% of a
-    batch's time). With the chunk's summary `before` a change whose smallest step is
-    `first_changed`, only the blocks from that step's on are summarised again."""
+    batch's time). Given the chunk's summary `before` a change whose smallest step is
+    `first_changed`, only the blocks from that step on are summarised again."""
     if before is None or first_changed is None:
         return summarize(chunk, SPEC, KEY)
     block_start = first_changed - first_changed % BLOCK
