@@ -325,3 +325,46 @@ def test_appends_become_segments_and_a_late_step_rewrites_the_chunk(served):
         stats = client.get("/api/runs/seg/stats").json()
         assert stats["count"] == len(sent)
         np.testing.assert_allclose(stats["percentiles"]["p50"], np.percentile(list(sent.values()), 50))
+
+
+def test_tensor_norms_in_segments_read_back_whole(tmp_path):
+    """Small batches add tensor segments (and an eighth rewrites the chunk), late steps and a
+    layout change included: the per-step norms and the bucketed heatmap equal the values sent."""
+    from gradwatch.server.storage.chunk_rows import MAX_SEGMENTS
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'ts.db'}")
+    create_schema(engine)
+    store = Store(engine)
+    rng = np.random.default_rng(9)
+    sent: dict[int, dict[str, float]] = {}
+    batches = [np.arange(b * 100, b * 100 + 100, 2) for b in range(MAX_SEGMENTS + 3)]   # even steps
+    batches.append(np.arange(1, 200, 2))                                                 # late odd steps
+    for index, steps in enumerate(batches):
+        names = ["a", "b"] if index < 4 else ["b", "c", "a"]
+        norms = rng.random((len(steps), len(names))).astype(np.float32)
+        store.ingest("ts", parse_batch({"step": steps.tolist(), "pre_norm": [1.0] * len(steps),
+                                        "tensor_norms": {"names": names, "norms": norms.tolist()}}))
+        for row, step in enumerate(steps.tolist()):
+            sent[step] = dict(zip(names, norms[row].tolist()))
+    segments = store.read("SELECT COUNT(*) FROM tensor_chunks")[0][0]
+    assert 1 <= segments < MAX_SEGMENTS
+    names, steps, norms, absent = store.reader.tensor_steps(store.run_id("ts"), None, None)
+    assert steps.tolist() == sorted(sent) and names == ["a", "b", "c"]
+    for row, step in enumerate(steps.tolist()):
+        for column, name in enumerate(names):
+            if name in sent[step]:
+                assert not absent[row, column] and norms[row, column] == np.float32(sent[step][name])
+            else:
+                assert absent[row, column]
+    heat_names, labels, heat, heat_absent = store.tensor_norms(store.run_id("ts"), None, None, 50)
+    order = sorted(sent)
+    for bucket, label in enumerate(labels.tolist()):
+        end = labels[bucket + 1] if bucket + 1 < len(labels) else order[-1] + 1
+        inside = [s for s in order if label <= s < end]
+        for column, name in enumerate(heat_names):
+            values = [sent[s][name] for s in inside if name in sent[s]]
+            if values:
+                assert heat[bucket, column] == np.float32(max(values))
+            else:
+                assert heat_absent[bucket, column]
+    engine.dispose()

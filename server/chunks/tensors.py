@@ -43,9 +43,13 @@ class TensorSummary:
 
 
 def merge_tensors(chunk: TensorChunk | None, chunk_id: int, steps: np.ndarray, names: list[str],
-                  norms: np.ndarray, accept: np.ndarray | None = None) -> TensorChunk:
+                  norms: np.ndarray, accept: np.ndarray | None = None,
+                  present: np.ndarray | None = None) -> TensorChunk:
     """Add the rows of steps not stored yet (and in `accept`, the step merge's `added` mask):
-    tensor rows follow their step's fate, so a duplicate or conflicting step adds nothing."""
+    tensor rows follow their step's fate, so a duplicate or conflicting step adds nothing.
+    `present` (rows x names) marks the cells the new rows hold, when not all (a stored
+    segment's own mask)."""
+    incoming = present
     steps = np.asarray(steps, np.int64)
     norms = np.asarray(norms, np.float32).reshape(len(steps), len(names))
     if chunk is None:
@@ -63,7 +67,7 @@ def merge_tensors(chunk: TensorChunk | None, chunk_id: int, steps: np.ndarray, n
     present[:old_n, :len(chunk.names)] = True if chunk.present is None else chunk.present
     columns = np.array([index[n] for n in names], np.intp)
     matrix[old_n:, columns] = norms[take]
-    present[old_n:, columns] = True
+    present[old_n:, columns] = True if incoming is None else np.asarray(incoming, bool)[take]
     all_steps = np.concatenate([chunk.steps, steps[take]])
     order = np.argsort(all_steps, kind="stable")
     present = present[order]

@@ -39,7 +39,7 @@ import numpy as np
 from gradwatch.server.chunks import (BLOCK, CHUNK, Chunk, TensorChunk, TensorSummary, combine,
                                      decode_chunk, decode_summaries, decode_tensor_summary, decode_tensors,
                                      encode_chunk, encode_summary, encode_tensor_summary, encode_tensors,
-                                     summarize, summarize_tensors)
+                                     merge_tensors, summarize, summarize_tensors)
 from gradwatch.server.chunks.codec import CodecError, empty_values, pack_arrays, unpack_arrays
 from gradwatch.server.chunks.downsample import kept_rows_of
 from gradwatch.server.chunks.summaries import Summary, concat, empty_summary
@@ -60,11 +60,11 @@ _UPSERT = {
                       "ON CONFLICT (run_id, name, chunk_id, seg) DO UPDATE SET data = excluded.data"),
     "chunk_summaries": ("INSERT INTO chunk_summaries (run_id, width, chunk_id, data) VALUES (?, ?, ?, ?) "
                         "ON CONFLICT (run_id, width, chunk_id) DO UPDATE SET data = excluded.data"),
-    "tensor_chunks": ("INSERT INTO tensor_chunks (run_id, chunk_id, n, version, data) VALUES (?, ?, ?, ?, ?) "
-                      "ON CONFLICT (run_id, chunk_id) DO UPDATE SET n = excluded.n, version = excluded.version, "
-                      "data = excluded.data"),
-    "tensor_summaries": ("INSERT INTO tensor_summaries (run_id, chunk_id, data) VALUES (?, ?, ?) "
-                         "ON CONFLICT (run_id, chunk_id) DO UPDATE SET data = excluded.data"),
+    "tensor_chunks": ("INSERT INTO tensor_chunks (run_id, chunk_id, seg, n, version, data) VALUES (?, ?, ?, ?, ?, ?) "
+                      "ON CONFLICT (run_id, chunk_id, seg) DO UPDATE SET n = excluded.n, "
+                      "version = excluded.version, data = excluded.data"),
+    "tensor_summaries": ("INSERT INTO tensor_summaries (run_id, chunk_id, seg, data) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT (run_id, chunk_id, seg) DO UPDATE SET data = excluded.data"),
 }
 
 CHUNK_TABLES = ("chunks", "chunk_columns", "chunk_summaries", "tensor_chunks", "tensor_summaries")
@@ -230,42 +230,64 @@ class ChunkRows:
     # ----- per-tensor norms -----
 
     def load_tensors(self, cursor, run_id: int, chunk_ids: list[int]) -> dict[int, TensorChunk]:
-        out: dict[int, TensorChunk] = {}
+        """The stored tensor chunks among `chunk_ids`, each its segments joined."""
+        rows: list[tuple] = []
         for group in _groups(sorted(set(chunk_ids))):
-            cursor.execute(self.sql(f"SELECT chunk_id, data FROM tensor_chunks WHERE run_id = ? "
-                                    f"AND chunk_id IN ({', '.join('?' * len(group))})"), (run_id, *group))
-            for chunk_id, data in cursor.fetchall():
-                out[chunk_id] = decode_tensors(chunk_id, data)
-        return out
-
-    def load_tensor_range(self, cursor, run_id: int, first: int, last: int) -> list[TensorChunk]:
-        cursor.execute(self.sql("SELECT chunk_id, data FROM tensor_chunks WHERE run_id = ? "
-                                "AND chunk_id BETWEEN ? AND ? ORDER BY chunk_id"), (run_id, first, last))
-        return [decode_tensors(chunk_id, data) for chunk_id, data in cursor.fetchall()]
+            cursor.execute(self.sql(f"SELECT chunk_id, seg, data FROM tensor_chunks WHERE run_id = ? "
+                                    f"AND chunk_id IN ({', '.join('?' * len(group))}) ORDER BY chunk_id, seg"),
+                           (run_id, *group))
+            rows.extend(cursor.fetchall())
+        return {chunk.chunk_id: chunk for chunk in _join_tensor_rows(rows)}
 
     def iter_tensor_range(self, cursor, run_id: int, first: int, last: int, per_fetch: int = 8):
-        """The tensor chunks first..last, ascending, decoded `per_fetch` rows at a time."""
-        cursor.execute(self.sql("SELECT chunk_id, data FROM tensor_chunks WHERE run_id = ? "
-                                "AND chunk_id BETWEEN ? AND ? ORDER BY chunk_id"), (run_id, first, last))
+        """The tensor chunks first..last, ascending, each its segments joined; read `per_fetch`
+        rows at a time."""
+        cursor.execute(self.sql("SELECT chunk_id, seg, data FROM tensor_chunks WHERE run_id = ? "
+                                "AND chunk_id BETWEEN ? AND ? ORDER BY chunk_id, seg"), (run_id, first, last))
+        held: list[tuple] = []
         while True:
             rows = cursor.fetchmany(per_fetch)
             if not rows:
-                return
-            for chunk_id, data in rows:
-                yield decode_tensors(chunk_id, data)
+                break
+            for row in rows:
+                if held and row[0] != held[0][0]:
+                    yield from _join_tensor_rows(held)
+                    held = []
+                held.append(row)
+        if held:
+            yield from _join_tensor_rows(held)
 
     def tensor_summaries(self, cursor, run_id: int, first: int, last: int) -> list[TensorSummary]:
+        """The 64-step maxima of every segment of the chunks first..last (a block two segments
+        share appears in both: the heatmap takes the larger)."""
         cursor.execute(self.sql("SELECT data FROM tensor_summaries WHERE run_id = ? "
-                                "AND chunk_id BETWEEN ? AND ? ORDER BY chunk_id"), (run_id, first, last))
+                                "AND chunk_id BETWEEN ? AND ? ORDER BY chunk_id, seg"), (run_id, first, last))
         return [decode_tensor_summary(row[0]) for row in cursor.fetchall()]
 
-    def write_tensors(self, cursor, run_id: int, version: int, chunks: list[TensorChunk]) -> None:
-        if not chunks:
+    def tensor_segments(self, cursor, run_id: int, chunk_ids: list[int]) -> dict[int, int]:
+        """How many segments each stored chunk among `chunk_ids` has."""
+        out: dict[int, int] = {}
+        for group in _groups(sorted(set(chunk_ids))):
+            cursor.execute(self.sql(f"SELECT chunk_id, MAX(seg) FROM tensor_chunks WHERE run_id = ? "
+                                    f"AND chunk_id IN ({', '.join('?' * len(group))}) GROUP BY chunk_id"),
+                           (run_id, *group))
+            out.update({chunk_id: int(last) + 1 for chunk_id, last in cursor.fetchall()})
+        return out
+
+    def write_tensors(self, cursor, run_id: int, version: int, parts: list[tuple[int, TensorChunk]]) -> None:
+        """Upsert tensor chunk segments ((segment number, rows)); a segment 0 is a whole chunk,
+        so its other segments are removed."""
+        if not parts:
             return
+        whole = [(run_id, chunk.chunk_id) for seg, chunk in parts if seg == 0]
+        if whole:
+            for table in ("tensor_chunks", "tensor_summaries"):
+                cursor.executemany(self.sql(f"DELETE FROM {table} WHERE run_id = ? AND chunk_id = ? AND seg > 0"),
+                                   whole)
         cursor.executemany(self.sql(_UPSERT["tensor_chunks"]),
-                           [(run_id, c.chunk_id, len(c.steps), version, encode_tensors(c)) for c in chunks])
+                           [(run_id, c.chunk_id, seg, len(c.steps), version, encode_tensors(c)) for seg, c in parts])
         cursor.executemany(self.sql(_UPSERT["tensor_summaries"]),
-                           [(run_id, c.chunk_id, encode_tensor_summary(summarize_tensors(c))) for c in chunks])
+                           [(run_id, c.chunk_id, seg, encode_tensor_summary(summarize_tensors(c))) for seg, c in parts])
 
     def delete_run(self, cursor, run_id: int) -> dict[str, int]:
         """Remove a run's chunk rows; returns the steps and the tensor-norm steps they held."""
@@ -300,6 +322,30 @@ def join_segments(chunk_id: int, parts: list[Chunk], columns: tuple[str, ...]) -
         oks = [p.valid.get(name) for p in parts]
         joined.valid[name] = None if all(ok is None for ok in oks) else np.concatenate(
             [np.ones(len(p.steps), bool) if ok is None else ok for p, ok in zip(parts, oks)])
+    return joined
+
+
+def _join_tensor_rows(rows: list[tuple]) -> list[TensorChunk]:
+    """(chunk_id, seg, data) rows, ordered by chunk and segment, as one TensorChunk per chunk."""
+    out: list[TensorChunk] = []
+    start = 0
+    while start < len(rows):
+        end = start
+        while end < len(rows) and rows[end][0] == rows[start][0]:
+            end += 1
+        parts = [decode_tensors(chunk_id, data) for chunk_id, _, data in rows[start:end]]
+        out.append(parts[0] if len(parts) == 1 else join_tensor_segments(parts))
+        start = end
+    return out
+
+
+def join_tensor_segments(parts: list[TensorChunk]) -> TensorChunk:
+    """Segments of one tensor chunk (disjoint steps, any order, tensor names may differ) as one:
+    names in first-seen order, rows sorted by step, `present` where a segment lacked a name."""
+    joined = parts[0]
+    for part in parts[1:]:
+        joined = merge_tensors(joined, joined.chunk_id, part.steps, part.names, part.norms,
+                               present=part.present)
     return joined
 
 

@@ -345,13 +345,20 @@ class Ingestor(Database):
         return rows
 
     def _store_tensor_norms(self, cursor, run_id: int, version: int, batch: Batch, new_mask: np.ndarray) -> None:
-        """Add the stored steps' tensor norms to their tensor chunks (a step's tensor row follows
-        the step: a duplicate or conflicting step adds none)."""
+        """Add the stored steps' tensor norms to their tensor chunks. A step's tensor row follows
+        the step (a duplicate or conflicting step adds none), so these rows are new to their
+        chunk: they go in as its next segment, without reading it, until it has MAX_SEGMENTS;
+        then the chunk is read, joined and rewritten as one segment."""
         norms = np.asarray(batch.tensor_norms, dtype=np.float32)
         rows = np.flatnonzero(new_mask)
         steps = batch.steps[rows]
         by_chunk = split_by_chunk(steps)
-        loaded = self.rows.load_tensors(cursor, run_id, [chunk_id for chunk_id, _ in by_chunk])
-        changed = [merge_tensors(loaded.get(chunk_id), chunk_id, steps[picked], batch.tensor_names,
-                                 norms[rows[picked]]) for chunk_id, picked in by_chunk]
-        self.rows.write_tensors(cursor, run_id, version, changed)
+        segments = self.rows.tensor_segments(cursor, run_id, [chunk_id for chunk_id, _ in by_chunk])
+        full = [chunk_id for chunk_id, _ in by_chunk if segments.get(chunk_id, 0) >= MAX_SEGMENTS]
+        loaded = self.rows.load_tensors(cursor, run_id, full) if full else {}
+        parts = []
+        for chunk_id, picked in by_chunk:
+            old = loaded.get(chunk_id)
+            merged = merge_tensors(old, chunk_id, steps[picked], batch.tensor_names, norms[rows[picked]])
+            parts.append((0 if old is not None else segments.get(chunk_id, 0), merged))
+        self.rows.write_tensors(cursor, run_id, version, parts)

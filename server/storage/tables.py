@@ -21,7 +21,9 @@ Layout:
   lands inside it or it has `MAX_SEGMENTS` segments.
 - `tensor_chunks` + `tensor_summaries`: per-tensor norms in the same chunks,
   a steps x tensors float32 matrix with the chunk's tensor names, and the
-  per-64-step maxima the heatmap of a long run reads.
+  per-64-step maxima the heatmap of a long run reads; each batch adds its rows
+  as a segment (a step's tensor row is stored with the step, so never twice),
+  and a chunk of MAX_SEGMENTS segments is rewritten as one.
 - `events`: spike, nonfinite (derived from the columns on ingest), conflict,
   and what agents send (registry.EVENT_KINDS). Clip events are not stored:
   they are read from the clipped steps.
@@ -87,6 +89,7 @@ tensor_chunks = Table(
     "tensor_chunks", metadata,
     Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
     Column("chunk_id", BigInteger, primary_key=True),
+    Column("seg", Integer, primary_key=True),
     Column("n", Integer, nullable=False),
     Column("version", BigInteger, nullable=False),
     Column("data", LargeBinary, nullable=False),
@@ -96,6 +99,7 @@ tensor_summaries = Table(
     "tensor_summaries", metadata,
     Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
     Column("chunk_id", BigInteger, primary_key=True),
+    Column("seg", Integer, primary_key=True),
     Column("data", LargeBinary, nullable=False),
 )
 

@@ -66,12 +66,14 @@ def _create_tables() -> None:
     op.create_table("tensor_chunks",
                     sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
                     sa.Column("chunk_id", sa.BigInteger, primary_key=True),
+                    sa.Column("seg", sa.Integer, primary_key=True),
                     sa.Column("n", sa.Integer, nullable=False),
                     sa.Column("version", sa.BigInteger, nullable=False),
                     sa.Column("data", sa.LargeBinary, nullable=False))
     op.create_table("tensor_summaries",
                     sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
                     sa.Column("chunk_id", sa.BigInteger, primary_key=True),
+                    sa.Column("seg", sa.Integer, primary_key=True),
                     sa.Column("data", sa.LargeBinary, nullable=False))
 
 
@@ -161,7 +163,7 @@ def _copy_tensors(cursor, rows_io, sql, run_id: int, version: int) -> None:
             while end < len(page) and page[end][0] // CHUNK == chunk_id and page[end][1] == layout_id:
                 end += 1
             if chunk is not None and chunk.chunk_id != chunk_id:
-                rows_io.write_tensors(cursor, run_id, version, [chunk])
+                rows_io.write_tensors(cursor, run_id, version, [(0, chunk)])
                 chunk = None
             names = layouts[layout_id]
             steps = np.array([row[0] for row in page[start:end]], dtype=np.int64)
@@ -169,7 +171,7 @@ def _copy_tensors(cursor, rows_io, sql, run_id: int, version: int) -> None:
             chunk = merge_tensors(chunk, chunk_id, steps, names, norms.reshape(len(steps), len(names)))
             start = end
     if chunk is not None:
-        rows_io.write_tensors(cursor, run_id, version, [chunk])
+        rows_io.write_tensors(cursor, run_id, version, [(0, chunk)])
 
 
 def upgrade() -> None:
