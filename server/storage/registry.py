@@ -1,24 +1,25 @@
 """The step columns and event kinds, declared once.
 
 Everything on the server that lists step columns derives it from `STEP_COLUMNS`
-here: the `steps` table, the SQL that reads and writes it, batch validation,
-series and live encoding, CSV. `tests/test_server_registry.py` holds the
-agent's column list (`agent/wire.py`, which must not import the server) and
-the dashboard's (`dashboard/columns.js`) to it.
+here: the chunk codec's column spec (`storage/chunk_rows.SPEC`), batch
+validation, series and live encoding, CSV. `tests/test_server_registry.py`
+holds the agent's column list (`agent/wire.py`, which must not import the
+server) and the dashboard's (`dashboard/columns.js`) to it.
 
 Adding a step column:
-1. append a `StepColumn` to `STEP_COLUMNS` (append only: the position of a
-   float column among the floats is its bit in the rows' `nan_mask`);
-2. add an Alembic revision under `server/migrations/versions/` that adds the
-   table column (and bumps `schema_version`);
+1. append a `StepColumn` to `STEP_COLUMNS` (append only: `NAN_BITS`, a float
+   column's position among the floats, is how schemas up to 4 and the events
+   table tell a NaN from a missing value);
+2. nothing in the tables: a column is a row of `chunk_columns` per chunk, and
+   chunks stored before it read it as all missing;
 3. add the name to `agent/wire.py` and `dashboard/columns.js`.
 
 Adding an event kind: append an `EventKind` to `EVENT_KINDS`.
 
 Non-finite floats: on the wire and in CSV a float may be the string "NaN",
-"Infinity" or "-Infinity" (`NONFINITE_SPELLING`); in the database a NaN is
-NULL plus the column's bit in `nan_mask` (SQLite cannot store NaN), so a
-missing value (NULL without the bit) stays apart from a NaN.
+"Infinity" or "-Infinity" (`NONFINITE_SPELLING`); a chunk column keeps NaN and
+±Inf as floats and missing values in a validity bitmap (`server/chunks/codec.py`),
+so a missing value stays apart from a NaN.
 """
 from __future__ import annotations
 
