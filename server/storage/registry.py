@@ -8,8 +8,8 @@ server) and the dashboard's (`dashboard/columns.js`) to it.
 
 Adding a step column:
 1. append a `StepColumn` to `STEP_COLUMNS` (append only: `NAN_BITS`, a float
-   column's position among the floats, is how schemas up to 4 and the events
-   table tell a NaN from a missing value);
+   column's position among the floats, is how schemas up to 4 told a NaN from a
+   missing value; revision 0005 keeps its own copy);
 2. nothing in the tables: a column is a row of `chunk_columns` per chunk, and
    chunks stored before it read it as all missing;
 3. add the name to `agent/wire.py` and `dashboard/columns.js`.
