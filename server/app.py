@@ -20,6 +20,7 @@ from gradwatch.server.routes import ROUTERS
 from gradwatch.server.routes.deps import DB_ERRORS, json_response
 from gradwatch.server.schemas import BatchError
 from gradwatch.server.security import BodySizeLimit, ByteBudget, EdgeGuard
+from gradwatch.server.warmup import warm_request, warm_up
 from gradwatch.server.settings import Settings
 from gradwatch.server.storage import Store, UnknownRun, create_schema, make_engine
 
@@ -48,6 +49,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         hub.loop = asyncio.get_running_loop()
+        try:   # before the first request (server/warmup.py); a failure here only costs speed
+            warm_up(store)
+            await warm_request(app)
+        except Exception:
+            log.warning("warm-up failed", exc_info=True)
         alerts = start_alerts(settings, store)
         app.state.alerts = alerts
         listener = None
