@@ -404,9 +404,8 @@ def test_close_without_server_is_quick_and_leaves_every_step_in_the_spool(tmp_pa
     watch = GradWatch("quick", url=f"http://127.0.0.1:{_closed_port()}", spool_dir=tmp_path)
     for step in range(300):
         mx.eval(watch.step({"w": mx.array([float(step)])}))
-    started = time.monotonic()
-    watch.close()
-    assert time.monotonic() - started < 15  # a hang check, not a performance claim
+    closed = watch.close()
+    assert closed.unreachable   # it ended because the server was found away, not by waiting it out
     assert watch.stats.spooled == 300 and not watch.stats.dropped
     assert sorted(spooled_steps(tmp_path)) == list(range(300))
 
@@ -637,9 +636,7 @@ def test_a_server_that_never_answers_costs_the_training_thread_no_disk_io_and_no
         watch._spool.append = recording_append
         for step in range(steps):
             mx.eval(watch.step({"w": mx.array([float(step) + 1.0])}))
-        started = time.monotonic()
-        watch.close()
-        assert time.monotonic() - started < 15  # a hang check, not a performance claim
+        watch.close()   # a hang fails the test by its timeout (pytest-timeout)
     finally:
         hole.close()
     assert writers and threading.main_thread() not in writers

@@ -262,8 +262,10 @@ def test_per_step_tensor_norms_across_chunks_and_layouts(tmp_path):
 
 @pytest.mark.parametrize("level", ["block", "module", "tensor"])
 def test_grouped_tensors_streamed_by_chunk_equal_the_whole_matrix(tmp_path, level):
-    """`/tensors?group=` reduces each stored chunk to its groups as it is read; the answer must
-    equal the one computed from the whole per-step matrix, a layout growing mid-run included."""
+    """`/tensors?group=` reduces each stored chunk to its groups as it is read: each step's
+    group norm must be the L2 of its members' sent norms (NumPy, from the values sent), and
+    the answer the one computed from the whole per-step matrix, a layout growing mid-run
+    included."""
     from gradwatch.server import tensor_groups
 
     engine = make_engine(f"sqlite:///{tmp_path / 'g.db'}")
@@ -272,13 +274,24 @@ def test_grouped_tensors_streamed_by_chunk_equal_the_whole_matrix(tmp_path, leve
     rng = np.random.default_rng(7)
     small = ["layers.0.mlp.up.weight", "layers.0.attn.q.weight", "layers.1.mlp.up.weight"]
     grown = small + ["layers.1.attn.q.weight", "norm.weight"]
+    sent: dict[int, dict[str, float]] = {}
     for begin, names in ((0, small), (3 * CHUNK // 2, grown), (3 * CHUNK, list(reversed(grown)))):
         steps = np.arange(begin, begin + 3 * CHUNK // 2)
         norms = np.exp(rng.normal(size=(len(steps), len(names)))).astype(np.float32)
         norms[rng.choice(len(steps), 5), 0] *= 50
         store.ingest("g", parse_batch({"step": steps.tolist(), "pre_norm": [1.0] * len(steps),
                                        "tensor_norms": {"names": names, "norms": norms.tolist()}}))
+        for row, step in enumerate(steps.tolist()):
+            sent[step] = dict(zip(names, norms[row].tolist()))
     run_id = store.run_id("g")
+    plan, steps, values, missing = tensor_groups.streamed_groups(
+        store.reader.iter_tensor_steps(run_id, None, None), level)
+    assert steps.tolist() == sorted(sent)
+    for column, members in enumerate(plan.members):
+        reported = [[sent[s][m] for m in members if m in sent[s]] for s in steps.tolist()]
+        expected = np.array([np.sqrt(np.sum(np.square(np.float32(r)))) if r else np.nan for r in reported])
+        assert missing[:, column].tolist() == [not r for r in reported]
+        np.testing.assert_allclose(values[~missing[:, column], column], expected[~missing[:, column]], rtol=1e-6)
     streamed = json_round_trip(tensor_groups.orjson.loads(
         tensor_groups.grouped_json(store, run_id, None, None, level, 300)))
     whole = tensor_groups.grouped_answer(*store.reader.tensor_steps(run_id, None, None), level, 300)
