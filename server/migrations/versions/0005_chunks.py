@@ -7,7 +7,7 @@ last, possibly unfinished chunk wait for the next page), and the chunks and
 their summaries are written with the run's `version`; per-tensor norms the
 same way from `tensor_norms` + `tensor_layouts`. The copy checks that it wrote
 as many steps as `runs.steps` says, prints its progress on stderr (a large
-database takes a while: about 8 s per million steps here), and drops the
+database takes a while: about 9 s per million steps here, benchmarks/migrate_bench.py), and drops the
 old tables. One transaction with the rest of the upgrade: a failure leaves the
 database at schema 4.
 
