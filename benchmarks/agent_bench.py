@@ -29,7 +29,6 @@
 """
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import statistics
@@ -88,11 +87,9 @@ def make_tree() -> dict:
     return tree
 
 
-def overhead(url: str, folder: Path, rounds: int = 15, per_round: int = 20) -> dict:
-    grads = make_tree()
-    watch = GradWatch("bench-overhead", url=url, clipper=GlobalNorm(1.0),
-                      detectors=[ZScoreDetector(), EMADetector()], tensor_norms=True,
-                      spool_dir=folder / "spool-overhead")
+def interleaved_times(watch, grads, rounds: int, per_round: int) -> tuple[list[float], list[float]]:
+    """Seconds per call of bare `clip_grad_norm` + eval and of `watch.step` + eval on the same
+    tree, in interleaved rounds (the machine's load hits both alike), after a warm-up."""
 
     def bare():
         clipped, _ = optim.clip_grad_norm(grads, 1.0)
@@ -111,6 +108,15 @@ def overhead(url: str, folder: Path, rounds: int = 15, per_round: int = 20) -> d
                 started = time.perf_counter()
                 fn()
                 out.append(time.perf_counter() - started)
+    return bare_times, watched_times
+
+
+def overhead(url: str, folder: Path, rounds: int = 15, per_round: int = 20) -> dict:
+    grads = make_tree()
+    watch = GradWatch("bench-overhead", url=url, clipper=GlobalNorm(1.0),
+                      detectors=[ZScoreDetector(), EMADetector()], tensor_norms=True,
+                      spool_dir=folder / "spool-overhead")
+    bare_times, watched_times = interleaved_times(watch, grads, rounds, per_round)
     ok = watch.flush(timeout=30)
     stats = watch.stats
     watch.close()
@@ -134,24 +140,7 @@ def overhead_many_tensors(url: str, folder: Path, rounds: int = 15, per_round: i
     mx.eval(grads)
     watch = GradWatch("bench-many-tensors", url=url, clipper=GlobalNorm(1.0),
                       tensor_norms=True, spool_dir=folder / "spool-many")  # default detectors
-
-    def bare():
-        clipped, _ = optim.clip_grad_norm(grads, 1.0)
-        mx.eval(clipped)
-
-    def watched():
-        mx.eval(watch.step(grads))
-
-    for _ in range(20):  # compile, warm caches
-        bare()
-        watched()
-    bare_times, watched_times = [], []
-    for _ in range(rounds):
-        for fn, out in ((bare, bare_times), (watched, watched_times)):
-            for _ in range(per_round):
-                started = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - started)
+    bare_times, watched_times = interleaved_times(watch, grads, rounds, per_round)
     ok = watch.flush(timeout=30)
     watch.close()
     bare_ms = statistics.median(bare_times) * 1e3

@@ -148,6 +148,15 @@ def store_tensor_run(db_url: str, steps: int, batch: int = 5_000) -> list[str]:
     return names
 
 
+def wait_for(page, condition: str, timeout_s: float, what: str) -> None:
+    """Poll a JavaScript condition on the page until it holds; TimeoutError saying `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(f"!!({condition})"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.02)
+
+
 def grouped_heatmap_ms(browser, url: str, loads: int) -> list[float]:
     """Warm reloads of the 300-tensor run: ms from the /tensors?group=block request to the drawn heatmap."""
     context = browser.new_context(viewport={"width": 1500, "height": 1000})
@@ -156,11 +165,7 @@ def grouped_heatmap_ms(browser, url: str, loads: int) -> list[float]:
     times = []
     for index in range(loads + 1):
         page.goto(address)
-        deadline = time.monotonic() + 60
-        while page.evaluate("window.gradwatch ? window.gradwatch.tensorsMs : null") is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError("the grouped heatmap was not drawn")
-            time.sleep(0.02)
+        wait_for(page, "window.gradwatch && window.gradwatch.tensorsMs != null", 60, "the grouped heatmap was not drawn")
         if index:  # the first load warms the server's page cache
             times.append(page.evaluate("[window.gradwatch.tensorsMs, window.gradwatch.tensorsFetchMs]"))
     context.close()
@@ -176,18 +181,13 @@ def module_heatmap_ms(browser, url: str, loads: int) -> list[float]:
     times = []
     for index in range(loads + 1):
         page.goto(address)
-        deadline = time.monotonic() + 120
-        while page.evaluate("window.gradwatch ? window.gradwatch.renders.heatmap : 0") < 1:
-            if time.monotonic() > deadline:
-                raise TimeoutError("the grouped heatmap was not drawn")
-            time.sleep(0.02)
+        wait_for(page, "window.gradwatch && window.gradwatch.renders.heatmap >= 1", 120,
+                 "the grouped heatmap was not drawn")
         before = page.evaluate("window.gradwatch.renders.heatmap")
         page.select_option("#group-level", "module")
-        while page.evaluate("window.gradwatch.renders.heatmap") <= before or \
-                page.evaluate("document.getElementById('heatmap').data[0].meta.rows.length") < 100:
-            if time.monotonic() > deadline:
-                raise TimeoutError("the module heatmap was not drawn")
-            time.sleep(0.02)
+        wait_for(page, f"window.gradwatch.renders.heatmap > {before} && "
+                       "document.getElementById('heatmap').data[0].meta.rows.length >= 100", 120,
+                 "the module heatmap was not drawn")
         if index:
             times.append(page.evaluate("window.gradwatch.tensorsMs"))
     context.close()
@@ -197,11 +197,7 @@ def module_heatmap_ms(browser, url: str, loads: int) -> list[float]:
 def live_latencies_ms(page, url: str, first_step: int, rounds: int = 10) -> list[float]:
     """From the answer of a POST (the steps are committed) to the new last step on the chart,
     over the page's /ws/live socket."""
-    deadline = time.monotonic() + 30
-    while page.evaluate("window.gradwatch.live") != "live":
-        if time.monotonic() > deadline:
-            raise TimeoutError("the live socket did not connect")
-        time.sleep(0.02)
+    wait_for(page, "window.gradwatch.live === 'live'", 30, "the live socket did not connect")
     latencies = []
     for round_index in range(rounds):
         start = first_step + 10 * round_index

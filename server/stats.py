@@ -18,11 +18,6 @@ def finite(norms: np.ndarray) -> np.ndarray:
     return norms[np.isfinite(norms)]
 
 
-def sorted_finite(norms: np.ndarray) -> np.ndarray:
-    """The finite norms, sorted: percentiles and clip rates are then cheap (see `Sample`)."""
-    return np.sort(finite(norms))
-
-
 def percentiles(finite_norms: np.ndarray) -> dict[str, float | None]:
     if len(finite_norms) == 0:
         return {name: None for name in PERCENTILES}
@@ -39,14 +34,13 @@ def clip_rate_at(ordered: np.ndarray, threshold: float) -> float:
 
 
 def window_stats(pre_norm: np.ndarray, clipped: np.ndarray | None = None,
-                 nonfinite: np.ndarray | None = None, ordered: np.ndarray | None = None) -> dict:
+                 nonfinite: np.ndarray | None = None) -> dict:
     """count, percentiles, clip rate (steps flagged clipped) and non-finite count of a window.
 
     `clipped` and `nonfinite` are 0.0/1.0 arrays with NaN where unknown. A step
     counts as non-finite when flagged so or when its pre-clip norm is NaN/Inf.
-    `ordered` is `sorted_finite(pre_norm)` when the caller has it already.
     """
-    good = ordered if ordered is not None else finite(pre_norm)   # np.percentile partitions: no sort needed
+    good = finite(pre_norm)   # np.percentile partitions: no sort of the run is needed
     count = len(pre_norm)
     bad_norm = ~np.isfinite(pre_norm)
     if nonfinite is not None:
@@ -77,20 +71,16 @@ def _scaled(good: np.ndarray, reduce) -> float | None:
     return float(reduce(good / scale) * scale) if scale > 0 else float(reduce(good))
 
 
-def whatif(pre_norm: np.ndarray, threshold: float, ordered: np.ndarray | None = None) -> dict:
-    if ordered is not None:
-        good = ordered
-        clipped = len(good) - int(np.searchsorted(good, threshold, side="right"))
-    else:
-        good = finite(pre_norm)
-        clipped = int(np.count_nonzero(good > threshold))
+def whatif(pre_norm: np.ndarray, threshold: float) -> dict:
+    good = finite(pre_norm)
+    clipped = int(np.count_nonzero(good > threshold))
     return {"threshold": threshold, "count": len(good), "clipped": clipped,
             "clip_rate": clipped / len(good) if len(good) else None}
 
 
-def histogram(pre_norm: np.ndarray, bins: int = 60, ordered: np.ndarray | None = None) -> dict:
+def histogram(pre_norm: np.ndarray, bins: int = 60) -> dict:
     """Counts of the finite norms; log-spaced edges when they span two decades or more."""
-    good = ordered if ordered is not None else finite(pre_norm)
+    good = finite(pre_norm)
     if len(good) == 0:
         return {"edges": [], "counts": [], "log": False, "count": 0}
     low, high = float(good.min()), float(good.max())

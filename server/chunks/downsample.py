@@ -179,12 +179,9 @@ def overview(source: ChunkSource, spec: Spec, lo: int, hi: int, points: int, fie
     def chunks(ids) -> list[Chunk]:
         ids = list(ids)
         todo = [chunk_id for chunk_id in ids if chunk_id not in cache]
-        if todo:   # a source that reads many chunks at once (one query) may say so with `chunks`
-            many = getattr(source, "chunks", None)
-            got = many(todo, names) if many is not None else {c: source.chunk(c, names) for c in todo}
-            for chunk_id in todo:
-                cache[chunk_id] = got.get(chunk_id)
-                decoded.append(chunk_id)
+        if todo:
+            cache.update(dict.fromkeys(todo))
+            cache.update({chunk.chunk_id: chunk for chunk in _fetch(source, todo, names, decoded)})
         return [cache[chunk_id] for chunk_id in ids if cache[chunk_id] is not None]
 
     def raw(ids, a=lo, b=hi) -> _Rows:
@@ -272,7 +269,8 @@ def kept_rows_of(chunk: Chunk, key: str, flags: tuple[str, ...]) -> Chunk:
 
 
 def _fetch(source: ChunkSource, ids: list[int], names: tuple[str, ...], decoded: list[int]) -> list[Chunk]:
-    """The stored chunks among `ids` (ascending), read at once when the source can."""
+    """The stored chunks among `ids` (ascending), read at once when the source can (a `chunks`
+    method: one query), else one by one; `decoded` records the ids asked for."""
     many = getattr(source, "chunks", None)
     got = many(ids, names) if many is not None else {c: source.chunk(c, names) for c in ids}
     decoded.extend(ids)

@@ -262,49 +262,29 @@ class Reader(Database):
     def tensor_steps(self, run_id: int, start: int | None, end: int | None
                      ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         """(names, steps, norms[steps, names] float32, absent[steps, names]) of every step in
-        [start, end] that reported tensor norms; names in first-seen order. Filled a few
-        chunks at a time as they are read: only the answer is ever held whole."""
-        lo = start if start is not None else 0
-        hi = end if end is not None else 2**62
+        [start, end] that reported tensor norms, names in first-seen order: the pieces of
+        `iter_tensor_steps` in one matrix."""
+        pieces = list(self.iter_tensor_steps(run_id, start, end))
         names: list[str] = []
         index: dict[str, int] = {}
-        with self.snapshot() as cursor:
-            cursor.execute(self.sql("SELECT COALESCE(SUM(n), 0) FROM tensor_chunks WHERE run_id = ? "
-                                    "AND chunk_id BETWEEN ? AND ?"), (run_id, lo // CHUNK, hi // CHUNK))
-            capacity = int(cursor.fetchone()[0])
-            steps = np.zeros(capacity, np.int64)
-            norms = np.full((capacity, 0), np.nan, np.float32)
-            absent = np.ones((capacity, 0), bool)
-            row = 0
-            for chunk in self.rows.iter_tensor_range(cursor, run_id, lo // CHUNK, hi // CHUNK):
-                new = [name for name in chunk.names if name not in index]
-                if new:   # a layout with more tensors: widen (rare: a model that grew mid-run)
-                    for name in new:
-                        index[name] = len(names)
-                        names.append(name)
-                    wider = np.full((capacity, len(names)), np.nan, np.float32)
-                    wider[:, :norms.shape[1]] = norms
-                    norms = wider
-                    wider = np.ones((capacity, len(names)), bool)
-                    wider[:, :absent.shape[1]] = absent
-                    absent = wider
-                    del wider
-                mask = (chunk.steps >= lo) & (chunk.steps <= hi)
-                count = int(mask.sum())
-                if not count:
-                    continue
-                columns = np.array([index[n] for n in chunk.names], np.intp)
-                block = slice(row, row + count)
-                steps[block] = chunk.steps[mask]
-                present = True if chunk.present is None else chunk.present[mask]
-                if len(columns) == len(names) and np.array_equal(columns, np.arange(len(names))):
-                    norms[block] = chunk.norms[mask]
-                    absent[block] = ~present if chunk.present is not None else False
-                else:
-                    norms[block, columns] = chunk.norms[mask]
-                    absent[block, columns] = ~present if chunk.present is not None else False
-                row += count
-        return names, steps[:row], norms[:row], absent[:row]
+        for _, piece_names, _, _ in pieces:
+            for name in piece_names:
+                if name not in index:
+                    index[name] = len(names)
+                    names.append(name)
+        total = sum(len(piece[0]) for piece in pieces)
+        steps = np.zeros(total, np.int64)
+        norms = np.full((total, len(names)), np.nan, np.float32)
+        absent = np.ones((total, len(names)), bool)
+        row = 0
+        for piece_steps, piece_names, piece_norms, piece_absent in pieces:
+            rows = slice(row, row + len(piece_steps))
+            columns = np.array([index[n] for n in piece_names], np.intp)
+            steps[rows] = piece_steps
+            norms[rows, columns] = piece_norms
+            absent[rows, columns] = False if piece_absent is None else piece_absent
+            row += len(piece_steps)
+        return names, steps, norms, absent
 
 
 class _Source:
