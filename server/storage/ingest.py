@@ -30,7 +30,7 @@ import orjson
 from sqlalchemy import Engine
 
 from gradwatch.server.storage.engine import Database, rollback_quietly
-from gradwatch.server.chunks import BatchMerge, Chunk, merge_batch, merge_tensors, split_by_chunk
+from gradwatch.server.chunks import BatchMerge, merge_batch, merge_tensors, split_by_chunk
 from gradwatch.server.storage.chunk_rows import MAX_SEGMENTS, SPEC, ChunkRows, complete, summary_of, tail_rows
 from gradwatch.server.storage.tails import Tail, TailCache
 from gradwatch.server.storage.serialise import encode_floats
@@ -190,7 +190,9 @@ class Ingestor(Database):
             steps = batch.steps
             ids = [chunk_id for chunk_id, _ in split_by_chunk(steps)]
             tail = self.tails.get((run_id, created), version)
-            held = {tail.chunk.chunk_id: tail.chunk} if tail is not None and tail.chunk.chunk_id in ids else {}
+            if tail is not None and tail.chunk.chunk_id not in ids:
+                tail = None   # the batch does not touch the chunk this process wrote last
+            held = {tail.chunk.chunk_id: tail.chunk} if tail is not None else {}
             loaded = {**self.rows.load(cursor, run_id, [i for i in ids if i not in held]), **held}
             sent = {name: (column.values, column.missing) for name, column in batch.columns.items()}
             merge = merge_batch(loaded.get, steps, sent, SPEC)
@@ -198,7 +200,7 @@ class Ingestor(Database):
             accepted, duplicates, conflicts = int(new_mask.sum()), int(merge.duplicate.sum()), len(merge.conflicts)
             if accepted:
                 version += 1
-                self._write_chunks(cursor, run_id, created, version, steps, merge, held)
+                self._write_chunks(cursor, run_id, created, version, steps, merge, tail)
             for conflict in merge.conflicts:
                 differing = list(conflict.fields)
                 event_rows.append(_event_row(
@@ -261,14 +263,15 @@ class Ingestor(Database):
                             new_mask=new_mask, run_id=run_id)
 
     def _write_chunks(self, cursor, run_id: int, created: float, version: int, steps: np.ndarray,
-                      merge: BatchMerge, held: dict[int, Chunk]) -> None:
-        """Write the changed chunks; the held tail's summary is extended, not recomputed, and
-        the newest chunk written becomes the run's tail once the transaction commits."""
+                      merge: BatchMerge, tail: Tail | None) -> None:
+        """Write the changed chunks; the held tail's summary is extended, not recomputed (and an
+        append to it is a new segment), and the newest chunk written becomes the run's tail once
+        the transaction commits."""
         changed = [result for result in merge.chunks.values() if result.changed]
         summaries, appends, segments = {}, {}, {}
         for result in changed:
             chunk = result.chunk
-            before = self.tails.get((run_id, created), version - 1) if chunk.chunk_id in held else None
+            before = tail if tail is not None and tail.chunk.chunk_id == chunk.chunk_id else None
             first = int(steps[result.rows[result.added]].min())
             summaries[chunk.chunk_id] = summary_of(chunk, before.summary if before else None, first)
             segments[chunk.chunk_id] = 1
