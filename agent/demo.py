@@ -80,30 +80,38 @@ def learning_rate(step: int, steps: int, peak: float = 3e-3, warmup: int = 50) -
 
 
 class ProgressBar:
-    """A one-line terminal progress bar on stderr, redrawn at most ten times a second."""
+    """Progress on stderr from step 0: on a terminal one line redrawn at most ten times a second,
+    elsewhere (a pipe, a log file) a line at step 0 and at every tenth of the run. Until the first
+    steps are done it says why they are slow (MLX compiles its kernels on first use)."""
 
     def __init__(self, total: int, width: int = 30):
         self.total, self.width = total, width
         self.started = time.monotonic()
         self.last_draw = 0.0
+        self.next_line = 0
         self.enabled = sys.stderr.isatty()
 
-    def update(self, done: int, loss: float | None = None, force: bool = False) -> None:
+    def update(self, done: int, loss: float | None = None, force: bool = False, note: str = "") -> None:
         now = time.monotonic()
-        if not force and now - self.last_draw < 0.1:
+        if self.enabled and not force and now - self.last_draw < 0.1:
+            return
+        if not self.enabled and not force and done < self.next_line:
             return
         self.last_draw = now
+        self.next_line = done + max(1, self.total // 10)
         filled = int(self.width * done / self.total)
-        rate = done / max(now - self.started, 1e-9)
-        text = f"\r  training [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} steps"
-        text += f"  {rate:,.0f} steps/s"
+        text = f"  training [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} steps"
+        if done:
+            rate = done / max(now - self.started, 1e-9)
+            text += f"  {rate:,.0f} steps/s" if rate >= 10 else f"  {rate:.1f} steps/s"
         if loss is not None:
             text += f"  loss {loss:.3f}"
+        text += f"  {note}" if note else ""
         if self.enabled:
-            sys.stderr.write(text)
-            sys.stderr.flush()
-        elif force:
-            sys.stderr.write(text.lstrip("\r") + "\n")
+            sys.stderr.write("\r" + text + "\033[K")
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
 
     def finish(self, loss: float | None) -> None:
         self.update(self.total, loss, force=True)
@@ -122,6 +130,7 @@ def train(run: str, url: str | None, steps: int, token: str | None = None, seed:
               "corrupted_steps": sorted(spike_steps(steps))}
     # The library's default detector (RobustDetector: median/MAD of the log norm).
     with GradWatch(run=run, url=url, token=token, clipper=GlobalNorm(1.0), config=config) as watch:
+        progress.update(0, force=True, note="(the first steps compile MLX's kernels unless cached)")
         for step, (inputs, labels, _) in enumerate(synthetic_batches(steps, seed)):
             lr = learning_rate(step, steps)
             optimizer.learning_rate = lr
@@ -130,7 +139,7 @@ def train(run: str, url: str | None, steps: int, token: str | None = None, seed:
             optimizer.update(model, grads)
             mx.eval(model.parameters(), optimizer.state, loss)
             if step % 25 == 0:
-                progress.update(step + 1, loss.item())
+                progress.update(step + 1, loss.item(), force=step == 0)
         progress.finish(loss.item() if loss is not None else None)
 
 

@@ -4,7 +4,7 @@ One entry point for every subcommand. Each handler is a thin function that
 imports its implementation lazily, so `gradwatch --help` stays fast and a
 missing optional piece fails only the subcommand that needs it.
 
-`server/` never imports `agent/` or `clip/` (see DESIGN.md): subcommands that
+`server/` never imports `agent/` or `clip/` (docs/architecture.md): subcommands that
 need the agent (`push`, the training part of `demo`) run it as a separate
 process with `python -m gradwatch.agent...`.
 """
@@ -47,11 +47,21 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**{field: value for field, value in given.items() if value is not None})
 
 
+def installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gradwatch")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradwatch",
         description="Gradient-norm monitoring, clipping and threshold recommendations for MLX.",
     )
+    parser.add_argument("--version", action="version", version=f"gradwatch {installed_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     client = ClientSettings()
 
@@ -93,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--url", default=client.url,
                         help="server address (env GRADWATCH_URL; default: %(default)s)")
     delete.add_argument("--token", default=client.token, help="write token (env GRADWATCH_TOKEN)")
+    delete.add_argument("-y", "--yes", action="store_true", help="delete without asking")
     delete.set_defaults(handler=_delete)
 
     report = commands.add_parser("report", help="write a run's charts as one offline HTML file")
@@ -133,14 +144,42 @@ def _push(args: argparse.Namespace) -> int:
 def _delete(args: argparse.Namespace) -> int:
     from gradwatch.server.client import ApiClient, ApiError, run_path
 
+    api = ApiClient(args.url, args.token)
+    if not args.yes and not confirm_delete(api, args.run):
+        print("gradwatch delete: nothing deleted (answer y, or pass --yes to delete without asking)",
+              file=sys.stderr)
+        return 1
     try:
-        answer = ApiClient(args.url, args.token).delete(run_path(args.run))
+        answer = api.delete(run_path(args.run))
     except ApiError as error:
         print(f"gradwatch delete: {error}", file=sys.stderr)
         return 1
     print(f"deleted run {answer['deleted']!r}: {answer['steps']} steps, {answer['tensor_norms']} "
           f"steps of tensor norms, {answer['events']} events")
     return 0
+
+
+def confirm_delete(api, run: str) -> bool:
+    """Ask on the terminal (stdin) whether to delete `run`, saying what it holds when the
+    server tells (a write token may not read: then the question names the run only).
+    True for an answer starting with y, or a run the server does not know; end of input is a no."""
+    from gradwatch.server.client import ApiError, run_path
+
+    try:
+        entry = api.get(run_path(run))
+        holds = f" ({entry.get('steps', 0):,} steps, steps {entry.get('first_step')}–{entry.get('last_step')})"
+    except ApiError as error:
+        if error.status == 404:
+            return True  # nothing to lose: the delete itself says the run is unknown
+        holds = ""
+    print(f"delete run {run!r}{holds} from {api.url} with its tensor norms and events? [y/N] ",
+          end="", flush=True)
+    try:
+        answer = input()
+    except EOFError:
+        print()
+        return False
+    return answer.strip().lower().startswith("y")
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -2,14 +2,18 @@
 
 The server runs as `gradwatch serve` in a child process and the training as
 `python -m gradwatch.agent.demo` in another (the server never imports the
-agent, see DESIGN.md). The dashboard address is printed as soon as the server
-answers; the summary comes from the server's own REST API, so it shows what
-was stored, not what the trainer believes it sent.
+agent, docs/architecture.md). Its first line comes at once, before either child
+starts: on a first run it says that MLX compiles its CPU kernels (a minute or so,
+once). The dashboard address is printed as soon as the server answers; the
+summary comes from the server's own REST API, so it shows what was stored, not
+what the trainer believes it sent. SIGTERM and SIGHUP stop both children (and on
+Linux a child also stops when the demo is killed outright).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,10 +25,75 @@ from dataclasses import dataclass, field
 from .client import ApiClient, ApiError, run_path
 
 STORE_TIMEOUT_S = 60.0
+# Measured with `TMPDIR=$(mktemp -d) gradwatch demo --exit` (README, "Two commands").
+COLD_START_TEXT = "about a minute"
+WARM_RUN_TEXT = "about 10 s"
 
 
 class DemoError(RuntimeError):
     """A problem the user can act on; printed as one line, no traceback."""
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGHUP reached the demo: stop the children and exit."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame) -> None:
+    raise Stopped(signum)
+
+
+def mlx_kernel_cache() -> str | None:
+    """The folder MLX's CPU backend compiles its kernels into (`$TMPDIR/mlx/<version>/cpu`),
+    found without importing MLX (the server process never does); None without MLX."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mlx_version = version("mlx")
+    except PackageNotFoundError:
+        return None
+    return os.path.join(tempfile.gettempdir(), "mlx", mlx_version, "cpu")
+
+
+def first_run_note(steps: int) -> str:
+    """The demo's first line, printed before anything slow starts: what it is about to do, and on a
+    first run (MLX's kernel cache empty, Linux's CPU backend) that compiling takes a while."""
+    cache = mlx_kernel_cache()
+    cold = sys.platform != "darwin" and cache is not None and not (os.path.isdir(cache) and os.listdir(cache))
+    text = f"gradwatch demo: starting a server and a {steps:,}-step training run"
+    if cold:
+        text += (f". First run: MLX compiles its CPU kernels with the C++ compiler into {cache} before the "
+                 f"first steps ({COLD_START_TEXT} on a laptop CPU, once; later runs take {WARM_RUN_TEXT})")
+    return text
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, SIGTERM when the demo dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def child_options() -> dict:
+    return {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+
+
+def stop_child(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @dataclass
@@ -71,7 +140,8 @@ def start_server(db_url: str, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "gradwatch.server.cli", "serve", "--db", db_url, "--port", str(port)]
     # A file, not a pipe: nobody reads a pipe while the demo serves, and a full one blocks the server.
     errors = tempfile.TemporaryFile(mode="w+")
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True, env=demo_environment())
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True, env=demo_environment(),
+                              **child_options())
     deadline = time.monotonic() + 30.0
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -110,41 +180,50 @@ def summarise(api: ApiClient, run: str) -> RunSummary:
 
 
 def _share(rate) -> str:
-    return "n/a" if rate is None else f"{rate:.1%}"
+    return "n/a" if rate is None else f"{rate:.2%}"
 
 
 def format_summary(summary: RunSummary) -> str:
-    """Two sentences: what the run did, then the recommendation (robust rule on the clean
-    window) against the demo's own threshold of 1.0, or why there is none."""
+    """What the run did (whole run), then the recommendation and the one clip rate it would have
+    had over the recommendation's window (every finite step of it, as `gradwatch recommend` and
+    the dashboard's headline give it), beside the demo's own threshold of 1.0 over the same steps."""
+    from .recommend_cmd import describe_span, rate_window
+
     rec = summary.recommendation
-    head = (f"Run '{summary.run}': {summary.steps:,} steps stored, clipped at 1.0 on {summary.clips:,} of them "
-            f"({summary.clip_rate:.1%}); {summary.spikes} gradient spike(s) flagged by the agent.")
+    head = (f"Run '{summary.run}', whole run: {summary.steps:,} steps stored, clipped at 1.0 on "
+            f"{summary.clips:,} of them ({_share(summary.clip_rate)}); {summary.spikes} gradient spike(s) "
+            f"flagged by the agent.")
     if summary.threshold is None:
-        return f"{head} Recommended clip threshold: none yet — {summary.rationale}"
+        return f"{head}\nRecommended clip threshold: none yet — {summary.rationale}"
     ratio = rec.get("ratio_to_median")
     window = rec.get("window") or {}
-    return (f"{head} Recommended clip threshold: {summary.threshold:.3g}"
+    return (f"{head}\nRecommended clip threshold: {summary.threshold:.3g}"
             + (f" ({ratio:.3g}× the median norm)" if ratio is not None else "")
-            + f", from {window.get('clean_steps', 0):,} clean steps of the last {window.get('steps', 0):,} "
-            f"with {rec.get('spikes_left_out', 0)} spike(s) left out; it would have clipped "
-            f"{_share(rec.get('clip_rate_raw'))} of those steps, where 1.0 clipped "
-            f"{_share(rec.get('clip_rate_at_1_raw'))}.")
+            + f", from {window.get('clean_steps', 0):,} clean steps of the window of the last "
+            f"{window.get('steps', 0):,} ({rec.get('spikes_left_out', 0)} spike(s) left out).\n"
+            f"Over that window, {describe_span(rate_window(rec))}, it would have clipped "
+            f"{_share(rec.get('clip_rate_raw'))}, where 1.0 clipped {_share(rec.get('clip_rate_at_1_raw'))}.")
 
 
 def run_demo(args: argparse.Namespace) -> int:
     base_url = f"http://127.0.0.1:{args.port}"
     run = time.strftime("demo-%Y%m%d-%H%M%S")
-    server = None
+    print(first_run_note(args.steps), flush=True)
+    server = trainer = None
+    # Not a signal someone chose to ignore (`nohup gradwatch demo` keeps running on SIGHUP).
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         ensure_mlx_loads()
         server = start_server(args.db, args.port)
         print(f"gradwatch dashboard: {base_url}/?run={urllib.parse.quote(run)}", flush=True)
-        print(f"training a small MLP for {args.steps} steps with gradwatch attached "
+        print(f"run name: {run}", flush=True)
+        print(f"training a small MLP for {args.steps:,} steps with gradwatch attached "
               f"(clip at 1.0, a few corrupted batches to make spikes)", flush=True)
-        trainer = subprocess.run([sys.executable, "-m", "gradwatch.agent.demo", "--url", base_url,
-                                  "--steps", str(args.steps), "--run", run],
-                                 env=demo_environment())
-        if trainer.returncode != 0:
+        trainer = subprocess.Popen([sys.executable, "-m", "gradwatch.agent.demo", "--url", base_url,
+                                    "--steps", str(args.steps), "--run", run],
+                                   env=demo_environment(), **child_options())
+        if trainer.wait() != 0:
             raise DemoError(f"the training process failed (exit code {trainer.returncode}); its error is above")
         api = ApiClient(base_url)
         stored = wait_until_stored(api, run, args.steps)
@@ -164,10 +243,14 @@ def run_demo(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+    except Stopped as stop:
+        print(f"gradwatch demo: {stop} received, stopping the server", file=sys.stderr, flush=True)
+        return 128 + stop.signum
     finally:
-        if server is not None and server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        # A second signal while stopping must not leave a child behind: ignore them from here on.
+        for signum in previous:
+            signal.signal(signum, signal.SIG_IGN)
+        stop_child(trainer)
+        stop_child(server)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
