@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine.dispose()
 
     app = FastAPI(title="gradwatch", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # /docs is served offline (routes/static.py)
                   description="Gradient-norm monitoring, clipping statistics and clip-threshold "
                               "recommendations for MLX training runs. Wire format: docs/wire.md.")
     app.state.settings = settings

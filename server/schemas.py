@@ -488,8 +488,9 @@ class Candidate(BaseModel):
     label: str
     threshold: float
     clip_rate: float | None = Field(description="fraction of the clean window's norms above it")
-    clip_rate_raw: float | None = Field(None, description="fraction of the window's finite norms above it")
+    clip_rate_raw: float | None = Field(None, description="fraction of the rate window's finite norms above it")
     over: str = "clean window"
+    over_raw: str | None = Field(None, description="the steps `clip_rate_raw` is over (the rate window)")
 
 
 class Drift(BaseModel):
@@ -510,6 +511,13 @@ class StepSpan(BaseModel):
 class RecommendationWindow(StepSpan):
     clean_steps: int
     clean_start: int | None
+
+
+class RateWindow(StepSpan):
+    """The steps every `*_raw` clip rate is over: from `window.start`, or from `clean_start`
+    after a level shift; `finite` of them count."""
+    finite: int
+    after_level_shift: bool
 
 
 class CleanWindow(BaseModel):
@@ -543,6 +551,7 @@ class RecommendationOut(BaseModel):
     level_shift_steps: list[int]
     rationale: str
     window: RecommendationWindow
+    rate_window: RateWindow | None = None
     percentiles_over: str
     percentiles: dict[str, float | None]
     candidates: list[Candidate]
@@ -553,11 +562,14 @@ class RecommendationOut(BaseModel):
 
 
 class WhatIfOut(BaseModel):
+    """`clipped` of the `count` finite norms in `window` lie above `threshold`; `over` says which
+    steps: "window" (the recommendation's rate window) or "run" (the whole run)."""
     threshold: float
     count: int
     clipped: int
     clip_rate: float | None
     window: StepSpan
+    over: Literal["window", "run", "last"] = "window"
 
 
 class HistogramOut(BaseModel):

@@ -72,10 +72,37 @@ def _scaled(good: np.ndarray, reduce) -> float | None:
 
 
 def whatif(pre_norm: np.ndarray, threshold: float) -> dict:
+    """How many of the finite norms lie strictly above `threshold`: the same division as the
+    recommendation's `clip_rate_raw`, so one threshold over one span gives one number."""
     good = finite(pre_norm)
     clipped = int(np.count_nonzero(good > threshold))
     return {"threshold": threshold, "count": len(good), "clipped": clipped,
             "clip_rate": clipped / len(good) if len(good) else None}
+
+
+def rate_window_start(result: dict) -> int | None:
+    """Where the recommendation's raw clip rates start: the window's first step, or the first
+    clean step after a level shift (the regime the threshold is for)."""
+    span = result["window"]
+    if result.get("level_shift") and span.get("clean_start") is not None:
+        return int(span["clean_start"])
+    return span["start"]
+
+
+def rate_span(steps: np.ndarray, pre_norm: np.ndarray, result: dict) -> tuple[np.ndarray, dict]:
+    """The rate window of a recommendation over `steps`/`pre_norm` (its window is their last
+    `window.steps` rows): its pre-clip norms and `{start, end, steps, finite, after_level_shift}`."""
+    size = result["window"]["steps"]
+    w_steps = steps[len(steps) - size:] if size else steps[:0]
+    w_norms = pre_norm[len(pre_norm) - size:] if size else pre_norm[:0]
+    start = rate_window_start(result)
+    if start is not None:
+        keep = w_steps >= start
+        w_steps, w_norms = w_steps[keep], w_norms[keep]
+    span = covered(w_steps)
+    span.update(finite=int(np.count_nonzero(np.isfinite(w_norms))),
+                after_level_shift=bool(result.get("level_shift")) and start != result["window"]["start"])
+    return w_norms, span
 
 
 def histogram(pre_norm: np.ndarray, bins: int = 60) -> dict:
@@ -166,7 +193,41 @@ def recommend(steps: np.ndarray, pre_norm: np.ndarray, threshold: np.ndarray | N
         count=span["clean_steps"], drift=drift_info, warnings=warnings,
         clean_window={"start": span["clean_start"], "end": span["end"] if span["clean_steps"] else None,
                       "steps": span["clean_steps"], "excluded": size - span["clean_steps"]})
+    _raw_rates_over_rate_window(result, steps, pre_norm)
     return result
+
+
+def _raw_rates_over_rate_window(result: dict, steps: np.ndarray, pre_norm: np.ndarray) -> None:
+    """Every `*_raw` clip rate over the rate window (`rate_window`: the finite norms from
+    `window.start`, or from `clean_start` after a level shift), the span the dashboard's
+    headline and what-if, `gradwatch recommend` and the report all quote."""
+    norms, span = rate_span(steps, pre_norm, result)
+    raw = finite(norms)
+    result["rate_window"] = span
+
+    def rate(threshold: float | None) -> float | None:
+        return whatif(raw, threshold)["clip_rate"] if threshold is not None else None
+
+    before = result.get("clip_rate_raw")
+    for key, threshold in (("clip_rate_raw", result["threshold"]),
+                           ("current_clip_rate_raw", result.get("current_threshold")),
+                           ("clip_rate_at_1_raw", 1.0 if result["threshold"] is not None else None)):
+        result[key] = rate(threshold)
+    over = (f"steps {span['start']:,}–{span['end']:,}" if span["steps"] else "no steps")
+    for candidate in result.get("candidates", []):
+        candidate["clip_rate_raw"] = rate(candidate["threshold"])
+        candidate["over_raw"] = over
+    if result["threshold"] is not None and span["steps"]:
+        tail = f" and {_pct(before)} of all steps in the window."
+        said = (f" and {_pct(result['clip_rate_raw'])} of the {span['finite']:,} finite steps "
+                f"{span['start']:,}–{span['end']:,}"
+                + (" (since the level shift)." if span["after_level_shift"] else "."))
+        text = result["rationale"]
+        result["rationale"] = text[:-len(tail)] + said if text.endswith(tail) else text
+
+
+def _pct(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{100 * rate:.2f}%".replace(".00%", "%")
 
 
 def downsample_indices(pre_norm: np.ndarray, points: int, keep: np.ndarray | None = None) -> np.ndarray:

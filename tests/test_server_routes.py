@@ -136,7 +136,8 @@ def test_the_delete_command_deletes_through_a_real_server(tmp_path):
         with httpx.Client(base_url=server.url, timeout=30) as http:
             assert http.post("/api/runs/doomed/steps", json=batch(0, 5),
                              headers={"Authorization": f"Bearer {WRITE}"}).status_code == 200
-        command = [sys.executable, "-m", "gradwatch.server.cli", "delete", "doomed", "--url", server.url]
+        command = [sys.executable, "-m", "gradwatch.server.cli", "delete", "doomed", "--url", server.url,
+                   "--yes"]  # no confirmation prompt (`gradwatch delete` asks without it)
         refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert refused.returncode == 1 and "401" in refused.stderr
         done = subprocess.run(command + ["--token", WRITE], capture_output=True, text=True, timeout=60)

@@ -55,6 +55,48 @@ def shipped_plotly_version() -> str | None:
         return None
 
 
+# -- /docs: Swagger UI from the installed `fastapi-offline` package's files, never a CDN ----------
+# (`swagger-ui-bundle` ships Swagger UI 4, which cannot read FastAPI's OpenAPI 3.1.)
+DOCS_ASSETS = {"swagger-ui-bundle.js", "swagger-ui.css", "favicon.png"}
+
+
+def swagger_ui_dir() -> Path | None:
+    """The folder of Swagger UI 5's files in the installed `fastapi-offline` (a dependency), or None."""
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "static"
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
+
+@router.get("/docs", include_in_schema=False)
+def api_docs(request: Request) -> Response:
+    """The OpenAPI page, its scripts, style and icon served from here: it works offline."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    if swagger_ui_dir() is None:
+        return Response("Swagger UI is not installed (pip install fastapi-offline); the API "
+                        "description is at /openapi.json\n", status_code=404, media_type="text/plain")
+    root = request.scope.get("root_path", "")
+    return get_swagger_ui_html(
+        openapi_url=f"{root}/openapi.json", title="gradwatch API",
+        swagger_js_url=f"{root}/docs-assets/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}/docs-assets/swagger-ui.css",
+        swagger_favicon_url=f"{root}/docs-assets/favicon.png", oauth2_redirect_url=None)
+
+
+@router.get("/docs-assets/{name}", include_in_schema=False)
+def api_docs_asset(name: str) -> Response:
+    folder = swagger_ui_dir()
+    if folder is None or name not in DOCS_ASSETS or not (folder / name).is_file():
+        return json_response({"detail": f"no docs asset {name!r}"}, status_code=404)
+    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if media_type.startswith("text/") or media_type.endswith("javascript"):
+        media_type += "; charset=utf-8"
+    return Response((folder / name).read_bytes(), media_type=media_type,
+                    headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=86400"})
+
+
 @router.get("/healthz", tags=["meta"], response_model=HealthOut)
 def healthz(store: StoreDep) -> Response:
     store.read("SELECT 1")

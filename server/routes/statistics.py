@@ -1,11 +1,13 @@
 """Statistics: percentiles, the recommended threshold, what-if, histogram (numbers in `stats`)."""
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
-from gradwatch.server import stats
+from gradwatch.server import diagnostics, stats
 from gradwatch.server.routes.deps import READ, RunName, StoreDep, json_response
 from gradwatch.server.schemas import BatchError, HistogramOut, RecommendationOut, StatsOut, WhatIfOut
 from gradwatch.server.storage import RunArrays
@@ -35,8 +37,6 @@ def recent_norms(store, name: str, window: int | None) -> tuple[np.ndarray, np.n
     before it (the robust rule's history), read from the newest chunks only. A million-step
     run's recommendation then reads ~20,000 steps, not the run. The whole run when it is
     short, or when the tail has no clip threshold to report (an older one may exist)."""
-    from gradwatch.server import diagnostics
-
     run_id = store.run_id(name)
     count = store.reader.run_size(run_id)
     size = window if window is not None else diagnostics.default_window(count)
@@ -69,12 +69,39 @@ def recommendation(name: RunName, store: StoreDep,
 
 
 @router.get("/api/runs/{run}/whatif", response_model=WhatIfOut)
-def whatif(name: RunName, store: StoreDep, threshold: float = Query(..., allow_inf_nan=False),
-           window: int | None = Window) -> Response:
-    arrays = store.arrays(name, ("pre_norm",))
-    part = window_of(arrays, window)
-    answer = stats.whatif(arrays.values["pre_norm"][part], threshold)
-    answer["window"] = stats.covered(arrays.steps[part])
+def whatif(name: RunName, store: StoreDep,
+           threshold: float = Query(..., gt=0, allow_inf_nan=False,
+                                    description="the clip threshold to try, a finite number above 0"),
+           over: Literal["window", "run", "last"] = Query("window", description=(
+               "`window` (default): the recommendation's rate window, the steps its raw clip rates "
+               "are over (from its window's start, or from the first clean step after a level "
+               "shift); `run`: the whole run; `last`: the last `window` steps")),
+           window: int | None = Query(None, ge=1, description=(
+               "with over=window the recommendation's window (at least 100 steps; default as the "
+               "recommendation's); with over=last the last N steps"))) -> Response:
+    """The clip rate `threshold` would have had: the fraction of the finite pre-clip norms
+    strictly above it, over the steps `window` names. The same threshold over the same steps
+    gives the recommendation's `clip_rate_raw` / candidates' `clip_rate_raw` exactly."""
+    if over == "window":
+        if window is not None and window < diagnostics.MIN_WINDOW:
+            raise BatchError(f"window must be at least {diagnostics.MIN_WINDOW} steps with over=window "
+                             f"(the recommendation's minimum), got {window}; use over=last for fewer")
+        steps, pre_norm, clip, size = recent_norms(store, name, window)
+        try:
+            result = stats.recommend(steps, pre_norm, clip, window=size)
+        except ValueError as error:
+            raise BatchError(str(error)) from None
+        norms, span = stats.rate_span(steps, pre_norm, result)
+        answer = stats.whatif(norms, threshold)
+        answer["window"] = {key: span[key] for key in ("start", "end", "steps")}
+    else:
+        if over == "last" and window is None:
+            raise BatchError("over=last needs window=N (the last N steps)")
+        arrays = store.arrays(name, ("pre_norm",))
+        part = window_of(arrays, window if over == "last" else None)
+        answer = stats.whatif(arrays.values["pre_norm"][part], threshold)
+        answer["window"] = stats.covered(arrays.steps[part])
+    answer["over"] = over
     return json_response(answer)
 
 
