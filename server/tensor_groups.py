@@ -14,6 +14,11 @@ the spike detector's rule (`spike_flags`, exact and vectorised). The route asks
 Pure NumPy, except `grouped_json`, which reads the run's tensor chunks one at a
 time through the store (`Reader.iter_tensor_steps`) and reduces each to its
 groups (`streamed_groups`) before reading the next, and the run's version.
+
+Memory and time are linear in tensors and in groups (never a tensors x groups
+matrix): 16,000 tensors `layers.{i}.w` (16,000 blocks) over 32 steps take about
++30 MB and half a second. An answer that would hold more than `MAX_GROUP_NORMS`
+per-step group norms is refused (`TooManyGroupNorms`, a 422 naming the limit).
 """
 from __future__ import annotations
 
@@ -21,10 +26,13 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
 import orjson
+
+from gradwatch.server.schemas import BatchError
 
 LEVELS = ("block", "module", "tensor")
 # The first `<name>.<integer>` in a path ends the block: `layers.3`, `model.layers.12`, `h.0`.
@@ -38,6 +46,14 @@ MIN_SCALE = 0.01
 MAD_TO_SIGMA = 1.4826
 TINY = 1e-30           # log floor, as the detector's
 SLACK = 1e-5           # log units: covers float32 rounding in the spike bounds
+BLOCK_CELLS = 1 << 20  # norms group_norms reduces at a time (~8 MB per float64 copy)
+# Most group norms (steps x groups) one answer holds before downsampling (5 bytes each, held
+# twice while the pieces are joined): 100,000 steps of 300 groups fit; more is refused.
+MAX_GROUP_NORMS = 1 << 25
+
+
+class TooManyGroupNorms(BatchError):
+    """A grouped answer over `MAX_GROUP_NORMS` per-step group norms: narrow the range."""
 
 
 def block_of(name: str) -> str:
@@ -90,41 +106,47 @@ def grouping(tensor_names: list[str], level: str) -> Grouping:
 
 
 def group_norms(norms: np.ndarray, absent: np.ndarray, index: np.ndarray, groups: int,
-                block: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+                cells: int = BLOCK_CELLS) -> tuple[np.ndarray, np.ndarray]:
     """Per-step group norms: (values[steps, groups] float32, missing[steps, groups]).
 
-    One float32 matrix product of the squared norms with a tensor->group one-hot
-    matrix (BLAS: 100,000 x 300 in tens of ms). A tensor a step did not report adds
-    nothing; a non-finite member makes the group NaN (or +Inf when only Infs): the news.
-    `block` steps at a time, so the squares never cost a second copy of the norms."""
-    one_hot = np.zeros((len(index), groups), dtype=np.float32)
-    one_hot[np.arange(len(index)), index] = 1.0
-    out = np.empty((len(norms), groups), dtype=np.float32)
-    missing = np.zeros((len(norms), groups), dtype=bool)
-    for begin in range(0, len(norms), block):
-        rows = slice(begin, begin + block)
-        out[rows], missing[rows] = _group_block(norms[rows], absent[rows], one_hot)
+    Linear in tensors and groups (no tensors x groups matrix): the tensors are put in
+    group order once, and each group's squared norms are summed with `np.add.reduceat`
+    over its run of columns, in float64. A tensor a step did not report adds nothing; a
+    group none of whose tensors reported at a step is missing there (NaN); a non-finite
+    member makes the group NaN (or +Inf when only Infs): the news. About `cells` norms
+    at a time, so the squares never cost a second copy of the norms."""
+    norms = np.asarray(norms)
+    steps = len(norms)
+    out = np.full((steps, groups), np.nan, dtype=np.float32)
+    missing = np.ones((steps, groups), dtype=bool)
+    if steps == 0 or len(index) == 0:
+        return out, missing
+    order = np.argsort(index, kind="stable")
+    present, starts = np.unique(index[order], return_index=True)   # groups with members, their first column
+    rows_at_once = max(1, cells // len(index))
+    for begin in range(0, steps, rows_at_once):
+        rows = slice(begin, begin + rows_at_once)
+        out[rows, present], missing[rows, present] = _group_block(norms[rows][:, order], absent[rows][:, order], starts)
     return out, missing
 
 
-def _group_block(norms: np.ndarray, absent: np.ndarray, one_hot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    values = np.asarray(norms, dtype=np.float32)
+def _group_block(norms: np.ndarray, absent: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """norms[steps, tensors] with each group's tensors side by side from `starts`: each
+    group's L2 per step (float32) and whether none of its tensors reported there."""
+    values = np.asarray(norms, dtype=np.float64)
     bad = ~np.isfinite(values) | absent
-    rows_bad = np.flatnonzero(bad.any(axis=1))
     squares = np.square(values)
-    if len(rows_bad):
-        squares[rows_bad] = np.where(bad[rows_bad], 0.0, squares[rows_bad])
-    out = np.sqrt(squares @ one_hot)
-    missing = np.zeros(out.shape, dtype=bool)
-    if len(rows_bad):
-        sub = values[rows_bad]
-        nan = (np.isnan(sub) & ~absent[rows_bad]).astype(np.float32) @ one_hot > 0
-        inf = (np.isinf(sub) & ~absent[rows_bad]).astype(np.float32) @ one_hot > 0
-        block = out[rows_bad]
-        block[inf] = np.inf
-        block[nan] = np.nan
-        out[rows_bad] = block
-        missing[rows_bad] = (~absent[rows_bad]).astype(np.float32) @ one_hot == 0
+    if bad.any():
+        squares[bad] = 0.0
+    out = np.sqrt(np.add.reduceat(squares, starts, axis=1)).astype(np.float32)
+    missing = np.logical_and.reduceat(absent, starts, axis=1)
+    if bad.any():
+        reported = ~absent
+        inf = np.logical_or.reduceat(np.isinf(values) & reported, starts, axis=1)
+        nan = np.logical_or.reduceat(np.isnan(values) & reported, starts, axis=1)
+        out[inf] = np.inf
+        out[nan] = np.nan
+    out[missing] = np.nan
     return out, missing
 
 
@@ -246,7 +268,13 @@ def _spike_rows(table: np.ndarray, k: float, history: int, warmup: int, grid: in
     return flags
 
 
-GROUPS_AT_ONCE = 4   # spike_counts works on this many groups' sequences at a time
+GROUPS_AT_ONCE = 4        # spike_counts works on at least this many groups' sequences at a time,
+SPIKE_CELLS = 500_000     # and on more while their working cells (about `_spike_cells` each) fit this
+
+
+def _spike_cells(steps: int, history: int) -> int:
+    """About how many cells `_spike_rows` works on per row of `steps` values."""
+    return min(steps, history) * history + 8 * steps
 
 
 def spike_counts(values: np.ndarray, missing: np.ndarray, k: float = SPIKE_K,
@@ -272,8 +300,9 @@ def spike_counts(values: np.ndarray, missing: np.ndarray, k: float = SPIKE_K,
     finite = np.isfinite(values) & present
     flagged = present & ~finite                    # a non-finite norm is a spike
     whole = np.flatnonzero(finite.all(axis=1))    # groups with a finite norm at every step: a few at once
-    for begin in range(0, len(whole), GROUPS_AT_ONCE):   # bounds the working memory to a few rows' worth
-        rows = whole[begin:begin + GROUPS_AT_ONCE]
+    at_once = max(GROUPS_AT_ONCE, SPIKE_CELLS // _spike_cells(steps, history))  # bounds the working memory
+    for begin in range(0, len(whole), at_once):
+        rows = whole[begin:begin + at_once]
         flagged[rows] = _spike_rows(values[rows], k, history, warmup)
     for g in np.flatnonzero(~finite.all(axis=1)).tolist():   # the others on their own finite sequence
         rows = np.flatnonzero(finite[g])
@@ -328,19 +357,24 @@ def streamed_groups(pieces, level: str) -> tuple[Grouping, np.ndarray, np.ndarra
     seen: set[str] = set()
     groups: dict[str, int] = {}
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    total = 0
     for steps, names, norms, absent in pieces:
         for name in names:
             if name not in seen:
                 seen.add(name)
                 tensors.append(name)
                 groups.setdefault(group_of(name, level), len(groups))
+        total += len(steps)
+        if total * len(groups) > MAX_GROUP_NORMS:
+            raise TooManyGroupNorms(
+                f"grouping by {level} needs at least {total:,} steps x {len(groups):,} groups of norms, over "
+                f"the limit of {MAX_GROUP_NORMS:,}: ask for fewer steps (start, end) or a coarser group")
         index = np.array([groups[group_of(name, level)] for name in names], dtype=np.intp)
         absent = np.zeros(norms.shape, bool) if absent is None else absent
         values, missing = group_norms(norms, absent, index, len(groups))
         parts.append((np.asarray(steps, dtype=np.int64), values, missing))
     plan = grouping(tensors, level)
     order = np.array([groups[name] for name in plan.names], dtype=np.intp)   # plan rows in our columns
-    total = sum(len(p[0]) for p in parts)
     steps = np.zeros(total, np.int64)
     values = np.full((total, len(plan.names)), np.nan, np.float32)
     missing = np.ones((total, len(plan.names)), bool)
@@ -420,7 +454,8 @@ def grouped_json(store, run_id: int, start: int | None, end: int | None, level: 
     if body is None:
         if level not in LEVELS:
             raise ValueError(f"group must be one of {', '.join(LEVELS)}")
-        plan, steps, values, missing = streamed_groups(store.reader.iter_tensor_steps(run_id, start, end), level)
+        with closing(store.reader.iter_tensor_steps(run_id, start, end)) as pieces:  # closed here when refused
+            plan, steps, values, missing = streamed_groups(pieces, level)
         body = encode_answer(answer_from_groups(plan, steps, values, missing, level, points))
         if len(body) <= MAX_CACHED_BYTES:
             cache.put(key, body)
