@@ -164,10 +164,14 @@ def merge_chunk(chunk: Chunk, steps: np.ndarray, values: Mapping[str, np.ndarray
     added = ~found
     if not added.any():
         return MergeResult(chunk, rows, added, duplicate, conflicts)
-    new_steps = steps[added]
+    every = bool(added.all())
+    new_steps = steps if every else steps[added]
     all_steps = np.concatenate([chunk.steps, new_steps])
-    order = np.argsort(all_steps, kind="stable")
-    merged = Chunk(chunk.chunk_id, all_steps[order])
+    # an append (every new step after the stored ones, ascending: what an agent sends) is
+    # already in order: no sort, and no gather after the join
+    appended = (not len(chunk.steps) or new_steps[0] > chunk.steps[-1]) and bool(np.all(new_steps[1:] > new_steps[:-1]))
+    order = None if appended else np.argsort(all_steps, kind="stable")
+    merged = Chunk(chunk.chunk_id, all_steps if order is None else all_steps[order])
     old_n = len(chunk.steps)
     for name, kind in spec.items():
         old_values = chunk.values.get(name)
@@ -175,12 +179,16 @@ def merge_chunk(chunk: Chunk, steps: np.ndarray, values: Mapping[str, np.ndarray
             old_values, old_ok = empty_values(kind, old_n), np.zeros(old_n, dtype=bool)
         else:
             old_ok = chunk.valid.get(name)
-        new_ok = valid[name][added] if valid[name] is not None else None
-        merged.values[name] = np.concatenate([old_values, values[name][added]])[order]
+        sent_ok = valid[name]
+        new_ok = None if sent_ok is None else sent_ok if every else sent_ok[added]
+        joined_values = np.concatenate([old_values, values[name] if every else values[name][added]])
+        merged.values[name] = joined_values if order is None else joined_values[order]
         if old_ok is None and new_ok is None:
             merged.valid[name] = None
         else:
-            joined = np.concatenate([_valid(old_ok, old_n), _valid(new_ok, len(new_steps))])[order]
+            joined = np.concatenate([_valid(old_ok, old_n), _valid(new_ok, len(new_steps))])
+            if order is not None:
+                joined = joined[order]
             merged.valid[name] = None if joined.all() else joined
     return MergeResult(merged, rows, added, duplicate, conflicts)
 
@@ -203,8 +211,10 @@ def merge_batch(load: Callable[[int], Chunk | None], steps: np.ndarray, columns:
     for chunk_id, rows in split_by_chunk(steps):
         rows = np.sort(rows)
         chunk = load(chunk_id) or Chunk.empty(chunk_id, spec)
-        result = merge_chunk(chunk, steps[rows], {k: v[rows] for k, v in values.items()},
-                             {k: (v[rows] if v is not None else None) for k, v in valid.items()}, spec)
+        # consecutive rows (a sorted batch) are a slice: views, no copy of every column
+        pick = slice(int(rows[0]), int(rows[-1]) + 1) if int(rows[-1]) - int(rows[0]) + 1 == len(rows) else rows
+        result = merge_chunk(chunk, steps[pick], {k: v[pick] for k, v in values.items()},
+                             {k: (v[pick] if v is not None else None) for k, v in valid.items()}, spec)
         result.rows = rows
         added[rows] = result.added
         duplicate[rows] = result.duplicate
