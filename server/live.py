@@ -1,6 +1,10 @@
 """Live feed: push newly stored points to `/ws/live/{run}` subscribers.
 
-In one process, ingest publishes to the subscribers right after its commit.
+In one process, ingest publishes to the subscribers right after its commit:
+each update is encoded once and queued as bytes for every subscriber, whose
+backlog is bounded in bytes (`Subscriber`): a dashboard that stops reading gets
+its backlog dropped and one `{"type": "resync", "run": ...}` message, then new
+updates again.
 Across processes (several workers or hosts on one PostgreSQL database), every
 ingest transaction also sends `NOTIFY gradwatch_live` with the run and the
 range of new steps; PostgreSQL delivers it only when the transaction commits.
@@ -12,57 +16,122 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
+from collections import deque
 from typing import Any, Callable
 
 import numpy as np
+import orjson
 from fastapi import WebSocket
 
 from gradwatch.server.schemas import LIVE_FIELDS
 from gradwatch.server.security import presented_token, token_status
 from gradwatch.server.storage import encode_series
 
-import os
-
 LIVE_CHANNEL = "gradwatch_live"
 PROCESS_TOKEN = f"{os.getpid()}-{os.urandom(4).hex()}"
 
 log = logging.getLogger("gradwatch.server")
-QUEUE_SIZE = 256
+QUEUE_BYTES = 4 * 2**20   # default bound of one subscriber's backlog (Settings.live_queue_bytes)
+
+
+def resync_message(run: str) -> bytes:
+    """What a subscriber that fell behind gets instead of its backlog: refetch the run."""
+    return orjson.dumps({"type": "resync", "run": run})
+
+
+class Subscriber:
+    """One `/ws/live` socket's backlog: encoded messages, bounded in bytes.
+
+    A message that would take the backlog past `max_bytes` drops the whole backlog and
+    that message; one `resync` message takes their place (the dashboard refetches the
+    run, which holds everything dropped), and until the socket has been sent it, later
+    messages are dropped too (the refetch holds them as well). A message of any size
+    is queued when the socket waits with nothing queued (a caught-up reader gets it
+    whole). So one subscriber holds at most `max_bytes`, or one message, beyond the one
+    its socket is sending. Event-loop thread only."""
+
+    def __init__(self, run: str, max_bytes: int = QUEUE_BYTES):
+        self.run = run
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
+        self.resyncs = 0          # backlogs dropped
+        self.dropped = 0          # messages dropped with them
+        self._items: deque[bytes] = deque()
+        self._ready = asyncio.Event()
+        self._resync: bytes | None = None   # the resync message while it is queued
+        self._waiting = False
+
+    def offer(self, data: bytes) -> None:
+        if self._resync is not None:
+            self.dropped += 1
+        elif self.queued_bytes + len(data) <= self.max_bytes or (self._waiting and not self._items):
+            self._items.append(data)
+            self.queued_bytes += len(data)
+        else:
+            self.dropped += len(self._items) + 1
+            self.resyncs += 1
+            if self.resyncs == 1 or self.resyncs % 100 == 0:
+                log.warning("live: a reader of run %r fell behind (%d bytes queued); backlog dropped, "
+                            "resync sent (%d times so far)", self.run, self.queued_bytes, self.resyncs)
+            self._items.clear()
+            self._resync = resync_message(self.run)
+            self._items.append(self._resync)
+            self.queued_bytes = len(self._resync)
+        self._ready.set()
+
+    async def get(self) -> bytes:
+        """The next message to send (waits for one)."""
+        while not self._items:
+            self._ready.clear()
+            self._waiting = True
+            try:
+                await self._ready.wait()
+            finally:
+                self._waiting = False
+        data = self._items.popleft()
+        self.queued_bytes -= len(data)
+        if data is self._resync:
+            self._resync = None
+        return data
 
 
 class LiveHub:
-    """Run name -> subscriber queues, in one event loop."""
+    """Run name -> subscribers, in one event loop. Each update is encoded once, at publish."""
 
     def __init__(self) -> None:
-        self._subscribers: dict[str, set[asyncio.Queue]] = {}
+        self._subscribers: dict[str, set[Subscriber]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def has_subscribers(self, run: str) -> bool:
         return bool(self._subscribers.get(run))
 
-    def subscribe(self, run: str) -> asyncio.Queue:
-        queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_SIZE)
-        self._subscribers.setdefault(run, set()).add(queue)
-        return queue
+    def subscribe(self, run: str, max_bytes: int = QUEUE_BYTES) -> Subscriber:
+        subscriber = Subscriber(run, max_bytes)
+        self._subscribers.setdefault(run, set()).add(subscriber)
+        return subscriber
 
-    def unsubscribe(self, run: str, queue: asyncio.Queue) -> None:
-        queues = self._subscribers.get(run)
-        if queues is not None:
-            queues.discard(queue)
-            if not queues:
+    def unsubscribe(self, run: str, subscriber: Subscriber) -> None:
+        subscribers = self._subscribers.get(run)
+        if subscribers is not None:
+            subscribers.discard(subscriber)
+            if not subscribers:
                 del self._subscribers[run]
 
-    def publish(self, run: str, message: dict[str, Any]) -> None:
-        """Queue a message for every subscriber of `run` (event-loop thread only)."""
-        for queue in list(self._subscribers.get(run, ())):
-            if queue.full():  # a dashboard that stopped reading: drop its oldest message
-                queue.get_nowait()
-            queue.put_nowait(message)
+    def publish(self, run: str, message: dict[str, Any] | bytes) -> None:
+        """Queue a message (a dict, or its JSON) for every subscriber of `run` (event-loop thread only)."""
+        subscribers = self._subscribers.get(run)
+        if not subscribers:
+            return
+        data = message if isinstance(message, bytes) else orjson.dumps(message)
+        for subscriber in list(subscribers):
+            subscriber.offer(data)
 
     def publish_threadsafe(self, run: str, message: dict[str, Any]) -> None:
+        """From another thread: encoded there, queued in the loop."""
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.publish, run, message)
+            self.loop.call_soon_threadsafe(self.publish, run, orjson.dumps(message))
 
 
 def points_message(run: str, steps: np.ndarray, values: dict[str, np.ndarray],

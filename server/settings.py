@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="worker processes, each its own socket on Linux (use with PostgreSQL)")
     cache_mb: float = Field(128, gt=0, description="megabytes of run columns each process keeps in memory "
                             "(the least recently read runs go first)")
+    live_queue_bytes: int = Field(4 * 2**20, ge=1024, description="bytes of updates queued for one live-feed "
+                                  "socket; a dashboard further behind gets a resync message instead")
     allow_origin: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="browser origin allowed to open the WebSockets besides the "
                                           "server's own (repeatable or comma list, e.g. https://gw.example.com)")
@@ -83,7 +85,7 @@ class Settings(BaseSettings):
 # `gradwatch serve` flag of each Settings field.
 SERVE_FLAGS = {"db_url": "--db", "host": "--host", "port": "--port", "token": "--token",
                "read_token": "--read-token", "max_body": "--max-body", "workers": "--workers",
-               "cache_mb": "--cache-mb", "allow_origin": "--allow-origin",
+               "cache_mb": "--cache-mb", "live_queue_bytes": "--live-queue-bytes", "allow_origin": "--allow-origin",
                "allow_host": "--allow-host", "alert_webhook": "--alert-webhook",
                "alert_clip_rate": "--alert-clip-rate", "alert_window": "--alert-window",
                "alert_min_interval": "--alert-min-interval"}

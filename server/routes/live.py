@@ -1,4 +1,10 @@
-"""The live feed: `/ws/live/{run}` pushes newly stored points to dashboards."""
+"""The live feed: `/ws/live/{run}` pushes newly stored points to dashboards.
+
+Messages: `{"type": "points", "run": ..., "data": <series columns>}`, and
+`{"type": "resync", "run": ...}` when this socket fell more than
+`--live-queue-bytes` behind (its backlog was dropped: refetch the run).
+Tokens: accepted, then closed with 4401/4403 (a browser cannot read a refused
+handshake's status)."""
 from __future__ import annotations
 
 import asyncio
@@ -27,7 +33,7 @@ async def ws_live(websocket: WebSocket, run: str, store: StoreDep, hub: HubDep,
     except BatchError as error:
         await websocket.close(code=4422, reason=str(error))
         return
-    queue = hub.subscribe(name)
+    subscriber = hub.subscribe(name, websocket.app.state.settings.live_queue_bytes)
 
     async def pump() -> None:
         if since is not None:
@@ -44,8 +50,9 @@ async def ws_live(websocket: WebSocket, run: str, store: StoreDep, hub: HubDep,
             except UnknownRun:
                 pass
         while True:
-            item = await queue.get()
-            await websocket.send_text(orjson.dumps(item).decode())
+            text = (await subscriber.get()).decode()   # the bytes go now: one copy waits to be sent
+            await websocket.send_text(text)
+            del text
 
     sender = asyncio.create_task(pump())
     try:
@@ -61,7 +68,7 @@ async def ws_live(websocket: WebSocket, run: str, store: StoreDep, hub: HubDep,
         pass
     finally:
         sender.cancel()
-        hub.unsubscribe(name, queue)
+        hub.unsubscribe(name, subscriber)
         if websocket.application_state == WebSocketState.CONNECTED and \
                 websocket.client_state == WebSocketState.CONNECTED:
             try:
