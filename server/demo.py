@@ -117,10 +117,12 @@ def demo_environment() -> dict[str, str]:
 
 def ensure_mlx_loads() -> None:
     """Check in a child process (the server never imports MLX) that the trainer can load MLX."""
-    check = subprocess.run([sys.executable, "-c", "import gradwatch.clip"], capture_output=True, text=True)
+    check = subprocess.run([sys.executable, "-c", "import mlx.core"], capture_output=True, text=True)
     if check.returncode != 0:
         lines = check.stderr.strip().splitlines()
-        raise DemoError(lines[-1].removeprefix("ImportError: ") if lines else "MLX cannot load")
+        why = lines[-1].removeprefix("ImportError: ").removeprefix("ModuleNotFoundError: ") if lines else "?"
+        raise DemoError(f"MLX cannot load ({why}). On Linux MLX runs on its CPU backend: "
+                        "pip install 'mlx[cpu]' (gradwatch's own install does this)")
 
 
 def ensure_port_free(port: int) -> None:

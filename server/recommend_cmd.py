@@ -38,19 +38,22 @@ def rate_window(rec: dict) -> dict:
     named = rec.get("rate_window") or rec.get("raw_window")
     if isinstance(named, dict) and named.get("start") is not None:
         return {"start": named.get("start"), "end": named.get("end"),
-                "steps": named.get("finite", named.get("steps"))}
+                "steps": named.get("finite", named.get("steps")),
+                "after_level_shift": bool(named.get("after_level_shift"))}
     span = rec.get("window") or {}
     if rec.get("level_shift") and span.get("clean_start") is not None:
-        return {"start": span["clean_start"], "end": span.get("end"), "steps": None}
+        return {"start": span["clean_start"], "end": span.get("end"), "steps": None, "after_level_shift": True}
     steps = span.get("steps")
     finite = None if steps is None else steps - int(rec.get("nonfinite_left_out") or 0)
-    return {"start": span.get("start"), "end": span.get("end"), "steps": finite}
+    return {"start": span.get("start"), "end": span.get("end"), "steps": finite, "after_level_shift": False}
 
 
 def describe_span(span: dict) -> str:
     """`steps 1,500–1,999 (500 finite steps)`: which steps a figure is over."""
     text = f"steps {_int(span.get('start'))}–{_int(span.get('end'))}"
-    return text + (f" ({span['steps']:,} finite steps)" if span.get("steps") is not None else "")
+    counted = [f"{span['steps']:,} finite steps"] if span.get("steps") is not None else []
+    counted += ["since the level shift"] if span.get("after_level_shift") else []
+    return text + (f" ({', '.join(counted)})" if counted else "")
 
 
 def format_recommendation(run: str, rec: dict) -> str:

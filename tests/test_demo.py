@@ -30,7 +30,7 @@ def test_demo_stores_a_run_with_clips_spikes_and_a_recommendation(tmp_path):
     )
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert "gradwatch dashboard: http://127.0.0.1:" in demo.stdout
-    assert "Recommended clip threshold" in demo.stdout and "clean steps of the last" in demo.stdout
+    assert "Recommended clip threshold" in demo.stdout and "clean steps of the window of the last" in demo.stdout
 
     # A fresh server on the same file shows what the demo stored.
     with ServerProcess(db_url) as server:
@@ -58,6 +58,17 @@ def test_demo_stores_a_run_with_clips_spikes_and_a_recommendation(tmp_path):
         assert recommendation["threshold"] < min(values[step] for step in corrupted)
         for candidate in recommendation["candidates"]:  # raw rate: over every finite norm of the window
             assert candidate["clip_rate_raw"] == np.mean(finite > candidate["threshold"])
+        # The summary's figures, each with the steps it is over: the whole run's clips, and the
+        # recommendation's raw clip rate over its window (here the whole 300-step run), recomputed.
+        clipped = np.array([bool(flag) for flag in _get(f"{server.url}/api/runs/{run}/series?points=1000"
+                                                          f"&fields=clipped")["clipped"]])
+        assert (f"whole run: 300 steps stored, clipped at 1.0 on {clipped.sum():,} of them "
+                f"({clipped.mean():.2%})") in demo.stdout
+        window = recommendation["window"]
+        assert (window["start"], window["end"]) == (0, 299) and not recommendation["level_shift"]
+        rate = np.mean(finite > recommendation["threshold"])
+        assert (f"Over that window, steps 0–299 ({len(finite)} finite steps), it would have clipped "
+                f"{rate:.2%}, where 1.0 clipped {np.mean(finite > 1.0):.2%}.") in demo.stdout
 
 
 def test_demo_on_a_busy_port_says_so_in_one_line(tmp_path):
