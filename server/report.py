@@ -69,7 +69,24 @@ def fetch_run(api: ApiClient, run: str) -> RunData:
             tensors = api.get(run_path(run, "/tensors"), points=TENSOR_POINTS)
         except ApiError:
             tensors = None  # the report is still useful without the heatmap
-    return RunData(run, info, series, stats, recommendation, histogram, events, spikes, nonfinite, tensors)
+    return RunData(run, info, series, stats, recommendation, histogram, with_readable_times(events),
+                   with_readable_times(spikes), with_readable_times(nonfinite), tensors)
+
+
+def readable_time(stamp) -> str | None:
+    """An event's Unix time as `2026-12-07 00:21:57 UTC` (None stays None; text stays as it is)."""
+    import datetime as dt
+
+    if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or stamp != stamp:
+        return stamp if isinstance(stamp, str) else None
+    moment = dt.datetime.fromtimestamp(float(stamp), dt.timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def with_readable_times(events: list) -> list:
+    """The events with `time` as readable UTC text (the report's events table shows it as is)."""
+    return [{**event, "time": readable_time(event.get("time"))} if isinstance(event, dict) else event
+            for event in events]
 
 
 # ----------------------------------------------------------------- scripts
@@ -129,6 +146,40 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 """
 
 
+def _rate_text(rate) -> str:
+    return "n/a" if rate is None else f"{rate:.2%}"
+
+
+def figure_windows(data: RunData) -> list[str]:
+    """One plain-text sentence per kind of figure in the report, saying over which steps it is:
+    the recommended threshold's clip rate over the recommendation's window (the figure `gradwatch
+    recommend` and the dashboard's headline give), the clean steps behind the percentiles and the
+    candidates, and the whole run behind the run's own clip rate."""
+    from .recommend_cmd import describe_span, rate_window
+
+    rec, info = data.recommendation or {}, data.info or {}
+    lines = []
+    threshold = rec.get("threshold")
+    span = rec.get("window") or {}
+    if threshold is not None:
+        lines.append(f"Recommended threshold {threshold:.4g}: it would have clipped "
+                     f"{_rate_text(rec.get('clip_rate_raw'))} of the recommendation's window, "
+                     f"{describe_span(rate_window(rec))}; 1.0 would have clipped "
+                     f"{_rate_text(rec.get('clip_rate_at_1_raw'))} of the same steps.")
+        lines.append(f"Clean window: the {span.get('clean_steps', 0):,} clean steps of steps "
+                     f"{span.get('start', 0):,}–{span.get('end', 0):,} (spikes, non-finite and level-shift steps "
+                     f"left out). The percentiles (p50 … p99.9), the histogram's percentile lines and the "
+                     f"candidates' \u201cwould clip\u201d rates are over these clean steps; the threshold clips "
+                     f"{_rate_text(rec.get('clip_rate_clean'))} of them.")
+    elif rec.get("reason"):
+        lines.append(f"No recommended threshold: {rec['reason']}.")
+    if info.get("steps") is not None:
+        lines.append(f"Whole run: {info['steps']:,} steps, {info.get('first_step', 0):,}–{info.get('last_step', 0):,}; "
+                     f"the summary's clip rate ({_rate_text(info.get('clip_rate'))}, steps clipped at the run's own "
+                     f"threshold), spikes and non-finite steps are over the whole run.")
+    return lines
+
+
 def render_report(data: RunData, url: str) -> str:
     import datetime as dt
     import html
@@ -144,6 +195,8 @@ def render_report(data: RunData, url: str) -> str:
         f'<p class="muted">From {html.escape(url)}, {html.escape(generated)}. Offline file: plotly.js '
         f'({html.escape(bundle_path.name)}) and the dashboard\'s chart code are embedded.</p>',
         '<div id="summary"></div>',
+        "<h2>Which steps each figure is over</h2>",
+        '<ul id="windows">' + "".join(f"<li>{html.escape(line)}</li>" for line in figure_windows(data)) + "</ul>",
         "<h2>Recommendation</h2>", '<p class="rationale" id="rationale"></p><div id="warnings"></div>',
         '<div id="candidates"></div>',
         '<div id="charts"></div>',

@@ -138,3 +138,54 @@ def test_report_skips_events_without_a_step(tmp_path, chromium_path):
     assert spike["x"] == [2]
     assert not any(name and name.startswith("non-finite") for name in names)
     assert ["–", "drop"] == rows[2][:2] and all("None" not in cell for row in rows for cell in row)
+
+
+def test_report_says_over_which_steps_each_figure_is_and_shows_readable_times(server, tmp_path, chromium_path):
+    import datetime as dt
+
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    rng = np.random.default_rng(5)
+    steps = np.arange(700)
+    norms = rng.lognormal(-0.1, 0.25, len(steps))
+    norms[[250, 640]] *= 20  # two spikes, one inside the recommendation's window
+    stamps = 1_765_000_000.0 + 1.5 * steps  # 2025-12-06 05:46:40 UTC onwards
+    batch = {"step": steps.tolist(), "pre_norm": norms.tolist(), "threshold": [1.0] * len(steps),
+             "clipped": (norms > 1.0).tolist(), "time": stamps.tolist()}
+    answer = httpx.post(f"{server.url}/api/runs/timed/steps", json=batch, timeout=30)
+    assert answer.status_code == 200, answer.text
+    rec = httpx.get(f"{server.url}/api/runs/timed/recommendation", timeout=30).json()
+
+    target = tmp_path / "timed.html"
+    done = report("timed", "-o", str(target), "--url", server.url)
+    assert done.returncode == 0, done.stderr
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright, chromium_path)
+        page = browser.new_page()
+        drawn_report(page, target)
+        windows = page.evaluate("[...document.querySelectorAll('#windows li')].map((li) => li.textContent)")
+        rows = page.evaluate("""[...document.querySelectorAll('#events tbody tr')]
+            .map((tr) => [...tr.cells].map((td) => td.textContent))""")
+        browser.close()
+
+    # The recommended threshold's clip rate over its window, recomputed from what was sent.
+    start, end = rec["window"]["start"], rec["window"]["end"]
+    assert not rec["level_shift"] and end == 699
+    in_window = norms[(steps >= start) & (steps <= end)]
+    rate = np.mean(in_window > rec["threshold"])
+    assert windows[0] == (f"Recommended threshold {rec['threshold']:.4g}: it would have clipped {rate:.2%} of the "
+                          f"recommendation's window, steps {start:,}–{end:,} ({len(in_window):,} finite steps); "
+                          f"1.0 would have clipped {np.mean(in_window > 1.0):.2%} of the same steps.")
+    assert windows[1].startswith(f"Clean window: the {rec['window']['clean_steps']:,} clean steps of steps "
+                                 f"{start:,}–{end:,}")
+    assert windows[2].startswith(f"Whole run: 700 steps, 0–699; the summary's clip rate "
+                                 f"({np.mean(norms > 1.0):.2%}, steps clipped")
+    # Each event's time as UTC text, as a reader would write it from the Unix time sent.
+    by_step = {row[0].replace(",", ""): row for row in rows}
+    clip_rows = [row for row in rows if row[1] == "clip"]
+    assert clip_rows
+    for row in clip_rows:
+        step = int(row[0].replace(",", ""))
+        expected = dt.datetime.fromtimestamp(stamps[step], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        assert row[5] == expected, (row, by_step.get(str(step)))
