@@ -113,7 +113,7 @@ export async function getJSON(path, params = {}, { signal } = {}) {
       let detail = response.statusText;
       try {
         const body = await response.json();
-        detail = typeof body.detail === 'string' ? body.detail : JSON.stringify(body.detail ?? body);
+        detail = typeof body.detail === 'string' ? body.detail : describeDetail(body.detail ?? body);
       } catch {
         // Not JSON: keep the status text.
       }
@@ -121,6 +121,39 @@ export async function getJSON(path, params = {}, { signal } = {}) {
     }
     return response.json();
   }
+}
+
+// Words for FastAPI's validation errors: {type, loc, ctx, input} → what the limit is.
+const LIMITS = {
+  greater_than_equal: (ctx) => `must be at least ${ctx.ge}`,
+  greater_than: (ctx) => `must be above ${ctx.gt}`,
+  less_than_equal: (ctx) => `must be at most ${ctx.le}`,
+  less_than: (ctx) => `must be below ${ctx.lt}`,
+  int_parsing: () => 'must be a whole number',
+  int_from_float: () => 'must be a whole number',
+  float_parsing: () => 'must be a number',
+  finite_number: () => 'must be a finite number',
+  missing: () => 'is required',
+  literal_error: (ctx) => `must be one of ${ctx.expected}`,
+};
+
+/**
+ * A 422 `detail` as one sentence per problem, naming the field and the limit:
+ * `[{"type": "greater_than_equal", "loc": ["query", "window"], "ctx": {"ge": 100}, "input": "50"}]`
+ * → "The window must be at least 100 (got 50)." Anything else: its text.
+ */
+export function describeDetail(detail) {
+  if (typeof detail === 'string') return detail;
+  if (!Array.isArray(detail)) return detail && typeof detail.message === 'string' ? detail.message : JSON.stringify(detail);
+  return detail.map((item) => {
+    if (!item || typeof item !== 'object') return String(item);
+    const loc = Array.isArray(item.loc) ? item.loc.filter((part) => !['query', 'path', 'body'].includes(part)) : [];
+    const field = loc.length ? loc.join('.').replace(/_/g, ' ') : 'value';
+    const rule = LIMITS[item.type];
+    const limit = rule ? rule(item.ctx || {}) : String(item.msg || 'is not valid').replace(/^Input should be/, 'should be');
+    const got = item.input !== undefined && item.input !== null && typeof item.input !== 'object' ? ` (got ${item.input})` : '';
+    return `The ${field} ${limit}${got}.`;
+  }).join(' ');
 }
 
 export function runPath(run, tail = '') {

@@ -16,6 +16,7 @@ import { loadThreshold, wireThreshold } from './panel-threshold.js';
 import { loadTensors, loadTensorsSoon, loadTensorsLive, renderHeatmap, selectStep, wireTensors } from './panel-tensors.js';
 import { loadMarks, loadEvents, loadEventsSoon, renderEvents, wireEvents } from './panel-events.js';
 import { connectLive } from './live.js';
+import { lastStep } from './series.js';
 
 window.gradwatch = probe;
 const $ = (id) => document.getElementById(id);
@@ -40,11 +41,13 @@ function openRun(name, { push } = { push: false }) {
   renderSummary();
   $('contrib-title').textContent = 'Click a spike (chart marker or event) to see which tensors contributed';
   plotly().then((Plotly) => Plotly.purge($('contributions'))).catch(() => {});
-  connectLive(name);
   run.loaded = loadSeries();
   run.loaded.then((ok) => {
+    if (run !== app.run) return;
+    // The live feed after the first read, asking for what was stored since its last step.
+    connectLive(name, ok ? lastStep(run.series) : null);
     // An unknown run: one message, not one per panel; the live feed brings it in if it starts.
-    if (!ok || run !== app.run) return;
+    if (!ok) return;
     loadMarks();
     loadEvents();
     loadThreshold();
@@ -70,6 +73,10 @@ Object.assign(actions, {
     loadEvents();
     loadThresholdSoon();
     loadRuns();
+  },
+  liveResync() {
+    loadSeries();
+    actions.resync();
   },
   livePoints({ flagged }) {
     scheduleRenderNorm();

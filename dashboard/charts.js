@@ -28,7 +28,9 @@ export const COLORS = {
   offscale: '#ff5c8a',
 };
 
-const OVERLAY_COLORS = ['#c792ea', '#ffcb6b', '#89ddff', '#f78c6c', '#c3e88d', '#ff9cac', '#b2ccd6'];
+// Overlays: none near a flag's colour (clipped/threshold orange, spike pink, non-finite red,
+// skipped coral, level-shift cyan, loss greens, recommended green) or the run's own blue.
+const OVERLAY_COLORS = ['#c792ea', '#e0e0e0', '#7986cb', '#b0bec5', '#f48fb1', '#fff176', '#a1887f'];
 
 export function overlayColor(index) {
   return OVERLAY_COLORS[index % OVERLAY_COLORS.length];
@@ -73,10 +75,14 @@ const MAD_FLOOR = 0.02;   // log-space MAD floor, so a flat run has a sane fence
 
 /** Tick settings for a log axis spanning `decades`: powers of ten only, or 1-2-5, never every digit. */
 export function logTicks(decades) {
+  // '~g': labels without trailing zeros ("1", "0.1", "20"), never "1.000" or "0.1000".
   if (!(decades > 0) || decades > 3) return { dtick: 1, exponentformat: 'power', minorloglabels: 'none' };
-  if (decades > 0.8) return { dtick: 'D2', minorloglabels: 'none' };
-  return { minorloglabels: 'none' };
+  if (decades > 0.8) return { dtick: 'D2', minorloglabels: 'none', tickformat: '~g' };
+  return { minorloglabels: 'none', tickformat: '~g' };
 }
+
+/** Round ticks (1-2-5 steps) on a linear axis, whatever an overlaying axis does. */
+export const ROUND_TICKS = { tickmode: 'auto', nticks: 7 };
 
 /**
  * The norm axis chosen from the data. Gradient norms are heavy-tailed: a few
@@ -149,7 +155,7 @@ function edgeTrace(name, steps, values, color, symbol, what) {
  * (exact, survive downsampling); overlays: [{run, series}] other runs' norms; scale: 'auto'|'linear'|'log'.
  */
 export function normFigure({ series, marks, overlays = [], scale = 'auto', recommended = null,
-  selectedStep = null, uirevision, cleanWindow = null }) {
+  selectedStep = null, uirevision, cleanWindow = null, scaleRevision = null }) {
   const steps = series.step;
   const pre = series.pre_norm.map(plottable);
   const drawn = pre.concat(...overlays.map((o) => o.series.pre_norm.map(plottable)));
@@ -309,10 +315,11 @@ export function normFigure({ series, marks, overlays = [], scale = 'auto', recom
       type: 'line', xref: 'paper', x0: 0, x1: 1, yref: 'y', y0: recommended, y1: recommended,
       line: { color: COLORS.recommended, width: 1, dash: 'dot' },
     });
+    // At the right edge, on the plot's background: not over the start of the trace.
     annotations.push({
-      xref: 'paper', x: 0, xanchor: 'left', yref: 'y', y: log ? Math.log10(recommended) : recommended,
+      xref: 'paper', x: 1, xanchor: 'right', yref: 'y', y: log ? Math.log10(recommended) : recommended,
       yanchor: 'bottom', showarrow: false, text: `recommended ${formatNumber(recommended)}`,
-      font: { color: COLORS.recommended, size: 11 },
+      font: { color: COLORS.recommended, size: 11 }, bgcolor: COLORS.plot, opacity: 0.9,
     });
   }
   if (selectedStep !== null && selectedStep !== undefined) {
@@ -322,7 +329,9 @@ export function normFigure({ series, marks, overlays = [], scale = 'auto', recom
     });
   }
 
-  const yaxis = axis({ title: { text: 'pre-clip norm' }, type: axisChoice.type, hoverformat: '.4g' });
+  // The y axis has its own revision: a scale change redraws it, the x zoom (layout's revision) stays.
+  const yaxis = axis({ title: { text: 'pre-clip norm' }, type: axisChoice.type, hoverformat: '.4g',
+    uirevision: scaleRevision ?? uirevision, ...(log ? {} : ROUND_TICKS) });
   if (axisChoice.range) { yaxis.range = axisChoice.range; yaxis.autorange = false; } else yaxis.autorange = true;
   if (log) {
     const positive = drawn.filter((v) => v !== null && v > 0);
@@ -335,9 +344,10 @@ export function normFigure({ series, marks, overlays = [], scale = 'auto', recom
     margin: { l: 60, r: 60, t: 10, b: 40 },
     showlegend: true,
     legend: { orientation: 'h', x: 0, y: 1.02, yanchor: 'bottom', bgcolor: 'rgba(0,0,0,0)' },
-    xaxis: axis({ title: { text: 'step' } }),
+    xaxis: axis({ title: { text: 'step' }, ...ROUND_TICKS }),
     yaxis,
-    yaxis2: axis({ title: { text: 'loss' }, overlaying: 'y', side: 'right', showgrid: false, hoverformat: '.4g' }),
+    yaxis2: axis({ title: { text: 'loss' }, overlaying: 'y', side: 'right', showgrid: false, hoverformat: '.4g',
+      ...ROUND_TICKS, rangemode: loss.every((v) => v === null || v >= 0) ? 'nonnegative' : 'normal' }),
     yaxis3: { overlaying: 'y', range: [0, 1], visible: false, fixedrange: true },
     shapes,
     annotations,
@@ -377,24 +387,37 @@ export function histogramFigure({ histogram, percentiles, recommended, whatif })
   const vline = (x, color, width, dash, label, y) => {
     if (typeof x !== 'number' || !Number.isFinite(x) || (log && x <= 0)) return;
     shapes.push({ type: 'line', xref: 'x', x0: x, x1: x, yref: 'paper', y0: 0, y1: 1, line: { color, width, dash } });
-    annotations.push({
+    if (label) annotations.push({
       xref: 'x', x: log ? Math.log10(x) : x, yref: 'paper', y, yanchor: 'bottom', showarrow: false,
       text: label, font: { color, size: 10 }, textangle: 0,
     });
   };
-  ['p50', 'p90', 'p95', 'p99'].forEach((key, index) => {
+  // Percentile labels: lines closer than 8% of the axis share one label ("p95 p99"), so no
+  // two labels sit on top of each other.
+  const low = edges[0];
+  const high = edges[edges.length - 1];
+  const where = (x) => (log ? Math.log(x / low) / Math.log(high / low) : (x - low) / ((high - low) || 1));
+  const groups = [];
+  for (const key of ['p50', 'p90', 'p95', 'p99']) {
     const value = percentiles ? Number(percentiles[key]) : NaN;
-    vline(value, COLORS.percentile, 1, 'dot', key, 0.92 - index * 0.08);
-  });
+    if (!Number.isFinite(value) || (log && value <= 0)) continue;
+    const group = groups[groups.length - 1];
+    if (group && Math.abs(where(value) - where(group.at)) < 0.08) group.keys.push(key), group.values.push(value);
+    else groups.push({ at: value, keys: [key], values: [value] });
+  }
+  for (const group of groups) {
+    group.values.forEach((value, i) => vline(value, COLORS.percentile, 1, 'dot', i === 0 ? group.keys.join(' ') : '', 0.9));
+  }
   vline(recommended, COLORS.recommended, 2.5, 'solid', `recommended ${formatNumber(recommended)}`, 1.0);
-  vline(whatif, COLORS.whatif, 1.5, 'dash', `what-if ${formatNumber(whatif)}`, 0.6);
-  const xaxis = axis({ title: { text: 'pre-clip norm' }, type: log ? 'log' : 'linear', hoverformat: '.4g' });
+  vline(whatif, COLORS.whatif, 1.5, 'dash', `what-if ${formatNumber(whatif)}`, 0.72);
+  const xaxis = axis({ title: { text: 'pre-clip norm' }, type: log ? 'log' : 'linear', hoverformat: '.4g',
+    ...(log ? {} : ROUND_TICKS) });
   if (log) Object.assign(xaxis, logTicks(Math.log10(edges[edges.length - 1] / edges[0])));
   const layout = baseLayout({
     margin: { l: 55, r: 15, t: 22, b: 40 },
     showlegend: false,
     xaxis,
-    yaxis: axis({ title: { text: 'steps' }, rangemode: 'tozero' }),
+    yaxis: axis({ title: { text: 'steps' }, rangemode: 'tozero', ...ROUND_TICKS }),
     shapes,
     annotations,
   });

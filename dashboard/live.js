@@ -4,13 +4,13 @@
 'use strict';
 
 import { liveSocketURL, askForToken, currentToken, AUTH_CLOSE_CODES } from './api.js';
-import { parseSeries, lastStep, appendAfter } from './series.js';
+import { parseSeries, lastStep, mergeSteps } from './series.js';
 import { app, actions, probe, hasError } from './state.js';
 
 const $ = (id) => document.getElementById(id);
 const LIVE_TAIL_LIMIT = 200000; // points kept to merge into a refetch that raced them
 
-const live = { socket: null, run: null, attempt: 0, timer: null, everOpened: false };
+const live = { socket: null, run: null, attempt: 0, timer: null, everOpened: false, firstSince: null };
 
 function setIndicator(mode, text) {
   const indicator = $('live-indicator');
@@ -20,7 +20,12 @@ function setIndicator(mode, text) {
   indicator.dataset.state = probe.live;
 }
 
-export function connectLive(run) {
+/**
+ * Subscribe to `run`'s live feed. `since`: the last step of the first /series answer, so the
+ * server first sends what was stored after that read and before this subscription (those
+ * points would otherwise reach neither); null when nothing was read (an unknown run).
+ */
+export function connectLive(run, since = null) {
   clearTimeout(live.timer);
   if (live.socket) {
     const old = live.socket;
@@ -30,6 +35,7 @@ export function connectLive(run) {
   live.run = run;
   live.attempt = 0;
   live.everOpened = false;
+  live.firstSince = Number.isFinite(since) ? since : null;
   openSocket();
 }
 
@@ -40,7 +46,7 @@ function openSocket() {
   try {
     // After a disconnect, ask the server for what was stored meanwhile.
     const maxStep = app.run ? app.run.maxStep : -Infinity;
-    const since = live.everOpened && Number.isFinite(maxStep) ? maxStep : null;
+    const since = live.everOpened ? (Number.isFinite(maxStep) ? maxStep : null) : live.firstSince;
     socket = new WebSocket(liveSocketURL(run, since));
   } catch {
     scheduleReconnect();
@@ -66,6 +72,11 @@ function openSocket() {
     }
     if (message && message.type === 'points' && (message.run === undefined || message.run === run)) {
       onLivePoints(message.data || {});
+    } else if (message && message.type === 'resync' && (message.run === undefined || message.run === run)) {
+      // The server dropped this socket's backlog (it fell behind): what is drawn may miss
+      // points, so read the run again; new points keep coming on this socket.
+      probe.resyncs = (probe.resyncs || 0) + 1;
+      actions.liveResync();
     }
   });
   socket.addEventListener('close', (event) => {
@@ -111,7 +122,7 @@ function onLivePoints(data) {
     run.liveTailPoints -= run.liveTail.shift().step.length;
   }
   const before = run.series.step.length;
-  run.series = appendAfter(run.series, chunk, lastStep(run.series));
+  run.series = mergeSteps(run.series, chunk); // late points too, in step order
   run.appendedSinceFetch += run.series.step.length - before;
   const flagged = ['spike', 'nonfinite', 'clipped', 'skipped', 'level_shift'].some((name) => chunk[name].some(Boolean));
   actions.livePoints({ flagged });

@@ -4,7 +4,7 @@
 
 import { wireNumber, formatInt, debounce, throttle } from './util.js';
 import { getJSON, runPath } from './api.js';
-import { parseSeries, lastStep, appendAfter } from './series.js';
+import { parseSeries, lastStep, mergeSteps } from './series.js';
 import { normFigure } from './charts.js';
 import { plotly, PLOT_CONFIG } from './plot.js';
 import { chartPoints, seriesURL, takeEarlySeries, SERIES_FIELDS } from './boot.js';
@@ -58,7 +58,7 @@ export async function loadSeries() {
   let series = parseSeries(raw);
   if (!view) {
     // Live points that arrived while this request was in flight may be missing from it.
-    for (const chunk of run.liveTail) series = appendAfter(series, chunk, lastStep(series));
+    for (const chunk of run.liveTail) series = mergeSteps(series, chunk);
     run.liveTail = run.liveTail.slice(tailFrom);
     run.liveTailPoints = run.liveTail.reduce((sum, chunk) => sum + chunk.step.length, 0);
   }
@@ -106,7 +106,8 @@ export function currentFigure() {
     recommended: wireNumber(recommendation.threshold),
     cleanWindow: recommendation.clean_window || null,
     selectedStep: run.selectedStep,
-    uirevision: `${run.name}#${app.scale}`,
+    uirevision: run.name, // the x zoom survives a scale change ...
+    scaleRevision: `${run.name}#${app.scale}`, // ... the y axis is redrawn for the new scale
   });
 }
 

@@ -61,7 +61,7 @@ export function renderRuns() {
     });
     checkbox.setAttribute('aria-label', `overlay ${run.name}`);
     checkbox.addEventListener('change', () => actions.toggleOverlay(run.name, checkbox.checked));
-    const link = el('a', { href: `?run=${encodeURIComponent(run.name)}` }, run.name);
+    const link = el('a', { href: `?run=${encodeURIComponent(run.name)}`, title: run.name }, run.name);
     link.addEventListener('click', (event) => {
       if (event.metaKey || event.ctrlKey || event.shiftKey || event.button !== 0) return;
       event.preventDefault();
@@ -99,21 +99,26 @@ export function renderSummary() {
   const n = series.step.length;
   const latestNorm = n ? series.pre_norm[n - 1] : null;
   const latestThreshold = n ? series.threshold[n - 1] : null;
-  const stats = run.stats || {};
-  const percentiles = stats.percentiles || {};
+  // Whole-run figures from ONE read: the whole-run /stats answer (count, last step,
+  // percentiles, clip rate, non-finite steps of the same rows), the run list's until it comes.
+  const stats = run.stats;
+  const percentiles = (stats && stats.percentiles) || {};
+  const last = stats ? stats.last_step : info.last_step;
+  const steps = stats ? stats.count : info.steps;
+  const nonfinite = (stats ? stats.nonfinite : info.nonfinite) ?? 0;
+  const clipRate = stats ? stats.clip_rate : info.clip_rate;
+  const span = stats && Number.isInteger(stats.first_step) ? `whole run: steps ${formatInt(stats.first_step)}–${formatInt(stats.last_step)}` : 'whole run';
   const updated = parseTime(info.updated);
-  const last = Math.max(info.last_step ?? -Infinity, run.view || !n ? -Infinity : series.step[n - 1]);
-  const nonfinite = info.nonfinite ?? stats.nonfinite ?? 0;
-  const clipRate = info.clip_rate ?? stats.clip_rate;
   const figures = [
-    figure('last step', formatInt(Number.isFinite(last) ? last : null)),
-    figure('steps', formatInt(info.steps)),
-    figure('latest norm', formatNumber(latestNorm), latestNorm !== null && !Number.isFinite(latestNorm) ? 'bad' : ''),
-    figure('threshold', formatNumber(latestThreshold)),
-    figure('p50 / p99', `${formatNumber(percentiles.p50)} / ${formatNumber(percentiles.p99)}`),
-    figure('clip rate', formatRate(clipRate), clipRate > 0.05 ? 'warn' : ''),
+    figure('last step', formatInt(Number.isFinite(last) ? last : null), '', span),
+    figure('steps (whole run)', formatInt(steps), '', span),
+    figure('latest norm', formatNumber(latestNorm), latestNorm !== null && !Number.isFinite(latestNorm) ? 'bad' : '', 'the newest point drawn'),
+    figure('threshold', formatNumber(latestThreshold), '', 'the clip threshold at the newest point drawn'),
+    figure('p50 / p99 (whole run)', `${formatNumber(percentiles.p50)} / ${formatNumber(percentiles.p99)}`, '',
+      `${span}, every finite step (the recommendation's percentiles are over its clean window)`),
+    figure('clip rate (whole run)', formatRate(clipRate), clipRate > 0.05 ? 'warn' : '', `${span}: steps the agent clipped`),
     figure('spikes', formatInt(info.spikes), info.spikes > 0 ? 'warn' : ''),
-    figure('non-finite', formatInt(nonfinite), nonfinite > 0 ? 'bad' : ''),
+    figure('non-finite', formatInt(nonfinite), nonfinite > 0 ? 'bad' : '', span),
   ];
   // Diagnostics that newer servers report: shown when present, absent otherwise.
   for (const [key, label] of [['skipped', 'skipped'], ['level_shifts', 'level shifts'], ['loss_spikes', 'loss spikes']]) {

@@ -75,6 +75,7 @@ function currentRows() {
 }
 
 let heatmapWired = false;
+export const HEAT_ROW_PX = 16;
 
 export async function renderHeatmap() {
   const Plotly = await plotly();
@@ -95,7 +96,9 @@ export async function renderHeatmap() {
   const tensorCount = members ? members.reduce((sum, list) => sum + list.length, 0) : rows.length;
   const what = { block: 'blocks', module: 'modules', tensor: 'tensors' }[tensors.level];
   $('tensor-note').textContent = `${formatInt(tensorCount)} tensors · ${formatInt(rows.length)} rows (${what}) · ${formatInt(step.length)} columns`;
-  element.style.height = `${Math.max(220, Math.min(900, 60 + rows.length * 14))}px`;
+  // Every row at least HEAT_ROW_PX tall, its label in 10 px type: 300 tensors scroll in
+  // their box (.heat-scroll) instead of squeezing into 3 px rows with labels on each other.
+  element.style.height = `${Math.max(220, 60 + rows.length * HEAT_ROW_PX)}px`;
   const fig = heatmapFigure({ rows, step, selectedStep: run.selectedStep, uirevision: `${run.name}#${tensors.level}` });
   await Plotly.react(element, fig.data, fig.layout, PLOT_CONFIG);
   if (!heatmapWired && element.on) {
@@ -144,7 +147,10 @@ export async function renderGroupSpikes() {
   if (!spikes.some((count) => count > 0)) {
     Plotly.purge(element);
     element.style.height = '0px';
-    $('group-spike-note').textContent = answer ? 'no group was an outlier against its own history' : '';
+    const level = run && run.tensors ? run.tensors.level : null;
+    $('group-spike-note').textContent = answer ? 'None: no group\'s norm was an outlier against its own history.'
+      : level === 'tensor' ? 'Counted per block or module: choose "blocks" or "modules" under rows to see them.'
+        : run && run.tensors ? 'None: this run recorded no per-tensor norms.' : '';
     return;
   }
   const fig = groupSpikeFigure({ names: answer.names, spikes });

@@ -12,14 +12,23 @@ import { renderSummary } from './panel-runs.js';
 
 const $ = (id) => document.getElementById(id);
 
+/** The recommendation's smallest window (the server refuses fewer: 422). */
+export const MIN_RECOMMENDATION_WINDOW = 100;
+
+/** The window the recommendation and the what-if ask for: the chosen one, at least 100 steps. */
+export function recommendationWindow(windowSize = app.window) {
+  return windowSize === null ? null : Math.max(windowSize, MIN_RECOMMENDATION_WINDOW);
+}
+
 export async function loadThreshold() {
   const run = app.run;
   const signal = run.signal('threshold');
   const windowSize = app.window;
   try {
+    // The cards are whole-run figures, all from this one /stats read (panel-runs.js).
     const [stats, recommendation, histogram] = await Promise.all([
-      getJSON(runPath(run.name, '/stats'), { window: windowSize }, { signal }),
-      getJSON(runPath(run.name, '/recommendation'), { window: windowSize }, { signal }),
+      getJSON(runPath(run.name, '/stats'), {}, { signal }),
+      getJSON(runPath(run.name, '/recommendation'), { window: recommendationWindow(windowSize) }, { signal }),
       getJSON(runPath(run.name, '/histogram'), { window: windowSize, bins: 60 }, { signal }),
     ]);
     if (signal.aborted) return;
@@ -35,6 +44,7 @@ export async function loadThreshold() {
   if (!run.whatifTouched) {
     const recommended = wireNumber(run.recommendation.threshold);
     if (recommended !== null && Number.isFinite(recommended)) setWhatif(recommended, { fromUser: false });
+    else requestWhatif();
   } else {
     requestWhatif();
   }
@@ -75,28 +85,53 @@ export function recommendationWindowText(recommendation, asked = null) {
   return asked ? `last ${formatInt(asked)} steps` : 'the server\'s default window';
 }
 
+/** "steps 1,500–1,999" (+ "since the level shift") of a `{start, end}` span; '' without one. */
+export function spanText(span) {
+  if (!span || !Number.isInteger(span.start) || !Number.isInteger(span.end)) return '';
+  return `steps ${formatInt(span.start)}–${formatInt(span.end)}${span.after_level_shift ? ' (since the level shift)' : ''}`;
+}
+
+/** The span the raw clip rates are over: `rate_window` (newer servers), else `window`. */
+export function rateWindow(recommendation) {
+  const span = recommendation && (recommendation.rate_window || recommendation.window);
+  if (!span) return null;
+  return { ...span, finite: Number.isInteger(span.finite) ? span.finite : span.steps };
+}
+
 export function renderRecommendation() {
   const run = app.run;
   const recommendation = run.recommendation || {};
   const threshold = wireNumber(recommendation.threshold);
   $('rec-threshold').textContent = formatNumber(threshold, 4);
   const candidates = Array.isArray(recommendation.candidates) ? recommendation.candidates : [];
-  const own = candidates.find((c) => wireNumber(c.threshold) === threshold);
-  // The candidates' clip rates are over the recommendation's clean steps, in the window it
-  // names: by default the last 10% of the run (at least 500 steps), not the whole run.
+  // The headline: the RAW clip rate over the recommendation's rate window (every finite step
+  // from its start, or from the first clean step after a level shift), the figure the what-if
+  // box (default), `gradwatch recommend` and the report give for the same threshold. The clean
+  // rate follows, labelled as such.
+  const span = rateWindow(recommendation);
+  const raw = wireNumber(recommendation.clip_rate_raw);
+  const clean = wireNumber(recommendation.clip_rate_clean);
   const count = Number.isFinite(recommendation.count) ? recommendation.count : null;
-  const windowText = recommendationWindowText(recommendation, app.window);
-  $('rec-rate').textContent = own
-    ? `would clip ${formatRate(own.clip_rate)} of ${count === null ? 'the' : formatInt(count)} clean steps (${windowText})`
-    : `(${windowText})`;
+  const rate = $('rec-rate');
+  if (threshold !== null && span && raw !== null) {
+    rate.textContent = `would clip ${formatRate(raw)} of the ${formatInt(span.finite)} finite ${spanText(span)}`
+      + (clean !== null ? ` · ${formatRate(clean)} of its ${count === null ? '' : `${formatInt(count)} `}clean steps` : '');
+    Object.assign(rate.dataset, { clipRate: String(raw), start: String(span.start), end: String(span.end), count: String(span.finite) });
+  } else {
+    rate.textContent = `(${recommendationWindowText(recommendation, recommendationWindow())})`;
+    for (const key of ['clipRate', 'start', 'end', 'count']) delete rate.dataset[key];
+  }
   $('rec-rationale').textContent = tidyNumbers(recommendation.rationale ?? '');
   $('rec-explanation').replaceChildren(...explanationLines(recommendation).map((line) => el('li', {}, tidyNumbers(line))));
+  $('candidate-raw-head').textContent = span ? `would clip (${spanText(span)})` : 'would clip';
   const rows = candidates.map((candidate) => {
     const value = wireNumber(candidate.threshold);
     const row = el('tr', { className: value === threshold ? 'recommended' : '' },
       el('td', {}, tidyNumbers(candidate.label ?? '')),
       el('td', { className: 'num' }, formatNumber(value, 4)),
-      el('td', { className: 'num' }, formatRate(candidate.clip_rate)));
+      el('td', { className: 'num', dataset: { clipRate: String(candidate.clip_rate_raw) } },
+        formatRate(wireNumber(candidate.clip_rate_raw))),
+      el('td', { className: 'num hint' }, formatRate(wireNumber(candidate.clip_rate))));
     row.title = 'try this threshold';
     if (value !== null && Number.isFinite(value)) row.addEventListener('click', () => setWhatif(value, { fromUser: true }));
     return row;
@@ -123,6 +158,13 @@ export async function renderHistogram() {
   });
   await Plotly.react(element, fig.data, fig.layout, PLOT_CONFIG);
   probe.renders.histogram += 1;
+  const shown = histogram.window || null;
+  const clean = run.recommendation && run.recommendation.clean_window;
+  $('hist-note').textContent = [
+    shown ? `histogram: ${formatInt(histogram.count)} finite steps, ${spanText(shown)} (${app.window === null ? 'whole run' : `last ${formatInt(app.window)} steps`})` : '',
+    clean && Number.isInteger(clean.steps) && clean.steps > 0
+      ? `dotted lines: percentiles of the ${formatInt(clean.steps)} clean steps, ${spanText(clean)}` : '',
+  ].filter(Boolean).join(' · ');
 }
 
 const renderHistogramSoon = debounce(() => { renderHistogram(); }, 50);
@@ -169,20 +211,39 @@ export function setWhatif(value, { fromUser }) {
   requestWhatif();
 }
 
-const requestWhatif = debounce(async () => {
+function showWhatif(text, data = {}) {
+  const output = $('whatif-output');
+  output.textContent = text;
+  for (const key of ['threshold', 'clipRate', 'start', 'end', 'count', 'over']) delete output.dataset[key];
+  Object.assign(output.dataset, data);
+}
+
+export const requestWhatif = debounce(async () => {
   const threshold = currentWhatif();
   renderHistogramSoon();
-  const output = $('whatif-output');
   const run = app.run;
-  if (threshold === null || !run) { output.textContent = '–'; return; }
+  if (threshold === null || !run) { showWhatif('–'); return; }
+  if (!(threshold > 0)) { // the server refuses it too (422): say so here, in words
+    showWhatif('The threshold must be a number above 0.', { threshold: String(threshold) });
+    probe.whatif = { threshold, clip_rate: null, refused: true };
+    return;
+  }
+  const over = $('whatif-over').value === 'run' ? 'run' : 'window';
   const signal = run.signal('whatif');
   try {
-    const result = await getJSON(runPath(run.name, '/whatif'), { threshold, window: app.window }, { signal });
+    const params = { threshold, over, window: over === 'window' ? recommendationWindow() : null };
+    const result = await getJSON(runPath(run.name, '/whatif'), params, { signal });
     if (signal.aborted) return;
-    output.textContent = `would clip ${formatRate(result.clip_rate)} (${formatInt(result.clipped)} of ${formatInt(result.count)} steps)`;
-    output.dataset.threshold = String(threshold);
-    output.dataset.clipRate = String(result.clip_rate);
-    probe.whatif = { threshold, clip_rate: result.clip_rate, clipped: result.clipped, count: result.count };
+    const span = result.window || {};
+    const where = over === 'run' ? 'whole run' : 'the recommendation\'s window';
+    showWhatif(`would clip ${formatRate(result.clip_rate)} (${formatInt(result.clipped)} of ${formatInt(result.count)} steps, `
+      + `${spanText(span) || 'no steps'}: ${where})`, {
+      threshold: String(threshold), clipRate: String(result.clip_rate), start: String(span.start),
+      end: String(span.end), count: String(result.count), over,
+    });
+    showError('whatif', '');
+    probe.whatif = { threshold, clip_rate: result.clip_rate, clipped: result.clipped, count: result.count,
+      start: span.start, end: span.end, over };
   } catch (error) {
     if (!signal.aborted) reportError('whatif', error, 'What-if');
   }
@@ -192,14 +253,22 @@ function applyWindowChoice() {
   const choice = $('window-select').value;
   const custom = $('window-custom');
   custom.hidden = choice !== 'custom';
+  const note = $('window-note');
   let windowSize = null;
   if (choice === 'custom') {
     const value = Math.floor(Number(custom.value));
-    if (!(value > 0)) return;
+    if (custom.value === '' || !(value >= 1)) {
+      note.textContent = custom.value === '' ? '' : 'The window must be a whole number of steps, at least 1.';
+      note.hidden = custom.value === '';
+      return;
+    }
     windowSize = value;
   } else if (choice) {
     windowSize = Number(choice);
   }
+  note.hidden = !(windowSize !== null && windowSize < MIN_RECOMMENDATION_WINDOW);
+  note.textContent = note.hidden ? '' : `The recommendation and the what-if need at least ${MIN_RECOMMENDATION_WINDOW} steps: `
+    + `they use the last ${MIN_RECOMMENDATION_WINDOW}; the histogram shows the last ${formatInt(windowSize)}.`;
   app.window = windowSize;
   if (app.run) loadThreshold();
 }
@@ -207,6 +276,7 @@ function applyWindowChoice() {
 export function wireThreshold() {
   $('window-select').addEventListener('change', applyWindowChoice);
   $('window-custom').addEventListener('change', applyWindowChoice);
+  $('whatif-over').addEventListener('change', () => requestWhatif());
   $('whatif-input').addEventListener('input', () => {
     const value = currentWhatif();
     if (app.run) app.run.whatifTouched = true;

@@ -41,6 +41,29 @@ export function appendAfter(series, chunk, after) {
   return out;
 }
 
+/**
+ * `chunk` merged into `series` in step order (a new object): points after the last step are
+ * appended (the common case, no copy of the merge), late ones are inserted where they belong,
+ * a step already drawn is kept as drawn. Never drops a point the chart has not shown.
+ */
+export function mergeSteps(series, chunk) {
+  const n = chunk.step.length;
+  if (!n) return series;
+  const last = lastStep(series);
+  let sorted = true;
+  for (let i = 1; i < n && sorted; i += 1) sorted = chunk.step[i] > chunk.step[i - 1];
+  if (sorted && chunk.step[0] > last) return appendAfter(series, chunk, last);
+  const rows = new Map();
+  series.step.forEach((step, i) => rows.set(step, [series, i]));
+  chunk.step.forEach((step, i) => { if (!rows.has(step)) rows.set(step, [chunk, i]); });
+  const order = [...rows.keys()].sort((a, b) => a - b);
+  const out = {};
+  for (const name of CHART_COLUMNS) {
+    out[name] = order.map((step) => { const [source, i] = rows.get(step); return source[name][i]; });
+  }
+  return out;
+}
+
 /** An event's step, null when it has none (a drop report may not). */
 export function eventStep(event) {
   return event && typeof event.step === 'number' && Number.isInteger(event.step) ? event.step : null;

@@ -121,8 +121,13 @@ def test_run_page_draws_norm_chart_and_histogram_from_the_api(page, server, outp
     tau = min(max(tau, np.median(clean)), 10 * np.median(clean))
     assert recommended == pytest.approx(tau, rel=5e-3)
     assert page.text_content("#rec-rationale").strip()
-    # Labelled with the window the server used (its default: 10% of the run, at least 500 steps).
-    assert "clean steps (last 500 steps: 1,000–1,499)" in page.text_content("#rec-rate")
+    # The raw clip rate over the window the server used (its default: 10% of the run, at least
+    # 500 steps), the non-finite steps left out; the clean rate beside it, labelled.
+    window_finite = window_norms[np.isfinite(window_norms)]
+    rate_text = page.text_content("#rec-rate")
+    assert f"of the {len(window_finite)} finite steps 1,000–1,499" in rate_text and "clean steps" in rate_text
+    assert float(page.get_attribute("#rec-rate", "data-clip-rate")) == np.mean(window_finite > tau) or \
+        float(page.get_attribute("#rec-rate", "data-clip-rate")) == pytest.approx(np.mean(window_finite > recommended), abs=2e-3)
     assert page.evaluate("document.querySelectorAll('#event-rows tr').length") > 0
     assert page.get_attribute("#export-csv", "href") == f"/api/runs/{MAIN_RUN}/export.csv"
 
@@ -275,14 +280,28 @@ def test_versioned_bundle_is_kept_for_a_year_and_other_files_revalidated(server)
 
 def test_whatif_control_shows_the_clip_rate_of_the_chosen_threshold(page, server):
     finite = server.main_run.finite_norms
+    last500 = server.main_run.pre_norm[-500:]
+    window_finite = last500[np.isfinite(last500)]  # the recommendation's default window, finite steps
     open_run(page, server, MAIN_RUN)
     wait_until(page, "window.gradwatch.whatif !== null", what="the first what-if answer")
     for threshold in (1.5, 3.0, 40.0):
         page.fill("#whatif-input", str(threshold))
         wait_until(page, f"document.getElementById('whatif-output').dataset.threshold === '{threshold:g}'")
         shown = float(page.get_attribute("#whatif-output", "data-clip-rate"))
+        assert shown == np.mean(window_finite > threshold)  # over the recommendation's window ...
+        text = page.text_content("#whatif-output")
+        assert "%" in text and "steps 1,000–1,499" in text and "recommendation's window" in text
+
+    # ... or over the whole run, when asked.
+    page.select_option("#whatif-over", "run")
+    wait_until(page, "document.getElementById('whatif-output').dataset.over === 'run'")
+    assert float(page.get_attribute("#whatif-output", "data-clip-rate")) == pytest.approx(np.mean(finite > 40.0), abs=1e-12)
+    assert "whole run" in page.text_content("#whatif-output")
+    for threshold in (1.5, 3.0):
+        page.fill("#whatif-input", str(threshold))
+        wait_until(page, f"document.getElementById('whatif-output').dataset.threshold === '{threshold:g}'")
+        shown = float(page.get_attribute("#whatif-output", "data-clip-rate"))
         assert shown == pytest.approx(np.mean(finite > threshold), abs=1e-12)
-        assert "%" in page.text_content("#whatif-output")
 
     # The slider moves the threshold too.
     page.fill("#whatif-range", "100")
@@ -291,7 +310,8 @@ def test_whatif_control_shows_the_clip_rate_of_the_chosen_threshold(page, server
     wait_until(page, f"window.gradwatch.whatif.threshold === {threshold}")
     assert page.evaluate("window.gradwatch.whatif.clip_rate") == pytest.approx(np.mean(finite > threshold))
 
-    # A window of the last 1,000 steps changes the population.
+    # A window of the last 1,000 steps changes the population (the recommendation's window).
+    page.select_option("#whatif-over", "window")
     page.select_option("#window-select", "1000")
     page.fill("#whatif-input", "1.2")
     last = server.main_run.pre_norm[-1000:]
