@@ -26,7 +26,7 @@ def test_cli_help_lists_subcommands():
 
 
 def test_server_never_imports_the_agent_clip_or_mlx():
-    """DESIGN.md: the wire format is the only contract between agent and server."""
+    """docs/architecture.md: the wire format is the only contract between agent and server."""
     code = (
         "import sys, gradwatch.server.app, gradwatch.server.cli, gradwatch.server.demo, "
         "gradwatch.server.report, gradwatch.server.recommend_cmd\n"
