@@ -199,14 +199,21 @@ function configureSlider() {
   if (value !== null) $('whatif-range').value = String(valueToSlider(value));
 }
 
+/** The what-if threshold: the input's number, or the exact value behind it when a threshold was
+ * set from the page (the recommendation, a candidate, the slider) and shown rounded. */
 function currentWhatif() {
-  const value = Number($('whatif-input').value);
-  return $('whatif-input').value !== '' && Number.isFinite(value) ? value : null;
+  const input = $('whatif-input');
+  if (input.value !== '' && input.value === input.dataset.shown) return Number(input.dataset.exact);
+  const value = Number(input.value);
+  return input.value !== '' && Number.isFinite(value) ? value : null;
 }
 
 export function setWhatif(value, { fromUser }) {
   if (fromUser && app.run) app.run.whatifTouched = true;
-  $('whatif-input').value = String(Number(value.toPrecision(4)));
+  const input = $('whatif-input');
+  input.value = String(Number(value.toPrecision(4)));
+  input.dataset.shown = input.value; // shown rounded, asked exact: the recommendation's own figure
+  input.dataset.exact = String(value);
   $('whatif-range').value = String(valueToSlider(value));
   requestWhatif();
 }
