@@ -91,7 +91,14 @@ def _first_where(hit: np.ndarray, cuts: np.ndarray, n: int) -> np.ndarray:
 
 
 def summarize(chunk: Chunk, spec: Spec, key: str | None = None, width: int = BLOCK) -> Summary:
-    """Entries of `width` steps (a divisor of CHUNK) over one decoded chunk (all columns of `spec`).
+    """Entries of `width` steps (a divisor of CHUNK) over one decoded chunk (all columns of `spec`)."""
+    parts = summary_matrices(chunk, spec, key, width)
+    return empty_summary(spec, key, width) if parts is None else from_matrices(*parts)
+
+
+def summary_matrices(chunk: Chunk, spec: Spec, key: str | None = None, width: int = BLOCK
+                     ) -> tuple[dict, np.ndarray, np.ndarray] | None:
+    """`summarize`'s (layout meta, ints, floats), None for a chunk without steps.
 
     All numeric columns are summarised at once as one (columns x steps) matrix, the bool
     columns as another, straight into the two matrices a summary is stored as (one NumPy
@@ -101,7 +108,7 @@ def summarize(chunk: Chunk, spec: Spec, key: str | None = None, width: int = BLO
     steps = chunk.steps
     n = len(steps)
     if n == 0:
-        return empty_summary(spec, key, width)
+        return None
     nums = [name for name, kind in spec.items() if kind != "bool"]
     flags = [name for name, kind in spec.items() if kind == "bool"]
     if key is not None and key not in nums:
@@ -178,7 +185,18 @@ def summarize(chunk: Chunk, spec: Spec, key: str | None = None, width: int = BLO
         ints[:, 4 + 5 * k + 2 * b:] = np.stack([ok[:, min_rows] & has, ok[:, max_rows] & has],
                                                axis=-1).transpose(1, 0, 2).reshape(g, 2 * a)
         floats[:, 4 * k:] = np.stack([at[:, min_rows], at[:, max_rows]], axis=-1).transpose(1, 0, 2).reshape(g, 2 * a)
-    return from_matrices(meta, ints, floats)
+    return meta, ints, floats
+
+
+def extend(before: Summary, kept: int, parts: tuple[dict, np.ndarray, np.ndarray] | None) -> Summary:
+    """`before`'s first `kept` entries followed by the entries `parts` (`summary_matrices`) holds."""
+    if parts is None:
+        return before.take(slice(0, kept))
+    if before.matrices is not None and before.matrices[0] == parts[0]:
+        _, ints, floats = before.matrices
+        return from_matrices(parts[0], np.concatenate([ints[:kept], parts[1]]),
+                             np.concatenate([floats[:kept], parts[2]]))
+    return concat([before.take(slice(0, kept)), from_matrices(*parts)])
 
 
 def empty_summary(spec: Spec, key: str | None = None, width: int = BLOCK) -> Summary:
@@ -338,19 +356,27 @@ def decode_summaries(blobs: list[bytes]) -> Summary:
 
 
 def from_matrices(meta: dict, int_matrix: np.ndarray, float_matrix: np.ndarray) -> Summary:
-    """A summary whose fields are column views of its two stored matrices (`_layout(meta)`)."""
-    ints, floats = _layout(meta)
-    col = {path: int_matrix[:, j] for j, path in enumerate(ints)}
-    col.update({path: float_matrix[:, j] for j, path in enumerate(floats)})
-    summary = Summary(meta["width"], col[("start",)], col[("rows",)], col[("first",)], col[("last",)],
-                      key=meta["key"], matrices=(meta, int_matrix, float_matrix))
-    for name in meta["nums"]:
-        summary.nums[name] = NumStats(*(col[("n", name, f)] for f in _NUM_FIELDS))
-    for name in meta["flags"]:
-        summary.flags[name] = FlagStats(col[("b", name, "true")], col[("b", name, "valid")])
-    for name in meta["anchors"]:
-        summary.at_min[name] = (col[("a", name, "min")], col[("a", name, "min_ok")].astype(bool))
-        summary.at_max[name] = (col[("a", name, "max")], col[("a", name, "max_ok")].astype(bool))
+    """A summary whose fields are column views of its two stored matrices (`_layout(meta)`:
+    start, rows, first, last, 5 ints per numeric column, 2 per bool column, 2 per anchor;
+    4 floats per numeric column, 2 per anchor)."""
+    nums, flags, anchors = meta["nums"], meta["flags"], meta["anchors"]
+    ci = list(int_matrix.T)
+    cf = list(float_matrix.T)
+    base = 4 + 5 * len(nums) + 2 * len(flags)
+    oks = list((int_matrix[:, base:] != 0).T)
+    summary = Summary(meta["width"], ci[0], ci[1], ci[2], ci[3], key=meta["key"],
+                      matrices=(meta, int_matrix, float_matrix))
+    for i, name in enumerate(nums):
+        b, f = 4 + 5 * i, 4 * i
+        summary.nums[name] = NumStats(ci[b], ci[b + 1], ci[b + 2], cf[f], ci[b + 3], cf[f + 1], ci[b + 4],
+                                      cf[f + 2], cf[f + 3])
+    b = 4 + 5 * len(nums)
+    for i, name in enumerate(flags):
+        summary.flags[name] = FlagStats(ci[b + 2 * i], ci[b + 2 * i + 1])
+    f = 4 * len(nums)
+    for i, name in enumerate(anchors):
+        summary.at_min[name] = (cf[f + 2 * i], oks[2 * i])
+        summary.at_max[name] = (cf[f + 2 * i + 1], oks[2 * i + 1])
     return summary
 
 

@@ -42,7 +42,7 @@ from gradwatch.server.chunks import (BLOCK, CHUNK, Chunk, TensorChunk, TensorSum
                                      merge_tensors, summarize, summarize_tensors)
 from gradwatch.server.chunks.codec import CodecError, empty_values, pack_arrays, unpack_arrays
 from gradwatch.server.chunks.downsample import kept_rows_of
-from gradwatch.server.chunks.summaries import Summary, concat, empty_summary
+from gradwatch.server.chunks.summaries import Summary, empty_summary, extend, summary_matrices
 from gradwatch.server.storage.registry import FLOAT_FIELDS, STEP_COLUMNS, value_columns
 
 SPEC: dict[str, str] = {column.name: column.type for column in STEP_COLUMNS if column.name != "step"}
@@ -130,7 +130,7 @@ def summary_of(chunk: Chunk, before: Summary | None = None, first_changed: int |
     rows = int(np.searchsorted(chunk.steps, block_start, side="left"))
     tail = Chunk(chunk.chunk_id, chunk.steps[rows:], {n: v[rows:] for n, v in chunk.values.items()},
                  {n: (ok[rows:] if ok is not None else None) for n, ok in chunk.valid.items()})
-    return concat([before.take(slice(0, kept)), summarize(tail, SPEC, KEY)])
+    return extend(before, kept, summary_matrices(tail, SPEC, KEY))
 
 
 class ChunkRows:

@@ -1,0 +1,112 @@
+"""Summaries kept up to date at ingest: batches appended one after another (the held tail's
+summary extended block by block), late steps and chunk boundaries leave every stored chunk
+summary exactly equal to summarising the stored chunk afresh, and that to NumPy per block."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradwatch.server.chunks import BLOCK, CHUNK, decode_summaries, summarize
+from gradwatch.server.storage import Store, create_schema, make_engine
+from gradwatch.server.storage.chunk_rows import KEY, SPEC
+
+
+@dataclass
+class Column:
+    values: np.ndarray
+    missing: np.ndarray | None = None
+
+
+@dataclass
+class Batch:
+    """A validated batch as the server's schema hands it to the store (columns: float64,
+    bools as 0/1, `missing` marks nulls)."""
+
+    steps: np.ndarray
+    columns: dict
+    tensor_names: list | None = None
+    tensor_norms: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def make_batch(steps: np.ndarray, rng) -> Batch:
+    n = len(steps)
+    pre = np.exp(rng.normal(0.0, 1.0, n))
+    pre[rng.random(n) < 0.02] = np.nan
+    pre[rng.random(n) < 0.02] = np.inf
+    loss = rng.normal(size=n)
+    loss_missing = rng.random(n) < 0.1
+    loss[loss_missing] = np.nan
+    clipped = (pre > 2.0).astype(float)
+    clipped_missing = rng.random(n) < 0.05
+    clipped[clipped_missing] = np.nan
+    return Batch(np.asarray(steps, np.int64), {
+        "pre_norm": Column(pre), "loss": Column(loss, loss_missing),
+        "clipped": Column(clipped, clipped_missing), "spike": Column((pre > 5.0).astype(float)),
+        "time": Column(1.7e9 + np.asarray(steps, float) * 0.25)})
+
+
+def stored_summaries(store: Store, run_id: int) -> dict[int, object]:
+    rows = store.reader.read("SELECT chunk_id, data FROM chunk_summaries WHERE run_id = ? AND width = ?",
+                             (run_id, BLOCK))
+    return {chunk_id: decode_summaries([bytes(data)]) for chunk_id, data in rows}
+
+
+def same(a, b) -> None:
+    def bits(x):
+        x = np.asarray(x)
+        return x.view(np.uint64).tolist() if x.dtype == np.float64 else x.tolist()
+
+    for name in ("start", "rows", "first", "last"):
+        assert bits(getattr(a, name)) == bits(getattr(b, name)), name
+    for name in a.nums:
+        for field in ("count", "nan", "inf", "min", "min_step", "max", "max_step", "sum", "sumsq"):
+            assert bits(getattr(a.nums[name], field)) == bits(getattr(b.nums[name], field)), (name, field)
+    for name in a.flags:
+        assert bits(a.flags[name].true) == bits(b.flags[name].true), name
+        assert bits(a.flags[name].valid) == bits(b.flags[name].valid), name
+    for side in ("at_min", "at_max"):
+        for name, (values, ok) in getattr(a, side).items():
+            other_values, other_ok = getattr(b, side)[name]
+            assert ok.tolist() == other_ok.tolist(), (side, name)
+            assert bits(values[ok]) == bits(other_values[other_ok]), (side, name)
+
+
+def test_appended_batches_keep_each_chunk_summary_equal_to_a_fresh_one(tmp_path):
+    rng = np.random.default_rng(7)
+    engine = make_engine(f"sqlite:///{tmp_path / 'summaries.db'}")
+    create_schema(engine)
+    store = Store(engine)
+    try:
+        start = 0
+        sizes = [700, 1, 63, 64, 65, 2000, 3000, 129, 4096, 10]  # across blocks and chunks
+        for size in sizes:
+            store.ingest("run", make_batch(np.arange(start, start + size), rng))
+            start += size
+        late = np.array([start + 5000, start + 5003])           # a gap, then steps into it
+        store.ingest("run", make_batch(late, rng))
+        store.ingest("run", make_batch(np.array([start + 4999, start + 5001, start + 5002]), rng))
+        run_id = store.run_id("run")
+        summaries = stored_summaries(store, run_id)
+        with store.reader.snapshot() as cursor:
+            chunks = store.reader.rows.load(cursor, run_id, sorted(summaries))
+        assert sorted(summaries) == sorted(chunks) == list(range(int(late.max()) // CHUNK + 1))
+        for chunk_id, chunk in chunks.items():
+            fresh = summarize(chunk, SPEC, KEY)
+            same(summaries[chunk_id], fresh)
+            # and against NumPy on the chunk's pre-norms, block by block
+            pre = chunk.values["pre_norm"]
+            blocks = chunk.steps // BLOCK
+            for entry, block in enumerate(np.unique(blocks).tolist()):
+                rows = blocks == block
+                finite = pre[rows][np.isfinite(pre[rows])]
+                s = summaries[chunk_id].nums["pre_norm"]
+                assert s.count[entry] == len(finite) and s.nan[entry] == np.isnan(pre[rows]).sum()
+                if len(finite):
+                    assert s.min[entry] == finite.min() and s.max[entry] == finite.max()
+                    assert s.min_step[entry] == chunk.steps[rows][np.flatnonzero(pre[rows] == finite.min())[0]]
+    finally:
+        engine.dispose()
