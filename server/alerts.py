@@ -1,9 +1,13 @@
 """Alerts: webhook posts on non-finite steps, spikes, level shifts and sustained clipping.
 
 Ingest hands each stored batch to :meth:`AlertDispatcher.submit`, which only
-puts a small summary on a bounded queue and returns: the decision, the rate
-limit and the HTTP posts happen on the dispatcher's own thread, so a slow or
-dead webhook never slows ingest (a full queue drops the summary and counts it).
+puts a small summary on a bounded queue and returns: the decision and the rate
+limit happen on the dispatcher's own thread, which hands each alert to every
+webhook's own worker (:class:`WebhookWorker`: one thread, one bounded queue).
+Each post has a deadline for the whole of it (connect, send, answer), and a
+failed post is retried after a backoff delay while the alerts behind it are
+posted. So a slow or dead webhook never slows ingest, the decisions, or the
+other webhooks; whatever a full queue drops is counted and logged.
 
 Rules (:class:`AlertRules`):
 
@@ -24,13 +28,16 @@ The body is Slack-compatible (``text``) and carries the fields a tool needs:
 """
 from __future__ import annotations
 
+import heapq
+import http.client
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 import urllib.error
-import urllib.request
+import urllib.parse
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
@@ -40,9 +47,9 @@ import numpy as np
 log = logging.getLogger("gradwatch.server.alerts")
 
 ALERT_KINDS = ("nonfinite", "spike", "level_shift", "clipping")
-QUEUE_SIZE = 1024
-POST_TIMEOUT = 5.0
-RETRIES = 3
+QUEUE_SIZE = 1024          # stored batches waiting to be checked
+WEBHOOK_QUEUE_SIZE = 256   # alerts waiting for one webhook (retries included)
+POST_TIMEOUT = 5.0         # seconds for a whole post: connect, send, status line and headers
 
 
 @dataclass(frozen=True)
@@ -198,41 +205,182 @@ class DatabaseClaims:
 Claim = Callable[[str, str, float, float], bool]
 
 
+class PostTimeout(TimeoutError):
+    """A webhook post that did not finish (connect, send, answer) within its deadline."""
+
+
 def post_json(url: str, body: dict, timeout: float = POST_TIMEOUT) -> None:
-    """POST ``body`` as JSON; raises on a network error or a non-2xx answer."""
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json",
-                                              "User-Agent": "gradwatch-alerts"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        if not 200 <= response.status < 300:
-            raise urllib.error.HTTPError(url, response.status, "webhook refused", response.headers, None)
+    """POST ``body`` as JSON; raises on a network error, a non-2xx answer, or when the whole
+    post (connect, send, status line and headers) takes longer than ``timeout`` seconds.
+
+    A socket timeout bounds each read, not the post: a receiver sending a byte every
+    2 s would hold it forever. A timer shuts the socket down at the deadline instead."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"webhook URL must be http(s)://host/..., got {url!r}")
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname, parts.port, timeout=timeout)
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        sock = connection.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        connection.connect()       # bounded by the socket timeout; the timer may fire meanwhile
+        if expired.is_set():
+            raise PostTimeout(f"webhook post took longer than {timeout:g} s")
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        connection.request("POST", path, body=json.dumps(body).encode(),
+                           headers={"Content-Type": "application/json", "User-Agent": "gradwatch-alerts"})
+        status = connection.getresponse().status   # the answer's body is not read
+    except (OSError, http.client.HTTPException) as error:
+        if expired.is_set():
+            raise PostTimeout(f"webhook post took longer than {timeout:g} s") from error
+        raise
+    finally:
+        timer.cancel()
+        connection.close()
+    if not 200 <= status < 300:
+        raise urllib.error.HTTPError(url, status, "webhook refused", None, None)
 
 
 @dataclass
 class AlertCounters:
-    """What the dispatcher did, for tests and `/healthz`-style reporting."""
+    """What the dispatcher did, for tests and `/healthz`-style reporting: alerts `sent`,
+    `failed` (every try failed), `suppressed` (rate limit), batches `dropped` unchecked (the
+    dispatcher's queue was full) and `dropped_alerts` (a webhook's queue was full)."""
 
     sent: int = 0
     failed: int = 0
     suppressed: int = 0
     dropped: int = 0
+    dropped_alerts: int = 0
+
+
+class WebhookWorker:
+    """One webhook's queue and thread: posts each alert with a deadline; a failed post is
+    tried again after its backoff delay while the alerts behind it go on being posted.
+    A full queue (alerts waiting plus retries) drops the new alert, counted and logged."""
+
+    def __init__(self, url: str, post: Callable[[str, dict], None], retry_delays: Sequence[float],
+                 counters: AlertCounters, counters_lock: threading.Lock, queue_size: int = WEBHOOK_QUEUE_SIZE):
+        self.url = url
+        self.post = post
+        self.retry_delays = tuple(retry_delays)
+        self.counters = counters
+        self._counters_lock = counters_lock
+        self.queue_size = queue_size
+        self._fresh: deque[tuple[dict, int]] = deque()          # (body, tries so far)
+        self._retries: list[tuple[float, int, dict, int]] = []  # heap of (due, order, body, tries)
+        self._order = 0
+        self._posting = False
+        self._stopping = False
+        self._dropped = 0
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="gradwatch-webhook", daemon=True)
+        self._thread.start()
+
+    def put(self, body: dict) -> bool:
+        """Queue one alert body; False (counted, logged) when the queue is full."""
+        with self._changed:
+            if self._stopping:
+                return False
+            if len(self._fresh) + len(self._retries) < self.queue_size:
+                self._fresh.append((body, 0))
+                self._changed.notify_all()
+                return True
+            self._dropped += 1
+            dropped = self._dropped
+        with self._counters_lock:
+            self.counters.dropped_alerts += 1
+        if dropped == 1 or dropped % 100 == 0:
+            log.warning("alert webhook %s: queue full (%d waiting), %d alert(s) dropped so far",
+                        self.url, self.queue_size, dropped)
+        return False
+
+    def _next(self) -> tuple[dict, int] | None:
+        """The next alert to post (a due retry first), waiting for one; None when stopping."""
+        with self._changed:
+            while not self._stopping:
+                now = time.monotonic()
+                if self._retries and self._retries[0][0] <= now:
+                    _, _, body, tries = heapq.heappop(self._retries)
+                elif self._fresh:
+                    body, tries = self._fresh.popleft()
+                else:
+                    self._changed.wait(self._retries[0][0] - now if self._retries else None)
+                    continue
+                self._posting = True
+                return body, tries
+            return None
+
+    def _run(self) -> None:
+        while (item := self._next()) is not None:
+            body, tries = item
+            try:
+                self.post(self.url, body)
+                with self._counters_lock:
+                    self.counters.sent += 1
+            except Exception as error:   # network, deadline, non-2xx: retried after its delay
+                tries += 1
+                log.warning("alert webhook %s failed (attempt %d): %s", self.url, tries, error)
+                if tries <= len(self.retry_delays):
+                    with self._changed:
+                        self._order += 1
+                        due = time.monotonic() + self.retry_delays[tries - 1]
+                        heapq.heappush(self._retries, (due, self._order, body, tries))
+                else:
+                    with self._counters_lock:
+                        self.counters.failed += 1
+            finally:
+                with self._changed:
+                    self._posting = False
+                    self._changed.notify_all()
+
+    def wait_idle(self, deadline: float) -> bool:
+        """Until nothing is queued, retried or posting (or `deadline`, monotonic, passes)."""
+        with self._changed:
+            while self._fresh or self._retries or self._posting:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+        return True
+
+    def stop(self, timeout: float) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self._thread.join(timeout)
 
 
 class AlertDispatcher:
-    """Decides and posts alerts on its own thread; ``submit`` never blocks."""
+    """Decides alerts on its own thread and hands each to every webhook's own worker
+    (`WebhookWorker`): ``submit`` never blocks, and a slow or dead webhook holds up
+    neither ingest, nor the decisions, nor the other webhooks."""
 
     def __init__(self, webhooks: Sequence[str], rules: AlertRules,
                  record: Callable[[Alert], None] | None = None, claim: Claim | None = None,
                  clock: Callable[[], float] = time.time, post: Callable[[str, dict], None] = post_json,
-                 retry_delays: Sequence[float] = (1.0, 4.0, 15.0)):
+                 retry_delays: Sequence[float] = (1.0, 4.0, 15.0), webhook_queue_size: int = WEBHOOK_QUEUE_SIZE):
         self.webhooks = list(webhooks)
         self.rules = rules
         self.record = record
         self.claim = claim or MemoryClaims()
         self.clock = clock
-        self.post = post
-        self.retry_delays = tuple(retry_delays)
         self.counters = AlertCounters()
+        self._counters_lock = threading.Lock()
+        self.workers = [WebhookWorker(url, post, retry_delays, self.counters, self._counters_lock,
+                                      webhook_queue_size) for url in self.webhooks]
         self._held_back: dict[tuple[str, str], int] = {}
         self._history: dict[str, ClipHistory] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
@@ -254,13 +402,14 @@ class AlertDispatcher:
         except queue.Full:
             with self._idle:
                 self._busy -= 1
+            with self._counters_lock:
                 self.counters.dropped += 1
-                first = self.counters.dropped == 1
-            if first:  # once: a stuck webhook would otherwise log every batch
-                log.warning("alert queue full (webhook too slow?): batches of run %r go unchecked; "
-                            "counted in the dispatcher's `dropped`", run)
+                dropped = self.counters.dropped
+            if dropped == 1 or dropped % 1000 == 0:  # not every batch: a flood would flood the log
+                log.warning("alert queue full: batches of run %r go unchecked (%d so far); "
+                            "counted in the dispatcher's `dropped`", run, dropped)
 
-    # -- dispatcher thread ---------------------------------------------------
+    # -- decision thread -----------------------------------------------------
     def _run(self) -> None:
         while True:
             item = self._queue.get()
@@ -283,45 +432,25 @@ class AlertDispatcher:
             key = (run, alert.kind)
             if not self.claim(run, alert.kind, self.clock(), self.rules.min_interval):
                 self._held_back[key] = self._held_back.get(key, 0) + 1
-                self.counters.suppressed += 1
+                with self._counters_lock:
+                    self.counters.suppressed += 1
                 continue
             alert = Alert(**{**alert.__dict__, "suppressed": self._held_back.pop(key, 0)})
             self._deliver(alert)
 
     def _deliver(self, alert: Alert) -> None:
-        body = alert.body()
         if self.record is not None:
             try:
                 self.record(alert)
             except Exception:
                 log.exception("could not store the alert event for run %r", alert.run)
-        for url in self.webhooks:
-            for attempt, delay in enumerate((0.0, *self.retry_delays)):
-                if delay and self._sleep(delay):
-                    return
-                try:
-                    self.post(url, body)
-                    self.counters.sent += 1
-                    break
-                except Exception as error:  # network, timeout, non-2xx: retried
-                    log.warning("alert webhook %s failed (attempt %d): %s", url, attempt + 1, error)
-            else:
-                self.counters.failed += 1
-
-    def _sleep(self, seconds: float) -> bool:
-        """Wait between retries; True when the dispatcher is closing (stop retrying)."""
-        deadline = time.monotonic() + seconds
-        with self._idle:
-            while not self._stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(left)
-        return True
+        body = alert.body()
+        for worker in self.workers:
+            worker.put(body)
 
     # -- lifecycle -----------------------------------------------------------
-    def wait_idle(self, timeout: float) -> bool:
-        """Block until every submitted batch is handled (tests, shutdown)."""
+    def wait_decided(self, timeout: float) -> bool:
+        """Block until every submitted batch is decided (its alerts queued or dropped)."""
         deadline = time.monotonic() + timeout
         with self._idle:
             while self._busy:
@@ -331,8 +460,15 @@ class AlertDispatcher:
                 self._idle.wait(left)
         return True
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until every submitted batch is decided and every alert posted or given up
+        (retries included): tests, shutdown."""
+        deadline = time.monotonic() + timeout
+        return self.wait_decided(timeout) and all(worker.wait_idle(deadline) for worker in self.workers)
+
     def close(self, timeout: float = 5.0) -> None:
-        """Stop taking batches, give pending ones ``timeout`` seconds, then stop."""
+        """Stop taking batches, give pending ones ``timeout`` seconds, then stop (alerts
+        still queued or waiting for a retry then are given up)."""
         self.wait_idle(timeout)
         with self._idle:
             self._stopping = True
@@ -347,3 +483,5 @@ class AlertDispatcher:
                 except queue.Empty:
                     pass
         self._thread.join(timeout)
+        for worker in self.workers:
+            worker.stop(timeout)

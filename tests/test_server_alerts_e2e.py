@@ -7,7 +7,7 @@ import pytest
 
 from gradwatch.server.cli import build_parser, settings_from_args
 from gradwatch.server.settings import Settings
-from tests.test_server_alerts import Receiver
+from tests.test_server_alerts import Receiver, TrickleReceiver
 from tests.test_server_support import make_batch, post, start_server
 
 
@@ -76,6 +76,30 @@ def test_a_hanging_webhook_does_not_hold_up_ingest(tmp_path):
         receiver.release.set()
         server.stop()
         receiver.close()
+
+
+def test_a_webhook_trickling_a_byte_every_2_s_does_not_stop_a_healthy_one(tmp_path):
+    """The issue's probe: with the old per-read timeout the single alert thread was held by
+    such a receiver for good and a second webhook got nothing. Now each webhook has its own
+    worker, and each post a whole-post deadline that cuts the trickle."""
+    trickle, healthy = TrickleReceiver(every=2.0), Receiver()
+    server = start_server(f"sqlite:///{tmp_path / 'alerts.db'}", tmp_path,
+                          extra_args=["--alert-webhook", trickle.url, "--alert-webhook", healthy.url,
+                                      "--alert-min-interval", "0"])
+    try:
+        rng = np.random.default_rng(3)
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for index in range(6):
+                batch = make_batch(np.arange(index * 10, index * 10 + 10), rng)
+                batch["pre_norm"][4] = "NaN"
+                assert post(client, "trickled", batch).status_code == 200
+        assert healthy.wait_for(6, 30)
+        assert [(b["kind"], b["step"]) for b in healthy.bodies] == [("nonfinite", i * 10 + 4) for i in range(6)]
+        assert trickle.wait_for_cut(1, 30)     # the server ended the trickling post itself
+    finally:
+        server.stop()
+        trickle.close()
+        healthy.close()
 
 
 def test_two_dispatchers_on_one_database_send_an_alert_once(tmp_path):
