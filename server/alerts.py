@@ -468,7 +468,9 @@ class AlertDispatcher:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop taking batches, give pending ones ``timeout`` seconds, then stop (alerts
-        still queued or waiting for a retry then are given up)."""
+        still queued or waiting for a retry then are given up; a post in flight ends by its
+        own deadline, on a daemon thread)."""
+        deadline = time.monotonic() + timeout
         self.wait_idle(timeout)
         with self._idle:
             self._stopping = True
@@ -482,6 +484,6 @@ class AlertDispatcher:
                     self._queue.get_nowait()
                 except queue.Empty:
                     pass
-        self._thread.join(timeout)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
         for worker in self.workers:
-            worker.stop(timeout)
+            worker.stop(max(0.0, deadline - time.monotonic()))
