@@ -11,11 +11,17 @@ leaf carries the tie (the first gradient in tree order): any update that
 uses the gradients evaluates it, and a `depends` per leaf cost ~50% of a
 step with hundreds of small tensors.
 
-The step number is state too (`state["step"]`, an int64 counter), and every
-vector carries the number it was built for: a compiled step that runs
-without its Python (`record()` skipped, called twice, called late) cannot
-renumber steps, and a counter that does not advance shows that the state was
-left out of a compiled step's inputs.
+The lean step (`Lean`, the default `GlobalNorm(ord=2)` or no clipper): the vector
+holds only what the step computes anyway (pre-clip norm, scale, the per-tensor
+sums of squares the global norm is built from, loss, lr); the sender thread
+derives the other columns and runs the default spike detector (`agent/host.py`).
+
+Under the compiled API (`compute()`/`record()`), the step number is state
+(`state["step"]`, an int64 counter) and every vector carries the number it was
+built for: a compiled step that runs without its Python (`record()` skipped,
+called twice, called late) cannot renumber steps, and a counter that does not
+advance shows that the state was left out of a compiled step's inputs.
+`step()` runs its Python every step and counts in Python (`build_step`).
 
 `Recorder.take` runs on the next step (or at flush): the vector is already
 computed, and one `memoryview` copy turns it into a `StepRecord` of bytes.
@@ -35,24 +41,71 @@ from typing import Any, NamedTuple, Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from gradwatch.clip import norms_and_global
+from gradwatch.clip import GlobalNorm, norms_and_global
+from gradwatch.clip.base import scale_tree
+from gradwatch.clip.norms import floating_leaves, sum_in_order
+
+
+def lean_plan(clipper: Any) -> Lean | None:
+    """The lean plan for `clipper`, or None when its record is built in full in the graph:
+    only for no clipper and `GlobalNorm(ord=2)` without the "skip" policy, whose derived
+    columns are exact functions of `pre_norm` and `scale`."""
+    if clipper is None:
+        return Lean(None)
+    if type(clipper) is GlobalNorm and clipper.ord == 2 and clipper.nonfinite != "skip":
+        return Lean(float(clipper.max_norm))
+    return None
+
+
+def _squares(leaves: list[tuple[str, mx.array]]) -> list[mx.array]:
+    """Each tensor's sum of squares as a shape-(1,) array (float32; half types summed in
+    float32): the reduction MLX's `clip_grad_norm` makes, kept 1-D so it goes into the
+    record vector as it is (no root, no expand per tensor)."""
+    out = []
+    for _, g in leaves:
+        if g.dtype in (mx.float16, mx.bfloat16):
+            g = g.astype(mx.float32)
+        total = g.square().sum(keepdims=True)
+        out.append(total if total.ndim == 1 else total.reshape(1))
+    return out
+
+
+class Lean(NamedTuple):
+    """A lean record (the default clipper `GlobalNorm` with `ord=2`, or no clipper): the
+    vector holds `pre_norm`, then `scale` (with a clipper), then the other columns as
+    named, then the SQUARED tensor norms (the sums the global norm is built from: no
+    root per tensor in the graph). The sender thread derives the rest (`agent/host.py`):
+    `post_norm = pre_norm·scale`, `threshold`, `clipped = scale < 1`, `nonfinite`, the
+    roots of the squares: the same float32 values the graph would have given."""
+
+    threshold: float | None  # the clipper's max_norm; None: no clipper
 
 
 class Layout(NamedTuple):
     """What the numbers of a record are: `columns` (wire names of the first values),
     then one value per name in `tensor_names`; `extra_columns` name the Python
-    values recorded beside the vector (a float learning rate, say)."""
+    values recorded beside the vector (a float learning rate, say). `lean`: a lean
+    record, to be completed in the sender thread before it is encoded.
+    `step_in_vector`: the vector carries its step number (the compiled API)."""
 
     columns: tuple[str, ...]
     tensor_names: tuple[str, ...]
     extra_columns: tuple[str, ...] = ()
+    lean: Lean | None = None
+    step_in_vector: bool = True
 
     @property
     def width(self) -> int:
         return len(self.columns) + len(self.tensor_names)
 
+    @property
+    def trailer(self) -> int:
+        """Values after the record's own: the step (two exact float32 parts) when the
+        vector carries it, then the layout id."""
+        return 3 if self.step_in_vector else 1
 
-#: A vector is `layout.width` values, then the step (two exact float32 parts), then the layout id.
+
+#: The most values a vector has after `layout.width`: the step (two parts) and the layout id.
 TRAILER = 3
 _STEP_SPLIT = 1 << 24  # both parts of a step below 2**48 are exact in float32
 
@@ -119,6 +172,27 @@ def compile_error(error: RuntimeError, source: str) -> CompiledStepError | None:
     return None
 
 
+class ClipperDetection:
+    """The default detector of a watch whose clipper has its own (`RecommendedClip`): that
+    detector's verdict on this step's norm (`clipper.last_detection`), recorded as it is,
+    instead of a second detector run on the same norm in the same graph."""
+
+    name = "robust"
+
+    def __init__(self, clipper: Any):
+        self.clipper = clipper
+        self.state: dict = {}
+
+    def __call__(self, norm: mx.array) -> Any:
+        return self.clipper.last_detection  # set by the clipper's call in this same build
+
+    def columns(self, info: Any) -> dict[str, mx.array]:
+        return self.clipper.detector.columns(info)
+
+    def config(self) -> dict[str, Any]:
+        return {**self.clipper.detector.config(), "where": "clipper"}
+
+
 class _Pending(NamedTuple):
     step: int | None  # None: the number the vector carries
     time: float
@@ -137,6 +211,8 @@ class Recorder:
         self.skip_spikes = skip_spikes
         self.skip_index: int | None = None  # where "skipped" sits in the record vector
         self.tensor_norms = tensor_norms
+        self.lean = lean_plan(clipper)
+        self._python_step = int(start_step)
         self._layout_ids: dict[Layout, int] = {}
         self._layouts: list[Layout] = []  # by id
         self.last_layout: Layout | None = None
@@ -152,19 +228,16 @@ class Recorder:
                       "record": mx.zeros((0,), dtype=mx.float32)}
 
     # -- the lazy part (may run inside mx.compile) --------------------------
-    def build(self, grads: Any, arrays: dict[str, mx.array], keep: bool = False) -> tuple[Any, mx.array]:
+    def build(self, grads: Any, arrays: dict[str, mx.array], keep: bool = False,
+              step_in_graph: bool = True) -> tuple[Any, mx.array]:
         """`(clipped grads, record vector)`; `arrays` may hold `params`, `loss`, `lr`;
-        `keep` also stores the vector as `state["record"]` (the compiled API)."""
+        `keep` also stores the vector as `state["record"]` (the compiled API);
+        `step_in_graph` counts steps in `state["step"]` and puts the number in the vector
+        (the compiled API, where this Python runs only while tracing); `step()` counts in
+        Python (`build_step`)."""
         params = arrays.get("params")
         flat_grads = tree_flatten(grads)
         self.shapes = {name: list(leaf.shape) for name, leaf in flat_grads if isinstance(leaf, mx.array)}
-        if self.clipper is not None:
-            clipped, info = self.clipper(grads, params=params)
-            pre_norm, norms = info.pre_norm, info.tensor_norms
-        else:
-            clipped, info = grads, None
-            norms, pre_norm = norms_and_global(grads)
-
         columns: list[str] = []
         values: list[mx.array] = []
 
@@ -172,20 +245,50 @@ class Recorder:
             columns.append(name)
             if not isinstance(value, mx.array):
                 value = mx.array(value)
-            values.append(value.astype(mx.float32).reshape(()))
+            if value.dtype != mx.float32:
+                value = value.astype(mx.float32)
+            values.append(value if value.shape == (1,) else value.reshape(1))
 
-        add("pre_norm", pre_norm)
-        if info is not None:
-            add("post_norm", info.post_norm)
-            add("scale", info.scale)
-            add("threshold", info.threshold)
-            add("clipped", info.clipped)
-            add("nonfinite", info.nonfinite)
+        lean, info = self.lean, None
+        if lean is not None:
+            leaves = floating_leaves(grads)
+            squares = _squares(leaves)
+            total = sum_in_order(squares)
+            group = getattr(self.clipper, "group", None)
+            if group is not None:
+                total = mx.distributed.all_sum(total, group=group)
+            pre_norm = mx.sqrt(total)  # shape (1,)
+            add("pre_norm", pre_norm)
+            if self.clipper is None:
+                clipped = grads
+            else:  # GlobalNorm's (and clip_grad_norm's) expression, so the result is identical
+                scale = mx.minimum(self.clipper.max_norm / (pre_norm + 1e-6), 1.0)
+                clipped = scale_tree(grads, scale.reshape(()))
+                add("scale", scale)
+            names = tuple(name for name, _ in leaves)
+            tensor_values = squares
+            nonfinite = None
         else:
-            add("post_norm", pre_norm)
-            add("scale", mx.array(1.0))
-            add("clipped", mx.array(False))
-            add("nonfinite", ~mx.isfinite(pre_norm))
+            if self.clipper is not None:
+                clipped, info = self.clipper(grads, params=params)
+                pre_norm, norms = info.pre_norm, info.tensor_norms
+            else:
+                clipped, info = grads, None
+                norms, pre_norm = norms_and_global(grads)
+            add("pre_norm", pre_norm)
+            nonfinite = ~mx.isfinite(pre_norm) if info is None else info.nonfinite
+            if info is not None:
+                add("post_norm", info.post_norm)
+                add("scale", info.scale)
+                add("threshold", info.threshold)
+                add("clipped", info.clipped)
+            else:
+                add("post_norm", pre_norm)
+                add("scale", mx.array(1.0))
+                add("clipped", mx.array(False))
+            add("nonfinite", nonfinite)
+            names = tuple(norms)
+            tensor_values = list(norms.values())
         spike = None
         for detector in self.detectors:
             detected = detector(pre_norm)
@@ -201,28 +304,29 @@ class Recorder:
         if (self.skip_spikes and spike is not None) or skip_nonfinite:
             skipped = spike if self.skip_spikes and spike is not None else mx.array(False)
             if skip_nonfinite:
-                skipped = skipped | info.nonfinite
+                skipped = skipped | nonfinite
             self.skip_index = len(columns)
             add("skipped", skipped)
         for name in ("loss", "lr"):
             if name in arrays:
                 add(name, arrays[name])
-        names: tuple[str, ...] = ()
-        if self.tensor_norms:
-            names = tuple(norms)
-            values.extend(norm.astype(mx.float32).reshape(()) for norm in norms.values())
-        layout = self.last_layout = Layout(tuple(columns), names)
+        if not self.tensor_norms:
+            names, tensor_values = (), []
+        for value in tensor_values:
+            values.append(value if value.shape == (1,) else value.astype(mx.float32).reshape(1))
+        layout = self.last_layout = Layout(tuple(columns), names, lean=lean, step_in_vector=step_in_graph)
         layout_id = self._layout_ids.get(layout)
         if layout_id is None:
             layout_id = self._layout_ids[layout] = len(self._layouts)
             self._layouts.append(layout)
-        step = self.state["step"]
-        values.append((step // _STEP_SPLIT).astype(mx.float32))
-        values.append((step % _STEP_SPLIT).astype(mx.float32))
+        if step_in_graph:
+            step = self.state["step"]
+            values.append((step // _STEP_SPLIT).astype(mx.float32).reshape(1))
+            values.append((step % _STEP_SPLIT).astype(mx.float32).reshape(1))
+            self.state["step"] = step + 1
         # The layout id travels in the vector: a constant of this trace (exact in float32).
-        values.append(mx.array(float(layout_id), dtype=mx.float32))
-        vector = mx.stack(values)
-        self.state["step"] = step + 1
+        values.append(mx.array([float(layout_id)], dtype=mx.float32))
+        vector = mx.concatenate(values)
         if keep:
             self.state["record"] = vector
 
@@ -230,10 +334,20 @@ class Recorder:
         flat = tree_flatten(clipped)
         if not flat:
             return clipped, vector
-        state_leaves = [leaf for name, leaf in tree_flatten(self.state) if name != "record"]
+        state_leaves = [leaf for name, leaf in tree_flatten(self.state)
+                        if name != "record" and (step_in_graph or name != "step")]
         (tied,) = mx.depends([flat[0][1]], [vector, *state_leaves])
         flat[0] = (flat[0][0], tied)
         return tree_unflatten(flat), vector
+
+    def build_step(self, grads: Any, arrays: dict[str, mx.array]) -> tuple[Any, mx.array]:
+        """`build` for `GradWatch.step()`: the step number is counted in Python."""
+        return self.build(grads, arrays, step_in_graph=False)
+
+    def next_step(self) -> int:
+        """The number of the step `step()` records now (counted in Python)."""
+        step, self._python_step = self._python_step, self._python_step + 1
+        return step
 
     # -- the Python part (training thread, outside any compile) --------------
     def hold(self, step: int | None, vector: mx.array, extras: dict[str, Any], source: str = "step") -> None:
@@ -260,11 +374,11 @@ class Recorder:
         if 0 <= layout_id < len(self._layouts) and layout_id == int(layout_id):  # False for NaN
             layout_id = int(layout_id)
             layout = self._layouts[layout_id]
-        if layout is None or size != layout.width + TRAILER:
+        if layout is None or size != layout.width + layout.trailer:
             raise RecordError(f"gradwatch: the record of step {pending.step} ({size} values, layout id "
                               f"{layout_id}) matches no layout this watch built; the step is dropped")
         step = pending.step
-        if step is None:
+        if step is None and layout.step_in_vector:
             step = int(view[-3]) * _STEP_SPLIT + int(view[-2])
             if self.last_step is not None and step <= self.last_step:
                 last, self.last_step = self.last_step, None
@@ -279,7 +393,7 @@ class Recorder:
             if with_extras is None:  # one Layout object per shape of step, not one per step
                 with_extras = self._with_extras[key] = layout._replace(extra_columns=key[1])
             layout = with_extras
-        return StepRecord(step, pending.time, layout, bytes(view[:-TRAILER]), tuple(extras.values()))
+        return StepRecord(step, pending.time, layout, bytes(view[:-layout.trailer]), tuple(extras.values()))
 
     def drop_pending(self) -> None:
         self._pending = None

@@ -38,7 +38,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .buffer import RecordBuffer
 from .connection import Backoff, Connector
@@ -72,8 +72,10 @@ class Sender:
     def __init__(self, run: str, buffer: RecordBuffer, spool: Spool | None,
                  transport: WebSocketTransport | None, *, batch_steps: int = 1000,
                  batch_interval: float = 0.25, max_inflight: int = 8, backoff_base: float = 0.1,
-                 backoff_cap: float = 30.0, max_batch_bytes: int = DEFAULT_BATCH_BYTES):
+                 backoff_cap: float = 30.0, max_batch_bytes: int = DEFAULT_BATCH_BYTES,
+                 complete: Callable[[Sequence[StepRecord]], list[StepRecord]] | None = None):
         self.run = run
+        self.complete = complete  # the host half of a lean step (agent/host.py), before encoding
         self.buffer = buffer
         self.spool = spool
         self.transport = transport
@@ -518,10 +520,10 @@ class Sender:
             if taken:
                 if not self._open:
                     self._open_since = time.monotonic()
-                self._open.extend(taken)
                 with self._cond:
                     self._taken += len(taken)
                     self._held += len(taken)
+                self._open.extend(taken if self.complete is None else self._completed(taken))
             full = len(self._open) >= self.batch_steps
             due = self._open and (force or time.monotonic() - self._open_since >= self.batch_interval)
             if full or due:
@@ -535,6 +537,23 @@ class Sender:
                             self._route(payload, steps)
             if not taken or not (full or force):
                 return
+
+    def _completed(self, records: list[StepRecord]) -> list[StepRecord]:
+        """The records completed by the host stage (agent/host.py), which leaves out records
+        that cannot be read; those (all, should the stage fail) are dropped, counted as
+        `encode_error` with one warning: never sent half-made."""
+        try:
+            done = self.complete(records)
+            error: Exception | None = None
+        except Exception as failure:
+            done, error = [], failure
+        lost = len(records) - len(done)
+        if lost:
+            why = f" ({error!r})" if error is not None else ""
+            self._warn_once("encode", f"gradwatch: cannot encode {lost} step record(s) of run {self.run!r}"
+                                      f"{why}; they are dropped (counted as encode_error)")
+            self._count_held_drop("encode_error", lost)
+        return done
 
     def _count_held_drop(self, reason: str, steps: int) -> None:
         with self._cond:

@@ -15,6 +15,7 @@ the WebSocket, the spool, fsync, backoff) happens on the sender thread.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import re
 import socket
@@ -28,12 +29,14 @@ from typing import Any, Sequence
 
 import mlx.core as mx
 
-from gradwatch.clip import RobustDetector, apply_update
+from gradwatch.clip import RecommendedClip, RobustDetector, apply_update
+from gradwatch.clip.spike_rule import RobustRule
 
 from . import signals
 from .buffer import RecordBuffer
-from .recorder import (STATE_NOT_OUTPUT, CompiledStepError, NonFiniteGradientError, Recorder, RecordError,
-                       StepRecord, compile_error)
+from .host import HostStage, host_rule_config
+from .recorder import (STATE_NOT_OUTPUT, ClipperDetection, CompiledStepError, NonFiniteGradientError, Recorder,
+                       RecordError, StepRecord, compile_error)
 from .sender import DEFAULT_BATCH_BYTES, Sender
 from .spool import DEFAULT_CAP_BYTES, Spool
 from .stats import FlushResult, Stats
@@ -59,9 +62,12 @@ class GradWatch:
             environment says (upload it later with `gradwatch push DIR`).
         clipper: a `gradwatch.clip` clipper (`GlobalNorm(1.0)`, ...); None
             monitors without clipping (the gradients are returned unchanged).
-        detectors: spike detectors on the pre-clip norm; default
-            `[RobustDetector()]` (median/MAD of the log norm, docs/diagnostics.md),
-            `[]` for none.
+        detectors: spike detectors on the pre-clip norm, run in the step's graph (their
+            flags are what is recorded). Default: the robust rule (median/MAD of the log
+            norm, docs/diagnostics.md) run on the host, one step late, in the sender thread
+            (`watch.host_detector`; the graph holds only the norms), or as an in-graph
+            `RobustDetector()` when the step must act on it (`skip_spikes=True`, a
+            `RecommendedClip` clipper). `[]` for none.
         token: write token of the server (`gradwatch serve --token`); not given:
             `GRADWATCH_TOKEN` when set.
         spool_dir: folder for this run's spool (default `./gradwatch-spool/<run>/`).
@@ -109,8 +115,18 @@ class GradWatch:
         if not isinstance(run, str) or not run:
             raise ValueError(f"run must be a non-empty string, got {run!r}")
         self.clipper = clipper
-        self.detectors = [RobustDetector()] if detectors is None else list(detectors)
         self.skip_spikes = bool(skip_spikes)
+        # The default robust detector runs on the host, one step late (agent/host.py), unless
+        # this step must act on it: skip_spikes, or a RecommendedClip (its own detector is in
+        # the graph anyway). Detectors passed explicitly run in the graph; their flags are sent.
+        in_graph = detectors is not None or self.skip_spikes or isinstance(clipper, RecommendedClip)
+        if detectors is not None:
+            self.detectors = list(detectors)
+        elif isinstance(clipper, RecommendedClip):
+            self.detectors = [ClipperDetection(clipper)]
+        else:
+            self.detectors = [RobustDetector()] if in_graph else []
+        self.host_detector: RobustRule | None = None if in_graph else RobustRule()
         self._last_vector: mx.array | None = None
         group = getattr(clipper, "group", None)
         self.rank = group.rank() if group is not None else 0
@@ -130,8 +146,8 @@ class GradWatch:
         self._raise_nonfinite = getattr(clipper, "nonfinite", None) == "raise"
         self._recorder = Recorder(clipper, self.detectors, tensor_norms, skip_spikes=self.skip_spikes,
                                   start_step=start_step)
-        self._compiled = (mx.compile(self._recorder.build, inputs=self._recorder.state,
-                                     outputs=self._recorder.state) if compile else self._recorder.build)
+        self._compiled = (mx.compile(self._recorder.build_step, inputs=self._recorder.state,
+                                     outputs=self._recorder.state) if compile else self._recorder.build_step)
         self._last_record: mx.array | None = None  # what record() held last
         self._traced = False  # the last compute() ran in a trace with watch.state as input
         self._recorded = 0
@@ -149,7 +165,8 @@ class GradWatch:
             transport = WebSocketTransport(url, token, send_timeout=send_timeout) if url else None
             self._sender = Sender(run, self._buffer, self._spool, transport, batch_steps=batch_steps,
                                   batch_interval=batch_interval, max_inflight=max_inflight,
-                                  backoff_cap=backoff_cap, max_batch_bytes=max_batch_bytes)
+                                  backoff_cap=backoff_cap, max_batch_bytes=max_batch_bytes,
+                                  complete=HostStage(self.host_detector).complete)
             self._sender.start()
         self._last_flush: tuple[int, FlushResult] | None = None  # (records handed over, result)
         _LIVE.add(self)
@@ -175,7 +192,7 @@ class GradWatch:
             elif value is not None:
                 extras[name] = float(value)
         clipped, vector = self._compiled(grads, arrays)
-        self._hold(vector, extras, None, "step")
+        self._hold(vector, extras, self._recorder.next_step(), "step")
         return clipped
 
     def _check_not_tracing(self) -> None:
@@ -292,7 +309,7 @@ class GradWatch:
             self._buffered += 1
         else:
             self._sender.count_training_drop("queue_full")
-        if raise_nonfinite and self._raise_nonfinite and record.value("nonfinite"):
+        if raise_nonfinite and self._raise_nonfinite and not math.isfinite(record.value("pre_norm")):
             raise NonFiniteGradientError(record.step, record.value("pre_norm"), self.run)
 
     def _send_meta(self) -> None:
@@ -300,7 +317,8 @@ class GradWatch:
         layout = self._recorder.last_layout
         meta = {
             "clipper": self.clipper.config() if self.clipper is not None else None,
-            "detectors": [detector.config() for detector in self.detectors if hasattr(detector, "config")],
+            "detectors": [detector.config() for detector in self.detectors if hasattr(detector, "config")]
+            + ([host_rule_config(self.host_detector)] if self.host_detector is not None else []),
             "tensors": {"names": list(layout.tensor_names) if layout else [],
                         "shapes": self._recorder.shapes},
             "mlx": mx.__version__,

@@ -29,7 +29,7 @@ from typing import Any
 import mlx.core as mx
 
 from .base import Clipper, check_bound, check_count
-from .info import ClipInfo
+from .info import ClipInfo, DetectorInfo
 from .norms import _norms_from_leaves, floating_leaves
 from .robust import MAD_TO_SIGMA, TINY, RobustDetector, masked_median
 
@@ -48,6 +48,10 @@ class RecommendedClip(Clipper):
             k = 5 as the server's ``robust_spikes``); its state lives in this
             clipper's state.
         nonfinite: see :class:`~gradwatch.clip.base.Clipper`.
+
+    ``last_detection``: the :class:`DetectorInfo` its detector gave for the last call's
+    norm (lazy arrays of that call; the agent records it instead of running a second
+    detector on the same norm).
 
     Info: ``threshold`` = the τ applied (``inf`` during a warm-up without
     fallback), ``clipped = scale < 1``; as :class:`GlobalNorm` otherwise.
@@ -74,6 +78,9 @@ class RecommendedClip(Clipper):
         self.fallback = check_bound("fallback", fallback, optional=True)
         self.detector = detector if detector is not None else RobustDetector()
         self.state.update(ring=mx.zeros((self.window,), mx.float32), count=mx.array(0, mx.int32))
+        self.last_detection: DetectorInfo | None = None
+        self._slots = mx.arange(self.window)  # made once: a constant of the step's graph
+        mx.eval(self._slots)
         self.state.update({PREFIX + key: value for key, value in self.detector.state.items()})
 
     def params(self) -> dict[str, Any]:
@@ -84,9 +91,10 @@ class RecommendedClip(Clipper):
         """τ from the clean window as it is now (lazy; ``inf`` when it is empty)."""
         ring, count = self.state["ring"], self.state["count"]
         n = mx.minimum(count, self.window)
-        median_log = masked_median(ring, n)
-        mad = masked_median(mx.abs(ring - median_log), n)
-        median = masked_median(mx.exp(ring), n)
+        slots = self._slots
+        median_log = masked_median(ring, n, slots)
+        mad = masked_median(mx.abs(ring - median_log), n, slots)
+        median = masked_median(mx.exp(ring), n, slots)
         tau = mx.exp(median_log + self.k * MAD_TO_SIGMA * mad)
         return mx.minimum(mx.maximum(tau, median), 10 * median)
 
@@ -101,10 +109,11 @@ class RecommendedClip(Clipper):
         self.detector.state = {key[len(PREFIX):]: value for key, value in self.state.items()
                                if key.startswith(PREFIX)}
         found = self.detector(x)
+        self.last_detection = found  # what its detector said of this step (lazy; read in the same trace)
         self.state.update({PREFIX + key: value for key, value in self.detector.state.items()})
         clean = mx.isfinite(x) & ~found.spike & ~found.level_shift
         count = self.state["count"]
-        slot = mx.arange(self.window) == (count % self.window)
+        slot = self._slots == (count % self.window)
         self.state["ring"] = mx.where(slot & clean, mx.log(mx.maximum(x, TINY)), self.state["ring"])
         self.state["count"] = mx.where(clean, count + 1, count)
         return self._scaled_result(grads, x, scale, threshold, norms)

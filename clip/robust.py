@@ -54,18 +54,23 @@ MAD_TO_SIGMA = 1.4826  # 1 / Φ⁻¹(3/4): the MAD of a normal sample times this
 TINY = 1e-30  # log floor: a zero norm is low, never a spike, and never -inf in the history
 
 
-def masked_median(values: mx.array, n: mx.array) -> mx.array:
+_MIDDLE = mx.array([-1, 0], dtype=mx.int32)  # (n + these) // 2: the two middle ranks of n values
+
+
+def masked_median(values: mx.array, n: mx.array, index: mx.array | None = None) -> mx.array:
     """The median of ``values[:n]`` as NumPy computes it (mean of the two middle values).
 
     Entries at and past ``n`` are masked with ``+inf`` so a sort puts them last.
-    ``inf`` when ``n`` is 0.
+    ``inf`` when ``n`` is 0. ``index`` is ``mx.arange(len(values))``, computed once by a
+    caller that calls this every step (an array held outside the step is a constant of
+    a compiled graph, not an operation of every step).
     """
     size = values.shape[0]
-    valid = mx.arange(size) < n
-    ordered = mx.sort(mx.where(valid, values, mx.inf))
-    low = mx.take(ordered, mx.maximum((n - 1) // 2, 0))
-    high = mx.take(ordered, mx.minimum(n // 2, size - 1))
-    return (low + high) / 2
+    if index is None:
+        index = mx.arange(size)
+    ordered = mx.sort(mx.where(index < n, values, mx.inf))
+    middle = mx.take(ordered, mx.clip((n + _MIDDLE) // 2, 0, size - 1))  # one gather for both
+    return middle.sum() / 2
 
 
 class RobustDetector(SpikeDetector):
@@ -102,6 +107,10 @@ class RobustDetector(SpikeDetector):
             history=mx.zeros((self.history,), mx.float32), filled=mx.array(0, mx.int32),
             seen=mx.array(0, mx.int32), recent=mx.zeros((self.shift_window,), mx.float32),
             flags=mx.zeros((self.shift_window,), mx.bool_), recent_count=mx.array(0, mx.int32))
+        # Index vectors, made once: constants of the step's graph, not operations of every step.
+        self._slots = mx.arange(self.history)
+        self._window_slots = mx.arange(self.shift_window)
+        mx.eval(self._slots, self._window_slots)
 
     def params(self) -> dict[str, Any]:
         return {"k": self.k, "history": self.history, "warmup_steps": self.warmup_steps,
@@ -122,8 +131,9 @@ class RobustDetector(SpikeDetector):
         log_x = mx.log(mx.maximum(x, TINY))
         log_safe = mx.where(finite, log_x, 0.0)
         n = mx.minimum(filled, size)
-        median = masked_median(history, n)
-        mad = masked_median(mx.abs(history - median), n)
+        slots, window_slots = self._slots, self._window_slots
+        median = masked_median(history, n, slots)
+        mad = masked_median(mx.abs(history - median), n, slots)
         scale = mx.maximum(MAD_TO_SIGMA * mad, self.min_scale)
         ready = seen >= self.warmup_steps
         z = (log_x - median) / scale
@@ -131,10 +141,10 @@ class RobustDetector(SpikeDetector):
         fed = mx.where(ready, mx.minimum(log_safe, median + self.k * scale), log_safe)
 
         write = finite
-        slot = mx.arange(size) == (filled % size)
+        slot = slots == (filled % size)
         history = mx.where(slot & write, fed, history)
         filled = mx.where(write, filled + 1, filled)
-        recent_slot = mx.arange(window) == (recent_count % window)
+        recent_slot = window_slots == (recent_count % window)
         recent = mx.where(recent_slot & write, log_safe, recent)
         flags = mx.where(recent_slot & write, flagged, flags)
         recent_count = mx.where(write, recent_count + 1, recent_count)
@@ -144,7 +154,7 @@ class RobustDetector(SpikeDetector):
         # (so the ring overwrites them in the order they came; when fewer than
         # `window` were ever written, they are the first slots already).
         start = mx.where(recent_count >= window, recent_count % window, 0)
-        ordered = mx.take(recent, (mx.arange(window) + start) % window)
+        ordered = mx.take(recent, (window_slots + start) % window)
         refill = mx.concatenate([ordered, history[window:]]) if size > window else ordered
         st["history"] = mx.where(shift, refill, history)
         st["filled"] = mx.where(shift, mx.minimum(recent_count, window), filled)

@@ -1,8 +1,8 @@
 """Spikes, level shifts, loss spikes and the clip-threshold recommendation, from stored numbers.
 
-Pure NumPy: the server's own implementation of the rule the agent's
-``RobustDetector`` applies (gradwatch.clip.robust, docs/diagnostics.md).
-Runs sent over HTTP, runs recorded with ``detectors=[]`` and old runs have no
+Pure NumPy. The spike rule is ``gradwatch.clip.spike_rule``, the one
+implementation the agent's host detector runs too (docs/diagnostics.md);
+importing it loads no MLX. Runs sent over HTTP, runs recorded with ``detectors=[]`` and old runs have no
 agent flags, and the agent's flags are shown, not trusted: the server finds
 the spikes itself.
 
@@ -28,13 +28,16 @@ the average norm still trains).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-MAD_TO_SIGMA = 1.4826
-TINY = 1e-30
+# The rule itself lives in one pure-NumPy module shared with the agent (it loads no MLX).
+from gradwatch.clip.spike_rule import MAD_TO_SIGMA, TINY, RobustSpikes, robust_spikes
+from gradwatch.clip.spike_rule import robust_loop as _robust_loop
+
+__all__ = ["MAD_TO_SIGMA", "TINY", "RobustSpikes", "RECOMMENDATION_KEYS", "_robust_loop", "default_window",
+           "loss_spikes", "recommend", "robust_spikes"]
 MIN_WINDOW = 100
 MIN_CLEAN = 100
 HISTORY_BEFORE_WINDOW = 400   # steps before the window the robust rule reads as history
@@ -42,205 +45,6 @@ DEFAULT_WINDOW_FRACTION = 0.10
 DEFAULT_MIN_WINDOW = 500
 DEFAULT_MAX_WINDOW = 20_000   # recent enough to be the regime the threshold is for; bounds the work
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p95", 95.0), ("p99", 99.0), ("p99.9", 99.9))
-
-
-@dataclass
-class RobustSpikes:
-    """What the robust rule found in a series (arrays aligned with its values).
-
-    ``spike``: bool, a spike (non-finite values included). ``level_shift``:
-    bool, the step that started a new regime. ``transition``: bool, the
-    flagged steps that led up to a level shift (neither clean nor spikes of
-    the new regime). ``score``: the robust z-score (0 during warm-up, NaN for
-    a non-finite value). ``ready``: bool, past warm-up.
-    """
-
-    spike: np.ndarray
-    level_shift: np.ndarray
-    transition: np.ndarray
-    score: np.ndarray
-    ready: np.ndarray
-
-    @property
-    def level_shift_index(self) -> list[int]:
-        return [int(i) for i in np.flatnonzero(self.level_shift)]
-
-
-def robust_spikes(values: Sequence[float] | np.ndarray, *, log: bool = True, k: float = 5.0,
-                  history: int = 200, warmup: int = 25, shift_window: int = 20,
-                  shift_count: int = 10, min_scale: float = 0.01) -> RobustSpikes:
-    """The robust spike rule over ``values`` (oldest first), one-sided.
-
-    ``log=True`` (norms): in log space, the same rule and defaults as the
-    agent's ``RobustDetector`` (``min_scale`` in log units). ``log=False``
-    (losses, which can be <= 0): in linear space, and the scale is floored at
-    ``min_scale·|median|`` instead (relative, so it works at any loss scale).
-    None values are treated as NaN (a spike); callers drop missing values first.
-
-    Exactly the step-by-step rule (`_robust_loop`), computed a block of steps
-    at a time where that is provably the same: the medians of the raw values'
-    windows equal those of the fed (clipped) windows whenever every clipped
-    value stays above both middle order statistics of the windows it is in
-    (checked); series with a level shift take the loop.
-    """
-    if shift_window > history or shift_count >= shift_window:
-        raise ValueError("need shift_count < shift_window <= history")
-    x = np.asarray([np.nan if v is None else v for v in values] if not isinstance(values, np.ndarray)
-                   else values, dtype=np.float64)
-    params = dict(log=log, k=k, history=history, warmup=warmup, shift_window=shift_window,
-                  shift_count=shift_count, min_scale=min_scale)
-    finite_all = np.isfinite(x)
-    positions = np.flatnonzero(finite_all)
-    if len(positions) <= 2 * history:
-        return _robust_loop(x, **params)
-    if log:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            lx = np.log(np.maximum(x[positions], TINY))
-    else:
-        lx = x[positions]
-    prefix = _robust_loop(x[positions[:history]], **params)
-    if prefix.level_shift.any():
-        return _robust_loop(x, **params)
-    fast = _blocked_rule(lx, prefix, k=k, history=history, shift_window=shift_window, shift_count=shift_count,
-                         min_scale=min_scale, log=log)
-    if fast is None:
-        return _robust_loop(x, **params)
-    flagged, z = fast
-    n = len(x)
-    spike = ~finite_all
-    spike[positions[flagged]] = True
-    seen_before = np.cumsum(finite_all) - finite_all
-    score = np.where(finite_all, 0.0, np.nan)
-    score[positions] = z
-    return RobustSpikes(spike=spike, level_shift=np.zeros(n, bool), transition=np.zeros(n, bool), score=score,
-                        ready=seen_before >= warmup)
-
-
-def _blocked_rule(lx: np.ndarray, prefix: RobustSpikes, *, k: float, history: int, shift_window: int,
-                  shift_count: int, min_scale: float, log: bool, block: int = 2048
-                  ) -> tuple[np.ndarray, np.ndarray] | None:
-    """(flagged, score) over finite transformed values `lx`, the first `history` taken from the
-    loop's `prefix`; None when the result cannot be shown to equal the loop's."""
-    n, h = len(lx), history
-    flagged = np.zeros(n, bool)
-    z = np.zeros(n)
-    flagged[:h] = prefix.spike
-    z[:h] = prefix.score
-    fed = lx.copy()
-    for i in np.flatnonzero(prefix.spike).tolist():   # prefix spikes entered the history clipped
-        window = fed[:i]
-        med = float(np.median(window))
-        floor = min_scale if log else min_scale * abs(med)
-        scale = max(MAD_TO_SIGMA * float(np.median(np.abs(window - med))), floor)
-        fed[i] = min(lx[i], med + k * scale)
-    lo_k, hi_k = (h - 1) // 2, h // 2
-    median, upper, dev_upper, scales = np.empty(n), np.empty(n), np.empty(n), np.empty(n)
-    windows = np.lib.stride_tricks.sliding_window_view(fed, h)   # row r: fed[r:r + h], the history of step r + h
-    for begin in range(h, n, block):
-        end = min(begin + block, n)
-        part = np.partition(windows[begin - h:end - h], hi_k, axis=1)   # one kth: 5x faster than two
-        med = (part[:, :hi_k].max(axis=1) + part[:, hi_k]) / 2 if lo_k != hi_k else part[:, hi_k]
-        dev = np.partition(np.abs(part - med[:, None]), hi_k, axis=1)
-        mad = (dev[:, :hi_k].max(axis=1) + dev[:, hi_k]) / 2 if lo_k != hi_k else dev[:, hi_k]
-        floor = min_scale if log else min_scale * np.abs(med)
-        scale = np.maximum(MAD_TO_SIGMA * mad, floor)
-        value = lx[begin:end]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            score = np.where(scale > 0, (value - med) / np.where(scale > 0, scale, 1.0),
-                             np.where(value > med, np.inf, np.where(value == med, 0.0, -np.inf)))
-        z[begin:end] = score
-        median[begin:end], upper[begin:end], dev_upper[begin:end], scales[begin:end] = \
-            med, part[:, hi_k], dev[:, hi_k], scale
-    flagged[h:] = z[h:] > k
-    counts = np.cumsum(flagged)
-    recent = counts - np.concatenate([np.zeros(shift_window, counts.dtype), counts[:-shift_window]])
-    if np.any(flagged & (recent > shift_count)):
-        return None   # a level shift: the history is replaced, the loop's business
-    # The windows above hold the raw values of the steps flagged after the prefix; the loop
-    # fed them clipped. Same medians and MADs as long as each clipped value stays above the
-    # upper middle value, and the upper middle deviation, of every window it is in.
-    for j in np.flatnonzero(flagged[h:]).tolist():
-        j += h
-        entered = min(lx[j], median[j] + k * scales[j])
-        span = slice(j + 1, min(j + h, n - 1) + 1)
-        if not (np.all(entered > upper[span]) and np.all(entered - median[span] > dev_upper[span])):
-            return None
-    return flagged, z
-
-
-def _robust_loop(values: Sequence[float] | np.ndarray, *, log: bool = True, k: float = 5.0,
-                  history: int = 200, warmup: int = 25, shift_window: int = 20,
-                  shift_count: int = 10, min_scale: float = 0.01) -> RobustSpikes:
-    """`robust_spikes` one step at a time: the reference, and the path for series the
-    vectorised one cannot prove exact (level shifts, warm-up only).
-
-    ``log=True`` (norms): in log space, the same rule and defaults as the
-    agent's ``RobustDetector`` (``min_scale`` in log units). ``log=False``
-    (losses, which can be <= 0): in linear space, and the scale is floored at
-    ``min_scale·|median|`` instead (relative, so it works at any loss scale).
-    None values are treated as NaN (a spike); callers drop missing values first.
-    """
-    if shift_window > history or shift_count >= shift_window:
-        raise ValueError("need shift_count < shift_window <= history")
-    x = np.asarray([np.nan if v is None else v for v in values] if not isinstance(values, np.ndarray)
-                   else values, dtype=np.float64)
-    n = len(x)
-    finite_all = np.isfinite(x)
-    if log:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            lx = np.log(np.maximum(x, TINY))
-    else:
-        lx = x.copy()
-    spike = ~finite_all
-    level_shift = np.zeros(n, bool)
-    transition = np.zeros(n, bool)
-    score = np.where(finite_all, 0.0, np.nan)
-    ready_out = np.zeros(n, bool)
-
-    ring = np.zeros(history)
-    filled = 0
-    seen = 0
-    recent: list[tuple[int, float, bool]] = []  # (index, raw value, flagged) of the last finite steps
-    for i in range(n):
-        if not finite_all[i]:
-            ready_out[i] = seen >= warmup
-            continue
-        value = lx[i]
-        ready = seen >= warmup
-        ready_out[i] = ready
-        fed = value
-        flagged = False
-        if ready:
-            h = ring[:min(filled, history)]
-            median = float(np.median(h))
-            floor = min_scale if log else min_scale * abs(median)
-            scale = max(MAD_TO_SIGMA * float(np.median(np.abs(h - median))), floor)
-            if scale > 0:
-                z = (value - median) / scale
-            else:
-                z = math.inf if value > median else (0.0 if value == median else -math.inf)
-            score[i] = z
-            flagged = z > k
-            fed = min(value, median + k * scale)
-        ring[filled % history] = fed
-        filled += 1
-        seen += 1
-        recent.append((i, value, flagged))
-        if len(recent) > shift_window:
-            recent.pop(0)
-        if flagged and sum(f for _, _, f in recent) > shift_count:
-            level_shift[i] = True
-            for j, _, was_flagged in recent:
-                if was_flagged and j != i:
-                    transition[j] = True
-                    spike[j] = False
-            ring[:len(recent)] = [v for _, v, _ in recent]
-            filled = len(recent)
-            recent = [(j, v, False) for j, v, _ in recent]
-        elif flagged:
-            spike[i] = True
-    return RobustSpikes(spike=spike, level_shift=level_shift, transition=transition, score=score,
-                        ready=ready_out)
 
 
 # -- the recommendation ----------------------------------------------------------------
