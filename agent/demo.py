@@ -119,6 +119,17 @@ class ProgressBar:
             sys.stderr.write("\n")
 
 
+def kernels_cold() -> bool:
+    """True when MLX's CPU kernel cache (`$TMPDIR/mlx/<version>/cpu`, Linux) is still empty."""
+    import os
+    import tempfile
+
+    if sys.platform == "darwin":
+        return False
+    cache = os.path.join(tempfile.gettempdir(), "mlx", mx.__version__, "cpu")
+    return not (os.path.isdir(cache) and os.listdir(cache))
+
+
 def train(run: str, url: str | None, steps: int, token: str | None = None, seed: int = 0) -> None:
     mx.random.seed(seed)
     model = MLP()
@@ -130,7 +141,7 @@ def train(run: str, url: str | None, steps: int, token: str | None = None, seed:
               "corrupted_steps": sorted(spike_steps(steps))}
     # The library's default detector (RobustDetector: median/MAD of the log norm).
     with GradWatch(run=run, url=url, token=token, clipper=GlobalNorm(1.0), config=config) as watch:
-        progress.update(0, force=True, note="(the first steps compile MLX's kernels unless cached)")
+        progress.update(0, force=True, note="(compiling MLX's kernels first: once)" if kernels_cold() else "")
         for step, (inputs, labels, _) in enumerate(synthetic_batches(steps, seed)):
             lr = learning_rate(step, steps)
             optimizer.learning_rate = lr
