@@ -1,21 +1,26 @@
-"""Step records -> the JSON payloads of columnar batches (the wire format, docs/wire.md).
+"""Step records -> the payloads of columnar batches (the wire format, docs/wire.md).
 
-One JSON library, orjson, for everything the agent writes and reads on the
-wire. Records of one layout (the same columns and tensor names) become one
-batch; a batch is cut by steps so that each payload stays within a byte
-budget (the server's message limit).
+Records of one layout (the same columns and tensor names) become one batch; a
+batch is cut by steps so that each payload stays within a byte budget (the
+server's message limit). Two encodings of the same batch: msgpack with each
+column a typed array of raw little-endian values (`encode_chunk_binary`, what the
+agent sends: no text to write or parse per value), and JSON (`encode_chunk`, for
+people; `GRADWATCH_WIRE=json` makes the agent send it).
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator, Sequence
 
+import msgpack
 import numpy as np
 import orjson
 
 from .recorder import Layout, StepRecord
-from .wire import BOOL_COLUMNS, wire_floats
+from .wire import BOOL_COLUMNS, typed_array, wire_floats
 
 DEFAULT_BATCH_BYTES = 4 << 20  # encoded bytes per message; the server's default limit is 32 MiB
+ENCODINGS = ("msgpack", "json")
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
@@ -70,35 +75,71 @@ def encode_chunk(run: str, records: Sequence[StepRecord]) -> bytes:
     return orjson.dumps({"run": run, "batch": batch}, option=_NUMPY)
 
 
-def encode_within(run: str, records: Sequence[StepRecord], max_bytes: int) -> list[tuple[bytes, int]]:
+def encode_chunk_binary(run: str, records: Sequence[StepRecord]) -> bytes:
+    """Records of one layout -> the msgpack payload of one columnar batch: steps int64,
+    `time` and Python-float extras float64, recorded values float32 as recorded (stored
+    as exactly those float32 values), flags bool, tensor norms one float32 array row by
+    row. NaN and Infinity are values of the arrays."""
+    layout: Layout = records[0].layout
+    rows = np.frombuffer(b"".join(record.values for record in records), dtype="<f4")
+    rows = rows.reshape(len(records), layout.width)
+    batch: dict = {"step": typed_array(np.fromiter((record.step for record in records), np.int64, len(records))),
+                   "time": typed_array(np.fromiter((record.time for record in records), np.float64, len(records)))}
+    for index, name in enumerate(layout.columns):
+        column = rows[:, index]
+        batch[name] = typed_array(column != 0.0 if name in BOOL_COLUMNS else column)
+    for index, name in enumerate(layout.extra_columns):
+        batch[name] = typed_array(np.fromiter((float(record.extras[index]) for record in records),
+                                              np.float64, len(records)))
+    if layout.tensor_names:
+        batch["tensor_norms"] = {"names": list(layout.tensor_names),
+                                 "norms": typed_array(rows[:, len(layout.columns):])}
+    return msgpack.packb({"run": run, "batch": batch})
+
+
+def default_encoding() -> str:
+    """The agent's wire encoding: msgpack unless `GRADWATCH_WIRE=json`."""
+    chosen = os.environ.get("GRADWATCH_WIRE", "msgpack").strip().lower()
+    return chosen if chosen in ENCODINGS else "msgpack"
+
+
+def _encoder(encoding: str | None):
+    return encode_chunk if (encoding or default_encoding()) == "json" else encode_chunk_binary
+
+
+def encode_within(run: str, records: Sequence[StepRecord], max_bytes: int,
+                  encoding: str | None = None) -> list[tuple[bytes, int]]:
     """Records of one layout -> `[(payload, steps)]`, cut by steps so that each payload is at
-    most `max_bytes` (a single step over it stays one payload)."""
+    most `max_bytes` (a single step over it stays one payload). `encoding`: "msgpack" or
+    "json" (None: `default_encoding()`)."""
+    encode = _encoder(encoding)
     count = len(records)
     if count > 2:  # size the pieces from one and two steps (names and columns are per batch)
-        one, two = len(encode_chunk(run, records[:1])), len(encode_chunk(run, records[:2]))
+        one, two = len(encode(run, records[:1])), len(encode(run, records[:2]))
         per_step = max(1, two - one)
         fits = max(1, int((max_bytes - (one - per_step)) / per_step * 0.95))
         if fits < count:
             out: list[tuple[bytes, int]] = []
             for start in range(0, count, fits):
-                out.extend(_encode_checked(run, records[start:start + fits], max_bytes))
+                out.extend(_encode_checked(encode, run, records[start:start + fits], max_bytes))
             return out
-    return _encode_checked(run, records, max_bytes)
+    return _encode_checked(encode, run, records, max_bytes)
 
 
-def _encode_checked(run: str, records: Sequence[StepRecord], max_bytes: int) -> list[tuple[bytes, int]]:
-    payload = encode_chunk(run, records)
+def _encode_checked(encode, run: str, records: Sequence[StepRecord], max_bytes: int) -> list[tuple[bytes, int]]:
+    payload = encode(run, records)
     if len(payload) <= max_bytes or len(records) == 1:
         return [(payload, len(records))]
     half = len(records) // 2
-    return _encode_checked(run, records[:half], max_bytes) + _encode_checked(run, records[half:], max_bytes)
+    return (_encode_checked(encode, run, records[:half], max_bytes)
+            + _encode_checked(encode, run, records[half:], max_bytes))
 
 
-def encode_batches(run: str, records: Sequence[StepRecord],
-                   max_bytes: int = DEFAULT_BATCH_BYTES) -> list[tuple[bytes, int]]:
-    """Records -> `[(payload JSON, step count)]`: one columnar batch per run of equal layouts,
+def encode_batches(run: str, records: Sequence[StepRecord], max_bytes: int = DEFAULT_BATCH_BYTES,
+                   encoding: str | None = None) -> list[tuple[bytes, int]]:
+    """Records -> `[(payload, step count)]`: one columnar batch per run of equal layouts,
     cut so that each payload is at most `max_bytes`."""
     out = []
     for chunk in layout_runs(records):
-        out.extend(encode_within(run, chunk, max_bytes))
+        out.extend(encode_within(run, chunk, max_bytes, encoding))
     return out

@@ -10,7 +10,6 @@ keeps one row per (run, step)), and prints what the server answered.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ from .sender import Sender
 from .stats import Stats
 from .spool import Position, Spool, SpoolBusy
 from .transport import WebSocketTransport
+from .wire import load_payload
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 
@@ -34,7 +34,7 @@ def _run_name(spool: Spool, meta_file: dict | None) -> str:
         return meta_file["run"]
     for frame in spool.read(Position(0, 0), max_frames=16):
         if frame.payload:
-            return json.loads(frame.payload)["run"]
+            return load_payload(frame.payload)["run"]
     raise PushError(f"{spool.directory} holds no run name (no meta.json and no readable batch)")
 
 

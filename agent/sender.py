@@ -160,8 +160,8 @@ class Sender:
         directory = shlex.quote(str(self.spool.directory)) if self.spool is not None else "DIR"
         command = f"gradwatch push {directory}"
         if self.transport is not None:
-            command += f" --url {shlex.quote(self.transport.base_url)}"
-            if self.transport.token:
+            command += f" --url {shlex.quote(self.transport.push_url())}"
+            if self.transport.token or self.transport.refused == "token":
                 command += " --token TOKEN"
         return command
 
@@ -647,7 +647,7 @@ class Sender:
               meta: dict | None = None, drops: dict | None = None) -> None:
         seq = self.window.next_seq
         text = encode_message(seq, payload if payload else encode_payload(self.run), meta)
-        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+        size = len(text) if isinstance(text, bytes) or text.isascii() else len(text.encode("utf-8"))
         self.window.add(Inflight(kind, payload, steps, end, drops, size, time.monotonic()))
         self.transport.send(text)
         if kind in ("live", "spool"):

@@ -7,9 +7,11 @@ when a batch was refused for good, `rejected.gws`.
 
 Each record is a frame::
 
-    b"GWS1" | payload length (u32 LE) | step count (u32 LE) | CRC32 (u32 LE) | payload
+    magic | payload length (u32 LE) | step count (u32 LE) | CRC32 (u32 LE) | payload
 
-with the CRC over the step count and the payload. A process never appends to a
+with the CRC over the step count and the payload. The magic says the payload's
+encoding: b"GWS1" JSON text, b"GWS2" msgpack (agent/wire.py), so one folder can
+hold both (a spool left by an older agent is replayed as it was written). A process never appends to a
 segment it did not create, so a frame torn by a crash (or any corrupt bytes)
 can only be followed by other frames of the same dead process: the reader
 skips forward to the next frame whose magic and CRC check out, with a
@@ -37,9 +39,13 @@ from typing import Iterator, NamedTuple
 
 import orjson
 
+from .wire import is_binary
+
 log = logging.getLogger("gradwatch.agent")
 
-MAGIC = b"GWS1"
+MAGIC = b"GWS1"         # a JSON payload
+MAGIC_BINARY = b"GWS2"  # a msgpack payload
+MAGICS = (MAGIC, MAGIC_BINARY)
 HEADER = struct.Struct("<4sIII")
 MAX_PAYLOAD = 256 * 1024 * 1024
 SEGMENT_SUFFIX = ".gws"
@@ -65,7 +71,8 @@ class SpoolBusy(RuntimeError):
 
 def encode_frame(payload: bytes, steps: int) -> bytes:
     count = struct.pack("<I", steps)
-    return HEADER.pack(MAGIC, len(payload), steps, zlib.crc32(payload, zlib.crc32(count))) + payload
+    magic = MAGIC_BINARY if is_binary(payload) else MAGIC
+    return HEADER.pack(magic, len(payload), steps, zlib.crc32(payload, zlib.crc32(count))) + payload
 
 
 def read_frames(data: bytes, start: int = 0, origin: str = "spool",
@@ -86,7 +93,7 @@ def read_frames(data: bytes, start: int = 0, origin: str = "spool",
             continue
         resume = offset + 1
         while True:
-            resume = data.find(MAGIC, resume)
+            resume = _next_magic(data, resume)
             if resume < 0 or _frame_at(data, resume) is not None:
                 break
             resume += 1
@@ -102,15 +109,23 @@ def read_frames(data: bytes, start: int = 0, origin: str = "spool",
         offset = resume
 
 
+def _next_magic(data: bytes, start: int) -> int:
+    """Where the next frame magic (either encoding) starts at or after `start`; -1: none."""
+    found = [at for at in (data.find(magic, start) for magic in MAGICS) if at >= 0]
+    return min(found) if found else -1
+
+
 def _frame_at(data: bytes, offset: int):
     if offset + HEADER.size > len(data):
         return None
     magic, length, steps, crc = HEADER.unpack_from(data, offset)
     end = offset + HEADER.size + length
-    if magic != MAGIC or length > MAX_PAYLOAD or end > len(data):
+    if magic not in MAGICS or length > MAX_PAYLOAD or end > len(data):
         return None
     payload = data[offset + HEADER.size:end]
     if zlib.crc32(payload, zlib.crc32(struct.pack("<I", steps))) != crc:
+        return None
+    if (magic == MAGIC_BINARY) != is_binary(payload):
         return None
     return offset, end, payload, steps
 

@@ -1,8 +1,9 @@
 """One WebSocket to the server's `/ws/ingest`, with errors sorted into two kinds.
 
 `Refused`: the server will never take this data from us as configured (a
-refused token, close code 4401/4403 or HTTP 401/403 at the handshake). The
-sender reports it once and stops trying. `TransportError`: anything else
+refused token, close code 4401/4403 or HTTP 401/403 at the handshake; or HTTP
+404: no gradwatch server at that path). The sender reports it once and stops
+trying. `TransportError`: anything else
 (connection refused, reset, timeout, a 1011 close, a 503); the sender backs
 off and tries again.
 """
@@ -14,10 +15,11 @@ import struct
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
-from .wire import ingest_url, loads
+from .wire import ingest_url, loads, server_root
 
 REFUSED_CLOSE_CODES = (4401, 4403)
 REFUSED_HTTP_STATUS = (401, 403)
+NOT_HERE_HTTP_STATUS = 404  # the server answers an unknown WebSocket path with 404
 
 
 class TransportError(Exception):
@@ -34,7 +36,12 @@ class Stalled(TransportError):
 
 
 class Refused(Exception):
-    """The server refuses our credentials: do not retry."""
+    """The server refuses our credentials (`reason` "token"), or nothing that takes
+    batches is at the URL's path (`reason` "path"): do not retry."""
+
+    def __init__(self, message: str, reason: str = "token"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class WebSocketTransport:
@@ -50,6 +57,7 @@ class WebSocketTransport:
         self.open_timeout = open_timeout
         self.send_timeout = float(send_timeout)
         self.max_message_bytes = max_message_bytes
+        self.refused: str | None = None  # "token" or "path" once the server refused us
         self._connection: ClientConnection | None = None
 
     @property
@@ -73,7 +81,12 @@ class WebSocketTransport:
         except InvalidStatus as error:
             status = error.response.status_code
             if status in REFUSED_HTTP_STATUS:
+                self.refused = "token"
                 raise Refused(f"the server refused the token (HTTP {status} on {self.url})") from None
+            if status == NOT_HERE_HTTP_STATUS:
+                self.refused = "path"
+                raise Refused(f"no gradwatch server at this path ({self.url}: HTTP 404); the URL is the "
+                              f"server's address, e.g. {server_root(self.base_url)}", reason="path") from None
             raise TransportError(f"handshake answered HTTP {status}") from None
         except ConnectionClosed as error:
             raise self._closed(error, close=False) from None
@@ -93,7 +106,13 @@ class WebSocketTransport:
         except (OSError, WebSocketException, RuntimeError):
             pass
 
-    def send(self, text: str) -> None:
+    def push_url(self) -> str:
+        """The URL a `gradwatch push` hint should name: the server's root when this path
+        had no gradwatch server, else the URL as given."""
+        return server_root(self.base_url) if self.refused == "path" else self.base_url
+
+    def send(self, text: str | bytes) -> None:
+        """One message: a text frame for JSON (str), a binary frame for msgpack (bytes)."""
         if self._connection is None:
             raise TransportError("not connected")
         try:
@@ -128,6 +147,7 @@ class WebSocketTransport:
             self.close()
         frame = error.rcvd
         if frame is not None and frame.code in REFUSED_CLOSE_CODES:
+            self.refused = "token"
             reason = f": {frame.reason}" if frame.reason else ""
             return Refused(f"the server refused the token (close code {frame.code}{reason})")
         if frame is None:

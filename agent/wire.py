@@ -1,7 +1,10 @@
-"""The wire format (docs/wire.md) as plain dicts and JSON text (orjson throughout).
+"""The wire format (docs/wire.md): plain dicts, JSON text (orjson) and msgpack.
 
-The server's schemas are the validated version of this; here the agent only
-builds what they accept: a columnar batch, a message around it, a drop event.
+The server's `gradwatch.server.wire` is the validated version of this; here the
+agent only builds what it accepts: a columnar batch, a message around it, a drop
+event. A batch payload is JSON text (`{...`) or msgpack (a map: its first byte is
+never `{`), and keeps its encoding all the way: a JSON one goes in a WebSocket text
+frame, a msgpack one in a binary frame.
 """
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import math
 from typing import Iterable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+import msgpack
+import numpy as np
 import orjson
 
 INGEST_PATH = "/ws/ingest"
@@ -31,6 +36,12 @@ def ingest_url(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
+def server_root(url: str) -> str:
+    """`http://host:port/any/path` -> `http://host:port` (the scheme as given)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+
+
 def wire_float(value: float) -> float | str:
     """A float as the wire spells it: finite numbers as numbers, the rest as strings."""
     if math.isfinite(value):
@@ -45,10 +56,69 @@ def wire_floats(values: Iterable[float]) -> list:
     return [value if isfinite(value) else wire_float(value) for value in values]
 
 
+EXT_ARRAY = 1  # msgpack extension type of a typed array: an 8-byte dtype tag, then raw little-endian values
+TAG_BYTES = 8
+
+
+def typed_array(values: np.ndarray) -> msgpack.ExtType:
+    """A column as the binary wire's typed array (2-D: row by row)."""
+    array = np.ascontiguousarray(values)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return msgpack.ExtType(EXT_ARRAY, array.dtype.str.encode().ljust(TAG_BYTES, b"\0") + array.tobytes())
+
+
+def _from_ext(code: int, data: bytes):
+    if code != EXT_ARRAY:
+        return msgpack.ExtType(code, data)
+    return np.frombuffer(data, dtype=np.dtype(bytes(data[:TAG_BYTES]).rstrip(b"\0").decode()), offset=TAG_BYTES)
+
+
+def is_binary(payload: bytes) -> bool:
+    """True for a msgpack payload, False for JSON text."""
+    return bool(payload) and payload[:1] != b"{"
+
+
+def load_payload(payload: bytes) -> dict:
+    """A payload this agent wrote, either encoding, as a dict (typed arrays as numpy arrays)."""
+    if is_binary(payload):
+        return msgpack.unpackb(payload, ext_hook=_from_ext)
+    return orjson.loads(payload)
+
+
+def _split_binary(payload: bytes, max_bytes: int) -> list[tuple[bytes, int]]:
+    body = load_payload(payload)
+    batch = body["batch"]
+    steps = len(batch["step"])
+    if len(payload) <= max_bytes or steps <= 1:
+        return [(payload, steps)]
+    size = -(-steps // min(steps, max(2, -(-len(payload) // max_bytes))))
+    parts: list[tuple[bytes, int]] = []
+    for start in range(0, steps, size):
+        part = {}
+        for key, value in batch.items():
+            if key == "tensor_norms":
+                width = len(value["names"])
+                norms = value["norms"].reshape(-1, width)[start:start + size]
+                part[key] = {"names": value["names"], "norms": typed_array(norms)}
+            else:
+                part[key] = typed_array(value[start:start + size]) if isinstance(value, np.ndarray) \
+                    else value[start:start + size]
+        piece: dict = {"run": body["run"], "batch": part}
+        if start == 0 and body.get("events"):
+            piece["events"] = body["events"]
+        encoded = msgpack.packb(piece)
+        count = min(size, steps - start)
+        parts.extend(_split_binary(encoded, max_bytes) if len(encoded) > max_bytes else [(encoded, count)])
+    return parts
+
+
 def split_payload(payload: bytes, max_bytes: int) -> list[tuple[bytes, int]]:
     """A spooled batch payload cut by steps into payloads of at most `max_bytes` each
-    (`[(payload, steps)]`; a single step over the budget stays one payload). Values are
-    copied as parsed, so they print the same again."""
+    (`[(payload, steps)]`; a single step over the budget stays one payload), in the
+    payload's own encoding. JSON values are copied as parsed, so they print the same again."""
+    if is_binary(payload):
+        return _split_binary(payload, max_bytes)
     body = orjson.loads(payload)
     batch = body.get("batch")
     steps = len(batch["step"]) if isinstance(batch, dict) and isinstance(batch.get("step"), list) else 0
@@ -73,12 +143,25 @@ def split_payload(payload: bytes, max_bytes: int) -> list[tuple[bytes, int]]:
     return parts
 
 
-def encode_message(seq: int, payload: bytes, meta: dict | None = None) -> str:
-    """One WebSocket text message: `{"type": "batch", "seq": ..., <payload fields>}`.
+def encode_message(seq: int, payload: bytes, meta: dict | None = None) -> str | bytes:
+    """One WebSocket message: `{"type": "batch", "seq": ..., <payload fields>}`, as text
+    for a JSON payload, as bytes (a binary frame) for a msgpack one.
 
-    `payload` is the JSON of `{"run": ..., "batch": ..., "events": ...}` as
-    stored in the spool; it is spliced in as text, never parsed again.
+    `payload` is `{"run": ..., "batch": ..., "events": ...}` as stored in the spool; it
+    is spliced in, never decoded again (msgpack: a new map header, the new fields, then
+    the payload's fields as they are).
     """
+    if is_binary(payload):
+        unpacker = msgpack.Unpacker()
+        unpacker.feed(payload[:16])
+        count = unpacker.read_map_header()
+        fields = {"type": "batch", "seq": seq}
+        if meta is not None:
+            fields["meta"] = orjson.loads(dumps(meta))  # as JSON would carry it (numpy values, int keys)
+        packer = msgpack.Packer()
+        head = packer.pack_map_header(count + len(fields))
+        head += b"".join(packer.pack(key) + packer.pack(value) for key, value in fields.items())
+        return head + payload[unpacker.tell():]
     head = '{"type":"batch","seq":%d,' % seq
     if meta is not None:
         head += '"meta":' + dumps(meta) + ","

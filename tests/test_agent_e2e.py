@@ -20,6 +20,7 @@ import pytest
 
 from gradwatch.agent import GradWatch
 from gradwatch.agent.spool import read_frames
+from gradwatch.agent.wire import load_payload
 from gradwatch.clip import GlobalNorm, norms_and_global
 from tests.procs import ServerProcess, free_port
 
@@ -153,7 +154,7 @@ def test_a_corrupt_spool_tail_is_skipped_and_the_rest_pushed(server, tmp_path):
     frames = list(read_frames(data))
     assert len(frames) >= 2 and frames[-1][1] == len(data)
     last_start, _, last_payload, _ = frames[-1]
-    kept = min(json.loads(last_payload)["batch"]["step"])  # steps 0..kept-1 are in intact frames
+    kept = min(load_payload(last_payload)["batch"]["step"])  # steps 0..kept-1 are in intact frames
     assert kept > 0 and sum(steps for *_, steps in frames[:-1]) == kept
     torn = data[:last_start + (len(data) - last_start) // 2]  # the last frame torn halfway
     segment.write_bytes(torn + b"\x00garbage")  # and junk after it
@@ -257,7 +258,7 @@ def test_a_batch_the_server_refuses_for_good_is_reported_once_and_kept_aside(ser
     assert get(server.url + "/api/runs") == []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        kept = [json.loads(payload) for _, _, payload, _ in read_frames((spool_dir / "rejected.gws").read_bytes())]
+        kept = [load_payload(payload) for _, _, payload, _ in read_frames((spool_dir / "rejected.gws").read_bytes())]
     assert sorted(step for body in kept if "batch" in body for step in body["batch"]["step"]) == list(range(50))
 
 
@@ -323,6 +324,6 @@ def test_a_single_step_over_the_servers_limit_is_set_aside_once_not_resent_forev
         assert wait_for_steps(server, "huge-steps", 1, timeout=1) == 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        kept = [json.loads(payload) for _, _, payload, _ in read_frames((spool_dir / "rejected.gws").read_bytes())]
+        kept = [load_payload(payload) for _, _, payload, _ in read_frames((spool_dir / "rejected.gws").read_bytes())]
     assert sorted(step for body in kept for step in body["batch"]["step"]) == list(range(5))
     assert not list(spool_dir.glob("[0-9]*.gws"))  # nothing left to replay

@@ -36,7 +36,7 @@ GOOD = {"step": [0, 1], "pre_norm": [1.5, "NaN"], "post_norm": [1.0, "Infinity"]
 # (what, raw text sent, words the error's detail must hold)
 BAD = [
     ("not JSON", "not json", "invalid JSON"),
-    ("bytes, not UTF-8", b"\xff\xfe\x00", "invalid JSON"),
+    ("a binary frame, not msgpack", b"\xff\xfe\x00", "invalid msgpack"),
     ("JSON nested 2000 deep", "[" * 2000 + "]" * 2000, "invalid JSON"),
     ("a number with no float", '{"type": "batch", "seq": 3, "run": "r", "events": '
                                 '[{"kind": "alert", "value": 1e400}]}', "invalid JSON"),

@@ -77,10 +77,19 @@ async def _close_code(url: str, headers: dict) -> int:
     raise AssertionError("not closed")
 
 
-def test_ws_refuses_wrong_tokens_with_4401_and_4403(server):
-    assert asyncio.run(_close_code(f"{server.ws_url}/ws/ingest", {})) == 4401
-    assert asyncio.run(_close_code(f"{server.ws_url}/ws/ingest", bearer("nope"))) == 4401
-    assert asyncio.run(_close_code(f"{server.ws_url}/ws/ingest", bearer(READ))) == 4403
+async def _handshake_status(url: str, headers: dict) -> int:
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        async with websockets.connect(url, additional_headers=headers):
+            pass
+    return refused.value.response.status_code
+
+
+def test_ws_refuses_wrong_tokens_401_403_at_ingest_handshake_4401_4403_on_live(server):
+    """/ws/ingest refuses before accept (HTTP), so no frame is ever read from a refused client;
+    /ws/live accepts then closes (a browser cannot read a refused handshake's status)."""
+    assert asyncio.run(_handshake_status(f"{server.ws_url}/ws/ingest", {})) == 401
+    assert asyncio.run(_handshake_status(f"{server.ws_url}/ws/ingest", bearer("nope"))) == 401
+    assert asyncio.run(_handshake_status(f"{server.ws_url}/ws/ingest", bearer(READ))) == 403
     assert asyncio.run(_close_code(f"{server.ws_url}/ws/live/ws-run", {})) == 4401
     assert asyncio.run(_close_code(f"{server.ws_url}/ws/live/ws-run?token={WRITE}", {})) == 4403
 

@@ -17,7 +17,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from gradwatch.server.live import LiveHub, accept_with_token, batch_points
 from gradwatch.server.routes.deps import DB_ERRORS, WRITE, HubDep, RunName, StoreDep, json_response
-from gradwatch.server.parse import load_batch, load_message
+from gradwatch.server import wire
 from gradwatch.server.schemas import BatchError, IngestAnswer
 from gradwatch.server.storage import Store
 
@@ -36,9 +36,12 @@ def _publish(hub: LiveHub, run: str, batch, result) -> None:
 async def ingest_steps(name: RunName, request: Request, store: StoreDep, hub: HubDep) -> Response:
     """Store a columnar batch (docs/wire.md). Idempotent on (run, step)."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json":
-        return json_response({"detail": f"the body must be application/json, got {media_type or 'none'}"},
-                             status_code=415)
+    if media_type not in wire.MEDIA_TYPES:
+        return json_response({"detail": f"the body must be {' or '.join(wire.MEDIA_TYPES)}, "
+                                        f"got {media_type or 'none'}"}, status_code=415)
+    too_big = _json_too_big(media_type, request.headers.get("content-length", ""))
+    if too_big:
+        return json_response({"detail": too_big}, status_code=413)
     budget = request.app.state.parse_budget
     declared = request.headers.get("content-length")
     declared = int(declared) if declared and declared.isdigit() else None
@@ -47,12 +50,21 @@ async def ingest_steps(name: RunName, request: Request, store: StoreDep, hub: Hu
         body = await read_body(request, declared)
 
         def work():
-            batch = load_batch(body)  # bounded memory, whatever the body holds (server/parse.py)
+            batch = wire.load_batch(body, media_type)  # server/wire: JSON by orjson, msgpack in bounded memory
             return batch, store.ingest(name, batch)
 
         batch, result = await run_in_threadpool(work)
     _publish(hub, name, batch, result)
     return json_response(result.answer())
+
+
+def _json_too_big(media_type: str, size: str) -> str | None:
+    """The refusal of a JSON body over `wire.json_decode.MAX_JSON_BODY` (None when it fits)."""
+    limit = wire.json_decode.MAX_JSON_BODY
+    if media_type != wire.JSON_MEDIA_TYPE or not size.isdigit() or int(size) <= limit:
+        return None
+    return (f"a JSON body may be at most {limit} bytes, got {size}; "
+            f"send {wire.MSGPACK_MEDIA_TYPE} for larger batches (docs/wire.md)")
 
 
 async def read_body(request: Request, declared: int | None) -> bytearray:
@@ -76,7 +88,12 @@ def handle_message(store: Store, text: str | bytes) -> tuple[dict, str | None, A
     """One `/ws/ingest` message: (reply, run, (batch, result)); errors become replies."""
     seq = None
     try:
-        seq, message = load_message(text)  # bounded memory (server/parse.py)
+        if isinstance(text, str):
+            too_big = _json_too_big(wire.JSON_MEDIA_TYPE, str(len(text)))
+            if too_big:
+                raise BatchError(too_big.replace("body", "text message").replace(
+                    wire.MSGPACK_MEDIA_TYPE, "binary (msgpack) messages"), status=413)
+        seq, message = wire.load_message(text)  # text frames JSON, binary frames msgpack (server/wire)
         result = store.ingest(message.run, message.batch, meta=message.meta, events=message.events)
         return {"type": "ack", "seq": seq, **result.answer()}, message.run, (message.batch, result)
     except BatchError as error:
