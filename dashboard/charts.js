@@ -72,6 +72,7 @@ function axis(extra) {
 const FENCE_K = 8;        // body of the run: log norm within median ± 8·1.4826·MAD
 const LOG_SPAN = 20;      // a body wider than 20× (max/min) is drift across decades: log axis
 const MAD_FLOOR = 0.02;   // log-space MAD floor, so a flat run has a sane fence
+const MAX_ABOVE_SHARE = 0.05; // more of the run than this above the fence: a new level, not spikes
 
 /** Tick settings for a log axis spanning `decades`: powers of ten only, or 1-2-5, never every digit. */
 export function logTicks(decades) {
@@ -119,6 +120,16 @@ export function chooseScale(values, mode = 'auto') {
     if (v > bodyHigh) bodyHigh = v;
   }
   const log = Math.exp(bodyHigh - bodyLow) > LOG_SPAN;
+  // Spikes are rare; a share of the run above the fence is a level the run moved to (a level
+  // shift), which the chart must show, not squeeze onto the top edge: no fence then.
+  if (above > MAX_ABOVE_SHARE * positive.length) {
+    let lowest = Infinity;
+    let highest = -Infinity;
+    for (const v of positive) { if (v < lowest) lowest = v; if (v > highest) highest = v; }
+    const spread = Math.exp(highest - lowest) > LOG_SPAN;
+    return { type: spread ? 'log' : 'linear', range: null, fenceHigh: Infinity,
+      reason: spread ? 'log: the run moved to another level' : 'linear: the run moved to another level' };
+  }
   if (!above) {
     return { type: log ? 'log' : 'linear', range: null, fenceHigh: Infinity, reason: log ? 'log: the run spans decades' : 'linear' };
   }

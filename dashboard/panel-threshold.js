@@ -123,7 +123,9 @@ export function renderRecommendation() {
   }
   $('rec-rationale').textContent = tidyNumbers(recommendation.rationale ?? '');
   $('rec-explanation').replaceChildren(...explanationLines(recommendation).map((line) => el('li', {}, tidyNumbers(line))));
-  $('candidate-raw-head').textContent = span ? `would clip (${spanText(span)})` : 'would clip';
+  const head = $('candidate-raw-head');
+  head.textContent = 'would clip';
+  head.title = span ? `the finite ${spanText(span)}, as the headline and the what-if` : '';
   const rows = candidates.map((candidate) => {
     const value = wireNumber(candidate.threshold);
     const row = el('tr', { className: value === threshold ? 'recommended' : '' },

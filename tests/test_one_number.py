@@ -118,7 +118,9 @@ def test_the_recommended_threshold_has_one_clip_rate_on_every_surface(page, serv
     assert f"{start:,}–{end:,}" in shown and f"{finite:,} finite steps" in shown
     row_rate = page.evaluate("document.querySelector('#candidate-rows tr.recommended td:nth-child(3)').dataset.clipRate")
     assert float(row_rate) == rate
-    wait_until(page, f"document.getElementById('whatif-output').dataset.start === '{start}'", what="the what-if box")
+    wait_until(page, f"document.getElementById('whatif-output').dataset.start === '{start}' && "
+                     f"Number(document.getElementById('whatif-output').dataset.threshold) === {threshold!r}",
+               what="the what-if box at the recommended threshold")
     box = page.evaluate("({...document.getElementById('whatif-output').dataset})")
     assert float(box["threshold"]) == threshold and float(box["clipRate"]) == rate
     assert (int(box["start"]), int(box["end"]), int(box["count"])) == (start, end, finite)
