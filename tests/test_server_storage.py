@@ -139,9 +139,10 @@ def test_stats_whatif_histogram_and_recommendation_equal_numpy(client):
         assert rec["current_threshold"] == 1.5
         assert "would have clipped" in rec["rationale"]
 
-        what = client.get("/api/runs/stats/whatif", params={**params, "threshold": 1.2}).json()
+        over = "run" if window is None else "last"   # the whole run, or the last `window` steps
+        what = client.get("/api/runs/stats/whatif", params={**params, "threshold": 1.2, "over": over}).json()
         assert what == {"threshold": 1.2, "count": len(good), "clipped": int((good > 1.2).sum()),
-                        "clip_rate": (good > 1.2).mean(),
+                        "clip_rate": (good > 1.2).mean(), "over": over,
                         "window": {"start": int(steps[-len(part)]), "end": 5999, "steps": len(part)}}
         hist = client.get("/api/runs/stats/histogram", params={**params, "bins": 30}).json()
         assert sum(hist["counts"]) == len(good) and len(hist["edges"]) == 31

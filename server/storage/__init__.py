@@ -7,13 +7,13 @@
 """
 from gradwatch.server.storage.cache import RunArrays, RunCache
 from gradwatch.server.storage.engine import make_engine, normalize_url
-from gradwatch.server.storage.ingest import IngestResult, StoredRows
+from gradwatch.server.storage.ingest import MAX_RUN_META_BYTES, IngestResult, MetaTooLarge, StoredRows
 from gradwatch.server.storage.migrate import SchemaError, create_schema, upgrade_database
 from gradwatch.server.storage.reads import UnknownRun, iso
 from gradwatch.server.storage.serialise import csv_lines, encode_series
 from gradwatch.server.storage.store import Store
 from gradwatch.server.storage.tables import SCHEMA_VERSION
 
-__all__ = ["RunArrays", "RunCache", "make_engine", "normalize_url", "IngestResult",
-           "StoredRows", "SchemaError", "create_schema", "upgrade_database", "UnknownRun", "iso",
+__all__ = ["RunArrays", "RunCache", "make_engine", "normalize_url", "IngestResult", "MAX_RUN_META_BYTES",
+           "MetaTooLarge", "StoredRows", "SchemaError", "create_schema", "upgrade_database", "UnknownRun", "iso",
            "csv_lines", "encode_series", "Store", "SCHEMA_VERSION"]

@@ -40,6 +40,20 @@ if TYPE_CHECKING:
     from gradwatch.server.schemas import Batch
 
 INGEST_CONFIGURED = "gradwatch_ingest_configured"  # key in a pooled connection's .info
+MAX_RUN_META_BYTES = 1 << 20   # a run's stored `meta` (the merge of every message's), as JSON
+
+
+class MetaTooLarge(ValueError):
+    """A message whose `meta` would take the run's stored meta past `MAX_RUN_META_BYTES`; the
+    message is refused whole (nothing of it stored). `status`: the HTTP status that says so."""
+
+    status = 413
+
+    def __init__(self, run: str, size: int, limit: int):
+        super().__init__(f"run {run!r}: its meta would be {size} bytes as JSON with this message's, over the "
+                         f"limit of {limit} bytes ({limit / (1 << 20):g} MiB) per run; send fewer or smaller "
+                         f"meta keys (a key sent again replaces its value)")
+        self.size, self.limit = size, limit
 
 
 @dataclass
@@ -94,6 +108,7 @@ class Ingestor(Database):
         self._pending = threading.local()   # .tail: set in a transaction, kept once it commits
         self.on_stored: list[Callable[[Any, StoredRows], None]] = []
         self.after_commit: list[Callable[[str, Batch, IngestResult], None]] = []  # committed; must not block
+        self.max_meta_bytes = MAX_RUN_META_BYTES
         self.checkpointer: WalCheckpointer | None = None
         if self.is_sqlite and str(self.read("PRAGMA journal_mode")[0][0]).lower() == "wal":
             self.checkpointer = WalCheckpointer(engine, self._write_lock)
@@ -180,6 +195,7 @@ class Ingestor(Database):
         if (batch is None or not len(batch)) and not events and not meta:
             return IngestResult(run=run, accepted=0, duplicates=0, conflicts=0)  # stores no run
         run_id, version, created = self._ensure_run(cursor, run)
+        meta_text = self._merged_meta(cursor, run, run_id, meta) if meta else None
         stamp = now()
         accepted = duplicates = conflicts = 0
         new_mask = None
@@ -239,12 +255,6 @@ class Ingestor(Database):
                 cursor.executemany(self._sql("INSERT INTO events (run_id, step, kind, value, threshold, "
                                              "nan_mask, message, detail, time) "
                                              "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"), list(group))
-        meta_text = None
-        if meta:
-            cursor.execute(self._sql("SELECT meta FROM runs WHERE id = ?"), (run_id,))
-            merged = json.loads(cursor.fetchone()[0] or "{}")
-            merged.update(meta)
-            meta_text = orjson.dumps(merged).decode()
         cursor.execute(self._sql(
             "UPDATE runs SET steps = steps + ?, clips = clips + ?, clip_flags = clip_flags + ?, "
             "spikes = spikes + ?, nonfinite = nonfinite + ?, updated = ?, version = version + ?, "
@@ -261,6 +271,24 @@ class Ingestor(Database):
                 callback(cursor, stored_rows)
         return IngestResult(run=run, accepted=accepted, duplicates=duplicates, conflicts=conflicts,
                             new_mask=new_mask, run_id=run_id)
+
+    def _merged_meta(self, cursor, run: str, run_id: int, meta: dict) -> str | None:
+        """The run's stored meta with `meta`'s keys set, as JSON text; None when that changes
+        nothing (no write). MetaTooLarge when it would be over `max_meta_bytes`: checked
+        first in the transaction, so a refused message stores nothing."""
+        cursor.execute(self._sql("SELECT meta FROM runs WHERE id = ?"), (run_id,))
+        stored = cursor.fetchone()[0] or "{}"
+        try:
+            merged = orjson.loads(stored)
+        except orjson.JSONDecodeError:   # written by an older release (json.dumps: NaN spelled out)
+            merged = json.loads(stored)
+        merged.update(meta)
+        text = orjson.dumps(merged)
+        if len(text) == len(stored) and text.decode() == stored:
+            return None
+        if len(text) > self.max_meta_bytes:
+            raise MetaTooLarge(run, len(text), self.max_meta_bytes)
+        return text.decode()
 
     def _write_chunks(self, cursor, run_id: int, created: float, version: int, steps: np.ndarray,
                       merge: BatchMerge, tail: Tail | None) -> None:

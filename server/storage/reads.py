@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
+import orjson
 from sqlalchemy import Engine
 
 from gradwatch.server.chunks import CHUNK, Chunk, Series, heatmap, overview
@@ -53,18 +54,34 @@ class Reader(Database):
             raise UnknownRun(name)
         return rows[0][0]
 
-    def list_runs(self) -> list[dict]:
+    def list_runs(self, meta: bool = True) -> list[dict]:
         """Every run with its counters; `clip_rate` as `/stats` has it for the whole run:
-        clipped steps over the steps that carry a clipped flag, None when none does."""
+        clipped steps over the steps that carry a clipped flag, None when none does.
+
+        `meta` is the stored JSON as an `orjson.Fragment` (serialised as it is, never parsed
+        here: a list of many runs with large metas cost a parse of each; `meta_of` gives one
+        run's as a dict); `meta=False` leaves it out and does not read it."""
+        column = ", meta" if meta else ""
         rows = self.read("SELECT name, steps, first_step, last_step, created, updated, clips, clip_flags, "
-                         "spikes, nonfinite, meta FROM runs ORDER BY updated DESC")
+                         f"spikes, nonfinite{column} FROM runs ORDER BY updated DESC")
         out = []
-        for name, steps, first, last, created, updated, clips, flags, spikes, nonfinite, meta in rows:
-            out.append({"name": name, "steps": steps, "first_step": first, "last_step": last,
-                        "created": iso(created), "updated": iso(updated),
-                        "clip_rate": clips / flags if flags else None, "clips": clips,
-                        "spikes": spikes, "nonfinite": nonfinite, "meta": json.loads(meta or "{}")})
+        for row in rows:
+            name, steps, first, last, created, updated, clips, flags, spikes, nonfinite = row[:10]
+            item = {"name": name, "steps": steps, "first_step": first, "last_step": last,
+                    "created": iso(created), "updated": iso(updated),
+                    "clip_rate": clips / flags if flags else None, "clips": clips,
+                    "spikes": spikes, "nonfinite": nonfinite}
+            if meta:
+                item["meta"] = _meta_fragment(row[10])
+            out.append(item)
         return out
+
+    def meta_of(self, run_id: int) -> dict:
+        """One run's stored meta as a dict."""
+        rows = self.read("SELECT meta FROM runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise UnknownRun(run_id)
+        return json.loads(rows[0][0] or "{}")
 
     def run_version(self, run_id: int) -> tuple[int, float]:
         """(version, when created); UnknownRun(run_id) once it is deleted."""
@@ -285,6 +302,18 @@ class Reader(Database):
             absent[rows, columns] = False if piece_absent is None else piece_absent
             row += len(piece_steps)
         return names, steps, norms, absent
+
+
+def _meta_fragment(text: str | None):
+    """Stored meta JSON as an orjson Fragment; text an older release wrote with NaN/Infinity
+    spelled out (not JSON) is parsed and written again as orjson writes it (null)."""
+    text = text or "{}"
+    if "NaN" in text or "Infinity" in text:
+        try:
+            orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return orjson.Fragment(orjson.dumps(json.loads(text)))
+    return orjson.Fragment(text)
 
 
 class _Source:

@@ -35,8 +35,14 @@ class Store(Database):
     def run_id(self, name: str) -> int:
         return self.reader.run_id(name)
 
-    def list_runs(self) -> list[dict]:
-        return self.reader.list_runs()
+    def list_runs(self, meta: bool = True) -> list[dict]:
+        """Every run's counters, with `meta` as an orjson Fragment of the stored JSON unless
+        `meta=False` (see `Reader.list_runs`)."""
+        return self.reader.list_runs(meta)
+
+    def meta_of(self, name: str) -> dict:
+        """A run's stored meta as a dict; UnknownRun when there is no such run."""
+        return self.reader.meta_of(self.run_id(name))
 
     def fetch_steps(self, run_id: int, after: int = -1, lo: int | None = None, hi: int | None = None,
                     newest: int | None = None):
