@@ -19,7 +19,7 @@ from gradwatch.server.live import LiveHub, accept_with_token, batch_points
 from gradwatch.server.routes.deps import DB_ERRORS, WRITE, HubDep, RunName, StoreDep, json_response
 from gradwatch.server import wire
 from gradwatch.server.schemas import BatchError, IngestAnswer
-from gradwatch.server.storage import Store
+from gradwatch.server.storage import MetaTooLarge, Store
 
 log = logging.getLogger("gradwatch.server")
 router = APIRouter(tags=["ingest"])
@@ -96,7 +96,7 @@ def handle_message(store: Store, text: str | bytes) -> tuple[dict, str | None, A
         seq, message = wire.load_message(text)  # text frames JSON, binary frames msgpack (server/wire)
         result = store.ingest(message.run, message.batch, meta=message.meta, events=message.events)
         return {"type": "ack", "seq": seq, **result.answer()}, message.run, (message.batch, result)
-    except BatchError as error:
+    except (BatchError, MetaTooLarge) as error:  # MetaTooLarge: 413, the run's meta cap
         seq = getattr(error, "seq", seq)
         return {"type": "error", "seq": seq, "status": error.status, "detail": str(error)}, None, None
     except DB_ERRORS as error:
