@@ -214,14 +214,14 @@ def parse_tensor_norms(value: Any, n_steps: int) -> tuple[list[str], np.ndarray]
 
 
 def _typed_norms(flat: np.ndarray, n_steps: int, width: int) -> np.ndarray:
-    """Typed per-tensor norms: one flat float array, row by row (steps x names)."""
-    if flat.dtype.kind != "f" or flat.dtype.itemsize not in (4, 8):
-        raise BatchError(f"field 'tensor_norms.norms' must hold numbers (float32 or float64), "
+    """Typed per-tensor norms: one flat float32 array, row by row (steps x names), read in place."""
+    if flat.dtype != np.float32:
+        raise BatchError(f"field 'tensor_norms.norms' must hold numbers (float32), "
                          f"got a typed array of {flat.dtype.name}")
     if len(flat) != n_steps * width:
         raise BatchError(f"field 'tensor_norms.norms' must have one row per step ({n_steps}) of {width} "
                          f"values, got {len(flat)} values")
-    return flat.astype(np.float32, copy=False).reshape(n_steps, width)
+    return flat.reshape(n_steps, width)
 
 
 def _norm_rows(rows: list, width: int) -> np.ndarray:
