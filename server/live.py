@@ -73,8 +73,8 @@ class Subscriber:
             self.dropped += len(self._items) + 1
             self.resyncs += 1
             if self.resyncs == 1 or self.resyncs % 100 == 0:
-                log.warning("live: a reader of run %r fell behind (%d bytes queued); backlog dropped, "
-                            "resync sent (%d times so far)", self.run, self.queued_bytes, self.resyncs)
+                log.warning("live: a reader of run %r fell behind (%d bytes queued): backlog dropped, "
+                            "resync queued (%d times so far)", self.run, self.queued_bytes, self.resyncs)
             self._items.clear()
             self._resync = resync_message(self.run)
             self._items.append(self._resync)
