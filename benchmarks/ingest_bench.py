@@ -8,6 +8,7 @@ checked through the API afterwards.
 
     python benchmarks/ingest_bench.py [--steps N] [--batch B] [--repeat R]
         [--db URL] [--pg] [--writers K] [--workers N]
+        [--encodings json,msgpack] [--tensors T] [--against COMMIT]
 
 - default: one writer into a fresh SQLite file per run, compared with MLflow 3.17's
   `log_batch` into SQLite on this machine (5,170 points/s);
@@ -20,15 +21,26 @@ checked through the API afterwards.
   each run prints how many writers the kernel placed on each worker, and `--balance`
   reconnects writers until they are spread evenly.
 
-Configurations are measured in turn within each repeat (so drift hits all alike); the
-first is the baseline every ratio is against. The machine is shared and noisy:
-`--repeat 5` reports the median of five runs of each.
+- `--encodings`: the wire encodings to post (default both: JSON, and msgpack with typed
+  columns as the agent sends them); each is a configuration of its own, and the msgpack
+  ones are also compared with JSON on the same tree and database; the in-process decode
+  time per batch of each encoding is printed too;
+- `--tensors T`: T per-tensor norms per step (float32, as the agent records them);
+- `--against COMMIT`: that commit's server (`git archive` into /tmp, imported ahead of the
+  working tree through PYTHONPATH) measured with JSON, alternately with the working tree's;
+  it is the baseline. An encoding the commit does not know is measured only here.
+
+Configurations are measured in turn within each repeat (so drift hits all alike), in
+reverse order every other repeat; the first is the baseline every ratio is against. The
+machine is shared and noisy: `--repeat 5` reports the median of five runs of each.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import http.client
+import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +49,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import orjson
 
@@ -50,7 +63,18 @@ MLFLOW_POINTS_PER_S = 5170.0
 WARMUP_BATCHES = 2
 
 
-def make_batches(steps: int, batch: int, seed: int = 0) -> list[bytes]:
+MEDIA_TYPES = {"json": "application/json", "msgpack": "application/msgpack"}
+
+
+def typed(values: np.ndarray) -> msgpack.ExtType:
+    """A typed column of the binary wire (agent/wire.py's `typed_array`, without importing it)."""
+    array = np.ascontiguousarray(values)
+    return msgpack.ExtType(1, array.dtype.str.encode().ljust(8, b"\0") + array.tobytes())
+
+
+def make_batches(steps: int, batch: int, seed: int = 0, encoding: str = "json", tensors: int = 0) -> list[bytes]:
+    """The bodies to post: the same values in either encoding (msgpack: each column a typed
+    array, float64 like the JSON numbers; tensor norms float32 in both)."""
     rng = np.random.default_rng(seed)
     pre = np.exp(rng.normal(0.0, 0.3, steps))
     pre[rng.choice(steps, max(steps // 1000, 1), replace=False)] *= 20.0
@@ -59,10 +83,26 @@ def make_batches(steps: int, batch: int, seed: int = 0) -> list[bytes]:
     scale = np.minimum(threshold / (pre + 1e-6), 1.0)
     loss = 3.0 * np.exp(-np.arange(steps) / steps) + rng.normal(0, 0.01, steps)
     z = rng.normal(0, 1, steps)
+    norms = rng.random((min(batch, steps), tensors)).astype(np.float32) if tensors else None
+    names = [f"layers.{i}.weight" for i in range(tensors)]
     bodies = []
-    start_time = time.time()
+    start_time = 1.7e9
     for begin in range(0, steps, batch):
         part = slice(begin, min(begin + batch, steps))
+        if encoding == "msgpack":
+            count = part.stop - part.start
+            body: dict = {
+                "step": typed(np.arange(part.start, part.stop, dtype=np.int64)),
+                "pre_norm": typed(pre[part]), "post_norm": typed(pre[part] * scale[part]),
+                "scale": typed(scale[part]), "threshold": typed(threshold[part]), "clipped": typed(clipped[part]),
+                "loss": typed(loss[part]), "lr": typed(np.full(count, 3e-4)), "z": typed(z[part]),
+                "ema": typed(pre[part]), "spike": typed(pre[part] > 10), "nonfinite": typed(np.zeros(count, bool)),
+                "time": typed(start_time + np.arange(part.start, part.stop) * 0.01)}
+            if tensors:
+                body["tensor_norms"] = {"names": names, "norms": typed(norms[:count])}
+            bodies.append(msgpack.packb(body))
+            continue
+        extra = {"tensor_norms": {"names": names, "norms": norms[:part.stop - part.start]}} if tensors else {}
         bodies.append(orjson.dumps({
             "step": list(range(part.start, part.stop)),
             "pre_norm": pre[part].tolist(), "post_norm": (pre[part] * scale[part]).tolist(),
@@ -71,17 +111,17 @@ def make_batches(steps: int, batch: int, seed: int = 0) -> list[bytes]:
             "lr": [3e-4] * (part.stop - part.start), "z": z[part].tolist(),
             "ema": pre[part].tolist(), "spike": (pre[part] > 10).tolist(),
             "nonfinite": [False] * (part.stop - part.start),
-            "time": (start_time + np.arange(part.start, part.stop) * 0.01).tolist(),
-        }))
+            "time": (start_time + np.arange(part.start, part.stop) * 0.01).tolist(), **extra,
+        }, option=orjson.OPT_SERIALIZE_NUMPY))
     return bodies
 
 
 def post_all(port: int, run: str, bodies: list[bytes],
-             connection: http.client.HTTPConnection | None = None) -> float:
+             connection: http.client.HTTPConnection | None = None, media_type: str = "application/json") -> float:
     """Seconds to post `bodies` to `run`, one after another on one keep-alive connection."""
     own = connection is None
     connection = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": media_type}
     started = time.perf_counter()
     for body in bodies:
         connection.request("POST", f"/api/runs/{run}/steps", body=body, headers=headers)
@@ -105,15 +145,61 @@ class Database:
 
 
 @dataclass
+class Tree:
+    """Which server code runs: the working tree (`site` None) or a commit unpacked in /tmp."""
+
+    name: str
+    site: Path | None = None
+
+
+@dataclass
 class Config:
     database: Database
     workers: int
+    encoding: str = "json"
+    tree: Tree = field(default_factory=lambda: Tree("working tree"))
     times: list[float] = field(default_factory=list)
     spreads: list[list[int]] = field(default_factory=list)  # writers per worker, each run
 
     @property
     def label(self) -> str:
-        return f"{self.database.name}, {self.workers} worker{'s' if self.workers > 1 else ''}"
+        where = "" if self.tree.site is None else f"{self.tree.name} "
+        return (f"{where}{self.encoding}, {self.database.name}, "
+                f"{self.workers} worker{'s' if self.workers > 1 else ''}")
+
+
+@contextlib.contextmanager
+def commit_tree(commit: str):
+    """`commit`'s folders unpacked in /tmp, importable as `gradwatch.*` ahead of the working tree."""
+    with tempfile.TemporaryDirectory(prefix="gradwatch-against-") as folder:
+        source, site = Path(folder) / "src", Path(folder) / "site" / "gradwatch"
+        source.mkdir()
+        site.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+        for part in ("clip", "agent", "server", "dashboard"):
+            if (source / part).is_dir():
+                (site / part).symlink_to(source / part)
+        name = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", commit], check=True,
+                              capture_output=True, text=True).stdout.strip()
+        yield Tree(name, site.parent)
+
+
+@contextlib.contextmanager
+def tree_env(tree: Tree):
+    """PYTHONPATH for a server started meanwhile (ServerProcess passes os.environ on)."""
+    if tree.site is None:
+        yield
+        return
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(tree.site) + (os.pathsep + before if before else "")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
 
 
 @contextlib.contextmanager
@@ -133,6 +219,16 @@ def api_json(port: int, method: str, path: str):
         return orjson.loads(payload) if payload else None
     finally:
         connection.close()
+
+
+def stored_steps(port: int, run: str) -> int:
+    """The run's stored step count (`GET /api/runs/{run}`, or the run list of an older server)."""
+    try:
+        return api_json(port, "GET", f"/api/runs/{run}")["steps"]
+    except RuntimeError:
+        runs = api_json(port, "GET", "/api/runs")
+        runs = runs.get("runs", []) if isinstance(runs, dict) else runs
+        return next(item["steps"] for item in runs if item["name"] == run)
 
 
 def connect_writers(port: int, pids: list[int], writers: int,
@@ -159,9 +255,12 @@ def run_once(config: Config, bodies: list[bytes], writers: int, steps_each: int,
     through a fresh server with `config.workers` workers; checks every count through the API."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     runs = [f"{prefix}-w{index}" for index in range(writers)]
+    media_type = MEDIA_TYPES[config.encoding]
     with config.database.fresh() as url, tempfile.TemporaryDirectory() as logs:
         extra = ["--workers", str(config.workers)] if config.workers > 1 else []
-        with ServerProcess(url, extra_args=extra, log_path=Path(logs) / "server.log") as server:
+        with tree_env(config.tree):
+            server = ServerProcess(url, extra_args=extra, log_path=Path(logs) / "server.log").start()
+        with contextlib.closing(_Stop(server)):
             pids = sorted(wait_for_workers(server, config.workers)) if config.workers > 1 else []
             connections, spread = connect_writers(server.port, pids, writers, balance)
             ready = threading.Barrier(writers + 1)
@@ -170,9 +269,9 @@ def run_once(config: Config, bodies: list[bytes], writers: int, steps_each: int,
 
             def write(connection: http.client.HTTPConnection, run: str) -> None:
                 try:
-                    post_all(server.port, f"warmup-{run}", bodies[:WARMUP_BATCHES], connection)
+                    post_all(server.port, f"warmup-{run}", bodies[:WARMUP_BATCHES], connection, media_type)
                     ready.wait()
-                    post_all(server.port, run, bodies, connection)
+                    post_all(server.port, run, bodies, connection, media_type)
                     finished.append(time.perf_counter())
                 except BaseException as error:  # noqa: BLE001 - re-raised below
                     errors.append(error)
@@ -194,7 +293,7 @@ def run_once(config: Config, bodies: list[bytes], writers: int, steps_each: int,
                 raise errors[0]
             elapsed = max(finished) - started
             for run in runs:
-                stored = api_json(server.port, "GET", f"/api/runs/{run}")["steps"]
+                stored = stored_steps(server.port, run)
                 if stored != steps_each:
                     raise RuntimeError(f"run {run}: stored {stored} steps, sent {steps_each}")
                 if config.database.given:
@@ -206,15 +305,38 @@ def run_once(config: Config, bodies: list[bytes], writers: int, steps_each: int,
     return elapsed
 
 
+class _Stop:
+    def __init__(self, server: ServerProcess):
+        self.server = server
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+def decode_ms(bodies: dict[str, list[bytes]], rounds: int = 5) -> dict[str, float]:
+    """In-process median milliseconds to decode and validate one body (`server/wire`), the
+    encodings alternated round by round."""
+    from gradwatch.server import wire
+    times: dict[str, list[float]] = {encoding: [] for encoding in bodies}
+    for _ in range(rounds):
+        for encoding, items in bodies.items():
+            for body in items[:20]:
+                started = time.perf_counter()
+                wire.load_batch(body, MEDIA_TYPES[encoding])
+                times[encoding].append(time.perf_counter() - started)
+    return {encoding: median(values) * 1000 for encoding, values in times.items()}
+
+
 def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]  # the median run (the upper one of an even count)
 
 
 def main(steps: int = 400_000, batch: int = 2000, repeat: int = 1, db: str | None = None,
-         pg: bool = False, writers: int = 1, workers: int = 1, balance: bool = False) -> dict:
+         pg: bool = False, writers: int = 1, workers: int = 1, balance: bool = False,
+         encodings: tuple[str, ...] = ("json", "msgpack"), tensors: int = 0, against: str | None = None) -> dict:
     writers = max(writers, 1)
     steps_each = steps // writers
-    bodies = make_batches(steps_each, batch)
+    bodies = {encoding: make_batches(steps_each, batch, encoding=encoding, tensors=tensors) for encoding in encodings}
     total = steps_each * writers
     first = (Database(_db_name(db), lambda: contextlib.nullcontext(db), given=True) if db
              else Database("sqlite", fresh_sqlite))
@@ -223,15 +345,41 @@ def main(steps: int = 400_000, batch: int = 2000, repeat: int = 1, db: str | Non
         if pg:
             cluster = stack.enter_context(PostgresCluster())
             databases.append(Database("postgresql", lambda: contextlib.nullcontext(cluster.new_database())))
-        configs = [Config(database, count) for database in databases
-                   for count in sorted({1, max(workers, 1)})]
+        trees = [Tree("working tree")]
+        if against:
+            trees.insert(0, stack.enter_context(commit_tree(against)))
+        configs = [Config(database, count, encoding, tree) for tree in trees for encoding in encodings
+                   if tree.site is None or encoding == "json"
+                   for database in databases for count in sorted({1, max(workers, 1)})]
         for attempt in range(repeat):
-            for config in configs:
-                elapsed = run_once(config, bodies, writers, steps_each, balance)
+            for config in (configs if attempt % 2 == 0 else configs[::-1]):
+                elapsed = run_once(config, bodies[config.encoding], writers, steps_each, balance)
                 spread = f", writers per worker {config.spreads[-1]}" if config.workers > 1 else ""
                 print(f"  run {attempt + 1}/{repeat} {config.label}: {total / elapsed:,.0f} steps/s{spread}",
                       flush=True)
-    return report(configs, total, batch, bodies, writers, repeat, balance)
+    figures = report(configs, total, batch, bodies[encodings[0]], writers, repeat, balance)
+    figures.update(compare_encodings(configs, total))
+    decoded = decode_ms(bodies)
+    figures.update({f"{encoding}_decode_ms": round(ms, 3) for encoding, ms in decoded.items()})
+    print("  decode + validate one body in process (server/wire, median): "
+          + ", ".join(f"{encoding} {ms:.3f} ms" for encoding, ms in decoded.items())
+          + (f" ({decoded['json'] / decoded['msgpack']:.1f}x faster binary)" if len(decoded) == 2 else ""))
+    return figures
+
+
+def compare_encodings(configs: list[Config], total: int) -> dict:
+    """msgpack against JSON on the same tree, database and workers."""
+    figures = {}
+    for config in configs:
+        if config.encoding == "json":
+            continue
+        twin = next((c for c in configs if c.encoding == "json" and c.tree is config.tree
+                     and c.database is config.database and c.workers == config.workers), None)
+        if twin is not None:
+            ratio = median(twin.times) / median(config.times)
+            figures[f"{config.encoding}_vs_json"] = round(ratio, 3)
+            print(f"  {config.label} vs {twin.label}: {ratio:.2f}x")
+    return figures
 
 
 def _db_name(url: str) -> str:
@@ -292,6 +440,15 @@ if __name__ == "__main__":
     parser.add_argument("--balance", action="store_true",
                         help="reconnect writers until they spread evenly over the workers (the server's "
                              "capacity, apart from how the kernel's hash happened to place them)")
+    parser.add_argument("--encodings", default="json,msgpack",
+                        help="comma-separated: json, msgpack (the first is the baseline without --against)")
+    parser.add_argument("--tensors", type=int, default=0, help="per-tensor norms per step")
+    parser.add_argument("--against", metavar="COMMIT",
+                        help="also that commit's server (JSON), alternated with the working tree's; the baseline")
     options = parser.parse_args()
+    chosen = tuple(name.strip() for name in options.encodings.split(",") if name.strip())
+    unknown = [name for name in chosen if name not in MEDIA_TYPES]
+    if unknown or not chosen:
+        parser.error(f"--encodings: choose from {', '.join(MEDIA_TYPES)}")
     main(options.steps, options.batch, max(options.repeat, 1), options.db, options.pg,
-         options.writers, options.workers, options.balance)
+         options.writers, options.workers, options.balance, chosen, options.tensors, options.against)
