@@ -35,6 +35,7 @@ value is the id of its layout, a constant baked into each trace.
 from __future__ import annotations
 
 import struct
+import sys
 import time
 from typing import Any, NamedTuple, Sequence
 
@@ -100,14 +101,13 @@ class Layout(NamedTuple):
 
     @property
     def trailer(self) -> int:
-        """Values after the record's own: the step (two exact float32 parts) when the
-        vector carries it, then the layout id."""
+        """Values after the record's own: the step (the bytes of an int64, in two float32
+        slots) when the vector carries it, then the layout id."""
         return 3 if self.step_in_vector else 1
 
 
-#: The most values a vector has after `layout.width`: the step (two parts) and the layout id.
+#: The most values a vector has after `layout.width`: the step (an int64's 8 bytes) and the layout id.
 TRAILER = 3
-_STEP_SPLIT = 1 << 24  # both parts of a step below 2**48 are exact in float32
 
 
 class StepRecord(NamedTuple):
@@ -224,7 +224,7 @@ class Recorder:
         # is the last vector `compute()` built, so it rides out of the compiled step with them.
         self.state = {"clipper": getattr(clipper, "state", {}) if clipper is not None else {},
                       "detectors": [detector.state for detector in self.detectors],
-                      "step": mx.array(int(start_step), dtype=mx.int64),
+                      "step": mx.array([int(start_step)], dtype=mx.int64),
                       "record": mx.zeros((0,), dtype=mx.float32)}
 
     # -- the lazy part (may run inside mx.compile) --------------------------
@@ -249,7 +249,7 @@ class Recorder:
                 value = value.astype(mx.float32)
             values.append(value if value.shape == (1,) else value.reshape(1))
 
-        lean, info = self.lean, None
+        lean, info, factor = self.lean, None, None
         if lean is not None:
             leaves = floating_leaves(grads)
             squares = _squares(leaves)
@@ -263,7 +263,8 @@ class Recorder:
                 clipped = grads
             else:  # GlobalNorm's (and clip_grad_norm's) expression, so the result is identical
                 scale = mx.minimum(self.clipper.max_norm / (pre_norm + 1e-6), 1.0)
-                clipped = scale_tree(grads, scale.reshape(()))
+                factor = scale.reshape(())   # the gradients are scaled below, by the tied factor
+                clipped = None
                 add("scale", scale)
             names = tuple(name for name, _ in leaves)
             tensor_values = squares
@@ -321,8 +322,7 @@ class Recorder:
             self._layouts.append(layout)
         if step_in_graph:
             step = self.state["step"]
-            values.append((step // _STEP_SPLIT).astype(mx.float32).reshape(1))
-            values.append((step % _STEP_SPLIT).astype(mx.float32).reshape(1))
+            values.append(step.view(mx.float32))  # its 8 bytes as two float32 slots: one operation
             self.state["step"] = step + 1
         # The layout id travels in the vector: a constant of this trace (exact in float32).
         values.append(mx.array([float(layout_id)], dtype=mx.float32))
@@ -330,12 +330,17 @@ class Recorder:
         if keep:
             self.state["record"] = vector
 
+        state_leaves = [leaf for name, leaf in tree_flatten(self.state)
+                        if name != "record" and (step_in_graph or name != "step")]
+        if factor is not None:
+            # Lean clipping: the vector and the new state tied to the one factor every gradient
+            # is scaled by (no gradient's own update kernel is split off by the tie).
+            (factor,) = mx.depends([factor], [vector, *state_leaves])
+            return scale_tree(grads, factor), vector
         # Tie the vector and the new state to ONE gradient the user will evaluate.
         flat = tree_flatten(clipped)
         if not flat:
             return clipped, vector
-        state_leaves = [leaf for name, leaf in tree_flatten(self.state)
-                        if name != "record" and (step_in_graph or name != "step")]
         (tied,) = mx.depends([flat[0][1]], [vector, *state_leaves])
         flat[0] = (flat[0][0], tied)
         return tree_unflatten(flat), vector
@@ -379,7 +384,7 @@ class Recorder:
                               f"{layout_id}) matches no layout this watch built; the step is dropped")
         step = pending.step
         if step is None and layout.step_in_vector:
-            step = int(view[-3]) * _STEP_SPLIT + int(view[-2])
+            step = int.from_bytes(view[-3:-1].tobytes(), sys.byteorder, signed=True)
             if self.last_step is not None and step <= self.last_step:
                 last, self.last_step = self.last_step, None
                 raise CompiledStepError(STATE_NOT_INPUT.format(got=step, last=last))

@@ -21,11 +21,16 @@
    `watch.record()` with a computed record vector (the agent's whole Python
    pipeline: recorder, buffer, sender thread, spool, cap, drop counts) and
    the MLX part is left out. Goal: memory bounded by the queue, flat in steps.
-4. A fast real loop (`fast_loop`, also alone: `python benchmarks/agent_bench.py --fast-loop`):
-   a tiny MLP trained with SGD (loss and gradients compiled), as fast as it runs (thousands of steps/s),
-   100,000 watched steps streamed to a `gradwatch serve` child, against the same loop with
-   `mlx.optimizers.clip_grad_norm` measured before and after it. Goal: 0 drops (the sender
-   keeps up without the queue filling), and the overhead ratio of the watched loop.
+4. A fast real loop (`fast_loop`, also alone: `python benchmarks/agent_bench.py --fast-loop
+   [--seed N] [--model mlp|deep|wide] [--optimizer sgd|adamw|lion] [--lean]`): a tiny MLP (loss
+   and gradients compiled) as fast as it runs, the default watch streaming to a `gradwatch
+   serve` child, against the same loop with `clip_grad_norm` ("bare") and with what users write
+   instead: `float(norm)` into a list, tensorboardX `add_scalar` (when installed), the loops
+   alternated in rounds in one process (median of per-round ratios). Goals: watch <= 1.15x
+   the bare step, 0 drops.
+5. The lean step (`--lean`, and in the full run): 300 tensors of 64x64 with a real AdamW
+   update in the timed step (goal <= 1.05x), and a training step compiled whole with
+   `watch.compute()` inside and `watch.record()` after (goal <= 1.4x).
 """
 from __future__ import annotations
 
@@ -216,75 +221,268 @@ def memory_million_steps(folder: Path, steps: int = 1_000_000, cap_bytes: int = 
             "mem_dropped_by_reason": dict(stats.dropped)}
 
 
-def _tiny_mlp_loss(params: dict, inputs: mx.array, targets: mx.array) -> mx.array:
-    """An 8 -> 16 -> 1 MLP with ReLU and mean squared error: a fraction of a millisecond a step."""
-    hidden = mx.maximum(inputs @ params["hidden"]["weight"] + params["hidden"]["bias"], 0.0)
+def _mlp_loss(params: dict, inputs: mx.array, targets: mx.array) -> mx.array:
+    """An MLP with ReLU and mean squared error: a fraction of a millisecond a step."""
+    hidden = inputs
+    for layer in params["hidden"]:
+        hidden = mx.maximum(hidden @ layer["weight"] + layer["bias"], 0.0)
     return mx.mean(mx.square(hidden @ params["out"]["weight"] + params["out"]["bias"] - targets))
 
 
-def _fast_loop_steps(steps: int, watch: GradWatch | None, seed: int = 0) -> float:
-    """Train the tiny MLP `steps` SGD steps (loss and gradients `mx.compile`d, as a fast loop
-    would be); clip with `watch.step` or, without a watch, with `clip_grad_norm`. Returns
-    seconds per step."""
-    key = mx.random.key(seed)
-    keys = mx.random.split(key, 4)
-    params = {"hidden": {"weight": 0.3 * mx.random.normal((8, 16), key=keys[0]), "bias": mx.zeros((16,))},
-              "out": {"weight": 0.3 * mx.random.normal((16, 1), key=keys[1]), "bias": mx.zeros((1,))}}
-    inputs = mx.random.normal((32, 8), key=keys[2])
-    targets = mx.random.normal((32, 1), key=keys[3])
-    optimizer = optim.SGD(learning_rate=0.01)
-    loss_and_grad = mx.compile(mx.value_and_grad(_tiny_mlp_loss))
-    mx.eval(params, inputs, targets)
-    started = time.perf_counter()
-    for _ in range(steps):
-        loss, grads = loss_and_grad(params, inputs, targets)
-        if watch is None:
-            grads, _ = optim.clip_grad_norm(grads, 1.0)
-        else:
-            grads = watch.step(grads, loss=loss)
-        params = optimizer.apply_gradients(grads, params)
-        mx.eval(params, loss)
-    return (time.perf_counter() - started) / steps
+MODELS = {"mlp": (8, 16, 1), "deep": (8, 32, 4), "wide": (32, 64, 1)}  # inputs, width, hidden layers
+OPTIMIZERS = {"sgd": lambda: optim.SGD(learning_rate=0.01),
+              "adamw": lambda: optim.AdamW(learning_rate=1e-3),
+              "lion": lambda: optim.Lion(learning_rate=1e-4)}
 
 
-def fast_loop(url: str, folder: Path, steps: int = 100_000, baseline_steps: int = 20_000) -> dict:
-    """A real MLX loop as fast as it runs, watched and streamed: drops and overhead."""
-    _fast_loop_steps(500, None)  # warm up MLX
-    before = _fast_loop_steps(baseline_steps, None)
+class FastLoop:
+    """One real training loop (loss and gradients `mx.compile`d, as a fast loop would be) that
+    runs `n` steps at a time, so loops that log differently can be timed in alternation.
+
+    `how`: "bare" (`clip_grad_norm`), "list" (`clip_grad_norm`, then `float(norm)` appended to
+    a list after the eval), "tensorboardx" (the same, then `SummaryWriter.add_scalar`),
+    "watch" (`watch.step(grads, loss=loss)`, default settings)."""
+
+    def __init__(self, how: str, seed: int = 0, model: str = "mlp", optimizer: str = "sgd",
+                 watch: GradWatch | None = None, logdir: Path | None = None):
+        inputs, width, layers = MODELS[model]
+        keys = mx.random.split(mx.random.key(seed), 2 * layers + 4)
+        sizes = [inputs] + [width] * layers
+        self.params = {
+            "hidden": [{"weight": (2.0 / sizes[i]) ** 0.5 * mx.random.normal((sizes[i], sizes[i + 1]), key=keys[i]),
+                        "bias": mx.zeros((sizes[i + 1],))} for i in range(layers)],
+            "out": {"weight": 0.3 * mx.random.normal((width, 1), key=keys[-4]), "bias": mx.zeros((1,))}}
+        self.inputs = mx.random.normal((32, inputs), key=keys[-3])
+        self.targets = mx.random.normal((32, 1), key=keys[-2])
+        self.optimizer = OPTIMIZERS[optimizer]()
+        self.loss_and_grad = mx.compile(mx.value_and_grad(_mlp_loss))
+        self.how, self.watch, self.norms, self.step = how, watch, [], 0
+        self.writer = None
+        if how == "tensorboardx":
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(logdir=str(logdir))
+        mx.eval(self.params, self.inputs, self.targets)
+
+    def run(self, steps: int) -> float:
+        """Train `steps` steps; seconds per step."""
+        params, optimizer, how = self.params, self.optimizer, self.how
+        started = time.perf_counter()
+        for _ in range(steps):
+            loss, grads = self.loss_and_grad(params, self.inputs, self.targets)
+            if how == "watch":
+                grads = self.watch.step(grads, loss=loss)
+                params = optimizer.apply_gradients(grads, params)
+                mx.eval(params, loss)
+            else:
+                grads, norm = optim.clip_grad_norm(grads, 1.0)
+                params = optimizer.apply_gradients(grads, params)
+                mx.eval(params, loss, norm)
+                if how == "list":
+                    self.norms.append(float(norm))
+                elif how == "tensorboardx":
+                    self.writer.add_scalar("grad_norm", float(norm), self.step)
+            self.step += 1
+        self.params = params
+        return (time.perf_counter() - started) / steps
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _alternate(loops: dict, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per step of each loop, `rounds` times `steps` steps, the loops in turn (the
+    order turned each round), after a warm-up."""
+    for loop in loops.values():
+        loop.run(200)
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    names = list(loops)
+    for index in range(rounds):
+        for name in names[index % len(names):] + names[:index % len(names)]:
+            times[name].append(loops[name].run(steps))
+    return times
+
+
+def _ratios(times: dict[str, list[float]], baseline: str = "bare") -> dict[str, float]:
+    """Median over rounds of each loop's time over the baseline's in the same round."""
+    return {name: statistics.median(t / b for t, b in zip(series, times[baseline]))
+            for name, series in times.items()}
+
+
+def fast_loop(url: str, folder: Path, rounds: int = 30, steps: int = 500, seed: int = 0, model: str = "mlp",
+              optimizer: str = "sgd") -> dict:
+    """The default watch in a fast real loop, streamed to a server, against the bare
+    `clip_grad_norm` step and what users write instead (float(norm) into a list,
+    tensorboardX's add_scalar when installed), alternated in one process: ratios and drops."""
+    hows = ["bare", "watch", "list"]
+    try:
+        import tensorboardX  # noqa: F401
+        hows.append("tensorboardx")
+    except ImportError:
+        pass
     watch = GradWatch("bench-fast-loop", url=url, clipper=GlobalNorm(1.0), spool_dir=folder / "spool-fast",
                       handle_signals=False)
-    watched = _fast_loop_steps(steps, watch)
+    loops = {how: FastLoop(how, seed, model, optimizer, watch=watch, logdir=folder / "tbx") for how in hows}
+    times = _alternate(loops, rounds, steps)
     result = watch.flush(timeout=120)
     stats = watch.stats
     watch.close()
-    after = _fast_loop_steps(baseline_steps, None)
-    bare = (before + after) / 2
-    return {"fast_steps": steps, "fast_watched_steps_per_s": 1 / watched,
-            "fast_clip_grad_norm_steps_per_s": 1 / bare, "fast_overhead_ratio": watched / bare,
+    for loop in loops.values():
+        loop.close()
+    ratios = _ratios(times)
+    return {"fast_steps": loops["watch"].step, "fast_model": model, "fast_optimizer": optimizer, "fast_seed": seed,
+            "fast_bare_us": statistics.median(times["bare"]) * 1e6,
+            "fast_ratios": {name: ratios[name] for name in hows if name != "bare"},
+            "fast_overhead_ratio": ratios["watch"],
             "fast_dropped": stats.dropped_total, "fast_dropped_by_reason": dict(stats.dropped),
             "fast_acked": result.acked, "fast_flushed": bool(result)}
 
 
 def print_fast_loop(figures: dict) -> None:
-    print(f"fast real-MLX loop (tiny MLP, SGD): {figures['fast_steps']:,} watched steps at "
-          f"{figures['fast_watched_steps_per_s']:,.0f} steps/s vs {figures['fast_clip_grad_norm_steps_per_s']:,.0f} "
-          f"with clip_grad_norm: overhead ratio {figures['fast_overhead_ratio']:.3f}; dropped "
-          f"{figures['fast_dropped']} {figures['fast_dropped_by_reason']} (goal 0); "
-          f"{figures['fast_acked']:,} acked, flush {'complete' if figures['fast_flushed'] else 'INCOMPLETE'}")
+    peers = ", ".join(f"{name} {ratio:.3f}x" for name, ratio in figures["fast_ratios"].items())
+    print(f"fast real-MLX loop ({figures['fast_model']}, {figures['fast_optimizer']}, seed {figures['fast_seed']}; "
+          f"bare clip_grad_norm step {figures['fast_bare_us']:.0f} us): {peers} the bare step "
+          f"(median of per-round ratios; goal watch <= 1.15x); {figures['fast_steps']:,} watched steps, dropped "
+          f"{figures['fast_dropped']} {figures['fast_dropped_by_reason']} (goal 0); {figures['fast_acked']:,} acked, "
+          f"flush {'complete' if figures['fast_flushed'] else 'INCOMPLETE'}")
+
+
+class UpdateLoop:
+    """`MANY_TENSORS` tensors of 64x64 (an LLM's layout) with a real optimizer update in the
+    timed step: clip (`clip_grad_norm`, or the default `watch.step`), update, eval."""
+
+    def __init__(self, how: str, optimizer: str, watch: GradWatch | None = None, seed: int = 1):
+        keys = mx.random.split(mx.random.key(seed), 2 * MANY_TENSORS)
+        self.params = {"layers": [{"weight": 0.02 * mx.random.normal(MANY_SHAPE, key=keys[i])}
+                                  for i in range(MANY_TENSORS)]}
+        self.grads = {"layers": [{"weight": 1e-3 * mx.random.normal(MANY_SHAPE, key=keys[MANY_TENSORS + i])}
+                                 for i in range(MANY_TENSORS)]}
+        self.optimizer = OPTIMIZERS[optimizer]()
+        self.how, self.watch, self.step = how, watch, 0
+        mx.eval(self.params, self.grads)
+
+    def run(self, steps: int) -> float:
+        params, grads, optimizer = self.params, self.grads, self.optimizer
+        started = time.perf_counter()
+        for _ in range(steps):
+            if self.how == "watch":
+                clipped = self.watch.step(grads)
+            else:
+                clipped, _ = optim.clip_grad_norm(grads, 1.0)
+            params = optimizer.apply_gradients(clipped, params)
+            mx.eval(params, optimizer.state)
+            self.step += 1
+        self.params = params
+        return (time.perf_counter() - started) / steps
+
+    def close(self) -> None:
+        pass
+
+
+def update_loop(url: str, folder: Path, optimizer: str = "adamw", rounds: int = 15, steps: int = 20) -> dict:
+    watch = GradWatch("bench-update", url=url, clipper=GlobalNorm(1.0), spool_dir=folder / "spool-update",
+                      handle_signals=False)
+    loops = {how: UpdateLoop(how, optimizer, watch) for how in ("bare", "watch")}
+    times = _alternate(loops, rounds, steps)
+    ok = watch.flush(timeout=60)
+    watch.close()
+    return {"update_optimizer": optimizer, "update_bare_ms": statistics.median(times["bare"]) * 1e3,
+            "update_ratio": _ratios(times)["watch"], "update_flushed": bool(ok)}
+
+
+class CompiledLoop:
+    """A training step compiled whole (`mx.compile` over model, optimizer and, watched, the
+    watch's state): `watch.compute()` inside and `watch.record()` after the eval, against
+    the same step with `clip_grad_norm` inside."""
+
+    def __init__(self, how: str, watch: GradWatch | None = None, seed: int = 0, model: str = "mlp",
+                 optimizer: str = "sgd"):
+        import mlx.nn as nn
+
+        inputs, width, layers = MODELS[model]
+        mx.random.seed(seed)
+        parts: list = []
+        size = inputs
+        for _ in range(layers):
+            parts += [nn.Linear(size, width), nn.ReLU()]
+            size = width
+        self.model = nn.Sequential(*parts, nn.Linear(size, 1))
+        self.optimizer = OPTIMIZERS[optimizer]()
+        self.inputs = mx.random.normal((32, inputs))
+        self.targets = mx.random.normal((32, 1))
+        mx.eval(self.model.parameters(), self.inputs, self.targets)
+        loss_and_grad = nn.value_and_grad(self.model, lambda m, x, y: mx.mean(mx.square(m(x) - y)))
+        self.how, self.watch, self.step = how, watch, 0
+        self.state = [self.model.state, self.optimizer.state] + ([watch.state] if how == "watch" else [])
+
+        def train_step(x, y):
+            loss, grads = loss_and_grad(self.model, x, y)
+            if how == "watch":
+                grads, _ = watch.compute(grads, loss)
+            else:
+                grads, _ = optim.clip_grad_norm(grads, 1.0)
+            self.optimizer.update(self.model, grads)
+            return loss
+
+        self.train_step = mx.compile(train_step, inputs=self.state, outputs=self.state)
+
+    def run(self, steps: int) -> float:
+        started = time.perf_counter()
+        for _ in range(steps):
+            loss = self.train_step(self.inputs, self.targets)
+            mx.eval(self.state, loss)
+            if self.how == "watch":
+                self.watch.record()
+            self.step += 1
+        return (time.perf_counter() - started) / steps
+
+    def close(self) -> None:
+        pass
+
+
+def compiled_loop(url: str, folder: Path, rounds: int = 30, steps: int = 300, seed: int = 0, model: str = "mlp",
+                  optimizer: str = "sgd") -> dict:
+    watch = GradWatch("bench-compiled", url=url, clipper=GlobalNorm(1.0), spool_dir=folder / "spool-compiled",
+                      handle_signals=False)
+    loops = {how: CompiledLoop(how, watch, seed, model, optimizer) for how in ("bare", "watch")}
+    times = _alternate(loops, rounds, steps)
+    ok = watch.flush(timeout=60)
+    watch.close()
+    return {"compiled_bare_us": statistics.median(times["bare"]) * 1e6, "compiled_ratio": _ratios(times)["watch"],
+            "compiled_flushed": bool(ok)}
+
+
+def print_lean(figures: dict) -> None:
+    print(f"{MANY_TENSORS} tensors of {MANY_SHAPE[0]}x{MANY_SHAPE[1]}, clip + {figures['update_optimizer']} update + "
+          f"eval: bare {figures['update_bare_ms']:.2f} ms, watch {figures['update_ratio']:.3f}x (goal <= 1.05x)")
+    print(f"compiled training step (compute() inside, record() after): bare {figures['compiled_bare_us']:.0f} us, "
+          f"watch {figures['compiled_ratio']:.3f}x (goal <= 1.4x)")
+
+
+def _option(name: str, default: str) -> str:
+    args = sys.argv[1:]
+    return args[args.index(name) + 1] if name in args else default
 
 
 def main_fast_loop() -> dict:
+    """`--fast-loop [--seed N] [--model mlp|deep|wide] [--optimizer sgd|adamw|lion] [--lean]`:
+    the fast loop and its peers; `--lean` adds the 300-tensor update and the compiled step."""
+    seed, model, optimizer = int(_option("--seed", "0")), _option("--model", "mlp"), _option("--optimizer", "sgd")
     folder = Path(tempfile.mkdtemp(prefix="gradwatch-agent-bench-"))
     server = None
     try:
         server, url = start_server(folder)
-        figures = fast_loop(url, folder)
+        figures = fast_loop(url, folder, seed=seed, model=model, optimizer=optimizer)
+        print_fast_loop(figures)
+        if "--lean" in sys.argv[1:]:
+            figures.update(update_loop(url, folder, optimizer="adamw" if optimizer == "sgd" else optimizer))
+            figures.update(compiled_loop(url, folder, seed=seed, model=model, optimizer=optimizer))
+            print_lean(figures)
     finally:
         if server is not None:
             server.terminate()
             server.wait(timeout=10)
         shutil.rmtree(folder, ignore_errors=True)
-    print_fast_loop(figures)
     return figures
 
 
@@ -296,6 +494,8 @@ def main() -> dict:
         figures = overhead(url, folder)
         figures.update(overhead_many_tensors(url, folder))
         figures.update(fast_loop(url, folder))
+        figures.update(update_loop(url, folder))
+        figures.update(compiled_loop(url, folder))
         server.terminate()
         server.wait(timeout=10)
         server = None
@@ -323,6 +523,7 @@ def main() -> dict:
           f"{figures['mem_spooled']:,} spooled, {figures['mem_dropped']:,} dropped {figures['mem_dropped_by_reason']} (a pure-Python loop that never releases the GIL starves the sender; real MLX steps release it and lose nothing); "
           f"{figures['mem_steps_per_s']:,.0f} steps/s")
     print_fast_loop(figures)
+    print_lean(figures)
     return figures
 
 
