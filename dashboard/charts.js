@@ -400,7 +400,7 @@ export function histogramFigure({ histogram, percentiles, recommended, whatif })
     shapes.push({ type: 'line', xref: 'x', x0: x, x1: x, yref: 'paper', y0: 0, y1: 1, line: { color, width, dash } });
     if (label) annotations.push({
       xref: 'x', x: log ? Math.log10(x) : x, yref: 'paper', y, yanchor: 'bottom', showarrow: false,
-      text: label, font: { color, size: 10 }, textangle: 0,
+      text: label, font: { color, size: 10 }, textangle: 0, bgcolor: COLORS.plot, // readable over the lines
     });
   };
   // Percentile labels: lines closer than 8% of the axis share one label ("p95 p99"), so no
@@ -472,7 +472,7 @@ export function tensorRows({ blocks, modules = null, expanded = new Set(), level
 }
 
 /** Heatmap of per-group (or per-tensor) norms, log10, one row per entry of `rows`. */
-export function heatmapFigure({ rows, step, selectedStep = null, uirevision }) {
+export function heatmapFigure({ rows, step, selectedStep = null, uirevision, height = undefined }) {
   const z = rows.map((row) => row.values.map((v) => {
     const number = typeof v === 'number' ? v : Number(v);
     return Number.isFinite(number) && number > 0 ? Math.log10(number) : null;
@@ -497,7 +497,8 @@ export function heatmapFigure({ rows, step, selectedStep = null, uirevision }) {
   const layout = baseLayout({
     uirevision,
     margin: { l: Math.min(280, 20 + longest * 6.5), r: 10, t: 10, b: 40 },
-    xaxis: axis({ title: { text: 'step' } }),
+    ...(height ? { height } : {}), // given: Plotly keeps a layout's height when only the box grows
+    xaxis: axis({ title: { text: 'step' }, ...ROUND_TICKS }),
     yaxis: axis({ automargin: false, autorange: 'reversed', tickfont: { size: 10 },
       tickmode: 'array', tickvals: labels.map((_, i) => i), ticktext: labels }),
     shapes,

@@ -98,8 +98,9 @@ export async function renderHeatmap() {
   $('tensor-note').textContent = `${formatInt(tensorCount)} tensors · ${formatInt(rows.length)} rows (${what}) · ${formatInt(step.length)} columns`;
   // Every row at least HEAT_ROW_PX tall, its label in 10 px type: 300 tensors scroll in
   // their box (.heat-scroll) instead of squeezing into 3 px rows with labels on each other.
-  element.style.height = `${Math.max(220, 60 + rows.length * HEAT_ROW_PX)}px`;
-  const fig = heatmapFigure({ rows, step, selectedStep: run.selectedStep, uirevision: `${run.name}#${tensors.level}` });
+  const height = Math.max(220, 60 + rows.length * HEAT_ROW_PX);
+  element.style.height = `${height}px`;
+  const fig = heatmapFigure({ rows, step, selectedStep: run.selectedStep, uirevision: `${run.name}#${tensors.level}`, height });
   await Plotly.react(element, fig.data, fig.layout, PLOT_CONFIG);
   if (!heatmapWired && element.on) {
     heatmapWired = true;
