@@ -11,7 +11,7 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import Response
 
 from gradwatch.server.alerts import Alert, AlertDispatcher, AlertRules, DatabaseClaims, _json_number
@@ -19,7 +19,7 @@ from gradwatch.server.live import LiveHub, PostgresListener, notify_in_transacti
 from gradwatch.server.routes import ROUTERS
 from gradwatch.server.routes.deps import DB_ERRORS, json_response
 from gradwatch.server.schemas import BatchError
-from gradwatch.server.security import BodySizeLimit, ByteBudget, EdgeGuard
+from gradwatch.server.security import BodySizeLimit, BudgetHealth, ByteBudget, EdgeGuard, refuse_handshake
 from gradwatch.server.warmup import warm_request, warm_up
 from gradwatch.server.settings import Settings
 from gradwatch.server.storage import Store, UnknownRun, create_schema, make_engine
@@ -77,7 +77,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = store
     app.state.hub = hub
     app.state.parse_budget = ByteBudget(2 * settings.max_body)  # two full bodies parsed at a time
-    app.add_middleware(BodySizeLimit, max_body=settings.max_body)
+    app.add_middleware(BodySizeLimit, max_body=settings.max_body, idle=settings.body_idle_timeout,
+                       deadline=settings.body_deadline)
+    app.add_middleware(BudgetHealth, budget=app.state.parse_budget)  # /healthz shows who waits on it
+    app.router.default = not_found  # a WebSocket to an unknown path: HTTP 404, not 403
     app.add_middleware(EdgeGuard, bind=settings.host, allow_host=settings.allow_host,  # outermost
                        allow_origin=settings.allow_origin)
     add_error_handlers(app)
@@ -120,6 +123,20 @@ def start_alerts(settings: Settings, store: Store) -> AlertDispatcher | None:
     dispatcher.hook = hook
     store.ingestor.after_commit.append(hook)
     return dispatcher
+
+
+async def not_found(scope, receive, send) -> None:
+    """The router's answer when no route matches: Starlette closes a WebSocket before
+    accept(), which uvicorn answers 403, the status of a refused token; here it is a 404
+    through the `websocket.http.response` extension, so a client can tell the two apart."""
+    if scope["type"] == "websocket":
+        from starlette.websockets import WebSocket
+
+        await refuse_handshake(WebSocket(scope, receive, send), 404,
+                               f"no gradwatch WebSocket at {scope.get('path', '')[:200]} "
+                               f"(the agent's is /ws/ingest, the dashboard's /ws/live/RUN)")
+        return
+    raise HTTPException(status_code=404)
 
 
 def add_error_handlers(app: FastAPI) -> None:

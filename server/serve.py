@@ -63,10 +63,46 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def uvicorn_options(settings: Settings) -> dict:
     """The uvicorn.Config options every server process uses (one process or each worker).
 
-    uvicorn cannot time out a slow header or body read (README: "Running the server for a
-    team" gives the proxy settings); an idle keep-alive connection is closed after 10 s."""
+    uvicorn cannot time out a slow header read (README: "Running the server for a team" gives
+    the proxy settings); a stalled body is answered 408 by `security.BodySizeLimit`, an idle
+    keep-alive connection is closed after 10 s, and a WebSocket message stalled mid-frame is
+    closed when its ping goes unanswered (the client cannot answer one inside a frame). Past
+    `max_connections` open connections uvicorn answers new requests 503 instead of letting
+    them hang once the process runs out of file descriptors."""
     return dict(ws_max_size=settings.max_body, access_log=False, log_level="warning",
-                timeout_keep_alive=KEEP_ALIVE_S)
+                timeout_keep_alive=KEEP_ALIVE_S, ws_ping_interval=settings.ws_ping_interval,
+                ws_ping_timeout=settings.ws_ping_timeout,
+                limit_concurrency=min(settings.max_connections, connection_room()))
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (children inherit it); the
+    soft limit now in force. At the common default of 1,024, normal clients failed at about
+    1,100 stalled connections."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return 1 << 16
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft >= hard:
+        return soft
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        return wanted
+    except (ValueError, OSError):
+        return soft
+
+
+def connection_room() -> int:
+    """The connections this process can hold open: its file limit less some for the database,
+    log files and the library's own descriptors."""
+    try:
+        import resource
+    except ImportError:
+        return 1 << 16
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(64, (1 << 20 if soft == resource.RLIM_INFINITY else soft) - 128)
 
 
 def announce(settings: Settings) -> None:
@@ -78,6 +114,7 @@ def announce(settings: Settings) -> None:
 def serve(settings: Settings) -> int:
     import uvicorn
 
+    raise_open_file_limit()  # before any worker starts: they inherit it
     problem = check_database(settings.db_url)  # creates or upgrades the schema, once, first
     if problem:
         return _fail(problem)

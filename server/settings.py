@@ -53,6 +53,16 @@ class Settings(BaseSettings):
     alert_window: int = Field(100, ge=1, description="steps the sustained-clipping alert looks at")
     alert_min_interval: float = Field(300.0, ge=0.0, description="seconds between two alerts of one "
                                                                   "kind about one run")
+    body_idle_timeout: float = Field(15.0, gt=0.0, description="seconds a request body may send nothing "
+                                     "before it is answered 408 and its connection closed")
+    body_deadline: float = Field(30.0, gt=0.0, description="seconds any body may take in all; a larger "
+                                 "body gets size / 256 KiB/s if that is longer")
+    ws_ping_interval: float = Field(20.0, gt=0.0, description="seconds between WebSocket pings (a client "
+                                    "stalled mid-message cannot answer one)")
+    ws_ping_timeout: float = Field(20.0, gt=0.0, description="seconds a WebSocket has to answer a ping "
+                                   "before it is closed")
+    max_connections: int = Field(1000, ge=1, description="open connections per server process; past it "
+                                 "new requests get 503 (uvicorn's limit_concurrency)")
 
     @field_validator("token", "read_token")
     @classmethod
@@ -88,7 +98,9 @@ SERVE_FLAGS = {"db_url": "--db", "host": "--host", "port": "--port", "token": "-
                "cache_mb": "--cache-mb", "live_queue_bytes": "--live-queue-bytes", "allow_origin": "--allow-origin",
                "allow_host": "--allow-host", "alert_webhook": "--alert-webhook",
                "alert_clip_rate": "--alert-clip-rate", "alert_window": "--alert-window",
-               "alert_min_interval": "--alert-min-interval"}
+               "alert_min_interval": "--alert-min-interval", "body_idle_timeout": "--body-idle-timeout",
+               "body_deadline": "--body-deadline", "ws_ping_interval": "--ws-ping-interval",
+               "ws_ping_timeout": "--ws-ping-timeout", "max_connections": "--max-connections"}
 
 
 class ClientSettings(BaseSettings):

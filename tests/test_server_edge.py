@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import httpx
 import pytest
@@ -46,16 +47,67 @@ def test_loopback_server_refuses_other_host_names_naming_the_flag(loopback, host
     assert answer.text.count("evil.example") >= 1
 
 
-def test_host_check_covers_websockets(loopback):
-    async def go():
-        with pytest.raises(InvalidStatus) as info:
-            async with websockets.connect(f"{loopback.ws_url}/ws/ingest",
-                                          additional_headers={"Host": "evil.example"}):
-                pass
-        return info.value.response
+def raw_request(port: int, head: str) -> tuple[int, bytes]:
+    """Send `head` (request line and headers, CRLF-separated, no body) as written; the answer's
+    status and bytes. For what an HTTP client will not send (two Host headers, a foreign Host
+    on a WebSocket handshake)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.encode("latin-1") + b"\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer
 
-    response = asyncio.run(go())
-    assert response.status_code == 421 and b"--allow-host" in response.body
+
+WS_HANDSHAKE = ("GET {path} HTTP/1.1\r\n{hosts}Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13")
+
+
+def test_host_check_covers_websockets(loopback):
+    status, answer = raw_request(loopback.port, WS_HANDSHAKE.format(path="/ws/ingest",
+                                                                    hosts="Host: evil.example\r\n"))
+    assert status == 421 and b"--allow-host" in answer
+
+
+@pytest.mark.parametrize("hosts", ["Host: evil.example\r\nHost: 127.0.0.1:{port}\r\n",
+                                   "Host: 127.0.0.1:{port}\r\nHost: evil.example\r\n",
+                                   "Host: localhost:1, evil.example\r\n",
+                                   "Host: evil.example, localhost\r\n"])
+@pytest.mark.parametrize("kind", ["http", "websocket"])
+def test_two_host_headers_or_a_list_are_refused(loopback, hosts, kind):
+    hosts = hosts.format(port=loopback.port)
+    head = (f"GET /healthz HTTP/1.1\r\n{hosts}Connection: close" if kind == "http" else
+            WS_HANDSHAKE.format(path="/ws/ingest", hosts=hosts))
+    status, answer = raw_request(loopback.port, head.rstrip("\r\n"))
+    assert status == 400, answer[:300]
+
+
+@pytest.mark.parametrize("bind", ["::ffff:127.0.0.1", "127.000.000.001", "127.1", "[::1]", "127.0.0.2"])
+def test_loopback_is_recognised_whatever_its_spelling(bind):
+    from gradwatch.server.security import allowed_hosts, is_loopback
+
+    assert is_loopback(bind)
+    assert allowed_hosts(bind, []) is not None and "evil.example" not in allowed_hosts(bind, [])
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0", "::", "10.1.2.3", "::ffff:10.1.2.3", "gw.example"])
+def test_other_bind_addresses_are_not_loopback(bind):
+    from gradwatch.server.security import is_loopback
+
+    assert not is_loopback(bind)
+
+
+def test_server_bound_to_a_mapped_loopback_address_checks_the_host(tmp_path):
+    """`serve --host 127.000.000.001` binds 127.0.0.1 and keeps the DNS-rebinding check on."""
+    process = start_server(f"sqlite:///{tmp_path / 'mapped.db'}", tmp_path, ["--host", "127.000.000.001"])
+    try:
+        assert _get(process.url, "evil.example").status_code == 421
+        assert _get(process.url, f"127.0.0.1:{process.port}").status_code == 200
+    finally:
+        process.stop()
 
 
 async def _ws_open(url: str, origin: str | None) -> dict:

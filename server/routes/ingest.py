@@ -15,11 +15,12 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
-from gradwatch.server.live import LiveHub, accept_with_token, batch_points
+from gradwatch.server.live import LiveHub, batch_points
 from gradwatch.server.routes.deps import DB_ERRORS, WRITE, HubDep, RunName, StoreDep, json_response
 from gradwatch.server import wire
 from gradwatch.server.schemas import BatchError, IngestAnswer
 from gradwatch.server.storage import MetaTooLarge, Store
+from gradwatch.server.security import BudgetHold, presented_token, refuse_handshake, token_status
 
 log = logging.getLogger("gradwatch.server")
 router = APIRouter(tags=["ingest"])
@@ -42,12 +43,13 @@ async def ingest_steps(name: RunName, request: Request, store: StoreDep, hub: Hu
     too_big = _json_too_big(media_type, request.headers.get("content-length", ""))
     if too_big:
         return json_response({"detail": too_big}, status_code=413)
-    budget = request.app.state.parse_budget
-    declared = request.headers.get("content-length")
-    declared = int(declared) if declared and declared.isdigit() else None
-    size = declared if declared is not None else request.app.state.settings.max_body
-    async with budget.hold(size):  # concurrent large bodies wait their turn (security.ByteBudget)
-        body = await read_body(request, declared)
+    async with request.app.state.parse_budget.hold() as hold:  # charged as bytes arrive (security.ByteBudget)
+        body = await read_body(request, hold)
+        if media_type == wire.JSON_MEDIA_TYPE:  # orjson builds an object per value: charged ~30x
+            too_big = _json_too_big(media_type, str(len(body)))
+            if too_big:
+                return json_response({"detail": too_big}, status_code=413)
+            await hold.grow((wire.json_decode.PARSE_FACTOR - 1) * len(body))
 
         def work():
             batch = wire.load_batch(body, media_type)  # server/wire: JSON by orjson, msgpack in bounded memory
@@ -67,21 +69,22 @@ def _json_too_big(media_type: str, size: str) -> str | None:
             f"send {wire.MSGPACK_MEDIA_TYPE} for larger batches (docs/wire.md)")
 
 
-async def read_body(request: Request, declared: int | None) -> bytearray:
-    """The body in one buffer, written as its chunks arrive: about 1x its size, where
-    `request.body()` holds the chunks and their join at once (2x)."""
-    if declared is None:
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-        return body
-    body = bytearray(declared)
-    filled = 0
+async def read_body(request: Request, hold: BudgetHold) -> bytearray:
+    """The body in one buffer that grows with the bytes received (never sized from a
+    declared Content-Length), each chunk charged to the parse budget before it is kept.
+    Stalled bodies are answered 408 by `security.BodySizeLimit`."""
+    body = bytearray()
     async for chunk in request.stream():
-        body[filled:filled + len(chunk)] = chunk  # grows the buffer if more than declared arrives
-        filled += len(chunk)
-    del body[filled:]
+        if chunk:
+            await hold.grow(len(chunk))
+            body += chunk
     return body
+
+
+def _frame_cost(frame: str | bytes) -> int:
+    """What a frame is charged while parsed: a JSON text frame ~30x its size (an object per
+    value), a binary one its size (typed arrays are read in place)."""
+    return len(frame) * (wire.json_decode.PARSE_FACTOR if isinstance(frame, str) else 1)
 
 
 def handle_message(store: Store, text: str | bytes) -> tuple[dict, str | None, Any]:
@@ -111,8 +114,14 @@ def handle_message(store: Store, text: str | bytes) -> tuple[dict, str | None, A
 
 @router.websocket("/ws/ingest")
 async def ws_ingest(websocket: WebSocket, store: StoreDep, hub: HubDep) -> None:
-    if not await accept_with_token(websocket, "write", websocket.app.state.settings):
+    settings = websocket.app.state.settings  # the token before accept(): a refused client sends no frame
+    status = token_status(presented_token(websocket.headers, websocket.query_params), "write",
+                          settings.token, settings.read_token)
+    if status != 200:
+        await refuse_handshake(websocket, status, "a valid write token is required (Authorization: Bearer ...)"
+                               if status == 401 else "this token cannot write: use the write token")
         return
+    await websocket.accept()
     try:
         while True:
             message = await websocket.receive()
@@ -121,7 +130,7 @@ async def ws_ingest(websocket: WebSocket, store: StoreDep, hub: HubDep) -> None:
             text = message.get("text")
             if text is None:
                 text = message.get("bytes") or b""
-            async with websocket.app.state.parse_budget.hold(len(text)):
+            async with websocket.app.state.parse_budget.hold(_frame_cost(text)):
                 reply, run, outcome = await run_in_threadpool(handle_message, store, text)
             del text, message
             if run is not None:

@@ -51,10 +51,10 @@ def encode_cursor(run: dict) -> str:
 
 def decode_cursor(cursor: str) -> tuple[str, str]:
     try:
-        updated, name = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if isinstance(updated, str) and isinstance(name, str):
-            return updated, name
-    except ValueError:
+        decoded = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if isinstance(decoded, list) and len(decoded) == 2 and all(isinstance(part, str) for part in decoded):
+            return decoded[0], decoded[1]
+    except ValueError:  # not base64, not UTF-8, not JSON (binascii.Error and UnicodeDecodeError are ValueErrors)
         pass
     raise BatchError(f"cursor {cursor[:40]!r} is not one this server gave (take it from X-Next-Cursor)")
 
