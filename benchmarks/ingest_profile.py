@@ -36,7 +36,7 @@ from benchmarks.ingest_bench import WARMUP_BATCHES, make_batches, post_all  # no
 
 
 def storage_side(steps: int, batch: int, profile: bool, top: int) -> dict:
-    from gradwatch.server.parse import load_batch
+    from gradwatch.server.wire.json_decode import load_batch
     from gradwatch.server.storage.engine import make_engine
     from gradwatch.server.storage.migrate import create_schema
     from gradwatch.server.storage.store import Store
