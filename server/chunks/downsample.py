@@ -102,16 +102,15 @@ class _Rows:
             steps = np.zeros(0, np.int64)
         inside = (steps >= lo) & (steps <= hi)
         values, missing = {}, {}
-        for name in set(fields) | {key}:
+        for name in set(fields) | {key}:   # joined first, converted once (many small chunks: kept rows)
             kind = spec[name]
-            parts, oks = [], []
-            for c in chunks:
-                v = c.values[name]
-                ok = c.valid.get(name)
-                parts.append(v.astype(np.float64))
-                oks.append(np.ones(len(v), bool) if ok is None else ok)
-            v = np.concatenate(parts)[inside] if parts else np.zeros(0)
-            ok = np.concatenate(oks)[inside] if oks else np.zeros(0, bool)
+            if chunks:
+                v = np.concatenate([c.values[name] for c in chunks]).astype(np.float64, copy=False)[inside]
+                oks = [c.valid.get(name) for c in chunks]
+                ok = np.ones(len(v), bool) if all(o is None for o in oks) else np.concatenate(
+                    [np.ones(len(c.steps), bool) if o is None else o for c, o in zip(chunks, oks)])[inside]
+            else:
+                v, ok = np.zeros(0), np.zeros(0, bool)
             if kind != "float":
                 v = np.where(ok, v, np.nan)
             values[name], missing[name] = v, ~ok

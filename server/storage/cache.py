@@ -8,18 +8,27 @@ chunk, a late step its own chunk) and spliced into the arrays in place of the
 old copies of those chunks. The entries together hold at most `max_bytes`
 (`serve --cache-mb`); the least recently used go first, and an answer larger
 than the whole budget is returned without being kept.
+
+The same budget holds each run's `OverviewEntry`: what the downsampled overview
+decoded (whole-run summaries per width, kept rows, the cut edges' chunks), so a
+second overview of a run (the dashboard's zoom-out and refetch) reads no blob
+again; when the run's version moves, the summaries of the chunks written since
+are read and spliced in (`reads.Reader.overview`).
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradwatch.server.chunks import CHUNK
+from gradwatch.server.chunks import CHUNK, Chunk
+from gradwatch.server.chunks.summaries import Summary, concat
 from gradwatch.server.storage.chunk_rows import arrays_of
 from gradwatch.server.storage.registry import VALUE_COLUMNS, value_columns
+
+EDGE_CHUNKS = 8   # decoded chunks an overview entry keeps (the ranges' cut edges: the run's newest chunk)
 
 
 @dataclass
@@ -77,13 +86,73 @@ def splice(old: RunArrays, steps: np.ndarray, values: dict[str, np.ndarray],
                      missing=merged_missing, version=version)
 
 
+def summary_bytes(summary: Summary) -> int:
+    if summary.matrices is not None:
+        return summary.matrices[1].nbytes + summary.matrices[2].nbytes
+    total = sum(getattr(summary, f).nbytes for f in ("start", "rows", "first", "last"))
+    for stats in (*summary.nums.values(), *summary.flags.values()):
+        total += sum(array.nbytes for array in vars(stats).values())
+    for values, ok in (*summary.at_min.values(), *summary.at_max.values()):
+        total += values.nbytes + ok.nbytes
+    return total
+
+
+@dataclass
+class OverviewEntry:
+    """What the overview of one run decoded, at one run version: whole-run summaries per width
+    (read once, then sliced to any range), each chunk's kept rows (every registry column), and
+    a few decoded chunks (keyed by chunk id and columns). Immutable once another version is
+    made from it (`refreshed`); filled in place only with data of its own version."""
+
+    version: int
+    levels: dict[int, Summary] = field(default_factory=dict)
+    kept: dict[int, Chunk] = field(default_factory=dict)
+    chunks: OrderedDict = field(default_factory=OrderedDict)   # (chunk id, columns) -> Chunk
+
+    def nbytes(self) -> int:
+        total = sum(summary_bytes(level) for level in list(self.levels.values()))
+        total += sum(chunk.nbytes() for chunk in list(self.kept.values()))
+        return total + sum(chunk.nbytes() for chunk in list(self.chunks.values()))
+
+    def keep_chunk(self, chunk_id: int, columns: tuple[str, ...], chunk: Chunk) -> None:
+        self.chunks[(chunk_id, columns)] = chunk
+        while len(self.chunks) > EDGE_CHUNKS:
+            self.chunks.popitem(last=False)
+
+    def refreshed(self, version: int, changed: list[int], parts: dict[int, Summary]) -> "OverviewEntry":
+        """This entry at `version`, where the chunks `changed` (sorted ids) were written since:
+        their entries in each level replaced by `parts[width]` (those chunks' summaries at that
+        width; a level without one is dropped), their kept rows and decoded copies dropped."""
+        gone = set(changed)
+        fresh = OverviewEntry(version)
+        for width, level in self.levels.items():
+            part = parts.get(width)
+            if part is not None:
+                fresh.levels[width] = splice_summary(level, part, changed)
+        fresh.kept = {chunk_id: rows for chunk_id, rows in self.kept.items() if chunk_id not in gone}
+        fresh.chunks = OrderedDict((key, chunk) for key, chunk in self.chunks.items() if key[0] not in gone)
+        return fresh
+
+
+def splice_summary(old: Summary, part: Summary, changed: list[int]) -> Summary:
+    """`old` with the entries of the chunks `changed` replaced by `part`'s (ascending starts)."""
+    kept = np.flatnonzero(~np.isin(old.start // CHUNK, np.asarray(changed, np.int64)))
+    if not len(part):
+        return old.take(kept)
+    merged = concat([old.take(kept), part]) if len(kept) else part
+    starts = merged.start
+    if len(starts) > 1 and not np.all(starts[1:] > starts[:-1]):
+        merged = merged.take(np.argsort(starts, kind="stable"))
+    return merged
+
+
 class RunCache:
     """Per-process cache of runs' columns as arrays, at most `max_bytes` in all."""
 
     def __init__(self, reader, max_bytes: int = 128 << 20):
         self.reader = reader
         self.max_bytes = max_bytes
-        self._runs: OrderedDict[tuple[int, float], RunArrays] = OrderedDict()
+        self._runs: OrderedDict[tuple, RunArrays | OverviewEntry] = OrderedDict()  # arrays: (id, created)
         self._locks: dict[int, threading.Lock] = {}
         self._lock = threading.Lock()
 
@@ -122,7 +191,7 @@ class RunCache:
             self._keep(key, fresh)
         return fresh
 
-    def _keep(self, key: tuple[int, float], entry: RunArrays) -> None:
+    def _keep(self, key: tuple, entry: RunArrays | OverviewEntry) -> None:
         with self._lock:
             self._runs.pop(key, None)
             size = entry.nbytes()
@@ -133,6 +202,24 @@ class RunCache:
             while total > self.max_bytes and len(self._runs) > 1:
                 _, dropped = self._runs.popitem(last=False)
                 total -= dropped.nbytes()
+
+    def overview_entry(self, run_id: int, created: float) -> OverviewEntry | None:
+        """The overview entry of the run (any version; the caller compares), None when not held."""
+        with self._lock:
+            entry = self._runs.get((run_id, created, "overview"))
+            if entry is not None:
+                self._runs.move_to_end((run_id, created, "overview"))
+        return entry
+
+    def keep_overview(self, run_id: int, created: float, entry: OverviewEntry) -> None:
+        """Hold `entry` (after a read filled it), unless a newer version is held already; counted
+        in `max_bytes` with the arrays, least recently used first out."""
+        key = (run_id, created, "overview")
+        with self._lock:
+            held = self._runs.get(key)
+            if held is not None and held.version > entry.version:
+                return
+        self._keep(key, entry)
 
     def forget(self, run_id: int) -> None:
         """Drop a run's arrays (the run was deleted)."""

@@ -17,13 +17,17 @@ import numpy as np
 import orjson
 from sqlalchemy import Engine
 
-from gradwatch.server.chunks import CHUNK, Chunk, Series, heatmap, overview
+from gradwatch.server.chunks import (BLOCK, CHUNK, Chunk, Series, combine, decode_summaries, heatmap,
+                                     overview)
+from gradwatch.server.chunks.summaries import Summary, empty_summary
+from gradwatch.server.storage.cache import EDGE_CHUNKS, OverviewEntry, RunCache
 from gradwatch.server.storage.chunk_rows import KEPT_FLAGS, KEY, SPEC, ChunkRows, arrays_of
 from gradwatch.server.storage.engine import Database
 from gradwatch.server.storage.registry import VALUE_COLUMNS
 from gradwatch.server.storage.serialise import encode_float
 
 LAST_CHUNK = 2**62 // CHUNK
+REFRESH_CHUNKS = 64   # chunks written since a held overview entry: more, and it is read again
 CLIP_COLUMNS = ("pre_norm", "threshold", "clipped", "time")
 
 
@@ -175,10 +179,17 @@ class Reader(Database):
                 yield arrays_of(chunks.values(), VALUE_COLUMNS)
 
     def overview(self, run_id: int, start: int | None, end: int | None, points: int,
-                 fields: tuple[str, ...]) -> Series:
+                 fields: tuple[str, ...], cache: RunCache | None = None) -> Series:
         """The downsampled series of steps [start, end] (`server/chunks/downsample.py`): from the
         summaries, decoding raw chunks only at the range's edges and where spikes or non-finite
-        steps are to be kept."""
+        steps are to be kept.
+
+        With `cache`, what was decoded is kept in the run's `OverviewEntry` (within the cache's
+        byte budget) and read from there next time: the whole-run summaries of a width once an
+        overview of the whole run asked for them (sliced for any range after), kept rows, the
+        edges' chunks. An entry of an older version is brought up to the snapshot's version
+        by reading the summaries of the chunks written since (`chunks.version`), in the same
+        snapshot; a newer one is not used."""
         first, last = self.step_range(run_id)
         lo = first if start is None or first is not None and start < first else start
         hi = last if end is None or last is not None and end > last else end
@@ -186,7 +197,51 @@ class Reader(Database):
             empty = np.zeros(0)
             return Series(np.zeros(0, np.int64), {n: empty for n in fields}, {n: None for n in fields}, 0)
         with self.snapshot() as cursor:
-            return overview(_Source(self.rows, cursor, run_id), SPEC, lo, hi, points, fields, key=KEY)
+            source = _Source(self.rows, cursor, run_id)
+            if cache is None:
+                return overview(source, SPEC, lo, hi, points, fields, key=KEY)
+            cursor.execute(self.sql("SELECT version, created, first_step, last_step FROM runs WHERE id = ?"),
+                           (run_id,))
+            row = cursor.fetchone()
+            if row is None:
+                raise UnknownRun(run_id)
+            version, created, run_first, run_last = row
+            entry = self._current_entry(cursor, run_id, cache.overview_entry(run_id, created), version)
+            if entry is None:
+                return overview(source, SPEC, lo, hi, points, fields, key=KEY)
+            cached = _CachedSource(source, entry, run_first // CHUNK, run_last // CHUNK)
+            found = overview(cached, SPEC, lo, hi, points, fields, key=KEY)
+        cache.keep_overview(run_id, created, entry)
+        return found
+
+    def _current_entry(self, cursor, run_id: int, entry: OverviewEntry | None, version: int
+                       ) -> OverviewEntry | None:
+        """`entry` at the snapshot's `version`: as it is, refreshed by the chunks written since,
+        a new empty one (none held, or too much changed), or None (it is newer than the snapshot)."""
+        if entry is None:
+            return OverviewEntry(version)
+        if entry.version == version:
+            return entry
+        if entry.version > version:
+            return None
+        cursor.execute(self.sql("SELECT chunk_id FROM chunks WHERE run_id = ? AND version > ? ORDER BY chunk_id"),
+                       (run_id, entry.version))
+        changed = [row[0] for row in cursor.fetchall()]
+        if len(changed) > REFRESH_CHUNKS:
+            return OverviewEntry(version)
+        parts: dict[int, Summary] = {}
+        if changed and entry.levels:
+            cursor.execute(self.sql(f"SELECT data FROM chunk_summaries WHERE run_id = ? AND width = ? AND chunk_id "
+                                    f"IN ({', '.join('?' * len(changed))}) ORDER BY chunk_id"),
+                           (run_id, BLOCK, *changed))
+            blobs = [bytes(row[0]) for row in cursor.fetchall()]
+            block = decode_summaries(blobs) if blobs else empty_summary(SPEC, KEY, BLOCK)
+            try:
+                parts = {width: block if width == BLOCK else combine(block, width) for width in entry.levels}
+                return entry.refreshed(version, changed, parts)
+            except (KeyError, ValueError):   # a layout the held levels do not share: read them again
+                return OverviewEntry(version)
+        return entry.refreshed(version, changed, parts)
 
     def events(self, run_id: int, kind: str | None, limit: int) -> list[dict]:
         """A run's events, newest first (by step, then by when stored), at most `limit`.
@@ -338,6 +393,53 @@ class _Source:
         if ids and ids[-1] - ids[0] + 1 == len(ids):   # one range scan
             return self.rows.load_range(self.cursor, self.run_id, ids[0], ids[-1], columns)
         return self.rows.load(self.cursor, self.run_id, ids, columns)
+
+
+class _CachedSource:
+    """The overview's ChunkSource through a run's `OverviewEntry` (over one snapshot at the
+    entry's version): whole-run summary levels, kept rows and decoded chunks come from the
+    entry, and what the database gives is put there."""
+
+    kept_flags = KEPT_FLAGS
+
+    def __init__(self, source: _Source, entry: OverviewEntry, first_chunk: int, last_chunk: int):
+        self.source, self.entry = source, entry
+        self.first_chunk, self.last_chunk = first_chunk, last_chunk   # the run's stored chunks
+
+    def summaries(self, first_chunk: int, last_chunk: int, width: int) -> Summary:
+        level = self.entry.levels.get(width)
+        if level is None:
+            if first_chunk > self.first_chunk or last_chunk < self.last_chunk:   # not the whole run
+                return self.source.summaries(first_chunk, last_chunk, width)
+            level = self.source.summaries(0, LAST_CHUNK, width)
+            self.entry.levels[width] = level
+        a = int(np.searchsorted(level.start, first_chunk * CHUNK, side="left"))
+        b = int(np.searchsorted(level.start, (last_chunk + 1) * CHUNK, side="left"))
+        return level if a == 0 and b == len(level) else level.take(slice(a, b))
+
+    def kept_rows(self, chunk_ids: list[int], columns: tuple[str, ...]) -> dict[int, Chunk]:
+        held = self.entry.kept
+        todo = [chunk_id for chunk_id in chunk_ids if chunk_id not in held]
+        if todo:
+            held.update(self.source.kept_rows(todo, tuple(SPEC)))
+        return {chunk_id: held[chunk_id] for chunk_id in chunk_ids if chunk_id in held}
+
+    def chunks(self, chunk_ids: list[int], columns: tuple[str, ...]) -> dict[int, Chunk]:
+        held = self.entry.chunks
+        todo = [chunk_id for chunk_id in chunk_ids if (chunk_id, columns) not in held]
+        got = self.source.chunks(todo, columns) if todo else {}
+        out = {}
+        for chunk_id in chunk_ids:
+            chunk = got.get(chunk_id) if chunk_id in got else held.get((chunk_id, columns))
+            if chunk is not None:
+                out[chunk_id] = chunk
+        if len(todo) <= EDGE_CHUNKS:   # the edges of a range: keep them (not a whole decode)
+            for chunk_id, chunk in got.items():
+                self.entry.keep_chunk(chunk_id, columns, chunk)
+        return out
+
+    def chunk(self, chunk_id: int, columns: tuple[str, ...]) -> Chunk | None:
+        return self.chunks([chunk_id], columns).get(chunk_id)
 
 
 def merge_newest_first(stored: list[dict], extra: list[dict], nulls_last: bool) -> list[dict]:

@@ -55,7 +55,7 @@ class Store(Database):
         return self.reader.tensor_norms(run_id, start, end, points)
 
     def overview(self, run_id: int, start: int | None, end: int | None, points: int, fields: tuple[str, ...]):
-        return self.reader.overview(run_id, start, end, points, fields)
+        return self.reader.overview(run_id, start, end, points, fields, cache=self.cache)
 
     def arrays(self, run: str, fields=VALUE_COLUMNS) -> RunArrays:
         """A run's columns from the cache; UnknownRun when there is no such run."""
