@@ -419,9 +419,11 @@ class _CachedSource:
 
     def kept_rows(self, chunk_ids: list[int], columns: tuple[str, ...]) -> dict[int, Chunk]:
         held = self.entry.kept
-        todo = [chunk_id for chunk_id in chunk_ids if chunk_id not in held]
-        if todo:
-            held.update(self.source.kept_rows(todo, tuple(SPEC)))
+        todo = [chunk_id for chunk_id in chunk_ids
+                if chunk_id not in held or not held[chunk_id].values.keys() >= set(columns)]
+        if todo:   # with the columns held already for them too (one entry per chunk)
+            wanted = set(columns).union(*(held[c].values.keys() for c in todo if c in held))
+            held.update(self.source.kept_rows(todo, tuple(name for name in SPEC if name in wanted)))
         return {chunk_id: held[chunk_id] for chunk_id in chunk_ids if chunk_id in held}
 
     def chunks(self, chunk_ids: list[int], columns: tuple[str, ...]) -> dict[int, Chunk]:
