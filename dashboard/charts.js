@@ -483,7 +483,9 @@ export function heatmapFigure({ rows, step, selectedStep = null, uirevision, hei
     // The row's name for the hover, per cell (a heatmap has no per-row text); escaped once per row.
     customdata: rows.map((row) => new Array(step.length).fill(plotlyText(row.name))),
     meta: { rows: rows.map((row) => row.name) },
-    colorbar: { title: { text: 'log10 norm', side: 'right' }, thickness: 12 },
+    // A tall (scrolling) heatmap keeps its colour bar at the top, at a readable length.
+    colorbar: { title: { text: 'log10 norm', side: 'right' }, thickness: 12,
+      ...(height && height > 700 ? { lenmode: 'pixels', len: 320, y: 1, yanchor: 'top' } : {}) },
     hovertemplate: '%{customdata}<br>step %{x}<br>log10 norm %{z:.3f}<extra></extra>',
   }];
   const shapes = [];

@@ -126,6 +126,9 @@ export function renderRecommendation() {
   const head = $('candidate-raw-head');
   head.textContent = 'would clip';
   head.title = span ? `the finite ${spanText(span)}, as the headline and the what-if` : '';
+  $('candidate-note').textContent = span && candidates.length
+    ? `would clip: of the ${formatInt(span.finite)} finite ${spanText(span)}, as the headline and the what-if; `
+      + `clean steps only: of its ${count === null ? '' : `${formatInt(count)} `}clean steps (spikes, non-finite and level-shift steps left out)` : '';
   const rows = candidates.map((candidate) => {
     const value = wireNumber(candidate.threshold);
     const row = el('tr', { className: value === threshold ? 'recommended' : '' },
@@ -156,7 +159,7 @@ export async function renderHistogram() {
     histogram,
     percentiles: (run.recommendation && run.recommendation.percentiles) || (run.stats && run.stats.percentiles),
     recommended: run.recommendation ? wireNumber(run.recommendation.threshold) : null,
-    whatif: currentWhatif(),
+    whatif: currentWhatif() > 0 ? currentWhatif() : null, // a refused threshold is not drawn
   });
   await Plotly.react(element, fig.data, fig.layout, PLOT_CONFIG);
   probe.renders.histogram += 1;

@@ -247,3 +247,31 @@ def test_the_largest_step_round_trips_exactly(open_server):
         run = {r["name"]: r for r in client.get("/api/runs").json()}["far"]
         assert (run["first_step"], run["last_step"]) == (top - 2, top)
         assert post(client, "far", {"step": [top + 1], "pre_norm": [1.0]}).status_code == 422
+
+
+def test_whatif_is_over_the_recommendations_window_unless_asked_and_refuses_thresholds_at_or_below_zero(open_server):
+    rng = np.random.default_rng(22)
+    norms = np.exp(rng.normal(0.0, 0.05, 1600))
+    norms[1000:] *= 5.0  # a level shift inside a window of 1,000
+    with httpx.Client(base_url=open_server.url, timeout=30) as client:
+        assert post(client, "whatif-over", {"step": list(range(1600)), "pre_norm": norms.tolist()}).status_code == 200
+        rec = client.get("/api/runs/whatif-over/recommendation", params={"window": 1000}).json()
+        span = rec["rate_window"]
+        assert span["after_level_shift"] and span["start"] == rec["window"]["clean_start"] >= 1000
+        t = rec["threshold"]
+        window = client.get("/api/runs/whatif-over/whatif", params={"threshold": t, "window": 1000}).json()
+        part = norms[span["start"]:]
+        assert window == {"threshold": t, "count": len(part), "clipped": int((part > t).sum()),
+                          "clip_rate": rec["clip_rate_raw"], "over": "window",
+                          "window": {"start": span["start"], "end": 1599, "steps": len(part)}}
+        assert rec["clip_rate_raw"] == (part > t).mean()
+        whole = client.get("/api/runs/whatif-over/whatif", params={"threshold": t, "over": "run"}).json()
+        assert whole["over"] == "run" and whole["window"] == {"start": 0, "end": 1599, "steps": 1600}
+        assert whole["clip_rate"] == (norms > t).mean()
+        last = client.get("/api/runs/whatif-over/whatif", params={"threshold": t, "over": "last", "window": 10}).json()
+        assert last["window"] == {"start": 1590, "end": 1599, "steps": 10}
+        for threshold in (0, -1, "nan"):
+            refused = client.get("/api/runs/whatif-over/whatif", params={"threshold": threshold})
+            assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["query", "threshold"]
+        small = client.get("/api/runs/whatif-over/whatif", params={"threshold": t, "window": 50})
+        assert small.status_code == 422 and "at least 100" in small.json()["detail"]

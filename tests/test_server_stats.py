@@ -122,3 +122,22 @@ def test_parse_batch_validates_columns_with_field_names():
                        ({"step": [2**70], "pre_norm": [1.0]}, "step")]:
         with pytest.raises(BatchError, match=field):
             parse_batch(bad)
+
+
+def test_raw_clip_rates_are_over_the_rate_window_and_equal_the_whatif():
+    rng = np.random.default_rng(3)
+    values = np.exp(rng.normal(0, 0.1, 3000))
+    values[[2700, 2800, 2900]] *= 40.0
+    values[2750] = np.nan
+    steps = np.arange(10, 3010)  # steps need not start at 0
+    result = stats.recommend(steps, values)
+    span = result["rate_window"]
+    assert not result["level_shift"] and span["start"] == result["window"]["start"] == steps[-500]
+    part = values[-500:]
+    finite = part[np.isfinite(part)]
+    assert span == {"start": int(steps[-500]), "end": 3009, "steps": 500, "finite": 499, "after_level_shift": False}
+    for candidate in result["candidates"]:
+        assert candidate["clip_rate_raw"] == (finite > candidate["threshold"]).mean()
+        assert candidate["clip_rate_raw"] == stats.whatif(part, candidate["threshold"])["clip_rate"]
+    assert result["clip_rate_raw"] == (finite > result["threshold"]).mean()
+    assert f"of the 499 finite steps {steps[-500]:,}–3,009" in result["rationale"]
