@@ -58,7 +58,8 @@ def main(steps: int = 1_000_000, repeats: int = 15) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         with ServerProcess(f"sqlite:///{Path(folder) / 'bench.db'}") as server:
             started = time.perf_counter()
-            post_all(server.port, "big", make_batches(steps, 5000))
+            post_all(server.port, "big", make_batches(steps, 5000, encoding="msgpack"),  # the agent's encoding
+                     media_type="application/msgpack")
             ingest_s = time.perf_counter() - started
             reads = time_reads(server.url, repeats)
     figures: dict[str, float | int | str] = {"steps": steps, "ingest_s": round(ingest_s, 2)}

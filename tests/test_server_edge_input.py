@@ -177,3 +177,20 @@ def test_stats_and_histogram_are_safe_on_extreme_norms(server, norms):
                 expected[index] += 1
             assert counts == expected and hist["count"] == len(finite)
         assert client.get(f"/api/runs/{run}/recommendation").status_code == 200
+
+
+@pytest.mark.parametrize("steps", [2, 20_000])
+def test_an_escaped_nan_is_answered_the_same_at_every_body_size(server, steps):
+    """`"Na\\u004E"` is the string "NaN" (JSON escapes spell the same string): accepted and
+    stored as NaN in a short body and in a column over 64 KiB alike (issue 19)."""
+    values = ", ".join(['"Na\\u004E"'] + ["1.5"] * (steps - 1))
+    body = ('{"step": [%s], "pre_norm": [%s], "tensor_norms": {"names": ["w"], "norms": [%s]}}' % (
+        ", ".join(map(str, range(steps))), values, ", ".join(['["Na\\u004E"]'] + ["[0.5]"] * (steps - 1))))
+    assert steps < 10 or len(body) > 64 * 1024
+    run = f"edge-escaped-nan-{steps}"
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        answer = client.post(f"/api/runs/{run}/steps", content=body.encode(),
+                             headers={"Content-Type": "application/json"})
+        assert answer.status_code == 200 and answer.json()["accepted"] == steps, answer.text
+        series = client.get(f"/api/runs/{run}/series", params={"fields": "pre_norm", "points": steps}).json()
+        assert series["pre_norm"][0] == "NaN" and series["pre_norm"][1] == 1.5
