@@ -32,16 +32,34 @@ class Demo:
             cwd=tmp_path, env={**os.environ, **(env or {})})
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
+        self.errors: list[str] = []  # stderr, read as it comes (a full pipe would block the demo)
         threading.Thread(target=self._read, daemon=True).start()
+        self.error_reader = threading.Thread(target=self._read_errors, daemon=True)
+        self.error_reader.start()
 
     def _read(self) -> None:
         for line in self.process.stdout:
             self.lines.put(line.rstrip("\n"))
         self.lines.put(None)
 
+    def _read_errors(self) -> None:
+        for line in self.process.stderr:
+            self.errors.append(line)
+
+    def wait(self, timeout: float) -> int:
+        """The demo's exit code; on a timeout, what it and its children were doing, in the failure."""
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tree = subprocess.run(["ps", "-o", "pid,ppid,stat,wchan:24,etime,args", "--ppid",
+                                   str(self.process.pid), "-p", str(self.process.pid)],
+                                  capture_output=True, text=True).stdout
+            raise AssertionError(f"the demo did not exit within {timeout} s:\n{tree}\n"
+                                 f"stderr: {''.join(self.errors)[-3000:]}") from None
+
     def next_line(self, timeout: float = 120.0) -> str:
         line = self.lines.get(timeout=timeout)
-        assert line is not None, f"the demo ended early: {self.process.wait()} {self.process.stderr.read()}"
+        assert line is not None, f"the demo ended early: {self.process.wait()} {''.join(self.errors)}"
         self.seen.append(line)
         return line
 
@@ -139,10 +157,11 @@ def test_a_signal_to_the_demo_stops_its_server_and_trainer(tmp_path, signum):
             time.sleep(0.05)
         assert not port_is_free(demo.port)
         demo.process.send_signal(signum)
-        code = demo.process.wait(timeout=60)
+        code = demo.wait(timeout=120)
         assert code == (-signal.SIGKILL if signum == signal.SIGKILL else 128 + signum)
         if signum != signal.SIGKILL:
-            assert f"{signal.Signals(signum).name} received, stopping the server" in demo.process.stderr.read()
+            demo.error_reader.join(timeout=30)  # stderr ends once the demo and its children have
+            assert f"{signal.Signals(signum).name} received, stopping the server" in "".join(demo.errors)
         assert wait_gone(children) == set()
         assert port_is_free(demo.port)
     finally:
