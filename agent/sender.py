@@ -66,6 +66,22 @@ class _FlushRequest:
     deadline: float
     unreachable: bool = False  # a connection attempt made during this flush failed
     done: bool = False
+    # close(): give up this long after connections began to be refused (nothing listens at the
+    # address: ECONNREFUSED) once the records are in the synced spool; None: wait until deadline.
+    give_up_refused: float | None = None
+    started: float = 0.0
+
+
+def _nobody_listening(error: BaseException) -> bool:
+    """The connection was refused by the host (ECONNREFUSED: no server on that port), as
+    opposed to a server that is slow, stalled or answered something else."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ConnectionRefusedError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class Sender:
@@ -102,6 +118,7 @@ class Sender:
         self._cursor: Position | None = None
         self._flush_retry_at = 0.0  # while a flush waits, connection attempts are this close
         self._warned: set[str] = set()
+        self._refused_since: float | None = None  # connections refused by the host since then
         self._cond = threading.Condition()
         self._flush: _FlushRequest | None = None
         self._taken = 0  # records taken from the buffer so far
@@ -165,12 +182,16 @@ class Sender:
                 command += " --token TOKEN"
         return command
 
-    def flush(self, target: int, timeout: float) -> FlushResult:
+    def flush(self, target: int, timeout: float, give_up_refused: float | None = None) -> FlushResult:
         """Wait until the first `target` records put in the buffer are acknowledged by the
         server, trying to connect at once (and again every `FLUSH_RETRY` s) when there is no
         connection; while it is away they are fsynced to the spool meanwhile. Without a
-        transport (or with a refused token) the spool is where they go: done once fsynced."""
-        request = _FlushRequest(target, time.monotonic() + max(0.0, timeout))
+        transport (or with a refused token) the spool is where they go: done once fsynced.
+        `give_up_refused` (seconds, for `close()`): done once they are in the synced spool and
+        every connection for that long was refused by the host (nothing listens there); a
+        server that accepts and does not answer is still waited for until `timeout`."""
+        now = time.monotonic()
+        request = _FlushRequest(target, now + max(0.0, timeout), give_up_refused=give_up_refused, started=now)
         with self._cond:
             self._flush = request
         self.buffer.wake.set()
@@ -269,6 +290,7 @@ class Sender:
                 self._connect_failed(outcome)
                 return
             transport.adopt(outcome)
+            self._refused_since = None
             self.backoff.succeeded()
             self.stats.connected = True
             self.stats.unreachable = False
@@ -288,6 +310,11 @@ class Sender:
         if isinstance(error, Refused):
             self._refused(str(error))
             return
+        if _nobody_listening(error):
+            if self._refused_since is None:
+                self._refused_since = time.monotonic()
+        else:
+            self._refused_since = None
         request = self._flush
         if request is not None:
             request.unreachable = True
@@ -384,11 +411,13 @@ class Sender:
             self.drops.reported(item.drops)
 
     def _warn_once(self, key: str, message: str) -> None:
+        """Say it once, as a RuntimeWarning (printed once; filtered and captured as Python's
+        warnings are); the log gets it at debug level, so it is never printed twice."""
         if key in self._warned:
             return
         self._warned.add(key)
-        log.warning(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        log.debug(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=1)  # (the caller's line would repeat the text)
 
     # -- receiving ------------------------------------------------------------
     def _wait_and_receive(self) -> None:
@@ -716,12 +745,20 @@ class Sender:
         if len(self.buffer) or self._open or self._taken < request.target:
             return
         delivered = self._idle()
-        durable = ((self.transport is None or self.stats.refused is not None or self.spool is None)
+        durable = ((self.transport is None or self.stats.refused is not None or self.spool is None
+                    or self._given_up(request))
                    and not self.window.has_kind("live"))
         if delivered or durable:
             with self._cond:
                 request.done = True
                 self._cond.notify_all()
+
+    def _given_up(self, request: _FlushRequest) -> bool:
+        """close() stops waiting for a host that refuses connections (its records are in the
+        spool, synced in this round before this check)."""
+        grace, since = request.give_up_refused, self._refused_since
+        return (grace is not None and since is not None and not self.transport.connected
+                and time.monotonic() - max(since, request.started) >= grace)
 
     def _shutdown(self) -> None:
         if self.connector is not None:

@@ -43,6 +43,7 @@ from .stats import FlushResult, Stats
 from .transport import WebSocketTransport
 
 DEFAULT_SPOOL_ROOT = "gradwatch-spool"
+REFUSED_GRACE = 0.5  # close(): seconds of refused connections (nothing listens) before it stops trying
 _FROM_ENV: Any = type("FromEnvironment", (), {"__repr__": lambda self: "<GRADWATCH_URL>"})()
 _LIVE: "weakref.WeakSet[GradWatch]" = weakref.WeakSet()
 
@@ -349,7 +350,10 @@ class GradWatch:
     def close(self, timeout: float | None = None, *, raise_nonfinite: bool = True) -> FlushResult | None:
         """Flush within `timeout` (default `close_timeout`), spool what is left, stop the
         sender thread; prints one line when steps are left in the spool, with the
-        `gradwatch push` command that sends them. Never hangs; safe to call twice.
+        `gradwatch push` command that sends them. Never hangs; safe to call twice. When
+        nothing listens at the server's address (connections refused), it returns about
+        `REFUSED_GRACE` s after the spool is synced; a server that accepts and does not
+        answer is waited for until `timeout`.
         Returns the final counts (None on a second call)."""
         if self._closed:
             return None
@@ -372,10 +376,11 @@ class GradWatch:
         sender = self._sender
         deadline = time.monotonic() + timeout
         last = self._last_flush
+        timed_out = False
         if last is not None and last[0] == self._buffered and last[1].unreachable:
             pass  # a flush just found the server away, and nothing came since: no second wait
-        else:
-            sender.flush(self._buffered, timeout)
+        else:  # a host that refuses connections (nothing listens) is not waited out
+            timed_out = sender.flush(self._buffered, timeout, give_up_refused=REFUSED_GRACE).timed_out
         sender.stop(max(0.5, deadline - time.monotonic()))
         stats = sender.snapshot()
         offline = sender.transport is None
@@ -387,7 +392,7 @@ class GradWatch:
         complete = not stats.pending and not stats.dropped_total and not stats.rejected
         return FlushResult(delivered=complete and (offline or not stats.spooled), acked=stats.acked,
                            spooled=stats.spooled, pending=stats.pending, dropped=stats.dropped_total,
-                           rejected=stats.rejected, unreachable=stats.unreachable)
+                           rejected=stats.rejected, unreachable=stats.unreachable, timed_out=timed_out)
 
     def _on_signal(self, ends_process: bool) -> None:
         """SIGTERM/SIGINT: deliver what is held; close when the signal ends the process."""

@@ -23,7 +23,7 @@ from gradwatch.agent import GradWatch, NonFiniteGradientError
 from gradwatch.agent.recorder import Layout, StepRecord
 from gradwatch.agent.sender import encode_batches
 from gradwatch.agent.spool import MAGIC, Position, Spool, encode_frame, read_frames
-from gradwatch.agent.wire import encode_message, ingest_url
+from gradwatch.agent.wire import encode_message, ingest_url, load_payload
 from gradwatch.clip import EMADetector, GlobalNorm, ZScoreDetector
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,9 +44,32 @@ def spooled_batches(directory: Path) -> list[dict]:
             position = chunk[-1].end
             if position >= spool.end():
                 break
-        return [json.loads(frame.payload)["batch"] for frame in frames]
+        return [_as_json(load_payload(frame.payload)["batch"]) for frame in frames]
     finally:
         spool.close()
+
+
+def _as_json(batch: dict) -> dict:
+    """A decoded batch, JSON or msgpack (typed arrays), as the JSON wire spells it: lists,
+    non-finite floats as "NaN"/"Infinity"/"-Infinity", tensor norms one row per step."""
+    def plain(value):
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        if isinstance(value, list):
+            return [plain(item) for item in value]
+        if isinstance(value, float) and not math.isfinite(value):
+            return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+        return value
+
+    out = {key: plain(value) for key, value in batch.items() if key != "tensor_norms"}
+    tensors = batch.get("tensor_norms")
+    if tensors is not None:
+        names = list(tensors["names"])
+        norms = tensors["norms"]
+        if isinstance(norms, np.ndarray) and norms.ndim == 1 and names:
+            norms = norms.reshape(-1, len(names))
+        out["tensor_norms"] = {"names": names, "norms": plain(norms)}
+    return out
 
 
 def f32(value) -> np.float32:
@@ -80,7 +103,7 @@ def test_batch_is_columnar_with_nonfinite_floats_as_wire_strings():
     values = [np.array([nan_or, 1.0, 0.0, 3.0, -np.inf], np.float32).tobytes()
               for nan_or in (1.5, np.nan, np.inf)]
     records = [StepRecord(step, 100.0 + step, layout, blob, (0.1,)) for step, blob in enumerate(values)]
-    (payload, steps), = encode_batches("r", records)
+    (payload, steps), = encode_batches("r", records, encoding="json")
     assert steps == 3
     body = json.loads(payload)
     assert body["run"] == "r"
@@ -551,14 +574,14 @@ def test_float32_values_are_written_short_and_read_back_bit_exact():
     values = np.concatenate([values, np.float32([0.1, 1 / 3, 1e-45, 3.4028235e38, -0.0, 2.0 ** -149])])
     layout = Layout(("pre_norm",), tuple(f"t{index}" for index in range(len(values) - 1)))
     record = StepRecord(0, 0.0, layout, values.tobytes())
-    (payload, _), = encode_batches("exact", [record], max_bytes=1 << 30)
+    (payload, _), = encode_batches("exact", [record], max_bytes=1 << 30, encoding="json")
     batch = json.loads(payload)["batch"]  # float64, as the server parses it
     back = np.float32([batch["pre_norm"][0], *batch["tensor_norms"]["norms"][0]])
     assert np.array_equal(back.view(np.uint32), values.view(np.uint32))
     assert b"0.1," in payload and b"0.33333334," in payload  # not 0.10000000149011612
     # Typical norms (0.001..10): at most 9 significant digits each, not float64's 17.
     records = _records(100, 50)
-    (short, _), = encode_batches("r", records, max_bytes=1 << 30)
+    (short, _), = encode_batches("r", records, max_bytes=1 << 30, encoding="json")
     digits = [len(repr(value).split("e")[0].replace(".", "").replace("-", "").lstrip("0").rstrip("0"))
               for row in json.loads(short)["batch"]["tensor_norms"]["norms"] for value in row]
     assert max(digits) <= 9
@@ -566,7 +589,7 @@ def test_float32_values_are_written_short_and_read_back_bit_exact():
 
 def test_batches_are_cut_by_encoded_bytes_as_well_as_by_steps():
     records = _records(1000, 60)
-    parts = encode_batches("big", records, max_bytes=50_000)
+    parts = encode_batches("big", records, max_bytes=50_000, encoding="json")
     assert len(parts) > 1 and all(len(payload) <= 50_000 for payload, _ in parts)
     assert sum(steps for _, steps in parts) == 1000
     stepped = [step for payload, _ in parts for step in json.loads(payload)["batch"]["step"]]
