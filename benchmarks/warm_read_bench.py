@@ -150,6 +150,8 @@ def over_http(path: Path, points: int, reads: int, cache_mb: int) -> dict:
 
     with ServerProcess(f"sqlite:///{path}", extra_args=["--cache-mb", str(cache_mb)]) as server:
         url = f"{server.url}/api/runs/big/series?points={points}&fields={','.join(FIELDS)}"
+        status = Path(f"/proc/{server.process.pid}/status").read_text()
+        started_rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")) / 1024
         times = []
         for _ in range(reads):
             started = time.perf_counter()
@@ -158,7 +160,7 @@ def over_http(path: Path, points: int, reads: int, cache_mb: int) -> dict:
             times.append((time.perf_counter() - started) * 1000)
         status = Path(f"/proc/{server.process.pid}/status").read_text()
         peak = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024
-    return {"reads": times, "bytes": len(body), "peak_rss_mb": peak}
+    return {"reads": times, "bytes": len(body), "peak_rss_mb": peak, "start_rss_mb": started_rss}
 
 
 def median(values: list[float]) -> float:
@@ -202,7 +204,8 @@ def main() -> None:
             http = over_http(path, options.points, options.reads, options.cache_mb)
             print(f"HTTP GET /series (working tree, --cache-mb {options.cache_mb}): first {http['reads'][0]:.1f} ms, "
                   f"reads 2-{options.reads} median {median(http['reads'][1:]):.1f} ms, {http['bytes']:,} bytes; "
-                  f"server peak RSS {http['peak_rss_mb']:.0f} MB")
+                  f"server RSS {http['start_rss_mb']:.0f} MB once started, peak {http['peak_rss_mb']:.0f} MB "
+                  f"(+{http['peak_rss_mb'] - http['start_rss_mb']:.0f} MB)")
 
 
 if __name__ == "__main__":
