@@ -182,7 +182,9 @@ def summarise(api: ApiClient, run: str) -> RunSummary:
 
 
 def _share(rate) -> str:
-    return "n/a" if rate is None else f"{rate:.2%}"
+    from .recommend_cmd import format_rate
+
+    return format_rate(rate)
 
 
 def format_summary(summary: RunSummary) -> str:

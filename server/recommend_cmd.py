@@ -18,8 +18,20 @@ def fetch_recommendation(url: str, run: str, window: int | None = None, target_c
         target_clip_rate=None if target_clip_rate is None else repr(target_clip_rate))
 
 
-def _rate(value) -> str:
-    return "n/a" if value is None else f"{value:.2%}"
+def format_rate(rate: float | None) -> str:
+    """A clip rate as the dashboard writes it (`formatRate` in dashboard/util.js), so one figure
+    reads the same on every surface: 0%, <0.01%, two decimals below 10%, one above; n/a for none."""
+    if rate is None or rate != rate:
+        return "n/a"
+    percent = rate * 100
+    if percent == 0:
+        return "0%"
+    if percent < 0.01:
+        return "<0.01%"
+    return f"{percent:.2f}%" if percent < 10 else f"{percent:.1f}%"
+
+
+_rate = format_rate
 
 
 def _number(value) -> str:

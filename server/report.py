@@ -147,7 +147,9 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 
 
 def _rate_text(rate) -> str:
-    return "n/a" if rate is None else f"{rate:.2%}"
+    from .recommend_cmd import format_rate
+
+    return format_rate(rate)
 
 
 def figure_windows(data: RunData) -> list[str]:

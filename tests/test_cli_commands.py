@@ -100,3 +100,22 @@ def test_detail_in_words_names_each_field_and_limit_of_a_real_422(server):
     with pytest.raises(ApiError) as raised:
         ApiClient(server.url).get("/api/runs/kept/recommendation", window=20)
     assert raised.value.status == 422 and str(raised.value) == "window must be at least 100 (got 20)."
+
+
+def test_clip_rates_read_the_same_in_the_terminal_as_on_the_dashboard(server, chromium_path):
+    """`format_rate` (recommend, demo, report) against the dashboard's own `formatRate`, run in Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    from gradwatch.server.recommend_cmd import format_rate
+    from tests.test_dashboard_support import launch_chromium
+
+    rates = [0.0, 1e-5, 0.0001, 0.00019, 0.004, 0.0123456, 0.05, 0.0999, 0.1, 0.12345, 0.5, 1.0, 2 / 3, 1 / 499]
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright, chromium_path)
+        page = browser.new_page()
+        page.goto(server.url + "/static/util.js")  # same origin as the module
+        shown = page.evaluate("async (rates) => { const util = await import('/static/util.js');"
+                              " return rates.map((rate) => util.formatRate(rate)); }", rates)
+        browser.close()
+    assert [format_rate(rate) for rate in rates] == shown
+    assert format_rate(None) == "n/a"

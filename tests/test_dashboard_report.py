@@ -12,6 +12,7 @@ import pytest
 
 from tests.procs import ServerProcess, free_port
 from tests.test_dashboard_support import launch_chromium, post_steps, synthetic_batch
+from tests.test_demo import dashboard_rate
 
 RUN = 'report <run> & "quotes"'
 
@@ -174,13 +175,13 @@ def test_report_says_over_which_steps_each_figure_is_and_shows_readable_times(se
     assert not rec["level_shift"] and end == 699
     in_window = norms[(steps >= start) & (steps <= end)]
     rate = np.mean(in_window > rec["threshold"])
-    assert windows[0] == (f"Recommended threshold {rec['threshold']:.4g}: it would have clipped {rate:.2%} of the "
+    assert windows[0] == (f"Recommended threshold {rec['threshold']:.4g}: it would have clipped {dashboard_rate(rate)} of the "
                           f"recommendation's window, steps {start:,}–{end:,} ({len(in_window):,} finite steps); "
-                          f"1.0 would have clipped {np.mean(in_window > 1.0):.2%} of the same steps.")
+                          f"1.0 would have clipped {dashboard_rate(np.mean(in_window > 1.0))} of the same steps.")
     assert windows[1].startswith(f"Clean window: the {rec['window']['clean_steps']:,} clean steps of steps "
                                  f"{start:,}–{end:,}")
     assert windows[2].startswith(f"Whole run: 700 steps, 0–699; the summary's clip rate "
-                                 f"({np.mean(norms > 1.0):.2%}, steps clipped")
+                                 f"({dashboard_rate(np.mean(norms > 1.0))}, steps clipped")
     # Each event's time as UTC text, as a reader would write it from the Unix time sent.
     by_step = {row[0].replace(",", ""): row for row in rows}
     clip_rows = [row for row in rows if row[1] == "clip"]

@@ -14,6 +14,14 @@ import numpy as np
 from tests.procs import ServerProcess, free_port
 
 
+def dashboard_rate(rate: float) -> str:
+    """A clip rate as the dashboard writes it (dashboard/util.js formatRate)."""
+    percent = rate * 100
+    if percent == 0:
+        return "0%"
+    return "<0.01%" if percent < 0.01 else (f"{percent:.2f}%" if percent < 10 else f"{percent:.1f}%")
+
+
 def _get(url: str):
     with urllib.request.urlopen(url, timeout=10) as answer:
         return json.loads(answer.read())
@@ -63,12 +71,12 @@ def test_demo_stores_a_run_with_clips_spikes_and_a_recommendation(tmp_path):
         clipped = np.array([bool(flag) for flag in _get(f"{server.url}/api/runs/{run}/series?points=1000"
                                                           f"&fields=clipped")["clipped"]])
         assert (f"whole run: 300 steps stored, clipped at 1.0 on {clipped.sum():,} of them "
-                f"({clipped.mean():.2%})") in demo.stdout
+                f"({dashboard_rate(clipped.mean())})") in demo.stdout
         window = recommendation["window"]
         assert (window["start"], window["end"]) == (0, 299) and not recommendation["level_shift"]
         rate = np.mean(finite > recommendation["threshold"])
         assert (f"Over that window, steps 0–299 ({len(finite)} finite steps), it would have clipped "
-                f"{rate:.2%}, where 1.0 clipped {np.mean(finite > 1.0):.2%}.") in demo.stdout
+                f"{dashboard_rate(rate)}, where 1.0 clipped {dashboard_rate(np.mean(finite > 1.0))}.") in demo.stdout
 
 
 def test_demo_on_a_busy_port_says_so_in_one_line(tmp_path):
