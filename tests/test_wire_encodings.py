@@ -207,3 +207,26 @@ def test_typed_array_refusals_name_the_column_and_the_dtype(server):
         response = httpx.post(f"{server.url}/api/runs/typed/steps", content=msgpack.packb(batch),
                               headers={"Content-Type": MSGPACK}, timeout=30)
         assert response.status_code == 422 and words in response.json()["detail"], (words, response.json())
+
+
+def test_the_live_feed_pushes_the_same_points_for_both_encodings(server):
+    """A binary batch's columns are typed views (float32, bool), a JSON one's float64 lists:
+    the dashboard's live points are the same for both."""
+    async def go():
+        pushed = {}
+        for media_type, run in ((JSON, "live-json"), (MSGPACK, "live-msgpack")):
+            async with websockets.connect(f"{server.ws_url}/ws/live/{run}") as live:
+                async with websockets.connect(f"{server.ws_url}/ws/ingest") as ingest:
+                    await asyncio.sleep(0.2)  # let the live socket subscribe
+                    await ingest.send(encode({"type": "batch", "seq": 1, "run": run, "batch": GOOD}, media_type,
+                                             message=True))
+                    assert json.loads(await ingest.recv())["accepted"] == 3
+                    message = json.loads(await asyncio.wait_for(live.recv(), 10))
+                    while message.get("type") != "points":
+                        message = json.loads(await asyncio.wait_for(live.recv(), 10))
+                    pushed[media_type] = message["data"]
+        return pushed
+
+    pushed = asyncio.run(go())
+    assert pushed[JSON] == pushed[MSGPACK]
+    assert pushed[JSON]["pre_norm"] == [1.5, "NaN", "Infinity"] and pushed[JSON]["clipped"] == [True, False, True]
