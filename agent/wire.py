@@ -65,7 +65,8 @@ def typed_array(values: np.ndarray) -> msgpack.ExtType:
     array = np.ascontiguousarray(values)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return msgpack.ExtType(EXT_ARRAY, array.dtype.str.encode().ljust(TAG_BYTES, b"\0") + array.tobytes())
+    tag = array.dtype.str.encode().ljust(TAG_BYTES, b"\0")
+    return msgpack.ExtType(EXT_ARRAY, b"".join((tag, memoryview(array).cast("B"))))  # one copy of the values
 
 
 def _from_ext(code: int, data: bytes):
