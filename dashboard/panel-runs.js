@@ -32,6 +32,7 @@ export async function loadRuns() {
     reportError('runs', error, 'Run list');
     return app.runs;
   }
+  app.runsRead = true;
   const runs = Array.isArray(answer) ? answer : (answer && Array.isArray(answer.items) ? answer.items : []);
   const previous = new Map(app.runs.map((run) => [run.name, run]));
   app.runs = runs;
@@ -82,7 +83,8 @@ export function renderRuns() {
       spikes);
   });
   $('run-rows').replaceChildren(...rows);
-  $('no-runs').hidden = app.runs.length > 0;
+  // "No runs yet" only from a run list the server gave (not while the token dialog waits).
+  $('no-runs').hidden = app.runs.length > 0 || !app.runsRead;
 }
 
 function figure(label, value, tone, title) {

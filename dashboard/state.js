@@ -55,6 +55,7 @@ export const app = {
   scale: 'auto',
   level: 'block',
   normDrawn: false,
+  runsRead: false, // a run list came from the server (panel-runs.js)
 };
 
 /** Close the opened run (aborting its requests) and start a fresh state for `name`. */
