@@ -15,7 +15,7 @@ import struct
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
-from .wire import ingest_url, loads, server_root
+from .wire import WIRE_HEADER, binary_message_as_json, ingest_url, loads, server_root
 
 REFUSED_CLOSE_CODES = (4401, 4403)
 REFUSED_HTTP_STATUS = (401, 403)
@@ -58,6 +58,7 @@ class WebSocketTransport:
         self.send_timeout = float(send_timeout)
         self.max_message_bytes = max_message_bytes
         self.refused: str | None = None  # "token" or "path" once the server refused us
+        self.reads_binary = True  # the connected server reads binary frames (its handshake says so)
         self._connection: ClientConnection | None = None
 
     @property
@@ -97,6 +98,9 @@ class WebSocketTransport:
         """Use a connection made by `open()` (closing any previous one)."""
         self.close()
         self._connection = connection
+        response = getattr(connection, "response", None)
+        wire = response.headers.get(WIRE_HEADER, "") if response is not None else ""
+        self.reads_binary = "msgpack" in wire.lower()
 
     @staticmethod
     def discard(connection: ClientConnection) -> None:
@@ -115,6 +119,8 @@ class WebSocketTransport:
         """One message: a text frame for JSON (str), a binary frame for msgpack (bytes)."""
         if self._connection is None:
             raise TransportError("not connected")
+        if isinstance(text, bytes) and not self.reads_binary:
+            text = binary_message_as_json(text)  # a server older than the binary wire
         try:
             self._connection.send(text)
         except ConnectionClosed as error:

@@ -87,6 +87,34 @@ def load_payload(payload: bytes) -> dict:
     return orjson.loads(payload)
 
 
+WIRE_HEADER = "X-Gradwatch-Wire"  # the server's handshake answer names the encodings it reads
+
+
+def _json_cells(values) -> list:
+    """A decoded column as the JSON wire spells it (non-finite floats as strings)."""
+    if isinstance(values, np.ndarray):
+        values = values.tolist()
+    return wire_floats(values) if values and isinstance(values[0], float) else values
+
+
+def binary_message_as_json(message: bytes) -> str:
+    """A binary (msgpack) message as the same message in JSON text, for a server that reads
+    only JSON (one older than the binary wire: its handshake names no encodings)."""
+    body = msgpack.unpackb(message, ext_hook=_from_ext)
+    batch = body.get("batch")
+    if isinstance(batch, dict):
+        out = {}
+        for key, value in batch.items():
+            if key == "tensor_norms":
+                width = len(value["names"])
+                norms = np.asarray(value["norms"]).reshape(-1, width)
+                out[key] = {"names": value["names"], "norms": [_json_cells(row) for row in norms]}
+            else:
+                out[key] = _json_cells(value)
+        body["batch"] = out
+    return dumps(body)
+
+
 def _split_binary(payload: bytes, max_bytes: int) -> list[tuple[bytes, int]]:
     body = load_payload(payload)
     batch = body["batch"]

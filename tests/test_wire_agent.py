@@ -5,6 +5,7 @@ its encoding; a wrong URL path is named as such, and the push hints say what to 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import urllib.request
 import warnings
 
@@ -128,3 +129,39 @@ def test_the_push_hint_after_a_refused_token_carries_token(tmp_path):
     said = " ".join(str(warning.message) for warning in caught)
     assert "refused the token" in said
     assert f"--url {guarded.url} --token TOKEN" in said
+
+
+def test_an_older_server_that_reads_only_json_gets_json_from_the_agent(tmp_path, monkeypatch):
+    """The release 3c20f55 (before the binary wire) run from `git archive`: its handshake names
+    no encodings, so the agent's transport sends binary batches as the same JSON (here from a
+    spool of msgpack frames, through `gradwatch push`); all stored, NaN and tensor norms too."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    source, site = tmp_path / "release", tmp_path / "site" / "gradwatch"
+    source.mkdir()
+    site.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(root), "archive", "3c20f55"], capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip("the release commit is not in this clone's history")
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+    for part in ("clip", "agent", "server", "dashboard"):
+        (site / part).symlink_to(source / part)
+    run = "to-an-old-server"
+    spool = Spool(tmp_path / "spool")
+    norms = np.arange(10, dtype=np.float32).reshape(5, 2)
+    spool.append(msgpack.packb({"run": run, "batch": {
+        "step": typed_array(np.arange(5, dtype=np.int64)),
+        "pre_norm": typed_array(np.array([1, np.nan, 2, np.inf, 3], np.float32)),
+        "clipped": typed_array(np.array([True, False, True, False, False])),
+        "tensor_norms": {"names": ["w", "b"], "norms": typed_array(norms)}}}), 5)
+    spool.close()
+    monkeypatch.setenv("PYTHONPATH", str(site.parent))  # the server process imports the release
+    with ServerProcess(f"sqlite:///{tmp_path / 'old.db'}") as old:
+        monkeypatch.delenv("PYTHONPATH")
+        _, stats = push(tmp_path / "spool", old.url, timeout=60)
+        assert stats.accepted == 5
+        series = get(f"{old.url}/api/runs/{run}/series?fields=pre_norm,clipped")
+        assert series["pre_norm"] == [1.0, "NaN", 2.0, "Infinity", 3.0]
+        assert series["clipped"] == [True, False, True, False, False]
+        tensors = get(f"{old.url}/api/runs/{run}/tensors")
+        assert tensors["names"] == ["w", "b"] and tensors["norms"] == norms.T.tolist()  # a row per tensor

@@ -121,7 +121,7 @@ async def ws_ingest(websocket: WebSocket, store: StoreDep, hub: HubDep) -> None:
         await refuse_handshake(websocket, status, "a valid write token is required (Authorization: Bearer ...)"
                                if status == 401 else "this token cannot write: use the write token")
         return
-    await websocket.accept()
+    await websocket.accept(headers=[(b"x-gradwatch-wire", b"json, msgpack")])  # the agent sends msgpack then
     try:
         while True:
             message = await websocket.receive()
