@@ -15,14 +15,20 @@ once in `serve.check_database`):
 - binds the N sockets (a plain bind first, so a port already in use, even by another
   SO_REUSEPORT server, is an error rather than a silently shared port), then starts N
   `python -m gradwatch.server.workers` children, each given one socket and the read end
-  of a pipe whose write end only the supervisor holds;
+  of a pipe whose write end only the supervisor holds; it keeps no copy of the sockets,
+  so a dead worker's socket closes with it and the kernel sends every new connection to
+  the workers still alive;
 - forwards each SIGINT/SIGTERM to every worker (uvicorn drains on the first and drops
   open connections on a second SIGINT), and exits 0 when all have exited;
-- when a worker exits on its own (a crash, an OOM kill, a failed start), stops the
-  others and exits 1. It does not restart workers: a restart loop inside would hide a
-  worker that keeps crashing; restarting the whole server is the process manager's job
-  (systemd `Restart=`, compose `restart:`).
-
+- restarts a worker that exits on its own (a crash, an OOM kill, a failed start), as
+  gunicorn does: after a backoff (0.5 s, doubling to 5 s while crashes keep coming), on a
+  fresh SO_REUSEPORT socket bound to the same host:port, each step logged. Meanwhile the
+  port answers through the others; a connection the kernel had queued on the dead
+  worker's socket is reset and the client retries (the agent does; what it sent and was
+  not acknowledged is sent again, and ingest is idempotent). After N crashes within a
+  minute (N = --workers) something is wrong that a restart will not fix: the supervisor
+  stops the others and exits 1, for the process manager (systemd `Restart=`, compose
+  `restart:`) to see.
 Workers run in their own session, so a terminal's Ctrl-C reaches only the supervisor
 (which forwards it once), and each watches its pipe: the supervisor gone, even by
 SIGKILL, the pipe reads end-of-file and the worker shuts down, so none outlives it.
@@ -37,6 +43,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 from gradwatch.server.serve import _fail, announce, bind_socket, uvicorn_options
@@ -110,6 +117,25 @@ def bind_reuseport_sockets(host: str, port: int, count: int) -> list[socket.sock
     return sockets
 
 
+CRASH_WINDOW_S = 60.0     # N crashes (N = --workers) within this many seconds: give up
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 5.0
+
+
+def bind_reuseport_socket(host: str, port: int) -> socket.socket:
+    """One more SO_REUSEPORT socket on host:port, next to the live workers' (a replacement's)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 @dataclass
 class Supervisor:
     """The worker processes of one `gradwatch serve --workers N` and what happened to them."""
@@ -117,28 +143,37 @@ class Supervisor:
     settings: Settings
     running: dict[int, int] = field(default_factory=dict)   # pid -> worker index
     signalled: set[int] = field(default_factory=set)        # pids sent a signal at least once
+    crashes: list[float] = field(default_factory=list)      # monotonic times of unrequested exits
+    restarts: int = 0
     last_signal: int = signal.SIGTERM
     stopping: bool = False
     failed: bool = False
     _write_end: int = -1  # the pipe's write end: closed (or the supervisor gone) -> workers stop
+    _read_end: int = -1   # kept for replacements
 
     def start(self, sockets: list[socket.socket]) -> None:
-        """One child per socket; the supervisor keeps none of the sockets and only the pipe's write end."""
-        env = {**os.environ, SETTINGS_ENV: self.settings.to_env()}
-        read_end, self._write_end = os.pipe()
+        """One child per socket; the supervisor keeps none of the sockets, and the pipe."""
+        self._read_end, self._write_end = os.pipe()
         try:
             for index, sock in enumerate(sockets):
                 if self.stopping:
                     break
-                command = [sys.executable, "-m", "gradwatch.server.workers",
-                           str(index), str(sock.fileno()), str(read_end)]
-                process = subprocess.Popen(command, env=env, pass_fds=(sock.fileno(), read_end),
-                                           start_new_session=True)
-                self.running[process.pid] = index
+                self._spawn(index, sock)
         finally:
-            os.close(read_end)
             for sock in sockets:
                 sock.close()
+        self._signal_missed()
+
+    def _spawn(self, index: int, sock: socket.socket) -> int:
+        env = {**os.environ, SETTINGS_ENV: self.settings.to_env()}
+        command = [sys.executable, "-m", "gradwatch.server.workers",
+                   str(index), str(sock.fileno()), str(self._read_end)]
+        process = subprocess.Popen(command, env=env, pass_fds=(sock.fileno(), self._read_end),
+                                   start_new_session=True)
+        self.running[process.pid] = index
+        return process.pid
+
+    def _signal_missed(self) -> None:
         if self.stopping:  # a signal came while workers were starting: the ones it missed
             for pid in set(self.running) - self.signalled:
                 self._send(pid, self.last_signal)
@@ -157,8 +192,52 @@ class Supervisor:
         except ProcessLookupError:
             pass
 
+    def _say(self, text: str) -> None:
+        print(f"gradwatch serve: {text}", file=sys.stderr, flush=True)
+
+    def _backoff(self, seconds: float) -> None:
+        """Sleep, but return at once when a stop is asked for."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def _crashed(self, index: int, pid: int, status: int) -> None:
+        """A worker exited unasked: restart it after a backoff, or give up after N a minute."""
+        code = os.waitstatus_to_exitcode(status)
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        now = time.monotonic()
+        self.crashes = [t for t in self.crashes if now - t < CRASH_WINDOW_S] + [now]
+        limit = self.settings.workers
+        if len(self.crashes) >= limit:
+            self._say(f"worker {index} (pid {pid}) {how}; {len(self.crashes)} crashes within "
+                      f"{CRASH_WINDOW_S:g} s (the limit is {limit}, one per worker): stopping the others")
+            self.failed = True
+            self.forward(signal.SIGTERM)
+            return
+        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (len(self.crashes) - 1))
+        self._say(f"worker {index} (pid {pid}) {how}; restarting it in {delay:g} s")
+        while not self.stopping:
+            self._backoff(delay)
+            if self.stopping:
+                return
+            try:
+                sock = bind_reuseport_socket(self.settings.host, self.settings.port)
+            except OSError as error:
+                delay = min(BACKOFF_MAX_S, delay * 2)
+                self._say(f"worker {index}: cannot bind {self.settings.host}:{self.settings.port} again "
+                          f"({error.strerror or error}); retrying in {delay:g} s")
+                continue
+            try:
+                new_pid = self._spawn(index, sock)
+            finally:
+                sock.close()
+            self.restarts += 1
+            self._say(f"worker {index} restarted as pid {new_pid}")
+            self._signal_missed()
+            return
+
     def wait(self) -> int:
-        """Until every worker has exited: 0 after a requested stop, 1 when one died on its own."""
+        """Until every worker has exited: 0 after a requested stop, 1 after too many crashes."""
         while self.running:
             try:
                 pid, status = os.waitpid(-1, 0)
@@ -168,15 +247,11 @@ class Supervisor:
             if index is None:
                 continue
             if not self.stopping:
-                code = os.waitstatus_to_exitcode(status)
-                how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-                print(f"gradwatch serve: worker {index} (pid {pid}) {how}; stopping the others",
-                      file=sys.stderr, flush=True)
-                self.failed = True
-                self.forward(signal.SIGTERM)
-        if self._write_end >= 0:
-            os.close(self._write_end)
-            self._write_end = -1
+                self._crashed(index, pid, status)
+        for end in ("_write_end", "_read_end"):
+            if getattr(self, end) >= 0:
+                os.close(getattr(self, end))
+                setattr(self, end, -1)
         return 1 if self.failed else 0
 
 

@@ -1,8 +1,9 @@
 """`gradwatch serve --workers 2`: each worker its own SO_REUSEPORT socket, one supervisor.
 
 Real processes on a real SQLite file: connections spread over both workers, ingest
-through both stores every step once, SIGTERM stops every worker, a worker that dies
-takes the server down with a non-zero status, and a killed supervisor leaves no worker.
+through both stores every step once, SIGTERM stops every worker, a worker that dies is
+restarted while the port answers through the other (N crashes a minute take the server
+down with a non-zero status), and a killed supervisor leaves no worker.
 """
 from __future__ import annotations
 
@@ -132,14 +133,94 @@ def test_sigterm_stops_every_worker(tmp_path):
     assert {pid for pid in pids if pid_alive(pid)} == set()  # the supervisor waited for (reaped) them
 
 
-def test_a_worker_that_dies_stops_the_server_with_an_error(tmp_path):
+def wait_restarted(server: ServerProcess, gone: int, survivor: int, timeout: float = 60.0) -> int:
+    """The pid of the worker that replaced `gone`: a child of the supervisor that answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = child_pids(server.process.pid) - {gone, survivor}
+        if children:
+            replacement = children.pop()
+            seen = set()
+            while replacement not in seen and time.monotonic() < deadline:
+                seen.add(answering_worker(server.port))
+            if replacement in seen:
+                return replacement
+        time.sleep(0.05)
+    raise RuntimeError(f"no replacement for worker {gone} answered within {timeout} s")
+
+
+def answer_with_retry(port: int) -> int:
+    for _ in range(3):
+        try:
+            return answering_worker(port)
+        except ConnectionError:
+            time.sleep(0.05)
+    return answering_worker(port)
+
+
+def post_with_retry(client: httpx.Client, run: str, part: dict) -> dict:
+    """A POST the way an agent sends: a connection reset by a dying worker is sent again."""
+    for _ in range(50):
+        try:
+            answer = client.post(f"/api/runs/{run}/steps", json=part)
+        except httpx.TransportError:
+            time.sleep(0.05)
+            continue
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+    raise RuntimeError("the server did not take the batch in 50 tries")
+
+
+def test_a_killed_worker_is_restarted_and_nothing_is_lost(tmp_path):
+    """kill -9 of one of two workers while a writer sends batches: the port keeps answering
+    through the survivor, a replacement starts on a fresh socket, every step is stored once."""
+    server, pids = start_workers(tmp_path)
+    try:
+        victim, survivor = sorted(pids)
+        batch = make_batch(np.arange(4000), np.random.default_rng(3))
+        parts = [{k: v[start:start + 200] for k, v in batch.items()} for start in range(0, 4000, 200)]
+        answers = []
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            for number, part in enumerate(parts):
+                if number == len(parts) // 2:
+                    subprocess.run(["kill", "-9", str(victim)], check=True)
+                    while pid_alive(victim):
+                        time.sleep(0.02)
+                    # the survivor answers while the replacement starts (new connections each time;
+                    # one that was in flight as the worker died may be reset: the client retries)
+                    assert {answer_with_retry(server.port) for _ in range(20)} <= {survivor} | set(
+                        child_pids(server.process.pid))
+                answers.append(post_with_retry(client, "restart", part))
+        replacement = wait_restarted(server, victim, survivor)
+        assert server.process.poll() is None and replacement not in pids
+        assert wait_for_workers(server, 2) == {survivor, replacement}
+        assert sum(a["accepted"] for a in answers) + sum(a["duplicates"] for a in answers) >= 4000
+        assert sum(a["conflicts"] for a in answers) == 0
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            assert {r["name"]: r for r in client.get("/api/runs").json()}["restart"]["steps"] == 4000
+            series = client.get("/api/runs/restart/series", params={"points": 5000}).json()
+        assert series["step"] == batch["step"] and series["pre_norm"] == batch["pre_norm"]
+        log = (tmp_path / "server.log").read_text()
+        assert f"worker 0 (pid {victim}) was killed by signal 9; restarting it in" in log or \
+               f"worker 1 (pid {victim}) was killed by signal 9; restarting it in" in log
+        assert f"restarted as pid {replacement}" in log
+    finally:
+        server.stop()
+    assert server.process.returncode == 0
+
+
+def test_n_crashes_within_a_minute_stop_the_server_with_an_error(tmp_path):
+    """--workers 2: the second crash within a minute is one too many: exit 1, none left."""
     server, pids = start_workers(tmp_path)
     victim, survivor = sorted(pids)
     subprocess.run(["kill", "-9", str(victim)], check=True)
+    replacement = wait_restarted(server, victim, survivor)
+    subprocess.run(["kill", "-9", str(replacement)], check=True)
     assert server.process.wait(timeout=60) == 1
     assert not pid_alive(survivor)
     log = (tmp_path / "server.log").read_text()
-    assert f"(pid {victim}) was killed by signal 9; stopping the others" in log
+    assert f"(pid {replacement}) was killed by signal 9; 2 crashes within 60 s" in log
+    assert "stopping the others" in log
 
 
 def test_a_killed_supervisor_leaves_no_worker(tmp_path):
