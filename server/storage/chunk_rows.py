@@ -174,11 +174,12 @@ class ChunkRows:
 
     def write(self, cursor, run_id: int, version: int, chunks: list[Chunk],
               summaries: dict[int, Summary] | None = None,
-              appends: dict[int, tuple[int, Chunk]] | None = None) -> None:
+              appends: dict[int, tuple[int, Chunk]] | None = None, fresh: set[int] | frozenset = frozenset()
+              ) -> None:
         """Upsert the chunks, their summaries (computed here unless given by chunk id) and their
         `chunks` rows. A chunk in `appends` (chunk id -> (segment number, the appended rows))
         gets only those rows, as that segment; any other is written whole as segment 0 (and
-        its other segments removed)."""
+        its other segments removed, unless it is in `fresh`: stored for the first time)."""
         if not chunks:
             return
         summaries = summaries or {}
@@ -188,7 +189,7 @@ class ChunkRows:
             seg, part = appends.get(chunk.chunk_id, (0, chunk))
             for name, blob in encode_chunk(complete(part), SPEC).items():
                 column_rows.append((run_id, name, chunk.chunk_id, seg, blob))
-            if seg == 0:
+            if seg == 0 and chunk.chunk_id not in fresh:
                 rewritten.append((run_id, chunk.chunk_id))
             summary = summaries.get(chunk.chunk_id) or summary_of(chunk)
             summary_rows.append((run_id, BLOCK, chunk.chunk_id, encode_summary(summary)))

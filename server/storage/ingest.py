@@ -30,7 +30,7 @@ import orjson
 from sqlalchemy import Engine
 
 from gradwatch.server.storage.engine import Database, rollback_quietly
-from gradwatch.server.chunks import BatchMerge, merge_batch, merge_tensors, split_by_chunk
+from gradwatch.server.chunks import CHUNK, BatchMerge, merge_batch, merge_tensors, split_by_chunk
 from gradwatch.server.storage.chunk_rows import MAX_SEGMENTS, SPEC, ChunkRows, complete, summary_of, tail_rows
 from gradwatch.server.storage.tails import Tail, TailCache
 from gradwatch.server.storage.serialise import encode_floats
@@ -113,26 +113,26 @@ class Ingestor(Database):
         if self.is_sqlite and str(self.read("PRAGMA journal_mode")[0][0]).lower() == "wal":
             self.checkpointer = WalCheckpointer(engine, self._write_lock)
 
-    def _ensure_run(self, cursor, name: str) -> tuple[int, int, float]:
-        """The run's id (creating the run), version and creation time, the run's row locked
-        until commit.
+    def _ensure_run(self, cursor, name: str) -> tuple[int, int, float, int | None]:
+        """The run's id (creating the run), version, creation time and last stored step (None
+        before any), the run's row locked until commit.
 
         SQLite holds the database's write lock already (`BEGIN IMMEDIATE`); PostgreSQL
         takes the row lock (`FOR UPDATE`), so batches of one run from several servers
         merge into its chunks one after the other and none overwrites another's rows.
         """
         lock = "" if self.is_sqlite else " FOR UPDATE"
-        cursor.execute(self._sql(f"SELECT id, version, created FROM runs WHERE name = ?{lock}"), (name,))
+        cursor.execute(self._sql(f"SELECT id, version, created, last_step FROM runs WHERE name = ?{lock}"), (name,))
         row = cursor.fetchone()
         if row:
-            return row[0], row[1], row[2]
+            return row[0], row[1], row[2], row[3]
         stamp = now()
         cursor.execute(self._sql("INSERT INTO runs (name, created, updated, meta, steps, clips, clip_flags, "
                                  "spikes, nonfinite, version) VALUES (?, ?, ?, '{}', 0, 0, 0, 0, 0, 0) "
                                  "ON CONFLICT (name) DO NOTHING"), (name, stamp, stamp))
-        cursor.execute(self._sql(f"SELECT id, version, created FROM runs WHERE name = ?{lock}"), (name,))
+        cursor.execute(self._sql(f"SELECT id, version, created, last_step FROM runs WHERE name = ?{lock}"), (name,))
         row = cursor.fetchone()
-        return row[0], row[1], row[2]
+        return row[0], row[1], row[2], row[3]
 
     def ingest(self, run: str, batch: Batch | None, meta: dict | None = None,
                events: list[dict] | None = None) -> IngestResult:
@@ -194,7 +194,7 @@ class Ingestor(Database):
                                events: list[dict] | None) -> IngestResult:
         if (batch is None or not len(batch)) and not events and not meta:
             return IngestResult(run=run, accepted=0, duplicates=0, conflicts=0)  # stores no run
-        run_id, version, created = self._ensure_run(cursor, run)
+        run_id, version, created, last_step = self._ensure_run(cursor, run)
         meta_text = self._merged_meta(cursor, run, run_id, meta) if meta else None
         stamp = now()
         accepted = duplicates = conflicts = 0
@@ -209,7 +209,10 @@ class Ingestor(Database):
             if tail is not None and tail.chunk.chunk_id not in ids:
                 tail = None   # the batch does not touch the chunk this process wrote last
             held = {tail.chunk.chunk_id: tail.chunk} if tail is not None else {}
-            loaded = {**self.rows.load(cursor, run_id, [i for i in ids if i not in held]), **held}
+            # a chunk past the run's last stored step holds nothing yet: no query for it
+            newest = -1 if last_step is None else last_step // CHUNK
+            wanted = [i for i in ids if i not in held and i <= newest]
+            loaded = {**(self.rows.load(cursor, run_id, wanted) if wanted else {}), **held}
             sent = {name: (column.values, column.missing) for name, column in batch.columns.items()}
             merge = merge_batch(loaded.get, steps, sent, SPEC)
             new_mask = merge.added
@@ -308,7 +311,8 @@ class Ingestor(Database):
                 # only appended: the new rows are the merged chunk's last ones, written as a segment
                 appends[chunk.chunk_id] = (before.segments, tail_rows(chunk, len(old)))
                 segments[chunk.chunk_id] = before.segments + 1
-        self.rows.write(cursor, run_id, version, [result.chunk for result in changed], summaries, appends)
+        fresh = {result.chunk.chunk_id for result in changed if len(result.chunk) == int(result.added.sum())}
+        self.rows.write(cursor, run_id, version, [result.chunk for result in changed], summaries, appends, fresh)
         newest = max(changed, key=lambda result: result.chunk.chunk_id).chunk
         self._pending.tail = ((run_id, created), Tail(version, complete(newest), summaries[newest.chunk_id],
                                                       segments[newest.chunk_id]))
