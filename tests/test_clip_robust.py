@@ -10,34 +10,15 @@ import numpy as np
 import pytest
 
 from gradwatch.clip import DetectorInfo, EMADetector, RobustDetector, ZScoreDetector
+from tests.test_spike_rule import reference_rule
 
 
-def python_robust(norms, k=5.0, history=200, warmup=25, window=20, count=10, min_scale=0.01):
-    """Reference: lists and statistics.median; yields (score, spike, level_shift) per norm."""
-    hist, seen, recent, out = [], 0, [], []   # hist: oldest first, at most `history`
-    for x in norms:
-        if not math.isfinite(x):
-            out.append((None, True, False))
-            continue
-        lx = math.log(max(x, 1e-30))
-        if seen < warmup:
-            out.append((0.0, False, False))
-            fed, flagged = lx, False
-        else:
-            med = statistics.median(hist)
-            sd = max(1.4826 * statistics.median([abs(h - med) for h in hist]), min_scale)
-            z = (lx - med) / sd
-            flagged = z > k
-            fed = min(lx, med + k * sd)
-            out.append((z, flagged, False))
-        seen += 1
-        hist = (hist + [fed])[-history:]
-        recent = (recent + [(lx, flagged)])[-window:]
-        if flagged and sum(f for _, f in recent) > count:
-            out[-1] = (out[-1][0], False, True)
-            hist = [v for v, _ in recent]
-            recent = [(v, False) for v, _ in recent]
-    return out
+def python_robust(norms, k=None, history=200, warmup=25, window=16, span=8, min_scale=0.01, **tail):
+    """Reference: the shared rule written out with lists and np.median (tests/test_spike_rule.py);
+    (score, flag as it came, level_shift) per norm, as the in-graph detector reports them."""
+    return [(r[0], r[1] or r[3], r[2]) for r in reference_rule(norms, k=k, history=history, warmup=warmup,
+                                                             window=window, span=span, min_scale=min_scale,
+                                                             **tail)]
 
 
 def run(detector, norms, compiled=False):
@@ -98,22 +79,37 @@ def test_other_parameters_match_python_loop():
     norms = [float(np.float32(v)) for v in np.exp(0.3 * rng.standard_normal(300))]
     norms[100:] = [v * 3 for v in norms[100:]]
     norms[50] = 0.0      # a zero norm: low, never a spike
-    params = dict(k=3.0, history=40, warmup=10, window=8, count=3, min_scale=0.05)
+    params = dict(k=3.0, history=40, warmup=10, window=8, span=3, min_scale=0.05)
     ref = python_robust(norms, **params)
-    got = run(RobustDetector(k=3.0, history=40, warmup_steps=10, shift_window=8, shift_count=3,
+    got = run(RobustDetector(k=3.0, history=40, warmup_steps=10, shift_window=8, shift_span=3,
                              min_scale=0.05), norms)
     assert [g[1:3] for g in got] == [r[1:3] for r in ref]
     assert sum(r[2] for r in ref) >= 1 and not ref[50][1]
 
 
 def test_level_shift_hand_made():
-    """30 steps at 1.0 (with 1% wiggle), then 5.0 forever: 10 spikes, one shift on the 11th, then quiet."""
+    """30 steps at 1.0 (with 1% wiggle), then 5.0 forever: 15 spikes, one shift on the 16th, then quiet."""
     norms = [1.0 + 0.01 * ((i * 7) % 3 - 1) for i in range(30)] + [5.0] * 100
     got = run(RobustDetector(), norms)
     spikes = [i for i, g in enumerate(got) if g[1]]
     shifts = [i for i, g in enumerate(got) if g[2]]
-    assert spikes == list(range(30, 40)) and shifts == [40]
-    assert not any(g[1] for g in got[40:])
+    assert spikes == list(range(30, 45)) and shifts == [45]
+    assert not any(g[1] for g in got[45:])
+
+
+def test_a_burst_and_its_aftermath_are_not_a_level_shift():
+    """Issue 21: 3 corrupted batches and 8 elevated steps, then back; the next burst is flagged."""
+    rng = np.random.default_rng(7)
+    norms = [float(np.float32(v)) for v in np.exp(0.1 * rng.standard_normal(400))]
+    for j in range(200, 203):
+        norms[j] *= 30.0
+    for j in range(203, 211):
+        norms[j] *= 3.0
+    for j in range(230, 233):
+        norms[j] *= 60.0
+    got = run(RobustDetector(), norms)
+    assert not any(g[2] for g in got)
+    assert all(got[j][1] for j in list(range(200, 203)) + list(range(230, 233)))
 
 
 def test_nonfinite_is_a_spike_and_never_enters_history():
@@ -131,14 +127,16 @@ def test_nonfinite_is_a_spike_and_never_enters_history():
     assert info.baseline.item() == pytest.approx(1.0)
 
 
-def test_spike_feeds_the_capped_value():
+def test_a_spike_never_enters_the_history():
     detector = RobustDetector(warmup_steps=3, min_scale=0.1)
     for x in (1.0, 1.0, 1.0):
         detector(x)
     info = detector(1000.0)
     assert info.spike.item()
-    # MAD is 0, so the scale is min_scale and the cap is median + k*scale in log space.
-    assert np.array(detector.state["history"])[3] == pytest.approx(0.0 + 5.0 * 0.1)
+    assert detector.state["filled"].item() == 3
+    info = detector(1.0)
+    assert not info.spike.item() and detector.state["filled"].item() == 4
+    assert np.array(detector.state["history"])[3] == pytest.approx(0.0)
 
 
 def test_columns_and_config():
@@ -147,14 +145,17 @@ def test_columns_and_config():
     z = ZScoreDetector()(1.0)
     assert list(ZScoreDetector().columns(z)) == ["z"] and list(EMADetector().columns(z)) == ["ema"]
     assert z.level_shift.item() is False
-    assert RobustDetector().config() == {"name": "robust", "k": 5.0, "history": 200, "warmup_steps": 25,
-                                         "shift_window": 20, "shift_count": 10, "min_scale": 0.01}
+    assert RobustDetector().config() == {"name": "robust", "k": None, "history": 200, "warmup_steps": 25,
+                                         "shift_window": 16, "shift_span": 8, "min_scale": 0.01,
+                                         "k_gauss": 3.25, "k_min": 3.0, "k_max": 5.5, "tail_quantile": 0.95,
+                                         "tail_power": 2.5, "tail_min": 100}
+    assert RobustDetector(k=4.0).config()["k"] == 4.0
     json.dumps(RobustDetector().config(), allow_nan=False)
 
 
 @pytest.mark.parametrize("make", [
     lambda: RobustDetector(k=0), lambda: RobustDetector(history=2), lambda: RobustDetector(warmup_steps=0),
-    lambda: RobustDetector(shift_window=30, history=20), lambda: RobustDetector(shift_count=20),
+    lambda: RobustDetector(shift_window=30, history=20), lambda: RobustDetector(shift_span=0), lambda: RobustDetector(k_min=6.0),
     lambda: RobustDetector(min_scale=float("nan")),
 ])
 def test_bad_arguments_are_refused(make):

@@ -17,7 +17,9 @@ def test_module_is_pure_numpy():
     tree = ast.parse(open(diagnostics.__file__).read())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"__future__", "math", "dataclasses", "typing", "numpy"}, imported
+    # the one piece of gradwatch.clip the server shares: the spike rule in plain NumPy (no MLX)
+    assert imported <= {"__future__", "math", "dataclasses", "typing", "numpy", "gradwatch.clip.spike_rule"}, \
+        imported
 
 
 def test_robust_spikes_matches_the_python_loop_in_log_space():
@@ -28,8 +30,8 @@ def test_robust_spikes_matches_the_python_loop_in_log_space():
     assert list(found.spike | found.transition) == [r[1] for r in ref]
     assert list(found.level_shift) == [r[2] for r in ref]
     shift = found.level_shift_index[0]
-    assert set(np.flatnonzero(found.transition)) <= set(range(shift - 20, shift))
-    assert found.transition.sum() == 10
+    assert set(np.flatnonzero(found.transition)) <= set(range(shift - 16, shift))
+    assert 10 <= found.transition.sum() <= 15   # at most 15 flags before the 16th declares the shift
     for i, r in enumerate(ref):
         if r[0] is not None:
             assert found.score[i] == pytest.approx(r[0], rel=1e-9, abs=1e-9)
@@ -40,16 +42,16 @@ def test_robust_spikes_other_parameters():
     norms = list(np.exp(0.3 * rng.standard_normal(400)))
     norms[200:] = [3 * v for v in norms[200:]]
     norms[77] = 40.0
-    ref = python_robust(norms, k=3.0, history=50, warmup=10, window=8, count=3, min_scale=0.05)
-    found = robust_spikes(norms, k=3.0, history=50, warmup=10, shift_window=8, shift_count=3, min_scale=0.05)
+    ref = python_robust(norms, k=3.0, history=50, warmup=10, window=8, span=3, min_scale=0.05)
+    found = robust_spikes(norms, k=3.0, history=50, warmup=10, shift_window=8, shift_span=3, min_scale=0.05)
     assert list(found.spike | found.transition) == [r[1] for r in ref]
     assert list(found.level_shift) == [r[2] for r in ref]
 
 
 @pytest.mark.parametrize("case", ["spiky", "drift", "student_t", "level_shift", "losses"])
-def test_the_blocked_rule_equals_the_python_loop_on_long_series(case):
-    """Long series take the vectorised path (`_blocked_rule`); the answer must be the
-    independent step-by-step reference's, flag for flag and score for score."""
+def test_the_rule_equals_the_python_reference_on_long_series(case):
+    """Long series: the answer must be the independent step-by-step reference's, flag for flag
+    and score for score."""
     rng = np.random.default_rng(["spiky", "drift", "student_t", "level_shift", "losses"].index(case))
     n = 3000
     if case == "losses":
