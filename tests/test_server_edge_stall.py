@@ -13,6 +13,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -213,3 +214,38 @@ def test_healthz_counts_requests_waiting_on_the_budget(small_budget):
         answer = read_to_end(waiter)
     assert answer.startswith(b"HTTP/1.1 200") and b'"accepted":1' in answer
     assert wait_budget(url, lambda b: b["holders"] == 0, "released")["bytes"] == 0
+
+
+def test_past_max_connections_new_requests_get_503(tmp_path):
+    """--max-connections 8: with 8 stalled uploads open a new request is answered 503 (not left
+    hanging); once they hang up, it is answered 200. The open-file limit is raised to the hard one."""
+    import resource
+
+    process = start_server(f"sqlite:///{tmp_path / 'limit.db'}", tmp_path,
+                           ["--max-connections", "8", "--body-idle-timeout", "120"])
+    try:
+        limits = Path(f"/proc/{process.process.pid}/limits").read_text()
+        row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        soft, hard = row.split()[3:5]
+        assert soft == hard == str(resource.getrlimit(resource.RLIMIT_NOFILE)[1]).replace("-1", "unlimited")
+        sockets = [stalled_upload(process.port, f"full-{i}", chunked=False, declared=1000) for i in range(8)]
+        try:
+            while True:   # 200 until the server has taken all 8, then 503
+                with httpx.Client(timeout=60) as client:
+                    answer = client.get(process.url + "/healthz")
+                if answer.status_code != 200:
+                    break
+                time.sleep(0.05)
+            assert answer.status_code == 503
+        finally:
+            for sock in sockets:
+                sock.close()
+        while True:
+            with httpx.Client(timeout=60) as client:
+                answer = client.get(process.url + "/healthz")
+            if answer.status_code == 200:
+                break
+            time.sleep(0.05)
+        assert answer.json()["parse_budget"]["holders"] == 0
+    finally:
+        process.stop()
