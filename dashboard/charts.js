@@ -416,9 +416,11 @@ export function histogramFigure({ histogram, percentiles, recommended, whatif })
     if (group && Math.abs(where(value) - where(group.at)) < 0.08) group.keys.push(key), group.values.push(value);
     else groups.push({ at: value, keys: [key], values: [value] });
   }
-  for (const group of groups) {
-    group.values.forEach((value, i) => vline(value, COLORS.percentile, 1, 'dot', i === 0 ? group.keys.join(' ') : '', 0.9));
-  }
+  // Neighbouring labels alternate between two heights: a label never overlaps the next one.
+  groups.forEach((group, index) => {
+    group.values.forEach((value, i) => vline(value, COLORS.percentile, 1, 'dot', i === 0 ? group.keys.join(' ') : '',
+      index % 2 ? 0.81 : 0.9));
+  });
   vline(recommended, COLORS.recommended, 2.5, 'solid', `recommended ${formatNumber(recommended)}`, 1.0);
   vline(whatif, COLORS.whatif, 1.5, 'dash', `what-if ${formatNumber(whatif)}`, 0.72);
   const xaxis = axis({ title: { text: 'pre-clip norm' }, type: log ? 'log' : 'linear', hoverformat: '.4g',
