@@ -70,18 +70,23 @@ def first_run_note(steps: int) -> str:
     return text
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: on Linux, SIGTERM when the demo dies, even by SIGKILL."""
-    try:
-        import ctypes
+def _die_with_parent(parent: int):
+    """For the child, before exec: on Linux, SIGTERM when the demo dies, even by SIGKILL. A demo
+    that died between the fork and this call is noticed by the parent pid having changed."""
+    def arm() -> None:
+        try:
+            import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except Exception:
+            return
+        if os.getppid() != parent:
+            os._exit(1)
+    return arm
 
 
 def child_options() -> dict:
-    return {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+    return {"preexec_fn": _die_with_parent(os.getpid())} if sys.platform.startswith("linux") else {}
 
 
 def stop_child(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
