@@ -37,12 +37,13 @@ import shlex
 import threading
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable, Sequence
 
 from .buffer import RecordBuffer
 from .connection import Backoff, Connector
 from .drops import DropLedger
+from .flushing import FlushLedger, FlushRequest
 from .encoding import DEFAULT_BATCH_BYTES, encode_batches, encode_chunk, encode_within, layout_runs
 from .recorder import StepRecord
 from .spool import Position, Spool, SpoolBusy
@@ -58,18 +59,6 @@ log = logging.getLogger("gradwatch.agent")
 
 MESSAGE_TOO_BIG = 1009  # WebSocket close code: a message was over the server's limit
 FLUSH_RETRY = 0.25  # seconds between connection attempts while a flush waits
-
-
-@dataclass
-class _FlushRequest:
-    target: int  # records put in the buffer that must be settled
-    deadline: float
-    unreachable: bool = False  # a connection attempt made during this flush failed
-    done: bool = False
-    # close(): give up this long after connections began to be refused (nothing listens at the
-    # address: ECONNREFUSED) once the records are in the synced spool; None: wait until deadline.
-    give_up_refused: float | None = None
-    started: float = 0.0
 
 
 def _nobody_listening(error: BaseException) -> bool:
@@ -110,7 +99,6 @@ class Sender:
         self.drops = DropLedger()
         self._open: list[StepRecord] = []
         self._open_since = 0.0
-        self._held = 0  # records taken from the buffer and not yet acked, spooled or dropped
         self._rejected_seqs: set[int] = set()  # messages the server refused for good
         # Spool frames never to send again (set aside as too big, or written again cut smaller).
         self._skip_frames: set[Position] = set()
@@ -119,9 +107,8 @@ class Sender:
         self._flush_retry_at = 0.0  # while a flush waits, connection attempts are this close
         self._warned: set[str] = set()
         self._refused_since: float | None = None  # connections refused by the host since then
-        self._cond = threading.Condition()
-        self._flush: _FlushRequest | None = None
-        self._taken = 0  # records taken from the buffer so far
+        self.ledger = FlushLedger()  # records taken and held; the flush waiting on them
+        self._cond = self.ledger.cond  # (the counts in `stats` change under it too)
         self._stop = threading.Event()
         self._stop_deadline = float("inf")
         self._thread: threading.Thread | None = None
@@ -154,7 +141,7 @@ class Sender:
         """The counts now, `spooled` and `pending` included."""
         with self._cond:
             spooled = self.spool.pending_steps if self.spool is not None else 0
-            stats = replace(self.stats, spooled=spooled, pending=len(self.buffer) + self._held)
+            stats = replace(self.stats, spooled=spooled, pending=len(self.buffer) + self.ledger.held)
         stats.dropped = self.dropped()
         return stats
 
@@ -190,26 +177,16 @@ class Sender:
         `give_up_refused` (seconds, for `close()`): done once they are in the synced spool and
         every connection for that long was refused by the host (nothing listens there); a
         server that accepts and does not answer is still waited for until `timeout`."""
-        now = time.monotonic()
-        request = _FlushRequest(target, now + max(0.0, timeout), give_up_refused=give_up_refused, started=now)
-        with self._cond:
-            self._flush = request
+        request = self.ledger.begin(target, timeout, give_up_refused)
         self.buffer.wake.set()
-        with self._cond:
-            while not request.done:
-                remaining = request.deadline - time.monotonic()
-                if remaining <= 0 or self._thread is None or not self._thread.is_alive():
-                    break
-                self._cond.wait(min(remaining, 0.05))
-            if self._flush is request:
-                self._flush = None
+        self.ledger.wait(request, lambda: self._thread is not None and self._thread.is_alive())
         return self._result(request)
 
-    def _result(self, request: _FlushRequest) -> FlushResult:
+    def _result(self, request: FlushRequest) -> FlushResult:
         stats = self.snapshot()
         offline = self.transport is None  # the spool is the destination
-        complete = (request.done and self._taken >= request.target and stats.pending == 0
-                    and not stats.dropped_total and not stats.rejected and (offline or stats.spooled == 0))
+        complete = self.ledger.complete(request, pending=stats.pending, dropped=stats.dropped_total,
+                                        rejected=stats.rejected, spooled=stats.spooled, offline=offline)
         return FlushResult(delivered=complete, acked=stats.acked, spooled=stats.spooled,
                            pending=stats.pending, dropped=stats.dropped_total, rejected=stats.rejected,
                            unreachable=request.unreachable and not stats.connected,
@@ -249,7 +226,7 @@ class Sender:
         self._wait_and_receive()
         self.drops.fold()
         stopping = self._stop.is_set()
-        flushing = self._flush is not None
+        flushing = self.ledger.request is not None
         self._collect(force=stopping or flushing)
         self._pump()
         self._check_stalled()
@@ -300,7 +277,7 @@ class Sender:
         if self._stop.is_set() and self.backoff.failures > 0:
             return
         now = time.monotonic()
-        if self._flush is not None:  # records wait for this connection: not the backoff's slot
+        if self.ledger.request is not None:  # records wait for this connection: not the backoff's slot
             self.backoff.next_attempt = min(self.backoff.next_attempt, self._flush_retry_at)
         if self.backoff.due(now):
             self._flush_retry_at = now + FLUSH_RETRY
@@ -315,7 +292,7 @@ class Sender:
                 self._refused_since = time.monotonic()
         else:
             self._refused_since = None
-        request = self._flush
+        request = self.ledger.request
         if request is not None:
             request.unreachable = True
         self.stats.unreachable = True
@@ -389,8 +366,7 @@ class Sender:
             return
         self.window.remove(seq)
         if item.kind == "live":
-            with self._cond:
-                self._held -= item.steps
+            self.ledger.settled(item.steps)
         where = f"{self.spool.directory}/rejected.gws" if self.spool is not None else "nowhere (no spool)"
         if item.kind in ("live", "spool"):
             self._warn_once("too-big", f"gradwatch: one step of run {self.run!r} is {item.size} bytes, over "
@@ -441,7 +417,7 @@ class Sender:
 
     def _wait_time(self) -> float:
         """How long the loop may sleep (an ack, a full batch or a connection wakes it sooner)."""
-        hurry = self._flush is not None or self._stop.is_set()
+        hurry = self.ledger.request is not None or self._stop.is_set()
         if len(self.buffer) >= self.batch_steps or (hurry and (len(self.buffer) or self._open)):
             return 0.0
         transport = self.transport
@@ -461,7 +437,7 @@ class Sender:
         if (transport is not None and not connected and not self.stats.refused
                 and not self.connector.busy):  # an attempt in progress wakes us when done
             due = self.backoff.next_attempt
-            if self._flush is not None:
+            if self.ledger.request is not None:
                 due = min(due, self._flush_retry_at)
             waits.append(due - now)
         return max(0.0, min(waits))
@@ -511,7 +487,7 @@ class Sender:
                 else:
                     self.stats.acked += item.steps
                 if item.kind == "live":
-                    self._held -= item.steps
+                    self.ledger.held -= item.steps
         if item.kind == "spool" and item.end is not None and self.spool is not None:
             self.spool.ack(item.end)
         elif item.kind == "meta":
@@ -530,7 +506,7 @@ class Sender:
             if acked:
                 with self._cond:
                     self.stats.acked += item.steps
-                    self._held -= item.steps
+                    self.ledger.held -= item.steps
             else:
                 self._to_spool(item.payload, item.steps, live=True)
         self._rejected_seqs.clear()
@@ -549,9 +525,7 @@ class Sender:
             if taken:
                 if not self._open:
                     self._open_since = time.monotonic()
-                with self._cond:
-                    self._taken += len(taken)
-                    self._held += len(taken)
+                self.ledger.took(len(taken))
                 self._open.extend(taken if self.complete is None else self._completed(taken))
             full = len(self._open) >= self.batch_steps
             due = self._open and (force or time.monotonic() - self._open_since >= self.batch_interval)
@@ -585,8 +559,7 @@ class Sender:
         return done
 
     def _count_held_drop(self, reason: str, steps: int) -> None:
-        with self._cond:
-            self._held -= steps
+        self.ledger.settled(steps)
         self.count_drop(reason, steps)
 
     def _encode(self, records: Sequence[StepRecord]) -> list[tuple[bytes, int]]:
@@ -624,7 +597,7 @@ class Sender:
         return len(payload) + 64 <= self.max_batch_bytes  # 64: the message's own fields
 
     def _route(self, payload: bytes, steps: int) -> None:
-        """Records taken from the buffer (`_held`) go live or to the spool."""
+        """Records taken from the buffer (held in the ledger) go live or to the spool."""
         parts = [(payload, steps)] if self._fits(payload) else split_payload(payload, self.max_batch_bytes - 64)
         for part, count in parts:
             transport = self.transport
@@ -644,8 +617,7 @@ class Sender:
         held in memory until now (they leave `pending`); False for steps already in the spool
         (a spooled batch written again, cut smaller)."""
         if live:
-            with self._cond:
-                self._held -= steps
+            self.ledger.settled(steps)
         if self.spool is None:
             self.count_drop("spool_unavailable", steps)
             return False
@@ -739,26 +711,15 @@ class Sender:
         return not len(self.buffer) and not self._open and not self.window and not spool_pending
 
     def _check_flushed(self) -> None:
-        request = self._flush
-        if request is None or request.done:
-            return
-        if len(self.buffer) or self._open or self._taken < request.target:
-            return
-        delivered = self._idle()
-        durable = ((self.transport is None or self.stats.refused is not None or self.spool is None
-                    or self._given_up(request))
-                   and not self.window.has_kind("live"))
-        if delivered or durable:
-            with self._cond:
-                request.done = True
-                self._cond.notify_all()
-
-    def _given_up(self, request: _FlushRequest) -> bool:
-        """close() stops waiting for a host that refuses connections (its records are in the
-        spool, synced in this round before this check)."""
-        grace, since = request.give_up_refused, self._refused_since
-        return (grace is not None and since is not None and not self.transport.connected
-                and time.monotonic() - max(since, request.started) >= grace)
+        """The flush waiting is done when what it waits for is delivered or durable
+        (agent/flushing.py); the spool was synced in this round before this check."""
+        connected = self.transport is not None and self.transport.connected
+        if self.ledger.due(waiting=len(self.buffer) + len(self._open), idle=self._idle(),
+                           spool_is_destination=(self.transport is None or self.stats.refused is not None
+                                                 or self.spool is None),
+                           live_in_flight=self.window.has_kind("live"),
+                           refused_since=None if connected else self._refused_since, now=time.monotonic()):
+            self.ledger.finish()
 
     def _shutdown(self) -> None:
         if self.connector is not None:
@@ -781,8 +742,8 @@ class Sender:
         except Exception:
             log.exception("gradwatch: error while shutting the sender down")
         finally:
-            with self._cond:
-                request = self._flush
-                if request is not None and self._idle():
-                    request.done = True
-                self._cond.notify_all()
+            if self._idle():
+                self.ledger.finish()
+            else:
+                with self._cond:
+                    self._cond.notify_all()
