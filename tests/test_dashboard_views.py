@@ -138,3 +138,31 @@ def test_errors_reach_people_in_words(page, server, output_dir):  # noqa: F811
         assert page.text_content("#whatif-output") == "The threshold must be a number above 0."
     page.screenshot(path=str(output_dir / "dashboard-errors-in-words.png"))
     assert not page.recorded.page_errors
+
+
+def mantissa(step: float) -> float:
+    return round(step / 10 ** np.floor(np.log10(step)), 6)
+
+
+def test_round_ticks_on_every_linear_axis_and_overlay_colours_apart_from_the_flags(page, server):  # noqa: F811
+    open_run(page, server, ZOOM_RUN)
+    wait_until(page, "window.gradwatch.renders.histogram > 0 && window.gradwatch.renders.norm > 1")
+    page.select_option("#y-scale", "linear")
+    wait_until(page, "document.getElementById('norm-chart')._fullLayout.yaxis.type === 'linear'")
+    for element, axes in (("norm-chart", ("xaxis", "yaxis", "yaxis2")), ("histogram", ("yaxis",))):
+        for name in axes:
+            dtick = page.evaluate(f"document.getElementById('{element}')._fullLayout.{name}.dtick")
+            assert mantissa(float(dtick)) in (1.0, 2.0, 5.0), (element, name, dtick)  # 1-2-5 steps
+    loss_ticks = page.evaluate("[...document.querySelectorAll('#norm-chart .y2tick text')].map((t) => t.textContent)")
+    assert loss_ticks and all(not text.startswith(("−", "-")) for text in loss_ticks)  # no negative loss tick
+    colours = page.evaluate("""import('/static/charts.js').then((charts) => ({
+        flags: ['norm', 'threshold', 'clipped', 'spike', 'loss', 'nonfinite', 'recommended', 'levelShift',
+                'skipped', 'lossSpike', 'offscale'].map((key) => charts.COLORS[key]),
+        overlays: [0, 1, 2, 3, 4, 5, 6].map((i) => charts.overlayColor(i))}))""")
+
+    def rgb(text):
+        return np.array([int(text[i:i + 2], 16) for i in (1, 3, 5)], dtype=float)
+
+    for overlay in colours["overlays"]:
+        nearest = min(np.linalg.norm(rgb(overlay) - rgb(flag)) for flag in colours["flags"])
+        assert nearest >= 60, (overlay, nearest)  # an overlaid run never reads as a flag
