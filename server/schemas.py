@@ -188,6 +188,8 @@ class HealthOut(BaseModel):
     status: str
     database: str
     schema_version: int
+    parse_budget: dict[str, int] | None = Field(
+        None, description="ingest bodies being parsed: waiting, holders, bytes, capacity")
 
 
 # A series: the columns asked for, equal-length lists (floats may be "NaN"/"Infinity"/"-Infinity").
