@@ -120,10 +120,17 @@ function renderChips() {
   const box = $('group-chips');
   if (!tensors || tensors.level !== 'block') { box.replaceChildren(); return; }
   const chips = tensors.blocks.names.map((name, i) => {
-    const members = tensors.blocks.members ? tensors.blocks.members[i] : [];
-    const open = run.expanded.has(name);
-    const chip = el('button', { type: 'button', className: `chip${open ? ' open' : ''}`,
-      title: `${members.length} tensors`, dataset: { group: name } }, `${open ? '▾' : '▸'} ${name}`);
+    const members = tensors.blocks.members ? tensors.blocks.members[i] : null;
+    // A block has modules to show when a tensor sits below a module inside it (the server's
+    // module_of): `layers.0.mlp.up.weight` does, an MLP's `layers.0.weight` does not.
+    const expandable = !members || members.some((member) => member.startsWith(`${name}.`)
+      && member.slice(name.length + 1).split('.').length >= 2);
+    const open = expandable && run.expanded.has(name);
+    const count = members ? members.length : 0;
+    const chip = el('button', {
+      type: 'button', className: `chip${open ? ' open' : ''}`, disabled: !expandable, dataset: { group: name },
+      title: expandable ? `${count} tensors` : `${count} tensors, no modules inside: rows → tensors lists them`,
+    }, `${expandable ? (open ? '▾ ' : '▸ ') : ''}${name}`);
     chip.setAttribute('aria-pressed', open ? 'true' : 'false');
     chip.addEventListener('click', () => toggleGroup(name));
     return chip;
