@@ -6,15 +6,12 @@ importing it loads no MLX. Runs sent over HTTP, runs recorded with ``detectors=[
 agent flags, and the agent's flags are shown, not trusted: the server finds
 the spikes itself.
 
-The rule, per finite value v (``l = log v`` for norms, ``l = v`` for losses,
-which can be <= 0), against the history h of earlier values::
-
-    m = median(h);  s = max(1.4826·MAD(h), floor);  score = (l - m) / s
-    spike = score > k (one-sided);  h ← h + [min(l, m + k·s)]
-
-with a warm-up, and a level-shift rule (more than ``shift_count`` of the last
-``shift_window`` finite steps flagged: a new regime, the history becomes
-those recent raw values). Non-finite values are spikes and enter nothing.
+The rule (``gradwatch.clip.spike_rule``): per finite value, the robust z-score
+against the median and MAD of the last 200 unflagged values (log norms; losses
+in linear space), a bound whose k adapts to that history's tail (about 3.25 for
+normal noise, up to 5.5 for heavy tails), and a level shift only for a new level
+that persists (a burst and its aftermath never make one). Non-finite values are
+spikes and enter nothing.
 
 Why the recommendation is not a raw percentile: the p99 of all norms lands
 on the spikes whenever they are >= 1% of steps, so the threshold it gives
@@ -33,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 # The rule itself lives in one pure-NumPy module shared with the agent (it loads no MLX).
-from gradwatch.clip.spike_rule import MAD_TO_SIGMA, TINY, RobustSpikes, robust_spikes
+from gradwatch.clip.spike_rule import MAD_TO_SIGMA, TINY, RobustSpikes, burst_runs, robust_spikes
 from gradwatch.clip.spike_rule import robust_loop as _robust_loop
 
 __all__ = ["MAD_TO_SIGMA", "TINY", "RobustSpikes", "RECOMMENDATION_KEYS", "_robust_loop", "default_window",
@@ -44,6 +41,7 @@ HISTORY_BEFORE_WINDOW = 400   # steps before the window the robust rule reads as
 DEFAULT_WINDOW_FRACTION = 0.10
 DEFAULT_MIN_WINDOW = 500
 DEFAULT_MAX_WINDOW = 20_000   # recent enough to be the regime the threshold is for; bounds the work
+MAX_BURSTS_LISTED = 50       # the answer lists the newest bursts it left out, and counts them all
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p95", 95.0), ("p99", 99.0), ("p99.9", 99.9))
 
 
@@ -85,8 +83,15 @@ def recommend(steps: Sequence[int] | np.ndarray, pre_norm: Sequence[float] | np.
         current_threshold: the run's clip threshold, to report its clip rate.
         k: τ = exp(median + k·1.4826·MAD) of the clean window's log norms.
 
-    Spikes are found with :func:`robust_spikes` (k = 5, as the agent's
-    detector) over the window and the ``2·200`` steps before it (history).
+    Spikes are found with :func:`robust_spikes` (the agent's rule and defaults) over
+    the window and the ``2·200`` steps before it (history), and again backwards in
+    time over the same steps (a burst-aware pass: the steps after a burst are its
+    history there, so a burst that the forward pass let into its history, or one
+    right after a level shift, is still left out). Both passes' spikes, the forward
+    pass's level-shift transitions and non-finite norms are left out; the answer
+    counts the steps the backward pass added (``backward_left_out``) and lists the
+    bursts (runs of >= 2 consecutive steps left out as spikes: ``bursts_left_out``,
+    the newest 50, ``burst_count``, ``burst_steps_left_out``).
     When a level shift happened in the window and at least 100 clean steps
     follow it, only those are used (the new regime is what the threshold is for).
 
@@ -118,7 +123,11 @@ def recommend(steps: Sequence[int] | np.ndarray, pre_norm: Sequence[float] | np.
     w_transition = found.transition[offset:]
     w_shift = found.level_shift[offset:]
     finite = np.isfinite(w_norms)
-    clean_mask = finite & ~w_spike & ~w_transition
+    # The burst-aware pass: the same rule backwards in time (its level-shift transitions are
+    # the forward pass's business and are not taken).
+    backward = robust_spikes(norms[lead:][::-1]).spike[::-1][offset:]
+    w_backward = backward & finite & ~w_spike & ~w_transition
+    clean_mask = finite & ~w_spike & ~w_transition & ~w_backward
     shift_steps = [int(s) for s in w_steps[w_shift]]
     regime_note = ""
     if shift_steps:
@@ -129,6 +138,7 @@ def recommend(steps: Sequence[int] | np.ndarray, pre_norm: Sequence[float] | np.
     clean = w_norms[clean_mask]
     raw = w_norms[finite]
     spikes_left_out = int(np.count_nonzero(w_spike & finite))
+    bursts = [run for run in burst_runs((w_spike | w_backward) & finite & ~w_transition, w_steps) if run[2] >= 2]
     result: dict[str, Any] = {
         "threshold": None, "reason": None,
         "method": "target_clip_rate" if target_clip_rate is not None else "robust",
@@ -141,6 +151,9 @@ def recommend(steps: Sequence[int] | np.ndarray, pre_norm: Sequence[float] | np.
         "spikes_left_out": spikes_left_out,
         "nonfinite_left_out": int(np.count_nonzero(~finite)),
         "transition_left_out": int(np.count_nonzero(w_transition)),
+        "backward_left_out": int(np.count_nonzero(w_backward)),
+        "burst_count": len(bursts), "burst_steps_left_out": int(sum(run[2] for run in bursts)),
+        "bursts_left_out": [{"start": a, "end": b, "steps": n} for a, b, n in bursts[-MAX_BURSTS_LISTED:]],
         "level_shift": bool(shift_steps), "level_shift_steps": shift_steps,
         "rationale": "",
         "window": {"start": int(w_steps[0]) if size else None, "end": int(w_steps[-1]) if size else None,
@@ -189,17 +202,29 @@ def recommend(steps: Sequence[int] | np.ndarray, pre_norm: Sequence[float] | np.
     result["rationale"] = (
         f"Clip at {_fmt(tau)} ({_fmt(tau / median) if median > 0 else 'n/a'}× the median norm "
         f"{_fmt(median)}): {how} over {len(clean):,} clean steps of {w_steps[0]:,}–{w_steps[-1]:,}"
-        f"{regime_note}, with {spikes_left_out} spike(s) and {result['nonfinite_left_out']} "
+        f"{regime_note}, with {spikes_left_out + result['backward_left_out']} spike(s)"
+        f"{_bursts_text(bursts)} and {result['nonfinite_left_out']} "
         f"non-finite step(s) left out{shift}; it would have clipped {_pct(result['clip_rate_clean'])} "
         f"of the clean steps and {_pct(result['clip_rate_raw'])} of all steps in the window.")
     return result
+
+
+def _bursts_text(bursts: list[tuple[int, int, int]]) -> str:
+    """" (12 of them in 3 bursts, the last at 1,200–1,204)" for the rationale; "" without bursts."""
+    if not bursts:
+        return ""
+    steps = sum(run[2] for run in bursts)
+    last = bursts[-1]
+    return (f" ({steps} of them in {len(bursts)} burst{'s' if len(bursts) > 1 else ''}, "
+            f"the last at {last[0]:,}–{last[1]:,})")
 
 
 RECOMMENDATION_KEYS = (
     "threshold", "reason", "method", "k", "target_clip_rate", "median", "ratio_to_median",
     "clip_rate_clean", "clip_rate_raw", "current_threshold", "current_clip_rate_clean",
     "current_clip_rate_raw", "clip_rate_at_1_clean", "clip_rate_at_1_raw", "spikes_left_out",
-    "nonfinite_left_out", "transition_left_out", "level_shift", "level_shift_steps", "rationale",
+    "nonfinite_left_out", "transition_left_out", "backward_left_out", "burst_count", "burst_steps_left_out",
+    "bursts_left_out", "level_shift", "level_shift_steps", "rationale",
     "window", "percentiles_over", "percentiles", "candidates")
 
 

@@ -228,3 +228,45 @@ def test_loss_spikes_name_the_gradient_spikes_before_them():
     alone = loss_spikes(steps, loss, [])
     assert alone[0]["message"] == "loss spike at 1,810" and alone[0]["detail"]["grad_steps"] == []
     assert loss_spikes([], [], [1]) == []
+
+
+# ------------------------------------------------------------ bursts (issue 21)
+
+def test_bursts_with_aftermath_stay_out_of_the_clean_window_and_are_listed():
+    """A burst of 3 corrupted batches, 8 steps of aftermath, then a 60x burst: the old rule took the
+    first for a level shift and kept the second in the clean window; now all are left out."""
+    rng = np.random.default_rng(11)
+    n = 1500
+    norms = np.exp(0.1 * rng.standard_normal(n))
+    bad = []
+    for start in (900, 1100, 1300):
+        norms[start:start + 3] *= 20.0
+        norms[start + 3:start + 11] *= 3.0            # aftermath
+        norms[start + 30:start + 34] *= 60.0          # the burst after the burst
+        bad += list(range(start, start + 11)) + list(range(start + 30, start + 34))
+    steps = np.arange(n) * 10
+    answer = recommend(steps, norms, window=1000)
+    assert answer["level_shift"] is False and answer["transition_left_out"] == 0
+    window = np.arange(n - 1000, n)
+    clean = np.setdiff1d(window, bad)
+    assert answer["window"]["clean_steps"] == len(clean)
+    tau, _ = reference_tau(norms[clean])
+    assert answer["threshold"] == pytest.approx(tau)
+    assert answer["burst_count"] == 6 and answer["burst_steps_left_out"] == len(bad)
+    assert [b["steps"] for b in answer["bursts_left_out"]] == [11, 4] * 3
+    assert answer["bursts_left_out"][0] == {"start": 9000, "end": 9100, "steps": 11}
+    assert "in 6 bursts" in answer["rationale"]
+    assert set(answer) == set(RECOMMENDATION_KEYS)
+
+
+def test_the_backward_pass_leaves_out_a_burst_the_forward_pass_could_not_judge():
+    """A burst inside the forward pass's warm-up (the first 25 steps of a short run) is
+    judged by the backward pass, whose history is the steps after it."""
+    steps, norms = lognormal_run(600, seed=4)
+    norms[5:10] *= 50.0
+    answer = recommend(steps, norms, window=600)
+    assert answer["spikes_left_out"] == 0 and answer["backward_left_out"] == 5
+    assert answer["bursts_left_out"] == [{"start": 50, "end": 90, "steps": 5}]
+    clean = np.delete(norms, range(5, 10))
+    tau, _ = reference_tau(clean)
+    assert answer["threshold"] == pytest.approx(tau)
