@@ -66,7 +66,7 @@ def typed_array(values: np.ndarray) -> msgpack.ExtType:
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
     tag = array.dtype.str.encode().ljust(TAG_BYTES, b"\0")
-    return msgpack.ExtType(EXT_ARRAY, b"".join((tag, memoryview(array).cast("B"))))  # one copy of the values
+    return msgpack.ExtType(EXT_ARRAY, b"".join((tag, memoryview(array.reshape(-1)).cast("B"))))  # one copy
 
 
 def _from_ext(code: int, data: bytes):

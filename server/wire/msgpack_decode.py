@@ -51,6 +51,7 @@ KEY_BYTES = 1024             # a map key longer than this is refused
 _PROBE_LIMITS = {"max_str_len": 0, "max_bin_len": 0, "max_array_len": 0, "max_map_len": 0}
 _NAME_LIMITS = {"max_str_len": 4 * MAX_TENSOR_NAME, "max_bin_len": 0, "max_array_len": 0, "max_map_len": 0,
                 "max_ext_len": 0}
+_PLAIN_LIMITS = {"max_bin_len": 0, "max_str_len": 1 << 20}  # no bin in the schema; strings up to 1 MiB
 _UNPACK_ERRORS = (ValueError, msgpack.UnpackException)
 
 
@@ -138,7 +139,7 @@ class Reader:
 
     def plain(self, section: Section, what: str) -> Any:
         self.charge(PLAIN_COST * section.size, what)
-        return self._unpack(section, ext_hook=_refuse_ext)
+        return self._unpack(section, ext_hook=_refuse_ext, **_PLAIN_LIMITS)
 
     def value(self, section: Section, what: str) -> Any:
         """A column: a typed array as a view of the body, or a plain value (charged)."""
