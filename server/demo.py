@@ -26,8 +26,7 @@ from .client import ApiClient, ApiError, run_path
 
 STORE_TIMEOUT_S = 60.0
 # Measured with `TMPDIR=$(mktemp -d) gradwatch demo --exit` (README, "Two commands").
-COLD_START_TEXT = "about a minute"
-WARM_RUN_TEXT = "about 10 s"
+COLD_START_TEXT = "about 10 s more on a 2-core machine, longer on a slow one"
 
 
 class DemoError(RuntimeError):
@@ -66,7 +65,7 @@ def first_run_note(steps: int) -> str:
     text = f"gradwatch demo: starting a server and a {steps:,}-step training run"
     if cold:
         text += (f". First run: MLX compiles its CPU kernels with the C++ compiler into {cache} before the "
-                 f"first steps ({COLD_START_TEXT} on a laptop CPU, once; later runs take {WARM_RUN_TEXT})")
+                 f"first steps ({COLD_START_TEXT}; once)")
     return text
 
 
