@@ -44,6 +44,7 @@ from .buffer import RecordBuffer
 from .connection import Backoff, Connector
 from .drops import DropLedger
 from .flushing import FlushLedger, FlushRequest
+from .link import FLUSH_RETRY, Link, LinkState
 from .encoding import DEFAULT_BATCH_BYTES, encode_batches, encode_chunk, encode_within, layout_runs
 from .recorder import StepRecord
 from .spool import Position, Spool, SpoolBusy
@@ -52,13 +53,12 @@ from .transport import Refused, Stalled, TransportError, WebSocketTransport
 from .wire import drop_event, encode_message, encode_payload, split_payload
 from .window import Inflight, InflightWindow
 
-__all__ = ["DEFAULT_BATCH_BYTES", "FlushResult", "Sender", "Stats", "encode_batches", "encode_chunk",
+__all__ = ["DEFAULT_BATCH_BYTES", "FLUSH_RETRY", "FlushResult", "Sender", "Stats", "encode_batches", "encode_chunk",
            "layout_runs"]
 
 log = logging.getLogger("gradwatch.agent")
 
 MESSAGE_TOO_BIG = 1009  # WebSocket close code: a message was over the server's limit
-FLUSH_RETRY = 0.25  # seconds between connection attempts while a flush waits
 
 
 def _nobody_listening(error: BaseException) -> bool:
@@ -92,6 +92,7 @@ class Sender:
         self.last_step = -1
         self.window = InflightWindow(max_inflight)
         self.backoff = Backoff(backoff_base, backoff_cap)
+        self.link = Link(self.backoff, offline=transport is None)  # when to connect (agent/link.py)
         self.connector = Connector(transport, self.buffer.wake.set) if transport is not None else None
         self._meta_acked = False
         self._meta_version = 0
@@ -104,9 +105,7 @@ class Sender:
         self._skip_frames: set[Position] = set()
         self._suspects = 0  # connections lost without a close code, a message bigger than any acked in flight
         self._cursor: Position | None = None
-        self._flush_retry_at = 0.0  # while a flush waits, connection attempts are this close
         self._warned: set[str] = set()
-        self._refused_since: float | None = None  # connections refused by the host since then
         self.ledger = FlushLedger()  # records taken and held; the flush waiting on them
         self._cond = self.ledger.cond  # (the counts in `stats` change under it too)
         self._stop = threading.Event()
@@ -148,7 +147,7 @@ class Sender:
     @property
     def failures(self) -> int:
         """Connection attempts that failed in a row."""
-        return self.backoff.failures
+        return self.link.failures
 
     def delivered(self) -> bool:
         """Connected, and the spool, the in-flight window, the metadata and the drop
@@ -250,14 +249,12 @@ class Sender:
     def _server_away(self) -> bool:
         """Records cannot go to the server now: no url, a refused token, or the last
         connection attempt failed (before the first attempt, the server is not "away")."""
-        transport = self.transport
-        return (transport is None or self.stats.refused is not None
-                or (not transport.connected and self.backoff.failures > 0))
+        return self.link.away()
 
     # -- connecting ----------------------------------------------------------
     def _connect_if_due(self) -> None:
         transport, connector = self.transport, self.connector
-        if transport is None or transport.connected or self.stats.refused:
+        if self.link.state not in (LinkState.DOWN, LinkState.CONNECTING):  # offline, up, or refused
             return
         if connector.busy:
             outcome = connector.take()
@@ -267,31 +264,22 @@ class Sender:
                 self._connect_failed(outcome)
                 return
             transport.adopt(outcome)
-            self._refused_since = None
-            self.backoff.succeeded()
+            self.link.connected()
             self.stats.connected = True
             self.stats.unreachable = False
             self._cursor = self.spool.acked if self.spool is not None else None
             log.info("gradwatch: connected to %s", transport.url)
             return
-        if self._stop.is_set() and self.backoff.failures > 0:
-            return
         now = time.monotonic()
-        if self.ledger.request is not None:  # records wait for this connection: not the backoff's slot
-            self.backoff.next_attempt = min(self.backoff.next_attempt, self._flush_retry_at)
-        if self.backoff.due(now):
-            self._flush_retry_at = now + FLUSH_RETRY
+        # While a flush waits, records wait for this connection: not the backoff's slot.
+        if self.link.due(now, flushing=self.ledger.request is not None, stopping=self._stop.is_set()):
+            self.link.attempt(now)
             connector.start()
 
     def _connect_failed(self, error: Exception) -> None:
         if isinstance(error, Refused):
             self._refused(str(error))
             return
-        if _nobody_listening(error):
-            if self._refused_since is None:
-                self._refused_since = time.monotonic()
-        else:
-            self._refused_since = None
         request = self.ledger.request
         if request is not None:
             request.unreachable = True
@@ -300,7 +288,7 @@ class Sender:
                                        f"({error}); steps of run {self.run!r} go to the spool "
                                        f"{self.spool.directory if self.spool else '(none)'} and are sent when "
                                        f"it answers; to send them later: {self.push_command()}")
-        self._backoff(str(error))
+        self._backoff(str(error), nobody_listening=_nobody_listening(error))
 
     def _transport_failed(self, error: Exception) -> None:
         """What every failed send or receive comes to: a refusal ends the trying; a 1009
@@ -323,19 +311,19 @@ class Sender:
             self._message_too_big()
         self._lost_connection()
         if too_big or suspect:  # the server is likely there: try again soon (a failed connect backs off)
-            self.backoff.soon(time.monotonic())
+            self.link.lost(time.monotonic(), soon=True)
             if too_big:
                 log.info("gradwatch: a message was over the server's size limit; now cutting messages "
                          "at %d bytes", self.max_batch_bytes)
         else:
             self._backoff(str(error))
 
-    def _backoff(self, reason: str) -> None:
-        self.backoff.failed(time.monotonic())
-        if self.backoff.failures == 1:
+    def _backoff(self, reason: str, nobody_listening: bool = False) -> None:
+        if self.link.failed(time.monotonic(), nobody_listening):
             log.info("gradwatch: server unreachable (%s); spooling and retrying", reason)
 
     def _refused(self, reason: str) -> None:
+        self.link.refused(reason)
         self.stats.refused = reason
         self.stats.connected = False
         self._lost_connection()
@@ -434,12 +422,8 @@ class Sender:
             waits.append(self._open_since + self.batch_interval - now)
         elif len(self.buffer):
             waits.append(self.batch_interval)
-        if (transport is not None and not connected and not self.stats.refused
-                and not self.connector.busy):  # an attempt in progress wakes us when done
-            due = self.backoff.next_attempt
-            if self.ledger.request is not None:
-                due = min(due, self._flush_retry_at)
-            waits.append(due - now)
+        if self.link.state is LinkState.DOWN and not self.connector.busy:  # an attempt wakes us when done
+            waits.append(self.link.next_attempt(flushing=self.ledger.request is not None) - now)
         return max(0.0, min(waits))
 
     def _on_message(self, message: dict) -> None:
@@ -713,12 +697,11 @@ class Sender:
     def _check_flushed(self) -> None:
         """The flush waiting is done when what it waits for is delivered or durable
         (agent/flushing.py); the spool was synced in this round before this check."""
-        connected = self.transport is not None and self.transport.connected
         if self.ledger.due(waiting=len(self.buffer) + len(self._open), idle=self._idle(),
                            spool_is_destination=(self.transport is None or self.stats.refused is not None
                                                  or self.spool is None),
                            live_in_flight=self.window.has_kind("live"),
-                           refused_since=None if connected else self._refused_since, now=time.monotonic()):
+                           refused_since=self.link.gave_up_on(), now=time.monotonic()):
             self.ledger.finish()
 
     def _shutdown(self) -> None:
