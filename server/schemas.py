@@ -138,6 +138,10 @@ class RecommendationOut(BaseModel):
     spikes_left_out: int
     nonfinite_left_out: int
     transition_left_out: int
+    backward_left_out: int = Field(0, description="steps the backward (burst-aware) pass left out")
+    burst_count: int = 0
+    burst_steps_left_out: int = 0
+    bursts_left_out: list[StepSpan] = Field(default_factory=list, description="the newest bursts left out")
     level_shift: bool
     level_shift_steps: list[int]
     rationale: str
