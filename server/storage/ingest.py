@@ -281,10 +281,7 @@ class Ingestor(Database):
         first in the transaction, so a refused message stores nothing."""
         cursor.execute(self._sql("SELECT meta FROM runs WHERE id = ?"), (run_id,))
         stored = cursor.fetchone()[0] or "{}"
-        try:
-            merged = orjson.loads(stored)
-        except orjson.JSONDecodeError:   # written by an older release (json.dumps: NaN spelled out)
-            merged = json.loads(stored)
+        merged = orjson.loads(stored)   # always written by orjson.dumps
         merged.update(meta)
         text = orjson.dumps(merged)
         if len(text) == len(stored) and text.decode() == stored:
