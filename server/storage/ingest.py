@@ -16,7 +16,6 @@ the cursor (so a PostgreSQL NOTIFY is delivered only if the batch commits).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
