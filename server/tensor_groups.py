@@ -32,19 +32,21 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from gradwatch.clip import spike_rule as rule   # the shared rule, pure NumPy (loads no MLX)
 from gradwatch.server.schemas import BatchError
 
 LEVELS = ("block", "module", "tensor")
 # The first `<name>.<integer>` in a path ends the block: `layers.3`, `model.layers.12`, `h.0`.
 _BLOCK = re.compile(r"^((?:[^.]+\.)*?[^.]+\.\d+)(?:\.|$)")
-# The spike rule of clip/robust.py's RobustDetector with its defaults (a group spikes when
-# its log norm > median + k·max(1.4826·MAD, min_scale) of its previous `history` finite log norms).
-SPIKE_K = 5.0
-SPIKE_HISTORY = 200
-SPIKE_WARMUP = 25
-MIN_SCALE = 0.01
-MAD_TO_SIGMA = 1.4826
-TINY = 1e-30           # log floor, as the detector's
+# The shared spike rule's bound (gradwatch.clip.spike_rule, its defaults): a group spikes when its
+# log norm > median + k·max(1.4826·MAD, min_scale) of its previous `history` finite log norms, with
+# k adapted to that window's tail (SPIKE_K None; a number fixes k).
+SPIKE_K = rule.K
+SPIKE_HISTORY = rule.HISTORY
+SPIKE_WARMUP = rule.WARMUP
+MIN_SCALE = rule.MIN_SCALE
+MAD_TO_SIGMA = rule.MAD_TO_SIGMA
+TINY = rule.TINY       # log floor, as the detector's
 SLACK = 1e-5           # log units: covers float32 rounding in the spike bounds
 BLOCK_CELLS = 1 << 20  # norms group_norms reduces at a time (~8 MB per float64 copy)
 # Most group norms (steps x groups) one answer holds before downsampling (5 bytes each, held
@@ -186,9 +188,27 @@ def _medians(rows: np.ndarray, counts: np.ndarray | None = None) -> tuple[np.nda
     return center, middle(np.abs(rows - center[:, None]))
 
 
-def _fences(rows: np.ndarray, counts: np.ndarray | None = None, k: float = SPIKE_K) -> np.ndarray:
-    center, mad = _medians(rows, counts)
-    return center + k * np.maximum(MAD_TO_SIGMA * mad, MIN_SCALE)
+def _fences(rows: np.ndarray, counts: np.ndarray | None = None, k: float | None = SPIKE_K) -> np.ndarray:
+    """median + k·max(1.4826·MAD, MIN_SCALE) of each row (its first counts[i] entries), k fixed
+    or (None) the shared rule's adaptive k from the row's own tail (rule.adaptive_k)."""
+    if k is not None:
+        center, mad = _medians(rows, counts)
+        return center + k * np.maximum(MAD_TO_SIGMA * mad, MIN_SCALE)
+    width = rows.shape[1]
+    n = np.full(len(rows), width) if counts is None else np.asarray(counts)
+    valid = np.arange(width)[None, :] < n[:, None]
+    low, high = ((n - 1) // 2)[:, None], (n // 2)[:, None]
+    ordered = np.sort(np.where(valid, rows, np.inf), axis=1)
+    center = (np.take_along_axis(ordered, low, 1) + np.take_along_axis(ordered, high, 1))[:, 0] / 2
+    dev = np.sort(np.where(valid, np.abs(rows - center[:, None]), np.inf), axis=1)
+    mad = (np.take_along_axis(dev, low, 1) + np.take_along_axis(dev, high, 1))[:, 0] / 2
+    num, den = rule.quantile_fraction(rule.TAIL_QUANTILE)
+    tail = np.take_along_axis(dev, ((n - 1) * num // den)[:, None], 1)[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        adaptive = np.clip(rule.K_GAUSS * (tail / np.where(mad > 0, mad, 1.0) / rule.tail_gauss()) ** rule.TAIL_POWER,
+                           rule.K_MIN, rule.K_MAX)
+    k_rows = np.where((n >= rule.TAIL_MIN) & (mad > 0), adaptive, rule.K_MAX)
+    return center + k_rows * np.maximum(MAD_TO_SIGMA * mad, MIN_SCALE)
 
 
 def spike_flags(norms: np.ndarray, k: float = SPIKE_K, history: int = SPIKE_HISTORY,
@@ -220,12 +240,20 @@ def _spike_rows(table: np.ndarray, k: float, history: int, warmup: int, grid: in
     flags = np.zeros((columns, n), dtype=bool)
     if n <= warmup or not columns:
         return flags
+    # An adaptive k is at least K_MIN: the bounds below hold with it, the exact fences adapt.
+    k_low = rule.K_MIN if k is None else k
     lin = np.maximum(table, TINY)
     # Bounds and first guesses are computed in float32 (sorts 3x faster, SIMD); SLACK (in log
     # units) covers its rounding: a bound never excludes a spike, and a first guess this close
     # to its fence is redone exactly.
     short = np.arange(warmup, min(n, history))
-    if len(short):  # every row padded to `history`; _medians masks each past its count
+    if len(short) and k is None:   # adaptive: the first windows' fences exactly, in float64
+        first = np.full((columns, history), np.inf)
+        first[:, :min(n, history)] = np.log(lin[:, :history].astype(np.float64))
+        rows = np.broadcast_to(first[:, None, :], (columns, len(short), history)).reshape(-1, history)
+        fence = _fences(rows, np.tile(short, columns), None).reshape(columns, len(short))
+        flags[:, short] = first[:, short] > fence
+    elif len(short):  # every row padded to `history`; _medians masks each past its count
         first = np.full((columns, history), np.inf)
         first[:, :min(n, history)] = np.log(lin[:, :history].astype(np.float64))
         rough = np.broadcast_to(first.astype(np.float32)[:, None, :], (columns, len(short), history))
@@ -256,7 +284,8 @@ def _spike_rows(table: np.ndarray, k: float, history: int, warmup: int, grid: in
         with np.errstate(over="ignore"):  # an overflowed ratio: log(max float32) is still a lower bound
             ratio = (ordered[:, :, cover - 1:] / ordered[:, :, :history - cover + 1]).min(axis=2)
         shortest = np.log(np.minimum(ratio, biggest).astype(np.float64))
-        bound = np.log(ordered[:, :, rank].astype(np.float64)) + k * np.maximum(MAD_TO_SIGMA * shortest / 2, MIN_SCALE)
+        bound = np.log(ordered[:, :, rank].astype(np.float64)) + k_low * np.maximum(MAD_TO_SIGMA * shortest / 2,
+                                                                                    MIN_SCALE)
         bound = np.exp(bound - SLACK * (1.0 + np.abs(bound)))
         column, position = np.nonzero(lin[part, history:] > bound[:, nearest])
         column += first_column
@@ -280,14 +309,15 @@ def _spike_cells(steps: int, history: int) -> int:
 def spike_counts(values: np.ndarray, missing: np.ndarray, k: float = SPIKE_K,
                  history: int = SPIKE_HISTORY, warmup: int = SPIKE_WARMUP) -> tuple[np.ndarray, np.ndarray]:
     """How often each group's norm is an outlier against its own recent history, by the
-    detector's robust rule (clip/robust.py `RobustDetector`, defaults k=5, history=200,
-    warm-up 25, min_scale 0.01) on each group's own sequence of finite norms, per step.
+    shared robust rule's bound (gradwatch.clip.spike_rule: k adapted to the window's tail,
+    history=200, warm-up 25, min_scale 0.01) on each group's own sequence of finite norms, per step.
 
     A non-finite group norm counts as a spike (as the detector reports it) and never
-    enters the history; a missing one is skipped. Not modelled: the detector's clamp of a
-    spike to the fence before it joins the history (one value of 200 above the median
-    moves neither the median nor the MAD while it stays above both) and its level-shift
-    reset (a lasting jump counts as spikes until the rolling median has followed it).
+    enters the history; a missing one is skipped. Not modelled: the detector keeping a
+    flagged value out of its history (here the window is the previous 200 finite norms;
+    a few spikes among 200 move neither the median nor the MAD, and sit above the tail
+    quantile's rank) and its level-shift rule (a lasting jump counts as spikes until the
+    rolling median has followed it).
     Returns (counts[groups], index of the latest spike per group or -1)."""
     steps, groups = values.shape
     counts = np.zeros(groups, dtype=np.int64)
@@ -404,8 +434,10 @@ def answer_from_groups(plan: Grouping, steps: np.ndarray, values: np.ndarray, mi
         "spikes": counts.tolist(),
         "latest_spike": [int(steps[i]) if i >= 0 else None for i in latest.tolist()],
         "steps_total": int(len(steps)),
-        "spike_rule": (f"log norm > median + {SPIKE_K:g}·1.4826·MAD of the group's previous {SPIKE_HISTORY} "
-                       f"finite norms (after {SPIKE_WARMUP}), as the spike detector; a non-finite norm counts"),
+        "spike_rule": (f"log norm > median + k·1.4826·MAD of the group's previous {SPIKE_HISTORY} "
+                       f"finite norms (after {SPIKE_WARMUP}), k adapted to that window's tail "
+                       f"({rule.K_MIN:g}-{rule.K_MAX:g}, {rule.K_GAUSS:g} for normal noise), as the spike "
+                       f"detector; a non-finite norm counts"),
     }
 
 
