@@ -45,7 +45,7 @@ class RecommendedClip(Clipper):
         warmup: clean norms needed before τ applies (<= ``window``).
         fallback: τ during warm-up; None clips nothing until then.
         detector: what decides that a norm is clean (default ``RobustDetector()``,
-            k = 5 as the server's ``robust_spikes``); its state lives in this
+            the shared rule, adaptive k, as the server's ``robust_spikes``); its state lives in this
             clipper's state.
         nonfinite: see :class:`~gradwatch.clip.base.Clipper`.
 

@@ -16,7 +16,7 @@ to half of the history being outliers (a Hampel filter; RNMT+, Chen et al.
 2018, tracks the log norm the same way; lingvo's ``GradNormTracker``).
 
 Per step: one sort of the history (the median), one sort of its deviations (the
-MAD and the tail quantile, one gather for all three ranks), and on the
+MAD and the tail quantile), and on the
 ``shift_window`` ring a comparison and two sums; the refill after a level shift
 (a median and MAD of 16 values and a stable compaction) is computed every step
 and selected by ``mx.where`` (a compiled graph has no branches).
