@@ -29,7 +29,7 @@ def lab_rule(values: np.ndarray, *, k_gauss: float = 3.25, power: float = 2.5, q
              warmup: int = 25, shift_window: int = 16, shift_span: int = 8, min_scale: float = 0.01,
              adaptive: bool = True, k_fixed: float = 5.0,
              feed: str = "skip", smooth: float = 0.0,
-             side: str = "both") -> dict[str, np.ndarray]:
+             side: str = "both", entry_k: float | None = None) -> dict[str, np.ndarray]:
     """The adaptive rule over norms (log space), one step at a time.
 
     k = clip(k_gauss · (tail / tail_gauss)^power, k_min, k_max), tail = Q_quantile(|h - m|) / MAD(h),
@@ -85,7 +85,10 @@ def lab_rule(values: np.ndarray, *, k_gauss: float = 3.25, power: float = 2.5, q
             bound = m + k * s
             flagged = z > k
             fed = min(value, bound) if feed == "cap" else (m if feed == "median" else value)
-        if not (flagged and feed == "skip"):
+        enters = not (flagged and feed == "skip")
+        if entry_k is not None and seen >= warmup and score[i] > entry_k:
+            enters = False   # a suspect value (above median + entry_k·s) stays out even when not flagged
+        if enters:
             ring[filled % history] = fed
             filled += 1
         seen += 1

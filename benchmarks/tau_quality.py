@@ -2,6 +2,7 @@
 
     python benchmarks/tau_quality.py            # 3 seeds x 600 steps (about 10 minutes on 2 cores)
     python benchmarks/tau_quality.py --quick    # 1 seed, 300 steps: a smoke run
+    python benchmarks/tau_quality.py --family shards   # only issue 21's Lion + bad-shard family
 
 Training: a tiny MLX transformer (2 layers, d=32, context 16, batch 16) on a
 synthetic order-2 Markov token source (no downloads), AdamW with linear
@@ -16,6 +17,12 @@ loss × 0.02 (norms 50× smaller), and no spikes (τ_rec must not hurt). It
 prints the held-out loss (mean ± sd over seeds) per arm and condition and
 the goals: τ_rec within one sd of the best fixed τ (τ = 1.0 and the four
 multiples), and more than 2 sd better than no clipping when there are spikes.
+
+Issue 21's family (``--family shards``): Lion with warm-up and cosine decay, loss x50 (norms
+far from 1), and bursts of bad shards (3-6 consecutive batches with gradients x10-100, about
+3% of steps), with and without the shards. Goal (every condition): where the best fixed τ beats
+no clipping by more than 2 standard errors, τ_rec recovers >= 95% of that gain; elsewhere it is
+within 2 standard errors of the best.
 
 Detectors: recall and false-positive rate (flags on clean steps / clean
 steps, after warm-up) of RobustDetector (the default), ZScoreDetector and
@@ -68,6 +75,12 @@ WARMUP = 30
 SPIKE_RATE = 0.02
 EVAL_SEQUENCES = 256
 CONDITIONS = (("as is", 1.0, True), ("loss x0.02", 0.02, True), ("no spikes", 1.0, False))
+# Issue 21's family: Lion (a sign-based optimizer) with warm-up + decay, norms far from 1 (loss x50),
+# and bursts of bad shards: 3-6 consecutive corrupted batches (gradient x10-100 each), ~3% of steps.
+SHARD_CONDITIONS = (("lion shards x50", 50.0, True), ("lion clean x50", 50.0, False))
+FAMILIES = {"isolated": CONDITIONS, "shards": SHARD_CONDITIONS}
+LION_LR = 5e-4
+SHARD_RATE = 0.03
 FIXED = (0.5, 1.0, 2.0, 4.0)
 
 
@@ -90,7 +103,13 @@ class Markov2:
         return out
 
 
-def make_data(seed: int, steps: int):
+def family_of(name: str) -> str:
+    return "shards" if any(name == c[0] for c in SHARD_CONDITIONS) else "isolated"
+
+
+def make_data(seed: int, steps: int, family: str = "isolated"):
+    if family == "shards":
+        return make_shard_data(seed, steps)
     chain = Markov2(seed)
     rng = np.random.default_rng(seed)
     batches = chain.sample(rng, steps * BATCH).reshape(steps, BATCH, CTX + 1)
@@ -100,6 +119,25 @@ def make_data(seed: int, steps: int):
     spike_steps = sorted(spike_rng.choice(np.arange(WARMUP, steps), size=count, replace=False).tolist())
     factors = {s: float(np.exp(spike_rng.uniform(np.log(10), np.log(100)))) for s in spike_steps}
     return batches, held_out, factors
+
+
+def make_shard_data(seed: int, steps: int):
+    """As make_data, but the corrupted batches come in bursts of 3-6 consecutive steps (bad shards)."""
+    chain = Markov2(seed)
+    rng = np.random.default_rng(seed)
+    batches = chain.sample(rng, steps * BATCH).reshape(steps, BATCH, CTX + 1)
+    held_out = chain.sample(np.random.default_rng(10_000 + seed), EVAL_SEQUENCES)
+    shard_rng = np.random.default_rng(30_000 + seed)
+    factors: dict[int, float] = {}
+    budget = max(3, round(SHARD_RATE * steps))
+    while sum(1 for _ in factors) < budget:
+        start = int(shard_rng.integers(WARMUP, steps - 6))
+        length = int(shard_rng.integers(3, 7))
+        if any(s in factors for s in range(start - 20, start + length + 20)):
+            continue
+        for s in range(start, start + length):
+            factors[s] = float(np.exp(shard_rng.uniform(np.log(10), np.log(100))))
+    return batches, held_out, factors, "shards"
 
 
 # -- model ---------------------------------------------------------------------------------------
@@ -129,11 +167,16 @@ def schedule(steps: int):
 
 def train(seed: int, data, steps: int, loss_scale: float, spikes: bool, clipper=None, watch=None) -> float:
     """Train from the seed's initialisation; returns the held-out loss (unscaled)."""
-    batches, held_out, factors = data
+    batches, held_out, factors = data[:3]
     mx.random.seed(seed)
     model = TinyGPT()
     mx.eval(model.parameters())
-    optimizer = optim.AdamW(learning_rate=schedule(steps), weight_decay=0.01)
+    if len(data) > 3 and data[3] == "shards":   # Lion: a sign-based update, warm-up + cosine decay
+        lion = optim.join_schedules([optim.linear_schedule(LION_LR / WARMUP, LION_LR, WARMUP),
+                                     optim.cosine_decay(LION_LR, steps - WARMUP, LION_LR * 0.05)], [WARMUP])
+        optimizer = optim.Lion(learning_rate=lion, weight_decay=0.01)
+    else:
+        optimizer = optim.AdamW(learning_rate=schedule(steps), weight_decay=0.01)
     optimizer.init(model.trainable_parameters())
     loss_and_grad = nn.value_and_grad(model, lambda m, b: loss_scale * lm_loss(m, b))
     clip_state = clipper.state if clipper is not None else {}
@@ -310,7 +353,7 @@ def mean_sd(values):
 
 def condition_job(url: str, name: str, scale: float, spikes: bool, seed: int, steps: int) -> dict:
     """One condition and seed (runs in a worker process): the pilot, then every arm."""
-    data = make_data(seed, steps)
+    data = make_data(seed, steps, family_of(name))
     answer, norms, pilot_loss = pilot(url, seed, data, steps, scale, spikes, name)
     tau, median = answer["threshold"], answer["median"]
     losses = {"no clip (pilot)": pilot_loss}
@@ -328,7 +371,9 @@ def condition_job(url: str, name: str, scale: float, spikes: bool, seed: int, st
         detection = {det: rates(flags, truth, 25) for det, flags in all_flags(norms).items()}
     return {"name": name, "seed": seed, "losses": losses, "detection": detection,
             "tau": {"tau": tau, "median": median, "ratio": answer.get("ratio_to_median"),
-                    "clip_rate_raw": answer.get("clip_rate_raw"), "spikes_left_out": answer.get("spikes_left_out")}}
+                    "clip_rate_raw": answer.get("clip_rate_raw"), "spikes_left_out": answer.get("spikes_left_out"),
+                    "burst_count": answer.get("burst_count"),
+                    "burst_steps_left_out": answer.get("burst_steps_left_out")}}
 
 
 def sequence_job(kind: str, seq_len: int, seed: int) -> dict:
@@ -347,6 +392,9 @@ SEQUENCES = ("drift + regime change", "student-t(4) log noise", "5x level shift"
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 300 steps, short sequences")
+    parser.add_argument("--family", choices=("all", "isolated", "shards"), default="all",
+                        help="isolated: issue 9's conditions and sequences (AdamW, isolated spikes); "
+                             "shards: Lion with bursts of bad shards, loss x50 (issue 21)")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--workers", type=int, default=3,
@@ -358,19 +406,21 @@ def main(argv=None) -> dict:
     seq_len = 2000 if args.quick else 4000
     started = time.perf_counter()
     figures: dict = {}
+    conditions = {"all": CONDITIONS + SHARD_CONDITIONS, "isolated": CONDITIONS, "shards": SHARD_CONDITIONS}[args.family]
+    sequences = SEQUENCES if args.family != "shards" else ()
 
-    results: dict[str, dict[str, list[float]]] = {name: {} for name, _, _ in CONDITIONS}
-    taus: dict[str, list[dict]] = {name: [] for name, _, _ in CONDITIONS}
+    results: dict[str, dict[str, list[float]]] = {name: {} for name, _, _ in conditions}
+    taus: dict[str, list[dict]] = {name: [] for name, _, _ in conditions}
     pilot_detection: dict[str, list] = {}
-    sequence_rows: dict[str, dict[str, list]] = {kind: {} for kind in SEQUENCES}
+    sequence_rows: dict[str, dict[str, list]] = {kind: {} for kind in sequences}
     with tempfile.TemporaryDirectory() as folder:
         server = Server(folder)
         try:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as pool:
                 jobs = [pool.submit(condition_job, server.url, name, scale, spikes, seed, steps)
-                        for seed in range(seeds) for name, scale, spikes in CONDITIONS]
-                jobs += [pool.submit(sequence_job, kind, seq_len, seed) for kind in SEQUENCES
+                        for seed in range(seeds) for name, scale, spikes in conditions]
+                jobs += [pool.submit(sequence_job, kind, seq_len, seed) for kind in sequences
                          for seed in range(seeds)]
                 for future in as_completed(jobs):
                     done = future.result()
@@ -389,22 +439,23 @@ def main(argv=None) -> dict:
                             pilot_detection.setdefault(det, []).append(row)
                     print(f"  [{time.perf_counter() - started:6.0f}s] {name}, seed {done['seed']}: "
                           f"τ_rec = {tau['tau']:.4g} ({tau['ratio']:.2f}× clean median {tau['median']:.4g}, "
-                          f"{tau['spikes_left_out']} spikes left out)", flush=True)
+                          f"{tau['spikes_left_out']} spikes left out, {tau.get('burst_count')} bursts "
+                          f"of {tau.get('burst_steps_left_out')} steps)", flush=True)
         finally:
             server.stop()
 
     print(f"\nheld-out loss (mean ± sd over {seeds} seed(s), {steps} steps; lower is better)")
     arm_names = list(next(iter(results.values())))
-    print(f"{'arm':<18}" + "".join(f"{name:>22}" for name, _, _ in CONDITIONS))
+    print(f"{'arm':<18}" + "".join(f"{name:>22}" for name, _, _ in conditions))
     for arm in arm_names:
         cells = []
-        for name, _, _ in CONDITIONS:
+        for name, _, _ in conditions:
             m, s = mean_sd(results[name][arm])
             cells.append(f"{m:>14.3f} ± {s:<5.3f}")
         print(f"{arm:<18}" + "".join(cells))
     print()
     goals = {}
-    for name, _, spikes in CONDITIONS:
+    for name, _, spikes in conditions:
         arms = results[name]
         fixed = ["τ = 1.0"] + [f"{m:g}× median" for m in FIXED]
         best = min(fixed, key=lambda a: statistics.fmean(arms[a]))
@@ -423,6 +474,25 @@ def main(argv=None) -> dict:
             line += (f"; vs no clipping {none_m:.3f}: {none_m - rec_m:+.3f} better "
                      f"({'>' if better else 'NOT >'} 2 sd = {2 * gap_sd:.3f})")
         print(line)
+        # Issue 21's goal, in standard errors of the means: where the best fixed τ beats no
+        # clipping by more than 2 SE, τ_rec recovers >= 95% of that gain; elsewhere it is
+        # within 2 SE of the best.
+        n_seeds = len(arms["τ_rec"])
+        se = {a: statistics.stdev(arms[a]) / math.sqrt(n_seeds) if n_seeds > 1 else 0.0
+              for a in ("τ_rec", best, "no clip (pilot)")}
+        gain = none_m - best_m
+        gain_se = math.hypot(se["no clip (pilot)"], se[best])
+        if gain > 2 * gain_se and gain > 0:
+            recovered = (none_m - rec_m) / gain
+            ok = recovered >= 0.95
+            print(f"    gain of the best fixed τ over no clipping {gain:.3f} > 2 SE ({2 * gain_se:.3f}): "
+                  f"τ_rec recovers {100 * recovered:.1f}% of it ({'ok' if ok else 'MISS'}, goal >= 95%)")
+            goals[f"{name}: τ_rec recovers >= 95% of the gain"] = ok
+        else:
+            near_se = rec_m - best_m <= 2 * math.hypot(se["τ_rec"], se[best])
+            print(f"    no significant gain from clipping: τ_rec {rec_m - best_m:+.3f} from the best, "
+                  f"{'within' if near_se else 'NOT within'} 2 SE ({2 * math.hypot(se['τ_rec'], se[best]):.3f})")
+            goals[f"{name}: within 2 SE of best"] = near_se
         ratios = [t["ratio"] for t in taus[name]]
         per_seed = ", ".join(f"{t['tau']:.4g}" for t in taus[name])
         print(f"    τ_rec per seed: {per_seed} "
@@ -443,7 +513,7 @@ def main(argv=None) -> dict:
     print(f"\ndetectors on generated sequences ({seq_len} steps, 2% spikes of 10-100×, {seeds} seed(s); "
           "goal recall >= 0.95, false positives <= 0.5%)")
     print(f"{'sequence':<24}{'detector':<26}{'recall':>8}{'false pos.':>12}{'flags after shift':>19}")
-    for kind in SEQUENCES:
+    for kind in sequences:
         per = sequence_rows[kind]
         for det, rows in per.items():
             recall = statistics.fmean(r[0] for r in rows)
