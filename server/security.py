@@ -314,8 +314,9 @@ class ByteBudget:
     arrive (`BudgetHold.grow`, never from a declared Content-Length: a client that
     declares 32 MiB and sends one byte holds one byte) and holds them until its batch is
     stored; a chunk that does not fit waits. So that two half-read bodies can never
-    wait on each other, the oldest holder is always let through: the total stays
-    under `capacity` plus one body. `create_app` sizes it at 2x `max_body`. The
+    wait on each other, the oldest holder is always let through (one hold is charged at
+    most `capacity`), so the total stays under 2x `capacity`: the others only grow while
+    the sum fits. `create_app` sizes it at 2x `max_body`. The
     counters (`holders`, `waiting`, `peak_*`) are read by tests and `/healthz`, and
     `on_change` callbacks run (in the event loop) whenever they move.
     """

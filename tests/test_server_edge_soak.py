@@ -19,7 +19,7 @@ def test_edge_soak_short_answers_every_case_right(tmp_path):
     import json
 
     rows = json.loads(rows_file.read_text())
-    assert len(rows) == 8, result.stdout + result.stderr
+    assert len(rows) == 9, result.stdout + result.stderr
     wrong = [(row["case"], row["detail"], row["normal"]) for row in rows
              if not row["right"] or not row["normal"].startswith("yes")]
     assert wrong == [], result.stdout
