@@ -46,7 +46,7 @@ of aftermath) followed by a return never is.
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
@@ -192,6 +192,8 @@ class RobustRule:
         self.filled = 0   # values written since the last refill
         self.seen = 0     # finite values ever
         self._recent: deque[tuple[int, float, bool]] = deque(maxlen=self.shift_window)
+        self._recent_sorted: list[float] = []   # the recent window's raw values, sorted
+        self._newest_sorted: list[float] = []   # its newest half, sorted
         self._run = 0     # consecutive finite steps with the recent median above the bound
         self.transition: list[int] = []
         self.last_k: float | None = None
@@ -243,7 +245,16 @@ class RobustRule:
         if not flagged:
             self._write(value)
         recent = self._recent
+        half = self.shift_window // 2
+        if len(recent) == self.shift_window:
+            old = recent[0][1]
+            del self._recent_sorted[bisect_left(self._recent_sorted, old)]
+        if len(recent) >= half:
+            leaving = recent[-half][1]   # leaves the newest half as this value comes in
+            del self._newest_sorted[bisect_left(self._newest_sorted, leaving)]
         recent.append((self.seen, value, flagged))
+        insort(self._recent_sorted, value)
+        insort(self._newest_sorted, value)
         self.seen += 1
         if ready and self._recent_above(bound):
             self._run += 1
@@ -253,17 +264,17 @@ class RobustRule:
             self.transition = [position for position, _, was in recent if was and position != self.seen - 1]
             self._refill([raw for _, raw, _ in recent], k)
             self._recent = deque(((position, raw, False) for position, raw, _ in recent), maxlen=self.shift_window)
-            self._run = 0
+            self._run = 0   # (the sorted copies hold the same values: unchanged)
             return Verdict(score, False, True, ready)
         return Verdict(score, flagged, False, ready)
 
     def _recent_above(self, bound: float) -> bool:
         """More than half of the recent window, and of its newest half, above ``bound``."""
-        values = [raw for _, raw, _ in self._recent]
         half = self.shift_window // 2
-        above = sum(raw > bound for raw in values)
-        newest = sum(raw > bound for raw in values[-half:])
-        return above > half and newest > half // 2
+        above = len(self._recent_sorted) - bisect_right(self._recent_sorted, bound)
+        if above <= half:
+            return False
+        return len(self._newest_sorted) - bisect_right(self._newest_sorted, bound) > half // 2
 
     def _nonfinite(self, value: float) -> Verdict:
         if value != value:
