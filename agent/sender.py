@@ -2,14 +2,16 @@
 
 One background thread owns the WebSocket and the spool's read side
 (OpenTelemetry's BatchSpanProcessor worker, with a transport that can be
-away). Each loop it (1) starts a connection attempt when due (`Backoff`; the
-attempt runs in a `Connector` helper thread, so a server slow to answer
-never stops the draining), (2) reads acknowledgements into the
-`InflightWindow`, (3) takes records from the buffer and closes a columnar
-batch every `batch_steps` records, `max_batch_bytes` encoded bytes or
-`batch_interval` seconds (`encoding`), (4) sends: live while connected with
-nothing spooled, otherwise the batch is appended to the spool and the spool
-is replayed in order, and (5) fsyncs the spool at most every 500 ms.
+away). Each loop it (1) starts a connection attempt when due (`link.Link`, the
+connection's state machine; the attempt runs in a `Connector` helper thread, so
+a server slow to answer never stops the draining), (2) reads acknowledgements
+into the `InflightWindow`, (3) takes records from the buffer and closes a
+columnar batch every `batch_steps` records, `max_batch_bytes` encoded bytes or
+`batch_interval` seconds (`batching.Batcher`), (4) sends: live while connected
+with nothing spooled, otherwise the batch is appended to the spool and the
+spool is replayed in order (`routing.Router`), (5) fsyncs the spool at most
+every 500 ms, and (6) settles the waiting flush (`flushing.FlushLedger`).
+This module is the loop and the lifecycle; each part is unit-tested alone.
 
 At-least-once: every message carries a sequence number and stays in the
 window until acknowledged; on a lost connection, in-flight live batches are
@@ -40,18 +42,19 @@ import warnings
 from dataclasses import replace
 from typing import Callable, Sequence
 
+from .batching import Batcher
 from .buffer import RecordBuffer
 from .connection import Backoff, Connector
 from .drops import DropLedger
+from .encoding import DEFAULT_BATCH_BYTES, encode_batches, encode_chunk, layout_runs
 from .flushing import FlushLedger, FlushRequest
 from .link import FLUSH_RETRY, Link, LinkState
-from .encoding import DEFAULT_BATCH_BYTES, encode_batches, encode_chunk, encode_within, layout_runs
 from .recorder import StepRecord
-from .spool import Position, Spool, SpoolBusy
+from .routing import Router
+from .spool import Spool, SpoolBusy
 from .stats import FlushResult, Stats
 from .transport import Refused, Stalled, TransportError, WebSocketTransport
-from .wire import drop_event, encode_message, encode_payload, split_payload
-from .window import Inflight, InflightWindow
+from .window import InflightWindow
 
 __all__ = ["DEFAULT_BATCH_BYTES", "FLUSH_RETRY", "FlushResult", "Sender", "Stats", "encode_batches", "encode_chunk",
            "layout_runs"]
@@ -80,34 +83,27 @@ class Sender:
                  backoff_cap: float = 30.0, max_batch_bytes: int = DEFAULT_BATCH_BYTES,
                  complete: Callable[[Sequence[StepRecord]], list[StepRecord]] | None = None):
         self.run = run
-        self.complete = complete  # the host half of a lean step (agent/host.py), before encoding
         self.buffer = buffer
-        self.spool = spool
         self.transport = transport
         self.batch_steps = batch_steps
         self.batch_interval = batch_interval
-        self.max_batch_bytes = int(max_batch_bytes)  # shrinks when the server says 1009
         self.stats = Stats()
-        self.meta: dict | None = None
+        self.ledger = FlushLedger()  # records taken and held; the flush waiting on them
+        self._cond = self.ledger.cond  # (the counts in `stats` change under it too)
         self.last_step = -1
         self.window = InflightWindow(max_inflight)
         self.backoff = Backoff(backoff_base, backoff_cap)
         self.link = Link(self.backoff, offline=transport is None)  # when to connect (agent/link.py)
         self.connector = Connector(transport, self.buffer.wake.set) if transport is not None else None
-        self._meta_acked = False
-        self._meta_version = 0
-        self._meta_spooled = -1
         self.drops = DropLedger()
-        self._open: list[StepRecord] = []
-        self._open_since = 0.0
-        self._rejected_seqs: set[int] = set()  # messages the server refused for good
-        # Spool frames never to send again (set aside as too big, or written again cut smaller).
-        self._skip_frames: set[Position] = set()
+        self.router = Router(run, spool, transport, self.window, stats=self.stats, drops=self.drops,
+                             ledger=self.ledger, max_batch_bytes=max_batch_bytes, count_drop=self.count_drop,
+                             transport_failed=self._transport_failed, warn=self._warn_once)
+        self.batcher = Batcher(run, buffer, self.ledger, batch_steps=batch_steps, batch_interval=batch_interval,
+                               budget=lambda: self.router.max_batch_bytes, drop=self._count_held_drop,
+                               warn=self._warn_once, complete=complete)
         self._suspects = 0  # connections lost without a close code, a message bigger than any acked in flight
-        self._cursor: Position | None = None
         self._warned: set[str] = set()
-        self.ledger = FlushLedger()  # records taken and held; the flush waiting on them
-        self._cond = self.ledger.cond  # (the counts in `stats` change under it too)
         self._stop = threading.Event()
         self._stop_deadline = float("inf")
         self._thread: threading.Thread | None = None
@@ -118,10 +114,29 @@ class Sender:
         self._thread.start()
 
     def set_meta(self, meta: dict) -> None:
-        self.meta = meta
-        self._meta_acked = False
-        self._meta_version += 1
+        self.router.set_meta(meta)
         self.buffer.wake.set()
+
+    # The routing part's state, as the sender's (agent/routing.py owns it).
+    @property
+    def spool(self) -> Spool | None:
+        return self.router.spool
+
+    @spool.setter
+    def spool(self, spool: Spool | None) -> None:
+        self.router.spool = spool
+
+    @property
+    def meta(self) -> dict | None:
+        return self.router.meta
+
+    @property
+    def max_batch_bytes(self) -> int:
+        return self.router.max_batch_bytes
+
+    @max_batch_bytes.setter
+    def max_batch_bytes(self, size: int) -> None:
+        self.router.max_batch_bytes = int(size)
 
     def report_drops(self, dropped: dict[str, int]) -> None:
         """Drops counted by an earlier process (a spool's drops.json), to report as an event."""
@@ -153,7 +168,7 @@ class Sender:
         """Connected, and the spool, the in-flight window, the metadata and the drop
         counts are all acknowledged (what `gradwatch push` waits for)."""
         return (self.stats.connected and not self.window and self._idle()
-                and (self._meta_acked or self.meta is None) and not self.drops.unreported())
+                and (self.router.meta_acked or self.meta is None) and not self.drops.unreported())
 
     def count_drop(self, reason: str, steps: int = 1) -> None:
         self.drops.count(reason, steps)
@@ -227,7 +242,7 @@ class Sender:
         stopping = self._stop.is_set()
         flushing = self.ledger.request is not None
         self._collect(force=stopping or flushing)
-        self._pump()
+        self.router.pump(self.last_step)
         self._check_stalled()
         if self.spool is not None:
             if flushing or stopping:
@@ -267,7 +282,7 @@ class Sender:
             self.link.connected()
             self.stats.connected = True
             self.stats.unreachable = False
-            self._cursor = self.spool.acked if self.spool is not None else None
+            self.router.cursor = self.spool.acked if self.spool is not None else None
             log.info("gradwatch: connected to %s", transport.url)
             return
         now = time.monotonic()
@@ -308,8 +323,8 @@ class Sender:
             too_big = self._suspects >= 2
         if too_big:
             self._suspects = 0
-            self._message_too_big()
-        self._lost_connection()
+            self.router.message_too_big()
+        self.router.lost_connection()
         if too_big or suspect:  # the server is likely there: try again soon (a failed connect backs off)
             self.link.lost(time.monotonic(), soon=True)
             if too_big:
@@ -326,7 +341,7 @@ class Sender:
         self.link.refused(reason)
         self.stats.refused = reason
         self.stats.connected = False
-        self._lost_connection()
+        self.router.lost_connection()
         self._warn_once("refused", f"gradwatch: {reason}. Not retrying; records stay in the spool "
                                    f"({self.spool.directory if self.spool else 'no spool'}); "
                                    f"send them with: {self.push_command()}")
@@ -340,39 +355,6 @@ class Sender:
         oldest = self.window.oldest_unacked_sent_at()
         if oldest is not None and time.monotonic() - oldest > transport.send_timeout:
             self._transport_failed(Stalled(f"no answer within {transport.send_timeout:g} s"))
-
-    def _message_too_big(self) -> None:
-        """The server closed with 1009. The culprit is unacknowledged, and no message is bigger
-        than the largest unacknowledged one: halve the budget below it (it is cut again when
-        sent again), or, when it cannot be cut (one step, metadata), set it aside."""
-        found = self.window.culprit()
-        if found is None:
-            return
-        seq, item = found
-        self.max_batch_bytes = max(1, min(self.max_batch_bytes, item.size // 2))
-        if item.kind in ("live", "spool") and item.steps > 1:
-            return
-        self.window.remove(seq)
-        if item.kind == "live":
-            self.ledger.settled(item.steps)
-        where = f"{self.spool.directory}/rejected.gws" if self.spool is not None else "nowhere (no spool)"
-        if item.kind in ("live", "spool"):
-            self._warn_once("too-big", f"gradwatch: one step of run {self.run!r} is {item.size} bytes, over "
-                                       f"the server's message limit (gradwatch serve --max-body); it is kept "
-                                       f"in {where} and not retried")
-            if self.spool is not None and item.payload:
-                self.spool.reject(item.payload, item.steps)
-            if item.kind == "spool" and item.end is not None:
-                self._skip_frames.add(item.end)
-            self.count_drop("too_big", item.steps)
-        elif item.kind == "meta":
-            self._warn_once("meta-too-big", f"gradwatch: the run metadata of {self.run!r} is {item.size} "
-                                             f"bytes, over the server's message limit; it is not sent")
-            self._meta_acked = True
-        elif item.kind == "events" and item.drops:
-            self._warn_once("events-too-big", "gradwatch: the drop report is over the server's message "
-                                              "limit; it is not sent")
-            self.drops.reported(item.drops)
 
     def _warn_once(self, key: str, message: str) -> None:
         """Say it once, as a RuntimeWarning (printed once; filtered and captured as Python's
@@ -392,7 +374,8 @@ class Sender:
             try:
                 message = transport.recv(timeout)
                 while message is not None:
-                    self._on_message(message)
+                    if self.router.on_message(message) == "ack":
+                        self._suspects = 0
                     message = transport.recv(0) if self.window else None
             except (Refused, TransportError) as error:
                 self._transport_failed(error)
@@ -406,280 +389,37 @@ class Sender:
     def _wait_time(self) -> float:
         """How long the loop may sleep (an ack, a full batch or a connection wakes it sooner)."""
         hurry = self.ledger.request is not None or self._stop.is_set()
-        if len(self.buffer) >= self.batch_steps or (hurry and (len(self.buffer) or self._open)):
+        if len(self.buffer) >= self.batch_steps or (hurry and (len(self.buffer) or self.batcher.open)):
             return 0.0
-        transport = self.transport
-        connected = transport is not None and transport.connected
-        spool = self.spool
-        if (connected and not self.window.full and spool is not None and spool.pending()
-                and (self._cursor is None or self._cursor < spool.end())):
+        if self.router.replay_ready():
             return 0.0  # the spool's replay can go on now
         if self._stop.is_set():
             return 0.02
         now = time.monotonic()
         waits = [0.1]
-        if self._open:
-            waits.append(self._open_since + self.batch_interval - now)
+        if self.batcher.open:
+            waits.append(self.batcher.open_since + self.batch_interval - now)
         elif len(self.buffer):
             waits.append(self.batch_interval)
         if self.link.state is LinkState.DOWN and not self.connector.busy:  # an attempt wakes us when done
             waits.append(self.link.next_attempt(flushing=self.ledger.request is not None) - now)
         return max(0.0, min(waits))
 
-    def _on_message(self, message: dict) -> None:
-        kind = message.get("type")
-        seq = message.get("seq")
-        item = self.window.get(seq) if isinstance(seq, int) else None
-        if item is None:
-            return
-        if kind == "ack":
-            accepted, duplicates, conflicts = (int(message.get(name, 0) or 0)
-                                               for name in ("accepted", "duplicates", "conflicts"))
-            self.stats.accepted += accepted
-            self.stats.duplicates += duplicates
-            self.stats.conflicts += conflicts
-            if conflicts:
-                self._warn_once("conflicts", f"gradwatch: the server reported {conflicts} conflicting "
-                                             f"step(s) in run {self.run!r} (same step, other values)")
-            self._suspects = 0
-            resolved = self.window.ack(seq)
-        elif kind == "error":
-            status = int(message.get("status", 0) or 0)
-            if not 400 <= status < 500:
-                raise TransportError(f"server error {status}: {message.get('detail')}")
-            self._warn_once(f"error-{status}", f"gradwatch: the server refused a batch of run {self.run!r} "
-                                               f"(HTTP {status}: {message.get('detail')}); it is kept in "
-                                               f"{self.spool.directory if self.spool else 'no spool'}"
-                                               f"/rejected.gws and not retried")
-            if self.spool is not None and item.payload:
-                self.spool.reject(item.payload, item.steps)
-            self._rejected_seqs.add(seq)
-            resolved = self.window.settle(seq)
-        else:
-            return
-        for done_seq, done in resolved:
-            self._resolved(done_seq, done)
-
-    def _resolved(self, seq: int, item: Inflight) -> None:
-        """An item leaves the window in order: count it, move the spool's position forward."""
-        refused = seq in self._rejected_seqs
-        self._rejected_seqs.discard(seq)
-        if item.kind in ("live", "spool"):
-            with self._cond:
-                if refused:
-                    self.stats.rejected += item.steps
-                else:
-                    self.stats.acked += item.steps
-                if item.kind == "live":
-                    self.ledger.held -= item.steps
-        if item.kind == "spool" and item.end is not None and self.spool is not None:
-            self.spool.ack(item.end)
-        elif item.kind == "meta":
-            self._meta_acked = self._meta_acked or item.steps == self._meta_version
-        elif item.kind == "events" and item.drops:
-            self.drops.reported(item.drops)
-
-    def _lost_connection(self) -> None:
-        """Move in-flight live batches to the spool; spooled ones are read again later."""
-        if self.transport is not None:
-            self.transport.close()
-        self.stats.connected = False
-        for item, acked in self.window.drain():
-            if item.kind != "live":
-                continue
-            if acked:
-                with self._cond:
-                    self.stats.acked += item.steps
-                    self.ledger.held -= item.steps
-            else:
-                self._to_spool(item.payload, item.steps, live=True)
-        self._rejected_seqs.clear()
-        self._cursor = None
-
     # -- batching and sending ---------------------------------------------
     def _collect(self, force: bool) -> None:
-        while True:
-            room = self.batch_steps - len(self._open)
-            if room > 0 and len(self.buffer) > room:
-                # Behind (the buffer holds more than a batch): take it all at once. Fewer, larger
-                # batches cost far less per record (encoding, checksums, writes), which is how the
-                # sender catches up with a fast training loop that shares the GIL with it.
-                room = len(self.buffer)
-            taken = self.buffer.take(room)
-            if taken:
-                if not self._open:
-                    self._open_since = time.monotonic()
-                self.ledger.took(len(taken))
-                self._open.extend(taken if self.complete is None else self._completed(taken))
-            full = len(self._open) >= self.batch_steps
-            due = self._open and (force or time.monotonic() - self._open_since >= self.batch_interval)
-            if full or due:
-                records, self._open = self._open, []
-                self.last_step = records[-1].step
-                if self._spool_full_and_offline():
-                    self._count_held_drop("spool_full", len(records))  # no need to encode what cannot be kept
-                else:
-                    for chunk in layout_runs(records):
-                        for payload, steps in self._encode(chunk):
-                            self._route(payload, steps)
-            if not taken or not (full or force):
-                return
-
-    def _completed(self, records: list[StepRecord]) -> list[StepRecord]:
-        """The records completed by the host stage (agent/host.py), which leaves out records
-        that cannot be read; those (all, should the stage fail) are dropped, counted as
-        `encode_error` with one warning: never sent half-made."""
-        try:
-            done = self.complete(records)
-            error: Exception | None = None
-        except Exception as failure:
-            done, error = [], failure
-        lost = len(records) - len(done)
-        if lost:
-            why = f" ({error!r})" if error is not None else ""
-            self._warn_once("encode", f"gradwatch: cannot encode {lost} step record(s) of run {self.run!r}"
-                                      f"{why}; they are dropped (counted as encode_error)")
-            self._count_held_drop("encode_error", lost)
-        return done
+        """Batches that close now (agent/batching.py) go live or to the spool."""
+        for records in self.batcher.collect(force):
+            self.last_step = records[-1].step
+            if self.router.spool_full_and_offline():
+                self._count_held_drop("spool_full", len(records))  # no need to encode what cannot be kept
+                continue
+            for chunk in layout_runs(records):
+                for payload, steps in self.batcher.encode(chunk):
+                    self.router.route(payload, steps)
 
     def _count_held_drop(self, reason: str, steps: int) -> None:
         self.ledger.settled(steps)
         self.count_drop(reason, steps)
-
-    def _encode(self, records: Sequence[StepRecord]) -> list[tuple[bytes, int]]:
-        """Records of one layout -> payloads within the byte budget. A record that cannot be
-        encoded is dropped (counted as `encode_error`, one warning); the others still go."""
-        try:
-            return encode_within(self.run, records, self.max_batch_bytes)
-        except Exception as error:
-            good = [record for record in records if self._encodable(record)]
-            if len(good) == len(records):  # no record is to blame: the batch cannot go
-                good = []
-            self._warn_once("encode", f"gradwatch: cannot encode step records of run {self.run!r} "
-                                      f"({error!r}); they are dropped (counted as encode_error)")
-            self._count_held_drop("encode_error", len(records) - len(good))
-        if not good:
-            return []
-        try:
-            return encode_within(self.run, good, self.max_batch_bytes)
-        except Exception:
-            self._count_held_drop("encode_error", len(good))
-            return []
-
-    def _encodable(self, record: StepRecord) -> bool:
-        try:
-            encode_chunk(self.run, [record])
-            return True
-        except Exception:
-            return False
-
-    def _spool_full_and_offline(self) -> bool:
-        return (self.spool is not None and self.spool.full
-                and (self.transport is None or not self.transport.connected))
-
-    def _fits(self, payload: bytes) -> bool:
-        return len(payload) + 64 <= self.max_batch_bytes  # 64: the message's own fields
-
-    def _route(self, payload: bytes, steps: int) -> None:
-        """Records taken from the buffer (held in the ledger) go live or to the spool."""
-        parts = [(payload, steps)] if self._fits(payload) else split_payload(payload, self.max_batch_bytes - 64)
-        for part, count in parts:
-            transport = self.transport
-            live = (transport is not None and transport.connected and not self.window.full
-                    and (self.spool is None or not self.spool.pending()))
-            if live:
-                try:
-                    self._send("live", part, count)
-                    continue
-                except (Refused, TransportError) as error:
-                    self._transport_failed(error)  # the part was in flight: now in the spool
-                    continue
-            self._to_spool(part, count, live=True)
-
-    def _to_spool(self, payload: bytes, steps: int, *, live: bool = False) -> bool:
-        """Append to the spool; a drop is counted when that fails. `live=True` for records
-        held in memory until now (they leave `pending`); False for steps already in the spool
-        (a spooled batch written again, cut smaller)."""
-        if live:
-            self.ledger.settled(steps)
-        if self.spool is None:
-            self.count_drop("spool_unavailable", steps)
-            return False
-        try:
-            written = self.spool.append(payload, steps)
-        except SpoolBusy as error:
-            self._warn_once("busy", f"gradwatch: {error}; records are dropped")
-            self.spool = None
-            written = False
-        except OSError as error:
-            self._warn_once("spool-io", f"gradwatch: cannot write the spool: {error}; records are dropped")
-            written = False
-        if written:
-            if live:
-                self.stats.spooled_total += steps
-            self._write_meta_file()
-        else:
-            reason = "spool_full" if self.spool is not None else "spool_unavailable"
-            self.count_drop(reason, steps)
-        return bool(written)
-
-    def _write_meta_file(self) -> None:
-        if self.spool is not None and self._meta_spooled != self._meta_version and self.meta is not None:
-            self._meta_spooled = self._meta_version
-            self.spool.write_json("meta.json", {"run": self.run, "meta": self.meta})
-
-    def _send(self, kind: str, payload: bytes, steps: int, end: Position | None = None,
-              meta: dict | None = None, drops: dict | None = None) -> None:
-        seq = self.window.next_seq
-        text = encode_message(seq, payload if payload else encode_payload(self.run), meta)
-        size = len(text) if isinstance(text, bytes) or text.isascii() else len(text.encode("utf-8"))
-        self.window.add(Inflight(kind, payload, steps, end, drops, size, time.monotonic()))
-        self.transport.send(text)
-        if kind in ("live", "spool"):
-            self.stats.sent += steps
-
-    def _frame_done(self, end: Position) -> None:
-        """A spool frame that needs no ack (bad bytes, set aside, or written again cut smaller):
-        acknowledged now, or in order after the frames in flight before it."""
-        for seq, item in self.window.add_done(Inflight("spool", b"", 0, end)):
-            self._resolved(seq, item)
-
-    def _pump(self) -> None:
-        transport = self.transport
-        if transport is None or not transport.connected:
-            return
-        try:
-            if self.meta is not None and not self._meta_acked and not self.window.has_kind("meta"):
-                self._send("meta", b"", self._meta_version, meta=self.meta)
-            drops = self.drops.unreported()
-            if drops and not self.window.has_kind("events"):
-                payload = encode_payload(self.run, events=[drop_event(max(self.last_step, 0), drops)])
-                self._send("events", payload, 0, drops=drops)
-            spool = self.spool
-            if spool is None:
-                return
-            while not self.window.full and spool.pending():
-                if self._cursor is None or self._cursor < spool.acked:
-                    self._cursor = spool.acked
-                frames = spool.read(self._cursor, self.window.room)
-                if not frames:
-                    break
-                for frame in frames:
-                    self._cursor = frame.end
-                    if not frame.payload or frame.end in self._skip_frames:
-                        self._frame_done(frame.end)  # bad bytes, or a step set aside as too big
-                    elif self._fits(frame.payload) or frame.steps <= 1:
-                        self._send("spool", frame.payload, frame.steps, end=frame.end)
-                    else:
-                        # Over the byte budget: write it again cut smaller, at the spool's end.
-                        for part, count in split_payload(frame.payload, self.max_batch_bytes - 64):
-                            self._to_spool(part, count)
-                        self._skip_frames.add(frame.end)
-                        self._frame_done(frame.end)
-                if self._cursor >= spool.end():
-                    break
-        except (Refused, TransportError) as error:
-            self._transport_failed(error)
 
     def _sync_spool(self) -> None:
         if self.spool is None:
@@ -692,12 +432,12 @@ class Sender:
     # -- flush bookkeeping ---------------------------------------------------
     def _idle(self) -> bool:
         spool_pending = self.spool is not None and self.spool.pending()
-        return not len(self.buffer) and not self._open and not self.window and not spool_pending
+        return not len(self.buffer) and not self.batcher.open and not self.window and not spool_pending
 
     def _check_flushed(self) -> None:
         """The flush waiting is done when what it waits for is delivered or durable
         (agent/flushing.py); the spool was synced in this round before this check."""
-        if self.ledger.due(waiting=len(self.buffer) + len(self._open), idle=self._idle(),
+        if self.ledger.due(waiting=len(self.buffer) + len(self.batcher.open), idle=self._idle(),
                            spool_is_destination=(self.transport is None or self.stats.refused is not None
                                                  or self.spool is None),
                            live_in_flight=self.window.has_kind("live"),
@@ -711,7 +451,7 @@ class Sender:
             self.drops.fold()
             self._collect(force=True)
             if self.window:
-                self._lost_connection()
+                self.router.lost_connection()
             if self.transport is not None:
                 self.transport.close()
             self.stats.connected = False
@@ -720,7 +460,7 @@ class Sender:
                 if unreported and (self.spool.exists() or self.stats.refused):
                     self.spool.write_json("drops.json", unreported)
                 if self.spool.exists():
-                    self._write_meta_file()
+                    self.router.write_meta_file()
                 self.spool.close()
         except Exception:
             log.exception("gradwatch: error while shutting the sender down")
