@@ -144,9 +144,12 @@ def test_300_tensor_run_is_a_heatmap_of_blocks_that_expand_into_modules(page, se
     assert heat["rows"] == list(expected)  # 36 rows for 300 tensors: embed, 33 blocks, norm, head
     for row, name in enumerate(heat["rows"]):
         np.testing.assert_allclose(heat["z"][row], np.log10(expected[name]), rtol=1e-5, atol=1e-6)
-    # Which groups spike most often: the block whose layernorm spiked, and only it.
+    # Which groups spike most often: the block whose layernorm spiked, at the top (bars are drawn
+    # bottom-up), at every spike; the adaptive rule may flag a noise step in another group
+    # (its false-positive budget), never as often.
     bars = page.evaluate("document.getElementById('group-spikes').data[0]")
-    assert bars["y"] == ["model.layers.5"] and bars["x"] == [len(LLAMA_SPIKES)]
+    assert bars["y"][-1] == "model.layers.5" and bars["x"][-1] == len(LLAMA_SPIKES)
+    assert all(count < len(LLAMA_SPIKES) for count in bars["x"][:-1]), bars
     # Expand one block: its modules appear under it; collapse: gone again.
     page.click("#group-chips button[data-group='model.layers.5']")
     wait_until(page, "document.getElementById('heatmap').data[0].meta.rows.includes('model.layers.5.mlp')",
