@@ -294,7 +294,7 @@ def _alternate(loops: dict, rounds: int, steps: int) -> dict[str, list[float]]:
     """Seconds per step of each loop, `rounds` times `steps` steps, the loops in turn (the
     order turned each round), after a warm-up."""
     for loop in loops.values():
-        loop.run(200)
+        loop.run(max(10, min(200, 2 * steps)))
     times: dict[str, list[float]] = {name: [] for name in loops}
     names = list(loops)
     for index in range(rounds):
@@ -379,7 +379,7 @@ class UpdateLoop:
         pass
 
 
-def update_loop(url: str, folder: Path, optimizer: str = "adamw", rounds: int = 15, steps: int = 20) -> dict:
+def update_loop(url: str, folder: Path, optimizer: str = "adamw", rounds: int = 40, steps: int = 5) -> dict:
     watch = GradWatch("bench-update", url=url, clipper=GlobalNorm(1.0), spool_dir=folder / "spool-update",
                       handle_signals=False)
     loops = {how: UpdateLoop(how, optimizer, watch) for how in ("bare", "watch")}
