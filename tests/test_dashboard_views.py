@@ -16,6 +16,7 @@ from tests.test_dashboard import browser, page  # noqa: F401  (fixtures)
 from tests.test_dashboard_support import post_steps, wait_until
 
 ZOOM_RUN = "zoom-run"
+LONG_NAME = "demo-20261206-220649-a-rather-long-experiment-name"
 SPIKE = 1810
 
 
@@ -34,6 +35,7 @@ def server(tmp_path_factory):
         norms[SPIKE] = 60.0
         post_steps(process.url, ZOOM_RUN, {"step": list(range(2000)), "pre_norm": norms.tolist(),
                                            "loss": (3.0 * np.exp(-np.arange(2000) / 700) + 0.4).tolist()})
+        post_steps(process.url, LONG_NAME, {"step": list(range(50)), "pre_norm": [1.0] * 50})
         for count in (20, 300):
             tensor = np.exp(rng.normal(0.0, 0.1, (120, count)))
             post_steps(process.url, f"tensors-{count}", {
@@ -166,3 +168,21 @@ def test_round_ticks_on_every_linear_axis_and_overlay_colours_apart_from_the_fla
     for overlay in colours["overlays"]:
         nearest = min(np.linalg.norm(rgb(overlay) - rgb(flag)) for flag in colours["flags"])
         assert nearest >= 60, (overlay, nearest)  # an overlaid run never reads as a flag
+
+
+def test_histogram_labels_do_not_collide_and_long_run_names_are_ellipsised(page, server):  # noqa: F811
+    open_run(page, server, ZOOM_RUN)
+    wait_until(page, "window.gradwatch.renders.histogram > 0 && "
+                     "document.querySelectorAll('#histogram .annotation').length >= 3", what="the histogram labels")
+    boxes = page.evaluate("""[...document.querySelectorAll('#histogram .annotation')].map((a) => {
+        const r = a.getBoundingClientRect(); return {l: r.left, r: r.right, t: r.top, b: r.bottom, text: a.textContent}; })""")
+    for i, one in enumerate(boxes):
+        for other in boxes[i + 1:]:
+            apart = one["r"] <= other["l"] or other["r"] <= one["l"] or one["b"] <= other["t"] or other["b"] <= one["t"]
+            assert apart, (one, other)
+    wait_until(page, f"document.querySelector('#run-rows a[title=\"{LONG_NAME}\"]') !== null", what="the long name")
+    cut = page.evaluate(f"""(() => {{ const a = document.querySelector('#run-rows a[title="{LONG_NAME}"]');
+        return {{text: a.textContent, scroll: a.scrollWidth, client: a.clientWidth,
+                 lines: Math.round(a.getBoundingClientRect().height / parseFloat(getComputedStyle(a).lineHeight || 16))}}; }})()""")
+    assert cut["text"] == LONG_NAME and cut["scroll"] > cut["client"]  # one line, ellipsised; whole on hover
+    assert page.evaluate("getComputedStyle(document.querySelector('#run-rows td.name a')).textOverflow") == "ellipsis"
