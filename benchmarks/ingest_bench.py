@@ -30,6 +30,9 @@ checked through the API afterwards.
   working tree through PYTHONPATH) measured with JSON, alternately with the working tree's;
   it is the baseline. An encoding the commit does not know is measured only here.
 
+With one worker each configuration also reports the server process's CPU time per batch
+(/proc user + system: steadier than wall-clock rates on a loaded machine).
+
 Configurations are measured in turn within each repeat (so drift hits all alike), in
 reverse order every other repeat; the first is the baseline every ratio is against. The
 machine is shared and noisy: `--repeat 5` reports the median of five runs of each.
@@ -160,6 +163,7 @@ class Config:
     tree: Tree = field(default_factory=lambda: Tree("working tree"))
     times: list[float] = field(default_factory=list)
     spreads: list[list[int]] = field(default_factory=list)  # writers per worker, each run
+    cpu: list[float] = field(default_factory=list)  # server CPU seconds per batch, each run (1 worker)
 
     @property
     def label(self) -> str:
@@ -284,9 +288,11 @@ def run_once(config: Config, bodies: list[bytes], writers: int, steps_each: int,
                 ready.wait()
             except threading.BrokenBarrierError:
                 pass
+            cpu_before = process_cpu(server.process.pid)
             started = time.perf_counter()
             for thread in threads:
                 thread.join()
+            cpu = process_cpu(server.process.pid) - cpu_before
             for connection in connections:
                 connection.close()
             if errors:
@@ -300,9 +306,21 @@ def run_once(config: Config, bodies: list[bytes], writers: int, steps_each: int,
                     api_json(server.port, "DELETE", f"/api/runs/{run}")
                     api_json(server.port, "DELETE", f"/api/runs/warmup-{run}")
     config.times.append(elapsed)
+    if config.workers == 1:
+        config.cpu.append(cpu / (len(bodies) * writers))
     if pids:
         config.spreads.append(spread)
     return elapsed
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used (Linux /proc): what a batch costs the
+    server, steadier than wall-clock time on a loaded machine."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _Stop:
@@ -420,6 +438,12 @@ def report(configs: list[Config], total: int, batch: int, bodies: list[bytes], w
                 line += f", {ratio:.2f}x {one.label}"
         if config.spreads:
             line += f"  (writers per worker: {', '.join(map(str, config.spreads))})"
+        if config.cpu:
+            cpu_ms = median(config.cpu) * 1000
+            figures[f"{key}_server_cpu_ms_per_batch"] = round(cpu_ms, 2)
+            line += f"  server CPU {cpu_ms:.2f} ms/batch"
+            if config is not base and base.cpu:
+                line += f" ({median(base.cpu) / median(config.cpu):.2f}x the baseline's speed per CPU second)"
         print(line)
     return figures
 
