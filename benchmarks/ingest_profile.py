@@ -1,16 +1,24 @@
 """Where an ingest batch's time goes on the storage side, and main against an older commit over HTTP.
 
-    python benchmarks/ingest_profile.py [--steps N] [--batch B] [--profile] [--top K]
+    python benchmarks/ingest_profile.py [--steps N] [--batch B] [--against-path DIR] [--repeat R]
+    python benchmarks/ingest_profile.py --profile [--top K]
     python benchmarks/ingest_profile.py --http --against-path DIR [--path DIR2] [--repeat R]
 
-- default: the 11-column 2,000-step batches of `benchmarks/ingest_bench.py`, parsed once
-  (`server/parse.py`, outside the timing), then stored one after another through
-  `Store.ingest` into a fresh SQLite file in this process: ms per batch and steps/s of the
-  storage side alone; `--profile` runs it under cProfile and prints the `--top` functions
-  by cumulative and by own time.
-- `--http --against-path DIR`: DIR is a folder holding an importable `gradwatch` package of
-  another commit (e.g. a `git worktree` of the release 3c20f55 with `gradwatch/server ->
-  worktree/server` links); a fresh server of that commit (`PYTHONPATH=DIR`) and of the
+DIR: a folder holding an importable `gradwatch` package of another commit, e.g. for the
+release: `git worktree add /tmp/rel 3c20f55; mkdir -p /tmp/relpkg/gradwatch; touch
+/tmp/relpkg/gradwatch/__init__.py; for d in clip agent server dashboard; do ln -s /tmp/rel/$d
+/tmp/relpkg/gradwatch/$d; done` and `--against-path /tmp/relpkg`.
+
+- default: the storage side alone: the 11-column 2,000-step batches of
+  `benchmarks/ingest_bench.py` as validated batches (built here, not by the server's
+  decoder, so any commit's store takes them), stored one after another through
+  `Store.ingest` into a fresh SQLite file, in a fresh process per run: CPU of the ingesting
+  thread per batch (what the store costs, steady on a loaded machine), of the whole process
+  (with the WAL checkpointer thread) and wall time; with `--against-path`, that commit
+  alternating with the working tree, `--repeat` runs each, medians and ratios.
+  `--profile`: the working tree under cProfile, the `--top` functions by cumulative and
+  by own time.
+- `--http --against-path DIR`: a fresh server of that commit (`PYTHONPATH=DIR`) and of the
   working tree are started in turn, `--repeat` times, alternating, each posting the same
   bodies on one keep-alive connection; prints each one's median steps/s, the server's CPU
   per batch (all its threads, from /proc) and the ratios. `--path DIR2` measures another
@@ -21,12 +29,16 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -35,41 +47,126 @@ if str(ROOT) not in sys.path:
 from benchmarks.ingest_bench import WARMUP_BATCHES, make_batches, post_all  # noqa: E402
 
 
-def storage_side(steps: int, batch: int, profile: bool, top: int) -> dict:
-    from gradwatch.server.wire.json_decode import load_batch
-    from gradwatch.server.storage.engine import make_engine
-    from gradwatch.server.storage.migrate import create_schema
-    from gradwatch.server.storage.store import Store
+STORAGE_RUN = r"""
+import json, sys, tempfile, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from benchmarks.ingest_profile import plain_batches
+try:                                   # the storage package (2026-11-30 on)
+    from gradwatch.server.storage import Store, create_schema, make_engine
+except ImportError:                    # the release 3c20f55: server/db.py and server/storage.py
+    from gradwatch.server.db import create_schema, make_engine
+    from gradwatch.server.storage import Store
+batches = plain_batches(int(sys.argv[2]), int(sys.argv[3]))
+with tempfile.TemporaryDirectory() as folder:
+    engine = make_engine(f"sqlite:///{Path(folder) / 'profile.db'}")
+    create_schema(engine)
+    store = Store(engine)
+    for item in batches[:2]:
+        store.ingest("warmup", item)
+    thread = []
+    process, wall = time.process_time(), time.perf_counter()
+    for item in batches:
+        started = time.thread_time()
+        store.ingest("run", item)
+        thread.append(time.thread_time() - started)
+    wall = time.perf_counter() - wall
+    time.sleep(0.3)                   # the WAL checkpointer thread finishes its last checkpoint
+    process = time.process_time() - process
+    engine.dispose()
+print(json.dumps({"thread": thread, "process": process, "wall": wall}))
+"""
 
-    bodies = make_batches(steps, batch)
-    batches = [load_batch(body) for body in bodies]
+
+def plain_batches(steps: int, batch: int) -> list:
+    """The benchmark's bodies as validated batches (float64 columns, bools 0/1), built without
+    the server's decoder, so that any commit's store takes them."""
+    from dataclasses import dataclass
+
+    import numpy as np
+    import orjson
+
+    @dataclass
+    class Column:
+        values: np.ndarray
+        missing: np.ndarray | None = None
+        raw: list | None = None
+
+    @dataclass
+    class Batch:
+        steps: np.ndarray
+        columns: dict
+        tensor_names: list | None = None
+        tensor_norms: np.ndarray | None = None
+
+        def __len__(self) -> int:
+            return len(self.steps)
+
+    out = []
+    for body in make_batches(steps, batch):
+        columns = orjson.loads(body)
+        step = np.asarray(columns.pop("step"), np.int64)
+        out.append(Batch(step, {name: Column(np.asarray(values, np.float64)) for name, values in columns.items()}))
+    return out
+
+
+def storage_side(steps: int, batch: int, profile: bool, top: int, against: str | None, repeat: int) -> dict:
+    """The store alone (no HTTP, no decoding): CPU of the ingesting thread per batch (steady on
+    a loaded machine: time waiting for a core is not counted) and of the whole process (with
+    the WAL checkpointer thread). With `against`, that commit in alternation, fresh processes."""
+    if profile:
+        return _profile_storage(steps, batch, top)
+    configs = ([("against", str(Path(against).resolve()))] if against else []) + [("working tree", None)]
+    results: dict[str, list[dict]] = {name: [] for name, _ in configs}
+    for _ in range(repeat):
+        for name, path in configs:
+            env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+            if path:
+                env["PYTHONPATH"] = path
+            out = subprocess.run([sys.executable, "-c", STORAGE_RUN, str(ROOT), str(steps), str(batch)], env=env,
+                                 capture_output=True, text=True, check=True)
+            results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"storage side: {steps:,} steps in batches of {batch:,}, {repeat} fresh processes each"
+          + (", alternating" if against else "") + " (ms per batch; medians):")
+    medians = {}
+    for name, runs in results.items():
+        n = len(runs[0]["thread"])
+        thread = float(np.median([sum(r["thread"]) / n * 1000 for r in runs]))
+        process = float(np.median([r["process"] / n * 1000 for r in runs]))
+        wall = float(np.median([r["wall"] / n * 1000 for r in runs]))
+        medians[name] = {"thread_ms": thread, "process_ms": process, "wall_ms": wall}
+        line = f"  {against if name == 'against' else name}: ingest thread CPU {thread:.2f}, process CPU {process:.2f}"
+        if against and name != "against":
+            base = medians["against"]
+            line += (f" ({base['thread_ms'] / thread:.2f}x and {base['process_ms'] / process:.2f}x "
+                     f"as fast as against)")
+        print(line + f", wall {wall:.2f}")
+    return medians
+
+
+def _profile_storage(steps: int, batch: int, top: int) -> dict:
+    from gradwatch.server.storage import Store, create_schema, make_engine
+
+    batches = plain_batches(steps, batch)
     with tempfile.TemporaryDirectory() as folder:
-        url = f"sqlite:///{Path(folder) / 'profile.db'}"
-        engine = make_engine(url)
+        engine = make_engine(f"sqlite:///{Path(folder) / 'profile.db'}")
         create_schema(engine)
         store = Store(engine)
         for item in batches[:WARMUP_BATCHES]:
             store.ingest("warmup", item)
-        profiler = cProfile.Profile() if profile else None
-        times = []
-        if profiler:
-            profiler.enable()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        started = time.perf_counter()
         for item in batches:
-            started = time.perf_counter()
             store.ingest("run", item)
-            times.append(time.perf_counter() - started)
-        if profiler:
-            profiler.disable()
+        total = time.perf_counter() - started
+        profiler.disable()
         engine.dispose()
-    total = sum(times)
-    ordered = sorted(times)
-    print(f"storage side: {len(batches)} batches x {batch:,} steps: {total:.2f} s, "
-          f"{steps / total:,.0f} steps/s, median {ordered[len(ordered) // 2] * 1000:.2f} ms per batch")
-    if profiler:
-        stats = pstats.Stats(profiler)
-        stats.sort_stats("cumulative").print_stats(top)
-        stats.sort_stats("tottime").print_stats(top)
-    return {"seconds": total, "steps_per_s": steps / total}
+    print(f"storage side under cProfile: {len(batches)} batches x {batch:,} steps: {total:.2f} s")
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+    return {"seconds": total}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -135,4 +232,5 @@ if __name__ == "__main__":
             parser.error("--http needs --against-path")
         http_against(options.against_path, options.steps, options.batch, options.repeat, options.path)
     else:
-        storage_side(options.steps, options.batch, options.profile, options.top)
+        storage_side(options.steps, options.batch, options.profile, options.top, options.against_path,
+                     options.repeat)
