@@ -59,10 +59,10 @@ export function drawReport(data, Plotly) {
   const summary = [
     ['steps', formatInt(info.steps)],
     ['first / last step', `${formatInt(info.first_step)} / ${formatInt(info.last_step)}`],
-    ['clip rate', formatRate(info.clip_rate ?? stats.clip_rate)],
+    ['clip rate, whole run', formatRate(info.clip_rate ?? stats.clip_rate)],
     ['spikes', formatInt(info.spikes)],
     ['non-finite steps', formatInt(info.nonfinite ?? stats.nonfinite)],
-    ['p50 / p90 / p95 / p99 / p99.9', ['p50', 'p90', 'p95', 'p99', 'p99.9'].map((k) => formatNumber(percentiles[k], 4)).join(' / ')],
+    [rec.percentiles ? 'p50 / p90 / p95 / p99 / p99.9 (clean window)' : 'p50 / p90 / p95 / p99 / p99.9 (whole run)', ['p50', 'p90', 'p95', 'p99', 'p99.9'].map((k) => formatNumber(percentiles[k], 4)).join(' / ')],
     ['recommended threshold', formatNumber(wireNumber(rec.threshold), 4)],
     ['last update', String(info.updated ?? '–')],
   ];
@@ -71,8 +71,9 @@ export function drawReport(data, Plotly) {
   const warnings = Array.isArray(rec.warnings) ? rec.warnings : [];
   document.getElementById('warnings').replaceChildren(...warnings.map((w) => el('p', { className: 'warn' }, `⚠ ${tidyNumbers(w)}`)));
   const candidates = Array.isArray(rec.candidates) ? rec.candidates : [];
-  document.getElementById('candidates').replaceChildren(candidates.length ? table(['candidate', 'threshold', 'would clip'],
-    candidates.map((c) => [tidyNumbers(c.label ?? ''), formatNumber(wireNumber(c.threshold), 4), formatRate(c.clip_rate)]), new Set([1, 2])) : '');
+  document.getElementById('candidates').replaceChildren(candidates.length ? table(['candidate', 'threshold', "would clip (recommendation's window)", 'clean steps only'],
+    candidates.map((c) => [tidyNumbers(c.label ?? ''), formatNumber(wireNumber(c.threshold), 4), formatRate(c.clip_rate_raw),
+      formatRate(c.clip_rate)]), new Set([1, 2, 3])) : '');
   const events = Array.isArray(data.events) ? data.events : [];
   document.getElementById('events').replaceChildren(events.length
     ? table(['step', 'kind', 'norm', 'threshold', 'message', 'time'], events.map((e) => [

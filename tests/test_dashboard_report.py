@@ -168,7 +168,15 @@ def test_report_says_over_which_steps_each_figure_is_and_shows_readable_times(se
         windows = page.evaluate("[...document.querySelectorAll('#windows li')].map((li) => li.textContent)")
         rows = page.evaluate("""[...document.querySelectorAll('#events tbody tr')]
             .map((tr) => [...tr.cells].map((td) => td.textContent))""")
+        summary = dict(page.evaluate("""[...document.querySelectorAll('#summary tbody tr')]
+            .map((tr) => [...tr.cells].map((td) => td.textContent))"""))
+        candidate_header = page.evaluate("[...document.querySelectorAll('#candidates th')].map((th) => th.textContent)")
         browser.close()
+
+    # The summary says over which steps each figure is.
+    assert summary["clip rate, whole run"] == dashboard_rate(np.mean(norms > 1.0))
+    assert "p50 / p90 / p95 / p99 / p99.9 (clean window)" in summary
+    assert candidate_header[2:] == ["would clip (recommendation's window)", "clean steps only"]
 
     # The recommended threshold's clip rate over its window, recomputed from what was sent.
     start, end = rec["window"]["start"], rec["window"]["end"]
