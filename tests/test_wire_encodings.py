@@ -230,3 +230,25 @@ def test_the_live_feed_pushes_the_same_points_for_both_encodings(server):
     pushed = asyncio.run(go())
     assert pushed[JSON] == pushed[MSGPACK]
     assert pushed[JSON]["pre_norm"] == [1.5, "NaN", "Infinity"] and pushed[JSON]["clipped"] == [True, False, True]
+
+
+def test_a_json_text_frame_over_8_mib_is_refused_413_and_the_same_batch_in_binary_is_stored(server):
+    n = 400_000
+    steps = list(range(n))
+    norms = [1.0 + (i % 1000) / 1000 for i in range(n)]
+    batch = {"step": steps, "pre_norm": norms, "loss": norms}
+    text = json.dumps({"type": "batch", "seq": 5, "run": "ws-big", "batch": batch})
+    assert len(text) > 8 << 20
+
+    async def go():
+        async with websockets.connect(f"{server.ws_url}/ws/ingest", max_size=None) as ws:
+            await ws.send(text)
+            refused = json.loads(await ws.recv())
+            await ws.send(encode({"type": "batch", "seq": 6, "run": "ws-big", "batch": batch}, MSGPACK, message=True))
+            stored = json.loads(await ws.recv())
+        return refused, stored
+
+    refused, stored = asyncio.run(go())
+    assert refused["type"] == "error" and refused["status"] == 413 and refused["seq"] is None
+    assert "binary (msgpack) messages" in refused["detail"]
+    assert stored == {"type": "ack", "seq": 6, "accepted": n, "duplicates": 0, "conflicts": 0}
