@@ -9,7 +9,9 @@ migration share one spelling of the SQL.
   column are rows of `chunk_columns` (run_id, name, chunk_id, seg), so a read
   of one column of a whole run is one range scan of that column's rows, and a
   column added to the registry later needs no table change (a chunk without
-  its row decodes it as all null).
+  its row decodes it as all null). A column all null in what a write stores
+  gets no row (each row a batch writes is a B-tree leaf page rewritten in the
+  WAL: rows are ordered by column name first).
 - Segments: a batch that only appends to a chunk writes its own rows as the
   chunk's next segment instead of rewriting the chunk (an agent appending
   2,000 steps at a time otherwise rewrote each 4,096-step chunk two or three
@@ -40,7 +42,7 @@ from gradwatch.server.chunks import (BLOCK, CHUNK, Chunk, TensorChunk, TensorSum
                                      decode_chunk, decode_summaries, decode_tensor_summary, decode_tensors,
                                      encode_chunk, encode_summary, encode_tensor_summary, encode_tensors,
                                      merge_tensors, summarize, summarize_tensors)
-from gradwatch.server.chunks.codec import CodecError, empty_values, pack_arrays, unpack_arrays
+from gradwatch.server.chunks.codec import NULL, CodecError, empty_values, pack_arrays, unpack_arrays
 from gradwatch.server.chunks.downsample import kept_rows_of
 from gradwatch.server.chunks.summaries import Summary, empty_summary, extend, summary_matrices
 from gradwatch.server.storage.registry import FLOAT_FIELDS, STEP_COLUMNS, value_columns
@@ -67,6 +69,7 @@ _UPSERT = {
                          "ON CONFLICT (run_id, chunk_id, seg) DO UPDATE SET data = excluded.data"),
 }
 
+NULL_BLOB = bytes([NULL])   # an all-null column's blob (`codec.encode_column`)
 CHUNK_TABLES = ("chunks", "chunk_columns", "chunk_summaries", "tensor_chunks", "tensor_summaries")
 
 
@@ -188,7 +191,8 @@ class ChunkRows:
         for chunk in map(complete, chunks):
             seg, part = appends.get(chunk.chunk_id, (0, chunk))
             for name, blob in encode_chunk(complete(part), SPEC).items():
-                column_rows.append((run_id, name, chunk.chunk_id, seg, blob))
+                if blob != NULL_BLOB:   # an all-null column needs no row: a missing one reads as null
+                    column_rows.append((run_id, name, chunk.chunk_id, seg, blob))
             if seg == 0 and chunk.chunk_id not in fresh:
                 rewritten.append((run_id, chunk.chunk_id))
             summary = summaries.get(chunk.chunk_id) or summary_of(chunk)
