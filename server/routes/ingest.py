@@ -84,7 +84,8 @@ async def read_body(request: Request, hold: BudgetHold) -> bytearray:
 def _frame_cost(frame: str | bytes) -> int:
     """What a frame is charged while parsed: a JSON text frame ~30x its size (an object per
     value), a binary one its size (typed arrays are read in place)."""
-    return len(frame) * (wire.json_decode.PARSE_FACTOR if isinstance(frame, str) else 1)
+    parsed = isinstance(frame, str) and len(frame) <= wire.json_decode.MAX_JSON_BODY  # a longer one is refused
+    return len(frame) * (wire.json_decode.PARSE_FACTOR if parsed else 1)
 
 
 def handle_message(store: Store, text: str | bytes) -> tuple[dict, str | None, Any]:
