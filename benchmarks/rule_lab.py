@@ -29,7 +29,8 @@ def lab_rule(values: np.ndarray, *, k_gauss: float = 3.25, power: float = 2.5, q
              warmup: int = 25, shift_window: int = 16, shift_span: int = 8, min_scale: float = 0.01,
              adaptive: bool = True, k_fixed: float = 5.0,
              feed: str = "skip", smooth: float = 0.0,
-             side: str = "both", entry_k: float | None = None) -> dict[str, np.ndarray]:
+             side: str = "both", entry_k: float | None = None, burst_k: float | None = None,
+             shift_base_k: bool = False, chain_only_confirmed: bool = False) -> dict[str, np.ndarray]:
     """The adaptive rule over norms (log space), one step at a time.
 
     k = clip(k_gauss · (tail / tail_gauss)^power, k_min, k_max), tail = Q_quantile(|h - m|) / MAD(h),
@@ -52,6 +53,7 @@ def lab_rule(values: np.ndarray, *, k_gauss: float = 3.25, power: float = 2.5, q
     ring = np.zeros(history)
     filled = seen = run = 0
     tail = None
+    confirmed = False
     recent: list[tuple[int, float, bool]] = []
     for i in range(n):
         if not finite[i]:
@@ -79,11 +81,15 @@ def lab_rule(values: np.ndarray, *, k_gauss: float = 3.25, power: float = 2.5, q
                     k = k_max
             else:
                 k = k_fixed
+            k_base = k
+            if burst_k is not None and recent and recent[-1][2] and (not chain_only_confirmed or confirmed):
+                k = min(k, burst_k)   # the step after a flagged one: a burst goes on at a lower bar
             k_used[i] = k
             z = (value - m) / s
             score[i] = z
-            bound = m + k * s
+            bound = m + (k_base if shift_base_k else k) * s
             flagged = z > k
+            confirmed = z > k_base
             fed = min(value, bound) if feed == "cap" else (m if feed == "median" else value)
         enters = not (flagged and feed == "skip")
         if entry_k is not None and seen >= warmup and score[i] > entry_k:
@@ -195,6 +201,9 @@ if __name__ == "__main__":
                 ("adaptive, shift span 9", dict(shift_span=9)), ("adaptive, k_gauss 3", dict(k_gauss=3.0)),
                 ("adaptive, q = 0.9, power 3", dict(quantile=0.9, power=3.0)),
                 ("adaptive, flagged values enter capped", dict(feed="cap")),
+                ("adaptive, suspects (z > 3) kept out of the history too", dict(entry_k=3.0)),
+                ("adaptive, the step after a flag judged at k <= 3 (burst hysteresis)", dict(burst_k=3.0)),
+                ("adaptive, lower-tail quantile only", dict(side="lower")),
                 ("fixed k = 3.25 (new shift rule)", dict(adaptive=False, k_fixed=3.25)),
                 ("fixed k = 5 (new shift rule)", dict(adaptive=False, k_fixed=5.0))]
         for label, kw in grid:
