@@ -1,6 +1,6 @@
 """Spike recall, false positives and level shifts of the robust rule on real traces with injected spikes.
 
-    python benchmarks/spike_recall.py            # the shared rule (gradwatch.clip.spike_rule) vs the old k = 5 rule
+    python benchmarks/spike_recall.py            # the shared rule vs the old k = 5 rule (about 1 minute)
     python benchmarks/spike_recall.py --quick    # one injection seed
 
 Real traces: ``benchmarks/real_traces.py`` (tiny MLX models trained here with
