@@ -6,9 +6,23 @@ import threading
 import time
 
 import httpx
+import msgpack
 import numpy as np
 
 from tests.test_server_support import make_batch, post, start_server
+
+MSGPACK = {"Content-Type": "application/msgpack"}
+
+
+def msgpack_body(batch: dict) -> bytes:
+    """The batch as the agent sends it: each column a typed little-endian array (docs/wire.md)."""
+    def typed(array: np.ndarray) -> msgpack.ExtType:
+        return msgpack.ExtType(1, array.dtype.str.encode().ljust(8, b"\0") + array.tobytes())
+    columns = {}
+    for name, values in batch.items():
+        dtype = "<i8" if name == "step" else "|b1" if isinstance(values[0], bool) else "<f8"
+        columns[name] = typed(np.asarray(values, dtype=dtype))
+    return msgpack.packb(columns)
 
 
 def _wal_state(db_path) -> tuple[int, int]:
@@ -24,7 +38,7 @@ def test_kill_9_during_a_large_batch_stores_it_whole_or_not_at_all(tmp_path):
     server = start_server(f"sqlite:///{db_path}", tmp_path, ["--max-body", str(256 * 2**20)])
     n = 120_000
     batch = make_batch(np.arange(n), np.random.default_rng(0))
-    body = httpx.Request("POST", "http://x", json=batch).content
+    body = msgpack_body(batch)  # binary: a JSON body of this size is over the JSON limit
     outcomes = []
     try:
         with httpx.Client(base_url=server.url, timeout=120) as client:
@@ -37,7 +51,7 @@ def test_kill_9_during_a_large_batch_stores_it_whole_or_not_at_all(tmp_path):
             def send() -> None:
                 try:
                     with httpx.Client(base_url=server.url, timeout=120) as client:
-                        post(client, run, body)
+                        post(client, run, body, headers=MSGPACK)
                 except httpx.HTTPError as error:
                     errors.append(error)
 
@@ -61,7 +75,7 @@ def test_kill_9_during_a_large_batch_stores_it_whole_or_not_at_all(tmp_path):
             server.start()
             with httpx.Client(base_url=server.url, timeout=120) as client:
                 # The agent re-sends what was not acked: afterwards everything is stored exactly once.
-                answer = post(client, run, body).json()
+                answer = post(client, run, body, headers=MSGPACK).json()
                 assert answer["accepted"] + answer["duplicates"] == n and answer["conflicts"] == 0
                 assert {r["name"]: r for r in client.get("/api/runs").json()}[run]["steps"] == n
     finally:
