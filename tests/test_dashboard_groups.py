@@ -59,8 +59,9 @@ def test_robust_spike_counts_find_the_group_that_spikes():
     norms[spike_steps, spiky] *= 50.0
     answer = tg.grouped_answer(names, np.arange(n), norms, np.zeros(norms.shape, bool), "module", points=500)
     counts = dict(zip(answer["names"], answer["spikes"]))
-    assert counts["layers.2.input_layernorm"] == len(spike_steps)
-    assert sum(counts.values()) == len(spike_steps)  # lognormal noise at sigma 0.1 never passes the fence
+    assert counts["layers.2.input_layernorm"] >= len(spike_steps)
+    # the adaptive bound (k about 3.25 on normal noise) flags about 0.1% of clean steps
+    assert sum(counts.values()) - len(spike_steps) <= 0.003 * n * len(names)
     assert answer["latest_spike"][answer["names"].index("layers.2.input_layernorm")] == 1900
     assert answer["parents"][answer["names"].index("layers.2.mlp")] == "layers.2"
 
@@ -86,11 +87,12 @@ def test_group_spike_flags_equal_a_median_per_step_on_hard_sequences():
         spikes = rng.random(len(logs)) < 0.01
         logs[spikes] += rng.uniform(0.5, 4.0, spikes.sum())  # some near the fence, some far above
         norms = np.exp(logs)
-        np.testing.assert_array_equal(tg.spike_flags(norms), per_step_rule(np.log(norms)))
+        np.testing.assert_array_equal(tg.spike_flags(norms, k=5.0), per_step_rule(np.log(norms)))
         single = norms.astype(np.float32)  # as group norms are stored
-        np.testing.assert_array_equal(tg.spike_flags(single), per_step_rule(np.log(single.astype(np.float64))))
+        np.testing.assert_array_equal(tg.spike_flags(single, k=5.0),
+                                      per_step_rule(np.log(single.astype(np.float64))))
     table = np.exp(np.stack([s[:1800] for s in sequences[:3]], axis=1))  # columns judged on their own
-    got = tg.spike_flags(table)
+    got = tg.spike_flags(table, k=5.0)   # the adaptive default: tests/test_spike_rule_groups.py
     for column in range(table.shape[1]):
         np.testing.assert_array_equal(got[:, column], per_step_rule(np.log(table[:, column])))
 
@@ -118,7 +120,8 @@ def test_group_spikes_agree_with_the_robust_detector_and_count_non_finite_norms(
     assert np.flatnonzero(flags).tolist() == expected
     assert counts[0] == len(expected) and latest[0] == expected[-1]
     reported = np.flatnonzero(~missing[:, 1] & np.isfinite(norms[:, 1]))
-    second = per_step_rule(np.log(norms[reported, 1].astype(np.float64)))
+    from tests.test_spike_rule_groups import per_step_adaptive
+    second = per_step_adaptive(np.log(norms[reported, 1].astype(np.float64)))
     assert counts[1] == second.sum() + 1 and latest[1] == max([500] + reported[second].tolist())
 
 
