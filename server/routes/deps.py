@@ -1,5 +1,9 @@
 """The typed FastAPI dependencies routes take: the store, the settings, the live hub, auth.
 
+Each is `async def`: they only read `app.state` and headers, and FastAPI runs a
+plain `def` dependency in its thread pool (one hop per dependency per request,
+which a 2,000-step ingest POST felt).
+
 `create_app` puts one of each on `app.state`; these hand them to handlers, so a
 route module never reaches for globals and a test can build an app around any
 store and settings.
@@ -35,19 +39,19 @@ def json_response(content: Any, status_code: int = 200, headers: dict | None = N
                     headers=headers)
 
 
-def get_settings(connection: HTTPConnection) -> Settings:
+async def get_settings(connection: HTTPConnection) -> Settings:
     return connection.app.state.settings
 
 
-def get_store(connection: HTTPConnection) -> Store:
+async def get_store(connection: HTTPConnection) -> Store:
     return connection.app.state.store
 
 
-def get_hub(connection: HTTPConnection) -> LiveHub:
+async def get_hub(connection: HTTPConnection) -> LiveHub:
     return connection.app.state.hub
 
 
-def run_name(run: str) -> str:
+async def run_name(run: str) -> str:
     """The `{run}` path parameter, validated (422 naming the rule when bad)."""
     return validate_run_name(run)
 
@@ -65,7 +69,7 @@ RunName = Annotated[str, Depends(run_name)]
 
 
 def _require(kind: str):
-    def dependency(request: Request, settings: SettingsDep) -> None:
+    async def dependency(request: Request, settings: SettingsDep) -> None:
         query_ok = kind == "read" and request.method == "GET" and request.url.path.endswith("/export.csv")
         status = token_status(presented_token(request.headers, request.query_params, allow_query=query_ok),
                               kind, settings.token, settings.read_token)
