@@ -420,16 +420,17 @@ _BLOCK_MIN, _BLOCK_MAX = 64, 2048   # steps judged at once by the fast path (the
 _HINT_STRIDE = 8   # the guess of the flags reads the history every 8th step
 
 
-def _judge_stream(rule: RobustRule, stream: np.ndarray):
+def _judge_stream(rule: RobustRule, stream: np.ndarray, guess: np.ndarray | None = None):
     """``rule`` over a stream of finite values (in its space): score, spike, level_shift and
     transition arrays, by position. Blocks go through :func:`_judge_block` while the history
-    ring is full; each step that stops a block (and warm-up, refills) goes through ``rule.judge``."""
+    ring is full; each step that stops a block (and warm-up, refills) goes through ``rule.judge``.
+    ``guess``: where flags are expected (default :func:`_guess_flags`); it changes only the speed."""
     n = len(stream)
     score = np.zeros(n)
     spike = np.zeros(n, bool)
     level_shift = np.zeros(n, bool)
     transition = np.zeros(n, bool)
-    guess = _guess_flags(rule, stream)
+    guess = _guess_flags(rule, stream) if guess is None else np.array(guess, bool)
     values = stream.tolist()
     block = _BLOCK_MIN
     pos = 0
@@ -474,7 +475,8 @@ def _window_stats(rule: RobustRule, windows: np.ndarray, exact: bool = True):
     history = rule.history
     ordered = np.sort(windows, axis=1)
     low, high = (history - 1) // 2, history // 2
-    median = (ordered[:, low] + ordered[:, high]) / 2
+    with np.errstate(over="ignore"):   # (a median that overflows stops the block: the loop judges it)
+        median = (ordered[:, low] + ordered[:, high]) / 2
     deviation = ordered   # |h - m| sorted, in place (no second matrix)
     np.subtract(ordered, median[:, None], out=deviation)
     np.abs(deviation, out=deviation)
