@@ -11,6 +11,8 @@ The names load on first use: ``gradwatch.clip.spike_rule`` (the spike rule in Nu
 shared with the server) can be imported without MLX.
 """
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 # Where each public name lives. Loaded on first use (PEP 562), so that the pure-NumPy
@@ -48,6 +50,21 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_WHERE))
+
+
+class _Package(types.ModuleType):
+    """`global_norm` is both a function (from `norms`) and a submodule (`global_norm.py`, where
+    `GlobalNorm` lives). Loading that submodule lazily would bind the module over the function
+    (the import system sets the package attribute): the function keeps the name, as it did when
+    everything was imported eagerly; the submodule stays in `sys.modules`."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _WHERE and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # for type checkers and editors: the names, as if imported eagerly
