@@ -19,7 +19,7 @@ from gradwatch.server.live import LiveHub, PostgresListener, notify_in_transacti
 from gradwatch.server.routes import ROUTERS
 from gradwatch.server.routes.deps import DB_ERRORS, json_response
 from gradwatch.server.schemas import BatchError
-from gradwatch.server.security import BodySizeLimit, BudgetHealth, ByteBudget, EdgeGuard, refuse_handshake
+from gradwatch.server.security import BodySizeLimit, ByteBudget, EdgeGuard, refuse_handshake
 from gradwatch.server.warmup import warm_request, warm_up
 from gradwatch.server.settings import Settings
 from gradwatch.server.storage import Store, UnknownRun, create_schema, make_engine
@@ -79,7 +79,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.parse_budget = ByteBudget(2 * settings.max_body)  # two full bodies parsed at a time
     app.add_middleware(BodySizeLimit, max_body=settings.max_body, idle=settings.body_idle_timeout,
                        deadline=settings.body_deadline)
-    app.add_middleware(BudgetHealth, budget=app.state.parse_budget)  # /healthz shows who waits on it
     app.router.default = not_found  # a WebSocket to an unknown path: HTTP 404, not 403
     app.add_middleware(EdgeGuard, bind=settings.host, allow_host=settings.allow_host,  # outermost
                        allow_origin=settings.allow_origin)

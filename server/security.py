@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import ipaddress
 import socket
 from typing import Literal
@@ -393,48 +392,6 @@ class ByteBudget:
         """What `/healthz` shows: requests waiting on the budget, holding it, and its bytes."""
         return {"waiting": self.waiting, "holders": self.holders, "bytes": self.in_use,
                 "capacity": self.capacity}
-
-
-class BudgetHealth:
-    """ASGI middleware: adds `"parse_budget": ByteBudget.health()` to `/healthz`'s JSON, so
-    monitoring sees ingest waiting on the budget (a count) and not just a 200."""
-
-    def __init__(self, app: ASGIApp, budget: ByteBudget, path: str = "/healthz"):
-        self.app = app
-        self.budget = budget
-        self.path = path
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
-            await self.app(scope, receive, send)
-            return
-        start: Message | None = None
-        parts: list[bytes] = []
-
-        async def amend(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start":
-                start = message
-                return
-            if message["type"] != "http.response.body" or start is None:
-                await send(message)
-                return
-            parts.append(message.get("body", b""))
-            if message.get("more_body", False):
-                return
-            body = b"".join(parts)
-            if start["status"] == 200:
-                try:
-                    content = json.loads(body)
-                    content["parse_budget"] = self.budget.health()
-                    body = json.dumps(content).encode()
-                except (ValueError, TypeError):
-                    pass
-            headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() != b"content-length"]
-            await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-
-        await self.app(scope, receive, amend)
 
 
 async def refuse_handshake(websocket, status: int, detail: str) -> None:

@@ -98,9 +98,12 @@ def api_docs_asset(name: str) -> Response:
 
 
 @router.get("/healthz", tags=["meta"], response_model=HealthOut)
-def healthz(store: StoreDep) -> Response:
+def healthz(request: Request, store: StoreDep) -> Response:
+    """200 while the database answers; `parse_budget` shows ingest waiting on the parse budget
+    (a count), which a stalled client could otherwise hide behind a 200."""
     store.read("SELECT 1")
-    return json_response({"status": "ok", "database": store.dialect, "schema_version": SCHEMA_VERSION})
+    return json_response({"status": "ok", "database": store.dialect, "schema_version": SCHEMA_VERSION,
+                          "parse_budget": request.app.state.parse_budget.health()})
 
 
 @router.get("/", include_in_schema=False)
