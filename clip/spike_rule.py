@@ -54,7 +54,6 @@ from statistics import NormalDist
 from typing import NamedTuple, Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 MAD_TO_SIGMA = 1.4826  # 1 / Φ⁻¹(3/4): the MAD of a normal sample times this is its σ
 TINY = 1e-30  # log floor: a zero norm is low, never a spike, and never -inf in the history
@@ -454,6 +453,16 @@ def _judge_stream(rule: RobustRule, stream: np.ndarray, guess: np.ndarray | None
     return score, spike, level_shift, transition
 
 
+def _windows(values: np.ndarray, width: int) -> np.ndarray:
+    """The rows values[i:i + width] (a read-only view; NumPy's sliding_window_view, without its
+    ~10 µs of checks per call)."""
+    values = np.ascontiguousarray(values)
+    view = np.ndarray((len(values) - width + 1, width), values.dtype, values, 0,
+                      (values.itemsize, values.itemsize))
+    view.flags.writeable = False
+    return view
+
+
 def _python_pow(base: np.ndarray, exponent: float) -> np.ndarray:
     """``base ** exponent`` with Python's float power (the rule's; NumPy's SIMD power may differ
     in the last bit). NaN where Python raises (the rule then judges that step itself and raises)."""
@@ -515,7 +524,7 @@ def _guess_flags(rule: RobustRule, stream: np.ndarray) -> np.ndarray:
     if n <= history:
         return guess
     first = np.arange(0, n - history, _HINT_STRIDE)   # the windows stream[j:j + history] read
-    median, scale, k = _window_stats(rule, sliding_window_view(stream, history)[first], exact=False)
+    median, scale, k = _window_stats(rule, _windows(stream, history)[first], exact=False)
     which = (np.arange(n - history)) // _HINT_STRIDE
     with np.errstate(all="ignore"):
         guess[history:] = (stream[history:] - median[which]) / scale[which] > k[which]
@@ -549,7 +558,7 @@ def _judge_block(rule: RobustRule, stream: np.ndarray, pos: int, size: int, scor
     row = np.cumsum(kept) - kept   # unflagged values of the block before each step: its history's row
     last_row = int(row[-1])
     unflagged = np.concatenate([before, block[kept][:last_row]])
-    median, scale, k = _window_stats(rule, sliding_window_view(unflagged, history))
+    median, scale, k = _window_stats(rule, _windows(unflagged, history))
     median, scale, k = median[row], scale[row], k[row]
     with np.errstate(all="ignore"):
         step_score = (block - median) / scale
@@ -558,7 +567,7 @@ def _judge_block(rule: RobustRule, stream: np.ndarray, pos: int, size: int, scor
     # The level-shift run: the recent window (finite raw values, this one included) against each bound.
     recent = rule._recent
     raw = np.concatenate([np.array([value for _, value, _ in recent], dtype=np.float64), block])
-    over = sliding_window_view(raw[1:], window) > bound[:, None]
+    over = _windows(raw[1:], window) > bound[:, None]
     above = (np.count_nonzero(over, axis=1) > half) & (np.count_nonzero(over[:, window - half:], axis=1) > half // 2)
     steps = np.arange(size)
     last_below = np.maximum.accumulate(np.where(above, -1, steps))
@@ -579,7 +588,9 @@ def _judge_block(rule: RobustRule, stream: np.ndarray, pos: int, size: int, scor
     rule._ring = history_now[history - start:].tolist() + history_now[:history - start].tolist()
     rule._ordered = np.sort(history_now).tolist()
     first = rule.seen
-    recent.extend(zip(range(first, first + accepted), block[:accepted].tolist(), flagged[:accepted].tolist()))
+    tail = max(0, accepted - window)   # only the newest ``window`` stay in the recent window
+    recent.extend(zip(range(first + tail, first + accepted), block[tail:accepted].tolist(),
+                      flagged[tail:accepted].tolist()))
     newest = raw[accepted:accepted + window]
     rule._recent_sorted = np.sort(newest).tolist()
     rule._newest_sorted = np.sort(newest[window - half:]).tolist()
