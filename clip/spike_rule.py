@@ -416,7 +416,7 @@ def _robust_loop(rule: RobustRule, x: np.ndarray, transformed: np.ndarray, finit
 
 
 _BLOCK_MIN, _BLOCK_MAX = 64, 1024   # steps judged at once by the fast path (the size adapts)
-_HINT_STRIDE = 8   # the guess of the flags reads the history every 8th step
+_HINT_STRIDE = 16   # the guess of the flags reads the history every 16th step
 
 
 def _judge_stream(rule: RobustRule, stream: np.ndarray, guess: np.ndarray | None = None):
@@ -478,27 +478,19 @@ def _python_pow(base: np.ndarray, exponent: float) -> np.ndarray:
         return np.array(out, dtype=np.float64)
 
 
-def _kth_deviation(deviation: np.ndarray, rank: int) -> np.ndarray:
-    """The rank-th smallest (0-based) of each row of ``deviation`` = |sorted row - its median|,
-    without sorting it: the rank + 1 smallest are the nearest values, a contiguous run of the
-    sorted row, whose largest deviation is at one of its ends; so the answer is the least, over
-    the runs, of the larger end (a min of maxes of the same float64 values: exact)."""
-    width = deviation.shape[1]
-    return np.maximum(deviation[:, :width - rank], deviation[:, rank:]).min(axis=1)
-
-
 def _window_stats(rule: RobustRule, windows: np.ndarray, exact: bool = True):
     """median, scale and k of each row of ``windows`` (histories of ``rule.history`` values),
     with the rule's formulas on the same float64 values."""
     history = rule.history
     ordered = np.sort(windows, axis=1)
     low, high = (history - 1) // 2, history // 2
-    with np.errstate(over="ignore"):   # (a median that overflows stops the block: the loop judges it)
+    with np.errstate(over="ignore", invalid="ignore"):   # (a non-finite median stops the block: the loop judges it)
         median = (ordered[:, low] + ordered[:, high]) / 2
-    deviation = ordered   # |h - m|, in place (no second matrix); along each row it falls, then rises
-    np.subtract(ordered, median[:, None], out=deviation)
+        deviation = ordered   # |h - m| sorted, in place (no second matrix)
+        np.subtract(ordered, median[:, None], out=deviation)
     np.abs(deviation, out=deviation)
-    mad = (_kth_deviation(deviation, low) + _kth_deviation(deviation, high)) / 2
+    deviation.sort(axis=1)
+    mad = (deviation[:, low] + deviation[:, high]) / 2
     floor = rule.min_scale if rule.log else rule.min_scale * np.abs(median)
     scale = np.maximum(MAD_TO_SIGMA * mad, floor)
     if rule.k is not None:
@@ -508,15 +500,15 @@ def _window_stats(rule: RobustRule, windows: np.ndarray, exact: bool = True):
     else:
         spread = mad > 0
         with np.errstate(all="ignore"):
-            ratio = _kth_deviation(deviation, (history - 1) * rule._tail_num // rule._tail_den) \
-                / np.where(spread, mad, 1.0) / rule._tail_gauss
+            ratio = deviation[:, (history - 1) * rule._tail_num // rule._tail_den] / np.where(spread, mad, 1.0) \
+                / rule._tail_gauss
             powered = _python_pow(ratio, rule.tail_power) if exact else np.power(ratio, rule.tail_power)
         k = np.where(spread, np.minimum(np.maximum(rule.k_gauss * powered, rule.k_min), rule.k_max), rule.k_max)
     return median, scale, k
 
 
 def _guess_flags(rule: RobustRule, stream: np.ndarray) -> np.ndarray:
-    """A cheap guess of which values the rule flags (the history read every 8th step, flagged
+    """A cheap guess of which values the rule flags (the history read every 16th step, flagged
     values not left out, no level shifts): where the blocks of :func:`_judge_block` expect a flag.
     Only speed depends on it; a wrong guess stops a block there."""
     n, history = len(stream), rule.history
