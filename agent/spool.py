@@ -101,8 +101,8 @@ def read_frames(data: bytes, start: int = 0, origin: str = "spool",
         what = "a torn or corrupt tail" if resume < 0 else "corrupt bytes"
         message = (f"gradwatch spool: skipped {what} in {origin} "
                    f"({skipped_to - offset} bytes at offset {offset})")
-        if warn:
-            log.warning(message)
+        if warn:  # once, as a RuntimeWarning (the log has it at debug level: never printed twice)
+            log.debug(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         if resume < 0:
             return
