@@ -31,9 +31,7 @@ DETECTOR_COLUMNS = ("robust_z", "level_shift", "spike")
 
 def host_rule_config(rule: RobustRule) -> dict[str, Any]:
     """The host detector as the run's metadata names it (as `RobustDetector.config()`, plus where)."""
-    return {"name": "robust", "k": rule.k, "history": rule.history, "warmup_steps": rule.warmup,
-            "shift_window": rule.shift_window, "shift_count": rule.shift_count, "min_scale": rule.min_scale,
-            "where": "host"}
+    return {"name": "robust", **rule.config(), "where": "host"}
 
 
 def _columns(verdict) -> tuple[float, bool, bool]:

@@ -168,3 +168,12 @@ def test_explicit_detectors_and_skip_spikes_stay_in_the_graph(tmp_path):
         assert watch.host_detector is None and watch.detectors[0].k == 4.0
     with GradWatch("b", url=None, spool_dir=tmp_path / "b", skip_spikes=True, handle_signals=False) as watch:
         assert watch.host_detector is None and isinstance(watch.detectors[0], RobustDetector)
+
+
+def test_the_host_detector_is_described_as_the_in_graph_one_is():
+    """The run's metadata names the host rule with the same parameters `RobustDetector` reports."""
+    from gradwatch.agent.host import host_rule_config
+    from gradwatch.clip import RobustDetector
+    from gradwatch.clip.spike_rule import RobustRule
+
+    assert host_rule_config(RobustRule()) == {**RobustDetector().config(), "where": "host"}
