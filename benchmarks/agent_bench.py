@@ -64,7 +64,7 @@ def free_port() -> int:
 def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "gradwatch.server.cli", "serve", "--db",
+    process = subprocess.Popen([sys.executable, "-m", "gradwatch.server.commands.cli", "serve", "--db",
                                 f"sqlite:///{folder / 'bench.db'}", "--port", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30

@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gradwatch.server.chunks import (CHUNK, MemorySource, bucket_grid, decode_chunk, encode_chunk,  # noqa: E402
-                                     overview, series_from_arrays)
-from gradwatch.server.stats import downsample_indices  # noqa: E402
+from gradwatch.server.storage.chunks import (CHUNK, MemorySource, bucket_grid, decode_chunk, encode_chunk,
+                                             overview, series_from_arrays)
+from gradwatch.server.analysis.stats import downsample_indices  # noqa: E402
 
 SPEC = {"pre_norm": "float", "post_norm": "float", "scale": "float", "threshold": "float", "clipped": "bool",
         "loss": "float", "lr": "float", "z": "float", "ema": "float", "spike": "bool", "nonfinite": "bool",

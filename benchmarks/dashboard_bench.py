@@ -122,7 +122,7 @@ def plotly_alone_ms(browser, url: str, bundle: str = "plotly-cartesian.min.js") 
 def store_tensor_run(db_url: str, steps: int, batch: int = 5_000) -> list[str]:
     """A 300-tensor run (mlx-lm Llama names) written with the server's own ingest, in process."""
     from gradwatch.server.storage import create_schema, make_engine
-    from gradwatch.server.schemas import parse_batch
+    from gradwatch.server.wire import parse_batch
     from gradwatch.server.storage import Store
 
     names = ["model.embed_tokens.weight"]

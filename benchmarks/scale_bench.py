@@ -77,7 +77,7 @@ def tensor_names(count: int) -> list[str]:
 
 
 def load(db_url: str, args) -> None:
-    from gradwatch.server.schemas import parse_batch
+    from gradwatch.server.wire import parse_batch
     from gradwatch.server.storage import Store, create_schema, make_engine
 
     engine = make_engine(db_url)

@@ -4,7 +4,7 @@
 (``RobustRule.judge`` one step at a time) on 20,400 steps (a recommendation's
 window of 20,000 steps and its 400 of history), alternated, medians of the
 repeats; the answers are checked equal first. Then the recommendation of a
-1,000,000-step run (``gradwatch.server.diagnostics.recommend``: the rule forward
+1,000,000-step run (``gradwatch.server.analysis.diagnostics.recommend``: the rule forward
 and backward over the last 20,400 steps) with each (goal: <= 150 ms).
 
     python benchmarks/spike_rule_bench.py [--repeats 7]
@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gradwatch.clip.spike_rule import robust_loop, robust_spikes  # noqa: E402
-from gradwatch.server import diagnostics  # noqa: E402
+from gradwatch.server.analysis import diagnostics  # noqa: E402
 
 WINDOW = 20_400
 GOAL_MS = 150.0

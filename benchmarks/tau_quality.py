@@ -62,7 +62,7 @@ from mlx.utils import tree_map
 
 from gradwatch.agent import GradWatch
 from gradwatch.clip import EMADetector, GlobalNorm, RecommendedClip, RobustDetector, ZClip, ZScoreDetector
-from gradwatch.server.diagnostics import robust_spikes
+from gradwatch.server.analysis.diagnostics import robust_spikes
 
 VOCAB = 16
 CTX = 16
@@ -222,7 +222,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         db = f"sqlite:///{Path(folder) / 'tau.db'}"
-        cmd = [sys.executable, "-m", "gradwatch.server.cli", "serve", "--db", db, "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "gradwatch.server.commands.cli", "serve", "--db", db, "--port", str(self.port)]
         exe = Path(sys.executable).with_name("gradwatch")
         if exe.exists():
             cmd = [str(exe), "serve", "--db", db, "--port", str(self.port)]

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gradwatch.server.schemas import parse_batch  # noqa: E402
+from gradwatch.server.wire import parse_batch  # noqa: E402
 from gradwatch.server.storage import Store, create_schema, make_engine  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """The server's recommendation rule, applied online: a clipper whose τ follows the run.
 
-Why: ``gradwatch recommend`` (``server/diagnostics.recommend``) computes a τ
+Why: ``gradwatch recommend`` (``server/analysis/diagnostics.recommend``) computes a τ
 from a run's stored norms, but the clipper that trains keeps a fixed τ until
 someone reads it and restarts. :class:`RecommendedClip` applies the same rule
 at every step over a fixed window of the last ``window`` *clean* norms (not

@@ -1,7 +1,7 @@
 """The robust spike rule in NumPy and plain Python: one implementation for the agent and the server.
 
 The agent's host detector (``gradwatch.agent.host_detector``, one step late in
-the sender thread) and the server's diagnostics (``gradwatch.server.diagnostics``)
+the sender thread) and the server's diagnostics (``gradwatch.server.analysis.diagnostics``)
 both call this module, so what the agent sends and what the server finds
 cannot drift apart. The in-graph :class:`~gradwatch.clip.robust.RobustDetector`
 applies the same rule as MLX ops, for the cases where the same step must act

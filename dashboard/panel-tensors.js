@@ -14,7 +14,7 @@ const $ = (id) => document.getElementById(id);
 const CONTRIBUTION_CONTEXT = 200; // steps before a selected step that define "usual"
 const TOP_K = 15;
 
-/** `model.layers.12.mlp.up.weight` -> `model.layers.12`, as server/tensor_groups.py groups. */
+/** `model.layers.12.mlp.up.weight` -> `model.layers.12`, as server/analysis/tensor_groups.py groups. */
 export function blockOf(name) {
   const match = /^((?:[^.]+\.)*?[^.]+\.\d+)(?:\.|$)/.exec(name);
   if (match) return match[1];

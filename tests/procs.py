@@ -27,8 +27,9 @@ class ServerProcess:
     """
 
     def __init__(self, db_url: str, port: int | None = None, extra_args: list[str] | None = None,
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, cli_module: str = "gradwatch.server.commands.cli"):
         self.db_url = db_url
+        self.cli_module = cli_module  # an older release's CLI lives elsewhere (gradwatch.server.cli)
         self.port = port or free_port()
         self.extra_args = list(extra_args or [])
         self.log_path = log_path
@@ -43,7 +44,7 @@ class ServerProcess:
         return f"ws://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> "ServerProcess":
-        command = [sys.executable, "-m", "gradwatch.server.cli", "serve", "--db", self.db_url,
+        command = [sys.executable, "-m", self.cli_module, "serve", "--db", self.db_url,
                    "--port", str(self.port), *self.extra_args]
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,

@@ -85,7 +85,7 @@ def test_close_names_the_steps_left_and_the_exact_push_command_that_sends_them(t
     assert command == f"gradwatch push {shlex.quote(str(spool_dir))} --url {url}"
     with ServerProcess(f"sqlite:///{tmp_path / 'db.sqlite'}", port=port) as server:
         argv = shlex.split(command)
-        result = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", *argv[1:]],
+        result = subprocess.run([sys.executable, "-m", "gradwatch.server.commands.cli", *argv[1:]],
                                 capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert result.returncode == 0, result.stderr
         check_series(stored(server, "left"), 300)

@@ -74,7 +74,7 @@ def check_series(series: dict, steps: int) -> None:
 
 
 def push(directory: Path, url: str, token: str | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "gradwatch.server.cli", "push", str(directory), "--url", url]
+    command = [sys.executable, "-m", "gradwatch.server.commands.cli", "push", str(directory), "--url", url]
     if token:
         command += ["--token", token]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -8,9 +8,9 @@ import struct
 import numpy as np
 import pytest
 
-from gradwatch.server.chunks import (BLOCK, CHUNK, Chunk, CodecError, column_storage, decode_chunk,
-                                     decode_column, decode_steps, encode_chunk, encode_column, encode_steps,
-                                     merge_batch, pack_arrays, unpack_arrays)
+from gradwatch.server.storage.chunks import (BLOCK, CHUNK, Chunk, CodecError, column_storage, decode_chunk,
+                                             decode_column, decode_steps, encode_chunk, encode_column,
+                                             encode_steps, merge_batch, pack_arrays, unpack_arrays)
 
 SPEC = {"pre_norm": "float", "loss": "float", "clipped": "bool", "spike": "bool", "count": "int"}
 

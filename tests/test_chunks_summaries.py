@@ -7,11 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from gradwatch.server.chunks import (BLOCK, CHUNK, MemorySource, bucket_grid, combine, concat, decode_summary,
-                                     decode_tensor_summary, decode_tensors, encode_summary, encode_tensor_summary,
-                                     encode_tensors, heatmap, merge_tensors, overview, series_from_arrays,
-                                     summarize, summarize_tensors)
-from gradwatch.server.stats import downsample_indices
+from gradwatch.server.storage.chunks import (BLOCK, CHUNK, MemorySource, bucket_grid, combine, concat,
+                                             decode_summary, decode_tensor_summary, decode_tensors,
+                                             encode_summary, encode_tensor_summary, encode_tensors, heatmap,
+                                             merge_tensors, overview, series_from_arrays, summarize,
+                                             summarize_tensors)
+from gradwatch.server.analysis.stats import downsample_indices
 
 SPEC = {"pre_norm": "float", "loss": "float", "clipped": "bool", "spike": "bool", "nonfinite": "bool"}
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.procs import ServerProcess
 
-CLI = [sys.executable, "-m", "gradwatch.server.cli"]
+CLI = [sys.executable, "-m", "gradwatch.server.commands.cli"]
 
 
 def gradwatch(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -85,7 +85,7 @@ def test_recommend_with_a_too_small_window_says_so_in_one_sentence(server):
 
 
 def test_detail_in_words_names_each_field_and_limit_of_a_real_422(server):
-    from gradwatch.server.client import ApiClient, ApiError, detail_in_words
+    from gradwatch.server.commands.client import ApiClient, ApiError, detail_in_words
 
     answer = httpx.get(f"{server.url}/api/runs/kept/series", params={"points": "many", "start": "-5"}, timeout=30)
     assert answer.status_code == 422
@@ -106,7 +106,7 @@ def test_clip_rates_read_the_same_in_the_terminal_as_on_the_dashboard(server, ch
     """`format_rate` (recommend, demo, report) against the dashboard's own `formatRate`, run in Chromium."""
     from playwright.sync_api import sync_playwright
 
-    from gradwatch.server.recommend_cmd import format_rate
+    from gradwatch.server.commands.recommend import format_rate
     from tests.test_dashboard_support import launch_chromium
 
     rates = [0.0, 1e-5, 0.0001, 0.00019, 0.004, 0.0123456, 0.05, 0.0999, 0.1, 0.12345, 0.5, 1.0, 2 / 3, 1 / 499]

@@ -18,7 +18,7 @@ import pytest
 
 from tests.procs import child_pids, free_port, pid_alive
 
-CLI = [sys.executable, "-m", "gradwatch.server.cli"]
+CLI = [sys.executable, "-m", "gradwatch.server.commands.cli"]
 
 
 class Demo:
@@ -114,7 +114,7 @@ def test_a_first_run_says_at_once_that_mlx_compiles_its_kernels(tmp_path):
     finally:
         demo.close()
     # Once the cache holds kernels, the first line no longer warns of the compile.
-    warm = subprocess.run([sys.executable, "-c", "from gradwatch.server.demo import first_run_note; "
+    warm = subprocess.run([sys.executable, "-c", "from gradwatch.server.commands.demo import first_run_note; "
                            "print(first_run_note(10))"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "TMPDIR": str(cold)})
     assert warm.returncode == 0, warm.stderr

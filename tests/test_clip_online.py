@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gradwatch.clip import RecommendedClip
-from gradwatch.server.diagnostics import recommend, robust_spikes
+from gradwatch.server.analysis.diagnostics import recommend, robust_spikes
 
 MAD_TO_SIGMA = 1.4826
 

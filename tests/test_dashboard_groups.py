@@ -1,4 +1,4 @@
-"""server/tensor_groups.py against plain NumPy loops: names grouped by module path,
+"""server/analysis/tensor_groups.py against plain NumPy loops: names grouped by module path,
 group norms as the per-step L2 of their tensors, downsampling by bucket max, robust
 per-group spike counts."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from gradwatch.server import tensor_groups as tg
+from gradwatch.server.analysis import tensor_groups as tg
 
 
 def test_module_paths_of_mlx_lm_and_plain_names():

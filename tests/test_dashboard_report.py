@@ -35,7 +35,7 @@ def server(tmp_path_factory):
 
 
 def report(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "report", *args],
+    return subprocess.run([sys.executable, "-m", "gradwatch.server.commands.cli", "report", *args],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -110,7 +110,7 @@ def test_report_skips_events_without_a_step(tmp_path, chromium_path):
     """Moved from test_server_events.py: the report's charts are drawn by charts.js now."""
     from playwright.sync_api import sync_playwright
 
-    from gradwatch.server.report import RunData, render_report
+    from gradwatch.server.commands.report import RunData, render_report
 
     events = [{"step": None, "kind": "spike", "value": 3.0, "threshold": None, "message": "no step", "time": None},
               {"step": None, "kind": "nonfinite", "value": "NaN", "threshold": None, "message": "", "time": None},

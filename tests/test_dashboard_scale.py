@@ -180,7 +180,7 @@ def test_report_draws_the_same_traces_as_the_page(page, server, tmp_path):  # no
     on_page = page.evaluate(f"({summary})('norm-chart')")
     page_axis = page.evaluate("document.getElementById('norm-chart').layout.yaxis.range")
     target = tmp_path / "same.html"
-    done = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "report", SPIKY, "-o", str(target),
+    done = subprocess.run([sys.executable, "-m", "gradwatch.server.commands.cli", "report", SPIKY, "-o", str(target),
                            "--url", server.url], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     drawn_report(page, target)
@@ -197,7 +197,7 @@ def test_the_real_demo_run_fits_its_ordinary_steps(page, tmp_path, output_dir): 
     from tests.procs import free_port
 
     db_url = f"sqlite:///{tmp_path / 'demo.db'}"
-    demo = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "demo", "--steps", "800", "--exit",
+    demo = subprocess.run([sys.executable, "-m", "gradwatch.server.commands.cli", "demo", "--steps", "800", "--exit",
                            "--port", str(free_port()), "--db", db_url],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert demo.returncode == 0, demo.stderr[-2000:]

@@ -32,7 +32,7 @@ def test_demo_stores_a_run_with_clips_spikes_and_a_recommendation(tmp_path):
     # Tokens exported for a team server (as the README suggests) must not lock the demo out.
     env = {**os.environ, "GRADWATCH_TOKEN": "team-write", "GRADWATCH_READ_TOKEN": "team-read"}
     demo = subprocess.run(
-        [sys.executable, "-m", "gradwatch.server.cli", "demo", "--steps", "300", "--exit",
+        [sys.executable, "-m", "gradwatch.server.commands.cli", "demo", "--steps", "300", "--exit",
          "--port", str(free_port()), "--db", db_url],
         capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env,
     )
@@ -85,7 +85,7 @@ def test_demo_on_a_busy_port_says_so_in_one_line(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         demo = subprocess.run(
-            [sys.executable, "-m", "gradwatch.server.cli", "demo", "--steps", "10", "--exit",
+            [sys.executable, "-m", "gradwatch.server.commands.cli", "demo", "--steps", "10", "--exit",
              "--port", str(port), "--db", f"sqlite:///{tmp_path / 'demo.db'}"],
             capture_output=True, text=True, timeout=60, cwd=tmp_path,
         )
@@ -103,7 +103,7 @@ def test_demo_without_an_mlx_backend_says_what_to_install(tmp_path):
         "raise ImportError('libmlx.so: cannot open shared object file: No such file or directory')\n")
     env = {**os.environ, "PYTHONPATH": str(fake.parent)}
     demo = subprocess.run(
-        [sys.executable, "-m", "gradwatch.server.cli", "demo", "--steps", "10", "--exit",
+        [sys.executable, "-m", "gradwatch.server.commands.cli", "demo", "--steps", "10", "--exit",
          "--port", str(free_port()), "--db", f"sqlite:///{tmp_path / 'demo.db'}"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
     )

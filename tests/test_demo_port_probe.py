@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gradwatch.server.demo import DemoError, ensure_port_free
+from gradwatch.server.commands.demo import DemoError, ensure_port_free
 
 
 def _port_in_time_wait() -> int:

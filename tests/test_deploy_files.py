@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from gradwatch.server.cli import DEFAULT_PORT, build_parser
+from gradwatch.server.commands.cli import DEFAULT_PORT, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""server/diagnostics.py against plain Python/NumPy references and hand-made sequences."""
+"""server/analysis/diagnostics.py against plain Python/NumPy references and hand-made sequences."""
 from __future__ import annotations
 
 import ast
@@ -8,8 +8,8 @@ import statistics
 import numpy as np
 import pytest
 
-from gradwatch.server import diagnostics
-from gradwatch.server.diagnostics import RECOMMENDATION_KEYS, loss_spikes, recommend, robust_spikes
+from gradwatch.server.analysis import diagnostics
+from gradwatch.server.analysis.diagnostics import RECOMMENDATION_KEYS, loss_spikes, recommend, robust_spikes
 from tests.test_clip_robust import python_robust, sequence
 
 

@@ -62,7 +62,7 @@ def numpy_rate(norms: np.ndarray, start: int, end: int, threshold: float) -> tup
 
 def cli_figure(server, run: str, window: int | None) -> tuple[float, int, int]:
     """`gradwatch recommend`'s headline: the percentage and the steps it says it is over."""
-    command = [sys.executable, "-m", "gradwatch.server.cli", "recommend", run, "--url", server.url]
+    command = [sys.executable, "-m", "gradwatch.server.commands.cli", "recommend", run, "--url", server.url]
     if window is not None:
         command += ["--window", str(window)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)

@@ -19,7 +19,7 @@ def test_no_bare_top_level_modules_installed(tmp_path):
 
 
 def test_cli_help_lists_subcommands():
-    out = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "--help"],
+    out = subprocess.run([sys.executable, "-m", "gradwatch.server.commands.cli", "--help"],
                          capture_output=True, text=True, check=True).stdout
     for command in ("serve", "demo", "recommend", "push", "report"):
         assert command in out
@@ -30,8 +30,8 @@ def test_server_never_imports_the_agent_clip_or_mlx():
     one piece of `clip` the server may share is the spike rule in plain NumPy (`clip/spike_rule.py`),
     loaded without MLX."""
     code = (
-        "import sys, gradwatch.server.app, gradwatch.server.cli, gradwatch.server.demo, "
-        "gradwatch.server.report, gradwatch.server.recommend_cmd\n"
+        "import sys, gradwatch.server.app.factory, gradwatch.server.commands.cli, gradwatch.server.commands.demo, "
+        "gradwatch.server.commands.report, gradwatch.server.commands.recommend\n"
         "shared = {'gradwatch.clip', 'gradwatch.clip.spike_rule'}\n"
         "bad = sorted(m for m in sys.modules if m.startswith(('gradwatch.agent', 'gradwatch.clip', 'mlx'))"
         " and m not in shared)\n"
@@ -43,6 +43,6 @@ def test_server_never_imports_the_agent_clip_or_mlx():
 
 
 def test_demo_steps_must_be_positive():
-    result = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "demo", "--steps", "0"],
+    result = subprocess.run([sys.executable, "-m", "gradwatch.server.commands.cli", "demo", "--steps", "0"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "must be at least 1, got 0" in result.stderr

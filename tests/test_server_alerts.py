@@ -9,8 +9,8 @@ import threading
 import numpy as np
 import pytest
 
-from gradwatch.server.alerts import (Alert, AlertDispatcher, AlertRules, ClipHistory, MemoryClaims, PostTimeout,
-                                     batch_alerts, post_json)
+from gradwatch.server.alerts.dispatch import (Alert, AlertDispatcher, AlertRules, ClipHistory, MemoryClaims,
+                                              PostTimeout, batch_alerts, post_json)
 
 
 class Receiver:

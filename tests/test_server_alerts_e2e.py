@@ -5,8 +5,8 @@ import httpx
 import numpy as np
 import pytest
 
-from gradwatch.server.cli import build_parser, settings_from_args
-from gradwatch.server.settings import Settings
+from gradwatch.server.commands.cli import build_parser, settings_from_args
+from gradwatch.server.app.settings import Settings
 from tests.test_server_alerts import Receiver, TrickleReceiver
 from tests.test_server_support import make_batch, post, start_server
 
@@ -104,7 +104,7 @@ def test_a_webhook_trickling_a_byte_every_2_s_does_not_stop_a_healthy_one(tmp_pa
 
 def test_two_dispatchers_on_one_database_send_an_alert_once(tmp_path):
     """Two workers' dispatchers (one database claim table) see the same NaN: one post."""
-    from gradwatch.server.alerts import AlertDispatcher, AlertRules, DatabaseClaims
+    from gradwatch.server.alerts.dispatch import AlertDispatcher, AlertRules, DatabaseClaims
     from gradwatch.server.storage import create_schema, make_engine
 
     engine = make_engine(f"sqlite:///{tmp_path / 'claims.db'}")

@@ -184,7 +184,7 @@ def test_dashboard_files_are_served_with_a_strict_csp(open_server):
 
 
 def _serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "serve", *args],
+    return subprocess.run([sys.executable, "-m", "gradwatch.server.commands.cli", "serve", *args],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -209,13 +209,13 @@ def test_recommend_command_prints_the_recommendation(open_server):
     with httpx.Client(base_url=open_server.url, timeout=30) as client:
         post(client, "cli-run", make_batch(np.arange(500), rng))
         expected = client.get("/api/runs/cli-run/recommendation").json()
-    result = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "recommend", "cli-run",
+    result = subprocess.run([sys.executable, "-m", "gradwatch.server.commands.cli", "recommend", "cli-run",
                              "--url", open_server.url], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert f"{expected['threshold']:.6g}" in result.stdout and "p95" in result.stdout
     assert expected["rationale"] in result.stdout and "threshold / median" in result.stdout
     assert f"{expected['ratio_to_median']:.6g}" in result.stdout
-    missing = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "recommend", "nope",
+    missing = subprocess.run([sys.executable, "-m", "gradwatch.server.commands.cli", "recommend", "nope",
                               "--url", open_server.url], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "404" in missing.stderr
 

@@ -5,9 +5,9 @@ import math
 
 import numpy as np
 
-from gradwatch.server.storage import create_schema, make_engine
-from gradwatch.server.schemas import BOOL_FIELDS, FLOAT_FIELDS, VALUE_COLUMNS, parse_batch
-from gradwatch.server.storage import Store
+from gradwatch.server.storage import create_schema, make_engine, Store
+from gradwatch.server.storage.registry import BOOL_FIELDS, FLOAT_FIELDS, VALUE_COLUMNS
+from gradwatch.server.wire import parse_batch
 from tests.test_server_support import make_batch
 
 

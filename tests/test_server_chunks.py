@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from gradwatch.server.chunks import BLOCK, CHUNK, column_storage, decode_summaries
-from gradwatch.server.schemas import parse_batch
+from gradwatch.server.storage.chunks import BLOCK, CHUNK, column_storage, decode_summaries
+from gradwatch.server.wire import parse_batch
 from gradwatch.server.storage import Store, create_schema, make_engine, normalize_url
 from tests.test_server_support import db_url_for, post, start_server
 
@@ -202,9 +202,9 @@ def test_the_recommendation_reads_the_runs_tail_and_answers_as_for_the_whole_run
     answer on the whole run's arrays (default window, an explicit one, a target rate)."""
     from fastapi.testclient import TestClient
 
-    from gradwatch.server import stats
-    from gradwatch.server.app import create_app
-    from gradwatch.server.settings import Settings
+    from gradwatch.server.analysis import stats
+    from gradwatch.server.app.factory import create_app
+    from gradwatch.server.app.settings import Settings
 
     rng = np.random.default_rng(4)
     n = 30_000
@@ -266,7 +266,7 @@ def test_grouped_tensors_streamed_by_chunk_equal_the_whole_matrix(tmp_path, leve
     group norm must be the L2 of its members' sent norms (NumPy, from the values sent), and
     the answer the one computed from the whole per-step matrix, a layout growing mid-run
     included."""
-    from gradwatch.server import tensor_groups
+    from gradwatch.server.analysis import tensor_groups
 
     engine = make_engine(f"sqlite:///{tmp_path / 'g.db'}")
     create_schema(engine)

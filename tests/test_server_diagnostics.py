@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from gradwatch.server.app import create_app
-from gradwatch.server.settings import Settings
+from gradwatch.server.app.factory import create_app
+from gradwatch.server.app.settings import Settings
 
 WRITE, READ = "w-token", "r-token"
 
@@ -210,7 +210,7 @@ def test_a_stored_event_of_the_same_kind_and_step_is_not_repeated(client):
 
 
 def test_server_rules_cover_the_recent_span_and_agent_columns_the_whole_run(client):
-    from gradwatch.server.derived_events import SERVER_RULE_SPAN
+    from gradwatch.server.analysis.derived_events import SERVER_RULE_SPAN
 
     n = SERVER_RULE_SPAN + 1000
     rng = np.random.default_rng(11)

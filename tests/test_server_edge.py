@@ -11,7 +11,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from gradwatch.server.settings import Settings
+from gradwatch.server.app.settings import Settings
 from tests.test_server_support import start_server
 
 GW = "gw.example"
@@ -87,7 +87,7 @@ def test_two_host_headers_or_a_list_are_refused(loopback, hosts, kind):
 
 @pytest.mark.parametrize("bind", ["::ffff:127.0.0.1", "127.000.000.001", "127.1", "[::1]", "127.0.0.2"])
 def test_loopback_is_recognised_whatever_its_spelling(bind):
-    from gradwatch.server.security import allowed_hosts, is_loopback
+    from gradwatch.server.app.security import allowed_hosts, is_loopback
 
     assert is_loopback(bind)
     assert allowed_hosts(bind, []) is not None and "evil.example" not in allowed_hosts(bind, [])
@@ -95,7 +95,7 @@ def test_loopback_is_recognised_whatever_its_spelling(bind):
 
 @pytest.mark.parametrize("bind", ["0.0.0.0", "::", "10.1.2.3", "::ffff:10.1.2.3", "gw.example"])
 def test_other_bind_addresses_are_not_loopback(bind):
-    from gradwatch.server.security import is_loopback
+    from gradwatch.server.app.security import is_loopback
 
     assert not is_loopback(bind)
 
@@ -158,7 +158,7 @@ def test_settings_take_comma_lists_from_the_environment(monkeypatch):
     settings = Settings()
     assert settings.allow_origin == ["https://a.example", "https://b.example"]
     assert settings.allow_host == ["a.example"]
-    from gradwatch.server.cli import build_parser, settings_from_args
+    from gradwatch.server.commands.cli import build_parser, settings_from_args
 
     args = build_parser().parse_args(["serve", "--allow-host", "x.example", "--allow-host", "y.example,z"])
     assert settings_from_args(args).allow_host == ["x.example", "y.example", "z"]

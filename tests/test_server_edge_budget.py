@@ -15,8 +15,8 @@ import threading
 import httpx
 import orjson
 
-from gradwatch.server.app import create_app
-from gradwatch.server.settings import Settings
+from gradwatch.server.app.factory import create_app
+from gradwatch.server.app.settings import Settings
 
 MAX_BODY = 200_000
 
@@ -72,7 +72,7 @@ def test_concurrent_bodies_are_parsed_at_most_two_full_bodies_at_a_time(tmp_path
 
 def test_small_bodies_share_the_budget():
     """Sixteen 10 kB bodies fit in 2 x 200 kB at once: nobody waits."""
-    from gradwatch.server.security import ByteBudget
+    from gradwatch.server.app.security import ByteBudget
 
     budget = ByteBudget(2 * MAX_BODY)
     gate = asyncio.Event
@@ -102,7 +102,7 @@ def test_small_bodies_share_the_budget():
 def test_two_half_read_bodies_never_wait_on_each_other():
     """A and B each hold 40% and want 40% more: the oldest (A) goes first, B waits for it;
     without that rule both would wait for ever."""
-    from gradwatch.server.security import ByteBudget
+    from gradwatch.server.app.security import ByteBudget
 
     budget = ByteBudget(1000)
     order: list[str] = []

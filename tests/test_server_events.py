@@ -8,10 +8,9 @@ import math
 import pytest
 from sqlalchemy import create_engine
 
-from gradwatch.server import stats
-from gradwatch.server.storage import SCHEMA_VERSION, create_schema, make_engine, normalize_url
-from gradwatch.server.schemas import parse_batch
-from gradwatch.server.storage import Store
+from gradwatch.server.analysis import stats
+from gradwatch.server.storage import SCHEMA_VERSION, create_schema, make_engine, normalize_url, Store
+from gradwatch.server.wire import parse_batch
 from tests.test_server_support import db_url_for
 
 

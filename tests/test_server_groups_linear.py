@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from gradwatch.server import tensor_groups as tg
-from gradwatch.server.schemas import parse_batch
+from gradwatch.server.analysis import tensor_groups as tg
+from gradwatch.server.wire import parse_batch
 from gradwatch.server.storage import Store, create_schema, make_engine
 from tests.test_server_support import start_server
 

@@ -19,7 +19,7 @@ from websockets.http11 import Response
 from websockets.sync.client import connect
 from websockets.uri import parse_uri
 
-from gradwatch.server.live import LiveHub, Subscriber, resync_message
+from gradwatch.server.app.live import LiveHub, Subscriber, resync_message
 from tests.test_server_support import start_server
 
 QUEUE_BYTES = 64 * 1024

@@ -21,8 +21,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
-from gradwatch.server.app import create_app
-from gradwatch.server.settings import Settings
+from gradwatch.server.app.factory import create_app
+from gradwatch.server.app.settings import Settings
 from gradwatch.server.storage import SCHEMA_VERSION, SchemaError, upgrade_database
 from gradwatch.server.storage.migrate import head_revision
 
@@ -172,7 +172,7 @@ def test_a_server_older_than_the_database_refuses_naming_both_versions(tmp_path)
     with pytest.raises(SchemaError) as error:
         upgrade_database(url)
     assert "42" in str(error.value) and f"version {SCHEMA_VERSION}" in str(error.value)
-    result = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "serve", "--db", url, "--port", "1"],
+    result = subprocess.run([sys.executable, "-m", "gradwatch.server.commands.cli", "serve", "--db", url, "--port", "1"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "schema version 42" in result.stderr and f"schema version {SCHEMA_VERSION}" in result.stderr

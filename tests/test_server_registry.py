@@ -79,8 +79,8 @@ def test_every_registry_column_is_stored_as_its_own_chunk_column(tmp_path):
 
     import numpy as np
 
-    from gradwatch.server.chunks import column_storage
-    from gradwatch.server.schemas import parse_batch
+    from gradwatch.server.storage.chunks import column_storage
+    from gradwatch.server.wire import parse_batch
     from gradwatch.server.storage import Store, create_schema, make_engine
 
     engine = make_engine(f"sqlite:///{tmp_path / 'r.db'}")

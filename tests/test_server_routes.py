@@ -15,8 +15,8 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from pydantic import TypeAdapter
 
-from gradwatch.server.app import create_app
-from gradwatch.server.settings import Settings
+from gradwatch.server.app.factory import create_app
+from gradwatch.server.app.settings import Settings
 from tests.procs import ServerProcess
 
 WRITE, READ = "w-token", "r-token"
@@ -56,7 +56,7 @@ def test_every_json_answer_validates_against_its_declared_model(client):
     assert post(client, "models", batch(0, 300)).status_code == 200
     openapi = client.get("/openapi.json").json()
     checked = 0
-    from gradwatch.server.routes import ROUTERS
+    from gradwatch.server.app.routes import ROUTERS
 
     for route in (route for router in ROUTERS for route in router.routes):
         if not isinstance(route, APIRoute) or "GET" not in route.methods or route.response_model is None:
@@ -136,7 +136,7 @@ def test_the_delete_command_deletes_through_a_real_server(tmp_path):
         with httpx.Client(base_url=server.url, timeout=30) as http:
             assert http.post("/api/runs/doomed/steps", json=batch(0, 5),
                              headers={"Authorization": f"Bearer {WRITE}"}).status_code == 200
-        command = [sys.executable, "-m", "gradwatch.server.cli", "delete", "doomed", "--url", server.url,
+        command = [sys.executable, "-m", "gradwatch.server.commands.cli", "delete", "doomed", "--url", server.url,
                    "--yes"]  # no confirmation prompt (`gradwatch delete` asks without it)
         refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert refused.returncode == 1 and "401" in refused.stderr
@@ -148,9 +148,9 @@ def test_the_delete_command_deletes_through_a_real_server(tmp_path):
 
 
 def test_serve_help_documents_every_flag_and_its_variable():
-    out = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "serve", "--help"],
+    out = subprocess.run([sys.executable, "-m", "gradwatch.server.commands.cli", "serve", "--help"],
                          capture_output=True, text=True, check=True).stdout
-    from gradwatch.server.settings import SERVE_FLAGS
+    from gradwatch.server.app.settings import SERVE_FLAGS
 
     flat = " ".join(out.split())
     for field, flag in SERVE_FLAGS.items():
@@ -158,7 +158,7 @@ def test_serve_help_documents_every_flag_and_its_variable():
 
 
 def test_variables_and_flags_layer_on_one_settings_class(monkeypatch):
-    from gradwatch.server.cli import build_parser, settings_from_args
+    from gradwatch.server.commands.cli import build_parser, settings_from_args
 
     monkeypatch.setenv("GRADWATCH_DB", "sqlite:///from-env.db")
     monkeypatch.setenv("GRADWATCH_TOKEN", "env-token")

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from gradwatch.server import stats
-from gradwatch.server.schemas import BatchError, parse_batch
+from gradwatch.server.analysis import stats
+from gradwatch.server.wire import BatchError, parse_batch
 
 
 def norms(n: int = 5000, seed: int = 0) -> np.ndarray:

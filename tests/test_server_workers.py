@@ -227,13 +227,13 @@ def test_a_taken_port_is_a_clear_error_even_for_another_reuseport_server(tmp_pat
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "serve", "--db",
+        result = subprocess.run([sys.executable, "-m", "gradwatch.server.commands.cli", "serve", "--db",
                                  f"sqlite:///{tmp_path / 'a.db'}", "--port", str(port), "--workers", "2"],
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
     first, pids = start_workers(tmp_path)
     try:
-        result = subprocess.run([sys.executable, "-m", "gradwatch.server.cli", "serve", "--db",
+        result = subprocess.run([sys.executable, "-m", "gradwatch.server.commands.cli", "serve", "--db",
                                  f"sqlite:///{tmp_path / 'b.db'}", "--port", str(first.port), "--workers", "2"],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{first.port}" in result.stderr

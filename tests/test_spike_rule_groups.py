@@ -1,11 +1,11 @@
-"""server/tensor_groups.py's group spikes use the shared rule's adaptive bound: equal to a plain
+"""server/analysis/tensor_groups.py's group spikes use the shared rule's adaptive bound: equal to a plain
 per-step reference (np.median, np.quantile) on hard sequences, whatever the block shortcut does."""
 from __future__ import annotations
 
 import numpy as np
 
 from gradwatch.clip import spike_rule as rule
-from gradwatch.server import tensor_groups as tg
+from gradwatch.server.analysis import tensor_groups as tg
 
 
 def per_step_adaptive(logs: np.ndarray, history=200, warmup=25, min_scale=0.01) -> np.ndarray:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradwatch.server.chunks import CHUNK
+from gradwatch.server.storage.chunks import CHUNK
 from gradwatch.server.storage import Store, create_schema, make_engine
 from tests.test_storage_summaries import Batch, Column
 

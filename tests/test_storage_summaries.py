@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.server.chunks import BLOCK, CHUNK, decode_summaries, summarize
+from gradwatch.server.storage.chunks import BLOCK, CHUNK, decode_summaries, summarize
 from gradwatch.server.storage import Store, create_schema, make_engine
 from gradwatch.server.storage.chunk_rows import KEY, SPEC
 

@@ -156,7 +156,7 @@ def test_an_older_server_that_reads_only_json_gets_json_from_the_agent(tmp_path,
         "tensor_norms": {"names": ["w", "b"], "norms": typed_array(norms)}}}), 5)
     spool.close()
     monkeypatch.setenv("PYTHONPATH", str(site.parent))  # the server process imports the release
-    with ServerProcess(f"sqlite:///{tmp_path / 'old.db'}") as old:
+    with ServerProcess(f"sqlite:///{tmp_path / 'old.db'}", cli_module="gradwatch.server.cli") as old:
         monkeypatch.delenv("PYTHONPATH")
         _, stats = push(tmp_path / "spool", old.url, timeout=60)
         assert stats.accepted == 5

@@ -1,9 +1,14 @@
-"""Storage: the column registry and tables, ingest, reads, the run cache, serialisation.
+"""Storage: the column registry and tables, migrations, ingest, reads, the run cache, the chunks.
 
 - `registry`: step columns and event kinds, declared once (how to add one: its docstring)
 - `tables`: the SQLAlchemy tables at Alembic head; `migrate`: upgrade before serving
-- `engine`: engines and raw connections; `ingest`, `reads`, `cache`, `serialise`
+  (`migrations/`: the Alembic revisions)
+- `chunks/`: the chunk layout in pure NumPy (codec, merge, summaries, overview, tensor norms);
+  `chunk_rows` moves its blobs in and out of the tables
+- `engine`: engines and raw connections; `ingest`, `reads`, `cache`, `tails`, `wal`, `serialise`
 - `store.Store`: the facade routes use
+
+Imports nothing of the app, analysis, alerts or commands rooms.
 """
 from gradwatch.server.storage.cache import RunArrays, RunCache
 from gradwatch.server.storage.engine import make_engine, normalize_url

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradwatch.server.chunks import CHUNK, Chunk
-from gradwatch.server.chunks.summaries import Summary, concat
+from gradwatch.server.storage.chunks import CHUNK, Chunk
+from gradwatch.server.storage.chunks.summaries import Summary, concat
 from gradwatch.server.storage.chunk_rows import arrays_of
 from gradwatch.server.storage.registry import VALUE_COLUMNS, value_columns
 

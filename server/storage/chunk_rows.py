@@ -1,7 +1,7 @@
 """A run's chunks in SQL: the rows of `chunks`, `chunk_columns`, `chunk_summaries`,
 `tensor_chunks` and `tensor_summaries` (tables.py), read and written on a DBAPI cursor.
 
-The codec, merge and summaries are `server/chunks/` (pure NumPy); this module
+The codec, merge and summaries are `server/storage/chunks/` (pure NumPy); this module
 only moves their blobs in and out of the database, so ingest, reads and the
 migration share one spelling of the SQL.
 
@@ -38,13 +38,14 @@ from typing import Iterable
 
 import numpy as np
 
-from gradwatch.server.chunks import (BLOCK, CHUNK, Chunk, TensorChunk, TensorSummary, combine,
-                                     decode_chunk, decode_summaries, decode_tensor_summary, decode_tensors,
-                                     encode_chunk, encode_summary, encode_tensor_summary, encode_tensors,
-                                     merge_tensors, summarize, summarize_tensors)
-from gradwatch.server.chunks.codec import NULL, CodecError, empty_values, pack_arrays, unpack_arrays
-from gradwatch.server.chunks.downsample import kept_rows_of
-from gradwatch.server.chunks.summaries import Summary, empty_summary, extend, summary_matrices
+from gradwatch.server.storage.chunks import (BLOCK, CHUNK, Chunk, TensorChunk, TensorSummary, combine,
+                                             decode_chunk, decode_summaries, decode_tensor_summary,
+                                             decode_tensors, encode_chunk, encode_summary,
+                                             encode_tensor_summary, encode_tensors, merge_tensors, summarize,
+                                             summarize_tensors)
+from gradwatch.server.storage.chunks.codec import NULL, CodecError, empty_values, pack_arrays, unpack_arrays
+from gradwatch.server.storage.chunks.downsample import kept_rows_of
+from gradwatch.server.storage.chunks.summaries import Summary, empty_summary, extend, summary_matrices
 from gradwatch.server.storage.registry import FLOAT_FIELDS, STEP_COLUMNS, value_columns
 
 SPEC: dict[str, str] = {column.name: column.type for column in STEP_COLUMNS if column.name != "step"}

@@ -3,7 +3,7 @@
 One transaction per batch on a raw DBAPI connection. The run's row is locked
 first (SQLite: `BEGIN IMMEDIATE` holds the write lock; PostgreSQL: `SELECT
 ... FOR UPDATE`), then the chunks the batch touches are read, the batch is
-merged into them (`server/chunks/merge.py`: a step not stored yet is added,
+merged into them (`server/storage/chunks/merge.py`: a step not stored yet is added,
 an equal resend is a duplicate, a different one a conflict, stored as a
 `conflict` event and never an overwrite), and the changed chunks are written
 back with their summaries and the run's new version. A late step lands in its
@@ -29,14 +29,14 @@ import orjson
 from sqlalchemy import Engine
 
 from gradwatch.server.storage.engine import Database, rollback_quietly
-from gradwatch.server.chunks import CHUNK, BatchMerge, merge_batch, merge_tensors, split_by_chunk
+from gradwatch.server.storage.chunks import CHUNK, BatchMerge, merge_batch, merge_tensors, split_by_chunk
 from gradwatch.server.storage.chunk_rows import MAX_SEGMENTS, SPEC, ChunkRows, complete, summary_of, tail_rows
 from gradwatch.server.storage.tails import Tail, TailCache
 from gradwatch.server.storage.serialise import encode_floats
 from gradwatch.server.storage.wal import WalCheckpointer
 
 if TYPE_CHECKING:
-    from gradwatch.server.schemas import Batch
+    from gradwatch.server.wire import Batch
 
 INGEST_CONFIGURED = "gradwatch_ingest_configured"  # key in a pooled connection's .info
 MAX_RUN_META_BYTES = 1 << 20   # a run's stored `meta` (the merge of every message's), as JSON

@@ -23,7 +23,7 @@ from sqlalchemy.pool import NullPool
 from gradwatch.server.storage.engine import make_engine
 from gradwatch.server.storage.tables import SCHEMA_VERSION
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 LEGACY_REVISIONS = {1: "0001", 2: "0002"}   # schema_version before Alembic -> its revision
 ADVISORY_LOCK_KEY = 0x67726477              # "grdw": pg_advisory_xact_lock key of the upgrade
 

@@ -17,9 +17,9 @@ import numpy as np
 import orjson
 from sqlalchemy import Engine
 
-from gradwatch.server.chunks import (BLOCK, CHUNK, Chunk, Series, combine, decode_summaries, heatmap,
-                                     overview)
-from gradwatch.server.chunks.summaries import Summary, empty_summary
+from gradwatch.server.storage.chunks import (BLOCK, CHUNK, Chunk, Series, combine, decode_summaries, heatmap,
+                                             overview)
+from gradwatch.server.storage.chunks.summaries import Summary, empty_summary
 from gradwatch.server.storage.cache import EDGE_CHUNKS, OverviewEntry, RunCache
 from gradwatch.server.storage.chunk_rows import KEPT_FLAGS, KEY, SPEC, ChunkRows, arrays_of
 from gradwatch.server.storage.engine import Database
@@ -185,7 +185,7 @@ class Reader(Database):
 
     def overview(self, run_id: int, start: int | None, end: int | None, points: int,
                  fields: tuple[str, ...], cache: RunCache | None = None) -> Series:
-        """The downsampled series of steps [start, end] (`server/chunks/downsample.py`): from the
+        """The downsampled series of steps [start, end] (`server/storage/chunks/downsample.py`): from the
         summaries, decoding raw chunks only at the range's edges and where spikes or non-finite
         steps are to be kept.
 
@@ -313,7 +313,7 @@ class Reader(Database):
         most about `points` buckets of consecutive steps; each tensor keeps its largest norm in
         a bucket (a NaN wins: it is the thing to see), a bucket is labelled by its first step,
         `absent` marks tensors a bucket never saw. From the per-64-step summaries, raw rows
-        only where the range cuts a summary (`server/chunks/tensors.py`)."""
+        only where the range cuts a summary (`server/storage/chunks/tensors.py`)."""
         first, last = self.step_range(run_id)
         lo = first if start is None or first is not None and start < first else start
         hi = last if end is None or last is not None and end > last else end

@@ -18,7 +18,7 @@ Adding an event kind: append an `EventKind` to `EVENT_KINDS`.
 
 Non-finite floats: on the wire and in CSV a float may be the string "NaN",
 "Infinity" or "-Infinity" (`NONFINITE_SPELLING`); a chunk column keeps NaN and
-±Inf as floats and missing values in a validity bitmap (`server/chunks/codec.py`),
+±Inf as floats and missing values in a validity bitmap (`server/storage/chunks/codec.py`),
 so a missing value stays apart from a NaN.
 """
 from __future__ import annotations

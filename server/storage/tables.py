@@ -1,6 +1,6 @@
 """Table definitions (SQLAlchemy Core), the `steps` columns taken from the registry.
 
-This is the schema at Alembic head; `server/migrations/versions/` holds how each
+This is the schema at Alembic head; `server/storage/migrations/versions/` holds how each
 older layout becomes this one (the revisions spell their own columns out: a
 migration must not change when the registry grows). `test_server_migrations`
 checks that a fresh database upgraded to head matches these tables.
@@ -13,7 +13,7 @@ Layout:
   by every batch that stores rows.
 - `chunks`, `chunk_columns`, `chunk_summaries`: a run's steps in chunks of
   4,096 consecutive step numbers, each column one packed blob per chunk, with
-  a summary entry per 64 steps written at ingest (server/chunks/ for
+  a summary entry per 64 steps written at ingest (server/storage/chunks/ for
   the codec, storage/chunk_rows.py for the rows). Measured against the row per
   step it replaced (schema 4): `benchmarks/scale_bench.py`. A batch that only
   appends to a chunk adds a segment (`seg`) holding just its rows instead of
@@ -119,7 +119,7 @@ events = Table(
     Index("ix_events_run_step", "run_id", "step"),
 )
 
-# The alert rate limit shared by workers and servers (server/alerts.py `DatabaseClaims`).
+# The alert rate limit shared by workers and servers (server/alerts/dispatch.py `DatabaseClaims`).
 alert_claims = Table(
     "alert_claims", metadata,
     Column("run", String(200), primary_key=True),

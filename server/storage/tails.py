@@ -14,8 +14,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from gradwatch.server.chunks import Chunk
-from gradwatch.server.chunks.summaries import Summary
+from gradwatch.server.storage.chunks import Chunk
+from gradwatch.server.storage.chunks.summaries import Summary
 
 
 @dataclass(frozen=True)

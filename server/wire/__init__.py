@@ -7,6 +7,8 @@
 - `columns`, `messages`: the one schema both meet (a batch's columns; the message around
   it), with the same refusals in the same words;
 - `models`: what a decoded body becomes (`Batch`, `Column`, `IngestMessage`, `BatchError`).
+- `responses`: the JSON shapes the API answers with (the response models, OpenAPI at
+  `/docs`); handlers build plain dicts.
 
 docs/wire.md is the prose version of this package.
 """

@@ -1,4 +1,8 @@
-"""Statistics and threshold recommendations: numpy arrays in, plain dicts out.
+"""Window statistics (percentiles, clip rates, what-if, histogram, drift) and the API's
+recommendation answer: numpy arrays in, plain dicts out.
+
+The threshold itself is computed in one place, `diagnostics.recommend`; `recommend` here
+adds the fields around it that the API, the dashboard and `gradwatch recommend` read.
 
 Pure functions, no I/O, testable without HTTP. Percentiles are numpy's
 default (linear interpolation) over the finite pre-clip norms; a candidate's
@@ -171,7 +175,7 @@ def recommend(steps: np.ndarray, pre_norm: np.ndarray, threshold: np.ndarray | N
     `warnings` (drift, a level shift, too few clean steps). ValueError for a
     `target_clip_rate` outside [0, 1) or a `window` below 100.
     """
-    from gradwatch.server import diagnostics  # pure numpy; imported here to keep `stats` light
+    from gradwatch.server.analysis import diagnostics  # pure numpy; imported here to keep `stats` light
 
     result = diagnostics.recommend(steps, pre_norm, window=window, target_clip_rate=target_clip_rate,
                                    current_threshold=current_threshold(threshold))

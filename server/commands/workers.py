@@ -14,7 +14,7 @@ once in `serve.check_database`):
 
 - binds the N sockets (a plain bind first, so a port already in use, even by another
   SO_REUSEPORT server, is an error rather than a silently shared port), then starts N
-  `python -m gradwatch.server.workers` children, each given one socket and the read end
+  `python -m gradwatch.server.commands.workers` children, each given one socket and the read end
   of a pipe whose write end only the supervisor holds; it keeps no copy of the sockets,
   so a dead worker's socket closes with it and the kernel sends every new connection to
   the workers still alive;
@@ -46,8 +46,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from gradwatch.server.serve import _fail, announce, bind_socket, uvicorn_options
-from gradwatch.server.settings import SETTINGS_ENV, Settings
+from gradwatch.server.commands.serve import _fail, announce, bind_socket, uvicorn_options
+from gradwatch.server.app.settings import SETTINGS_ENV, Settings
 
 WORKER_HEADER = b"x-gradwatch-worker"
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -74,7 +74,7 @@ class WorkerHeader:
 
 def app_from_env():
     """Factory for uvicorn's own worker processes (the fallback without SO_REUSEPORT)."""
-    from gradwatch.server.app import create_app
+    from gradwatch.server.app.factory import create_app
 
     return WorkerHeader(create_app(Settings.from_env()))
 
@@ -166,7 +166,7 @@ class Supervisor:
 
     def _spawn(self, index: int, sock: socket.socket) -> int:
         env = {**os.environ, SETTINGS_ENV: self.settings.to_env()}
-        command = [sys.executable, "-m", "gradwatch.server.workers",
+        command = [sys.executable, "-m", "gradwatch.server.commands.workers",
                    str(index), str(sock.fileno()), str(self._read_end)]
         process = subprocess.Popen(command, env=env, pass_fds=(sock.fileno(), self._read_end),
                                    start_new_session=True)
@@ -295,7 +295,7 @@ def serve_shared_socket(settings: Settings, why: str) -> int:
     print(f"gradwatch serve: {why}; using uvicorn's workers, which share one socket "
           f"(keep-alive connections may not spread evenly)", file=sys.stderr, flush=True)
     os.environ[SETTINGS_ENV] = settings.to_env()
-    uvicorn.run("gradwatch.server.workers:app_from_env", factory=True, host=settings.host,
+    uvicorn.run("gradwatch.server.commands.workers:app_from_env", factory=True, host=settings.host,
                 port=settings.port, workers=settings.workers, **uvicorn_options(settings))
     return 0
 
@@ -311,11 +311,11 @@ def _watch_supervisor(pipe_fd: int, server) -> None:
 
 
 def worker_main(argv: list[str]) -> int:
-    """One worker: `python -m gradwatch.server.workers INDEX SOCKET_FD PIPE_FD`."""
+    """One worker: `python -m gradwatch.server.commands.workers INDEX SOCKET_FD PIPE_FD`."""
     import uvicorn
 
-    from gradwatch.server.app import create_app
-    from gradwatch.server.malloc import limit_retained_memory
+    from gradwatch.server.app.factory import create_app
+    from gradwatch.server.app.malloc import limit_retained_memory
 
     limit_retained_memory()   # before any thread starts: the arenas are per thread
     _index, sock_fd, pipe_fd = (int(arg) for arg in argv)

@@ -15,12 +15,13 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
-from gradwatch.server.live import LiveHub, batch_points
-from gradwatch.server.routes.deps import DB_ERRORS, WRITE, HubDep, RunName, StoreDep, json_response
+from gradwatch.server.app.live import LiveHub, batch_points
+from gradwatch.server.app.routes.deps import DB_ERRORS, WRITE, HubDep, RunName, StoreDep, json_response
 from gradwatch.server import wire
-from gradwatch.server.schemas import BatchError, IngestAnswer
+from gradwatch.server.wire import BatchError
+from gradwatch.server.wire.responses import IngestAnswer
 from gradwatch.server.storage import MetaTooLarge, Store
-from gradwatch.server.security import BudgetHold, presented_token, refuse_handshake, token_status
+from gradwatch.server.app.security import BudgetHold, presented_token, refuse_handshake, token_status
 
 log = logging.getLogger("gradwatch.server")
 router = APIRouter(tags=["ingest"])

@@ -33,7 +33,7 @@ import numpy as np
 import orjson
 
 from gradwatch.clip import spike_rule as rule   # the shared rule, pure NumPy (loads no MLX)
-from gradwatch.server.schemas import BatchError
+from gradwatch.server.wire import BatchError
 
 LEVELS = ("block", "module", "tensor")
 # The first `<name>.<integer>` in a path ends the block: `layers.3`, `model.layers.12`, `h.0`.

@@ -7,6 +7,6 @@
 - `static`: /, /static/{name}, /healthz
 - `deps`: the typed dependencies (store, settings, hub, auth) every route takes
 """
-from gradwatch.server.routes import ingest, live, runs, static, statistics
+from gradwatch.server.app.routes import ingest, live, runs, static, statistics
 
 ROUTERS = (static.router, ingest.router, live.router, runs.router, statistics.router)

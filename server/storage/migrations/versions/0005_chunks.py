@@ -109,8 +109,8 @@ class _Progress:
 
 def _copy_steps(cursor, rows_io, sql, run_id: int, version: int, progress: _Progress, run: str,
                 index: int) -> int:
-    from gradwatch.server.chunks import series_from_arrays
-    from gradwatch.server.chunks.codec import CHUNK
+    from gradwatch.server.storage.chunks import series_from_arrays
+    from gradwatch.server.storage.chunks.codec import CHUNK
 
     names = ", ".join(name for name, _ in OLD_COLUMNS)
     written = 0
@@ -141,8 +141,8 @@ def _copy_steps(cursor, rows_io, sql, run_id: int, version: int, progress: _Prog
 
 
 def _copy_tensors(cursor, rows_io, sql, run_id: int, version: int) -> None:
-    from gradwatch.server.chunks import merge_tensors
-    from gradwatch.server.chunks.codec import CHUNK
+    from gradwatch.server.storage.chunks import merge_tensors
+    from gradwatch.server.storage.chunks.codec import CHUNK
 
     cursor.execute(sql("SELECT id, names FROM tensor_layouts WHERE run_id = ?"), (run_id,))
     layouts = {layout_id: json.loads(names) for layout_id, names in cursor.fetchall()}

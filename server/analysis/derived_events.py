@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-from gradwatch.server import diagnostics
+from gradwatch.server.analysis import diagnostics
 from gradwatch.server.storage.serialise import encode_float
 from gradwatch.server.storage.reads import merge_newest_first
 

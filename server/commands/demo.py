@@ -143,7 +143,7 @@ def ensure_port_free(port: int) -> None:
 def start_server(db_url: str, port: int) -> subprocess.Popen:
     """Start `gradwatch serve` and wait for /healthz; a clear DemoError if it cannot start."""
     ensure_port_free(port)
-    command = [sys.executable, "-m", "gradwatch.server.cli", "serve", "--db", db_url, "--port", str(port)]
+    command = [sys.executable, "-m", "gradwatch.server.commands.cli", "serve", "--db", db_url, "--port", str(port)]
     # A file, not a pipe: nobody reads a pipe while the demo serves, and a full one blocks the server.
     errors = tempfile.TemporaryFile(mode="w+")
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True, env=demo_environment(),
@@ -186,7 +186,7 @@ def summarise(api: ApiClient, run: str) -> RunSummary:
 
 
 def _share(rate) -> str:
-    from .recommend_cmd import format_rate
+    from .recommend import format_rate
 
     return format_rate(rate)
 
@@ -195,7 +195,7 @@ def format_summary(summary: RunSummary) -> str:
     """What the run did (whole run), then the recommendation and the one clip rate it would have
     had over the recommendation's window (every finite step of it, as `gradwatch recommend` and
     the dashboard's headline give it), beside the demo's own threshold of 1.0 over the same steps."""
-    from .recommend_cmd import describe_span, rate_window
+    from .recommend import describe_span, rate_window
 
     rec = summary.recommendation
     head = (f"Run '{summary.run}', whole run: {summary.steps:,} steps stored, clipped at 1.0 on "

@@ -5,7 +5,7 @@ import argparse
 import socket
 import sys
 
-from gradwatch.server.settings import Settings
+from gradwatch.server.app.settings import Settings
 
 
 KEEP_ALIVE_S = 10  # idle keep-alive connections: enough for an agent's next POST, short for a slow client
@@ -119,7 +119,7 @@ def serve(settings: Settings) -> int:
     if problem:
         return _fail(problem)
     if settings.workers > 1:
-        from gradwatch.server.workers import serve_workers
+        from gradwatch.server.commands.workers import serve_workers
 
         return serve_workers(settings)
     try:
@@ -127,8 +127,8 @@ def serve(settings: Settings) -> int:
     except OSError as error:
         return _fail(f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}")
     announce(settings)
-    from gradwatch.server.app import create_app
-    from gradwatch.server.malloc import limit_retained_memory
+    from gradwatch.server.app.factory import create_app
+    from gradwatch.server.app.malloc import limit_retained_memory
 
     limit_retained_memory()   # before any thread starts: the arenas are per thread
 
@@ -140,8 +140,8 @@ def serve(settings: Settings) -> int:
 def serve_from_args(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from gradwatch.server.cli import settings_from_args
-    from gradwatch.server.settings import SERVE_FLAGS
+    from gradwatch.server.commands.cli import settings_from_args
+    from gradwatch.server.app.settings import SERVE_FLAGS
 
     try:
         settings = settings_from_args(args)

@@ -12,8 +12,8 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from gradwatch.server.routes.deps import StoreDep, json_response
-from gradwatch.server.schemas import HealthOut
+from gradwatch.server.app.routes.deps import StoreDep, json_response
+from gradwatch.server.wire.responses import HealthOut
 from gradwatch.server.storage import SCHEMA_VERSION
 
 router = APIRouter()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradwatch.server import diagnostics, stats
-from gradwatch.server.chunks import MemorySource, overview, series_from_arrays
+from gradwatch.server.analysis import diagnostics, stats
+from gradwatch.server.storage.chunks import MemorySource, overview, series_from_arrays
 from gradwatch.server.storage.chunk_rows import KEY, SPEC, arrays_of, pack_rows, summary_of, unpack_rows
 from gradwatch.server.storage.serialise import encode_series
 

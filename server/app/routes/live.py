@@ -14,9 +14,9 @@ from fastapi import APIRouter, Query, WebSocket
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from gradwatch.server.live import accept_with_token, points_message
-from gradwatch.server.routes.deps import HubDep, StoreDep
-from gradwatch.server.schemas import MAX_STEP, BatchError, validate_run_name
+from gradwatch.server.app.live import accept_with_token, points_message
+from gradwatch.server.app.routes.deps import HubDep, StoreDep
+from gradwatch.server.wire import MAX_STEP, BatchError, validate_run_name
 from gradwatch.server.storage import UnknownRun
 
 router = APIRouter()

@@ -19,10 +19,10 @@ from fastapi.responses import Response
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import HTTPConnection
 
-from gradwatch.server.live import LiveHub
-from gradwatch.server.schemas import validate_run_name
-from gradwatch.server.security import presented_token, token_status
-from gradwatch.server.settings import Settings
+from gradwatch.server.app.live import LiveHub
+from gradwatch.server.wire import validate_run_name
+from gradwatch.server.app.security import presented_token, token_status
+from gradwatch.server.app.settings import Settings
 from gradwatch.server.storage import Store
 
 DB_ERRORS: tuple[type[BaseException], ...] = (SQLAlchemyError, sqlite3.Error)

@@ -7,9 +7,10 @@ import numpy as np
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
-from gradwatch.server import diagnostics, stats
-from gradwatch.server.routes.deps import READ, RunName, StoreDep, json_response
-from gradwatch.server.schemas import BatchError, HistogramOut, RecommendationOut, StatsOut, WhatIfOut
+from gradwatch.server.analysis import diagnostics, stats
+from gradwatch.server.app.routes.deps import READ, RunName, StoreDep, json_response
+from gradwatch.server.wire import BatchError
+from gradwatch.server.wire.responses import HistogramOut, RecommendationOut, StatsOut, WhatIfOut
 from gradwatch.server.storage import RunArrays
 
 router = APIRouter(tags=["statistics"], dependencies=READ)

@@ -1,28 +1,13 @@
-"""JSON shapes out (the response models), and the ingest names re-exported from the wire room.
+"""The JSON shapes the API answers with (the response models).
 
-Ingest bodies are decoded and validated in `gradwatch.server.wire` (docs/wire.md): the
-names below keep working for the modules that import them from here. The Pydantic
-models only document the response shapes in OpenAPI; handlers build plain dicts.
+They document the responses in OpenAPI (`/docs`); handlers build plain dicts. What
+arrives is decoded and validated by the rest of this room (docs/wire.md).
 """
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
-
-from gradwatch.server.storage.registry import (BOOL_FIELDS, COLUMNS, FLOAT_FIELDS, LIVE_FIELDS, NAN_BITS,
-                                               VALUE_COLUMNS)
-from gradwatch.server.storage.serialise import encode_bools, encode_float, encode_floats
-from gradwatch.server.wire import (BATCH_KEYS, MAX_DETAIL_BYTES, MAX_EVENTS, MAX_JSON_DEPTH, MAX_META_BYTES,
-                                   MAX_RUN_NAME, MAX_STEP, MESSAGE_KEYS, NORM_FIELDS, Batch, BatchError, Column,
-                                   IngestMessage, check_json, message_seq, parse_batch, parse_events,
-                                   parse_ingest_message, validate_run_name)
-
-__all__ = ["BOOL_FIELDS", "COLUMNS", "FLOAT_FIELDS", "LIVE_FIELDS", "NAN_BITS", "VALUE_COLUMNS",
-           "encode_bools", "encode_float", "encode_floats", "BATCH_KEYS", "MAX_DETAIL_BYTES", "MAX_EVENTS",
-           "MAX_JSON_DEPTH", "MAX_META_BYTES", "MAX_RUN_NAME", "MAX_STEP", "MESSAGE_KEYS", "NORM_FIELDS",
-           "Batch", "BatchError", "Column", "IngestMessage", "check_json", "message_seq", "parse_batch",
-           "parse_events", "parse_ingest_message", "validate_run_name"]
 
 
 # ----- response shapes (documentation in OpenAPI; handlers return plain JSON) -----

@@ -147,7 +147,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 
 
 def _rate_text(rate) -> str:
-    from .recommend_cmd import format_rate
+    from .recommend import format_rate
 
     return format_rate(rate)
 
@@ -157,7 +157,7 @@ def figure_windows(data: RunData) -> list[str]:
     the recommended threshold's clip rate over the recommendation's window (the figure `gradwatch
     recommend` and the dashboard's headline give), the clean steps behind the percentiles and the
     candidates, and the whole run behind the run's own clip rate."""
-    from .recommend_cmd import describe_span, rate_window
+    from .recommend import describe_span, rate_window
 
     rec, info = data.recommendation or {}, data.info or {}
     lines = []

@@ -25,8 +25,8 @@ import numpy as np
 import orjson
 from fastapi import WebSocket
 
-from gradwatch.server.schemas import LIVE_FIELDS
-from gradwatch.server.security import presented_token, token_status
+from gradwatch.server.storage.registry import LIVE_FIELDS
+from gradwatch.server.app.security import presented_token, token_status
 from gradwatch.server.storage import encode_series
 
 LIVE_CHANNEL = "gradwatch_live"

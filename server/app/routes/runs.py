@@ -16,12 +16,13 @@ from fastapi import APIRouter, Query
 from pydantic import create_model
 from fastapi.responses import Response, StreamingResponse
 
-from gradwatch.server import derived_events, tensor_groups
-from gradwatch.server.routes.deps import READ, WRITE, RunName, StoreDep, check_range, json_response
-from gradwatch.server.schemas import (COLUMNS, LIVE_FIELDS, MAX_STEP, BatchError, DeletedOut, EventOut, RunOut,
-                                      SeriesOut, TensorsOut, encode_floats)
+from gradwatch.server.analysis import derived_events, tensor_groups
+from gradwatch.server.app.routes.deps import READ, WRITE, RunName, StoreDep, check_range, json_response
+from gradwatch.server.storage.registry import COLUMNS, LIVE_FIELDS, EVENT_KIND_NAMES
+from gradwatch.server.wire import MAX_STEP, BatchError
+from gradwatch.server.wire.responses import DeletedOut, EventOut, RunOut, SeriesOut, TensorsOut
+from gradwatch.server.storage.serialise import encode_floats
 from gradwatch.server.storage import UnknownRun, csv_lines, encode_series
-from gradwatch.server.storage.registry import EVENT_KIND_NAMES
 
 router = APIRouter(tags=["runs"])
 EventKind = Literal[EVENT_KIND_NAMES]  # type: ignore[valid-type]

@@ -14,14 +14,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import Response
 
-from gradwatch.server.alerts import Alert, AlertDispatcher, AlertRules, DatabaseClaims, _json_number
-from gradwatch.server.live import LiveHub, PostgresListener, notify_in_transaction, points_message
-from gradwatch.server.routes import ROUTERS
-from gradwatch.server.routes.deps import DB_ERRORS, json_response
-from gradwatch.server.schemas import BatchError
-from gradwatch.server.security import BodySizeLimit, ByteBudget, EdgeGuard, refuse_handshake
-from gradwatch.server.warmup import warm_request, warm_up
-from gradwatch.server.settings import Settings
+from gradwatch.server.alerts.dispatch import Alert, AlertDispatcher, AlertRules, DatabaseClaims, _json_number
+from gradwatch.server.app.live import LiveHub, PostgresListener, notify_in_transaction, points_message
+from gradwatch.server.app.routes import ROUTERS
+from gradwatch.server.app.routes.deps import DB_ERRORS, json_response
+from gradwatch.server.wire import BatchError
+from gradwatch.server.app.security import BodySizeLimit, ByteBudget, EdgeGuard, refuse_handshake
+from gradwatch.server.app.warmup import warm_request, warm_up
+from gradwatch.server.app.settings import Settings
 from gradwatch.server.storage import Store, UnknownRun, create_schema, make_engine
 
 log = logging.getLogger("gradwatch.server")
@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         hub.loop = asyncio.get_running_loop()
-        try:   # before the first request (server/warmup.py); a failure here only costs speed
+        try:   # before the first request (server/app/warmup.py); a failure here only costs speed
             warm_up(store)
             await warm_request(app)
         except Exception:

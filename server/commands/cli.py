@@ -17,8 +17,7 @@ from typing import Sequence
 
 from pydantic_core import PydanticUndefined
 
-from gradwatch.server.settings import (DEFAULT_PORT, SERVE_FLAGS, ClientSettings,
-                                       Settings)
+from gradwatch.server.app.settings import DEFAULT_PORT, SERVE_FLAGS, ClientSettings, Settings
 
 
 def positive_int(text: str) -> int:
@@ -117,19 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gradwatch.server.serve import serve_from_args
+    from gradwatch.server.commands.serve import serve_from_args
 
     return serve_from_args(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from gradwatch.server.demo import run_demo
+    from gradwatch.server.commands.demo import run_demo
 
     return run_demo(args)
 
 
 def _recommend(args: argparse.Namespace) -> int:
-    from gradwatch.server.recommend_cmd import print_recommendation
+    from gradwatch.server.commands.recommend import print_recommendation
 
     return print_recommendation(args)
 
@@ -142,7 +141,7 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    from gradwatch.server.client import ApiClient, ApiError, run_path
+    from gradwatch.server.commands.client import ApiClient, ApiError, run_path
 
     api = ApiClient(args.url, args.token)
     if not args.yes and not confirm_delete(api, args.run):
@@ -163,7 +162,7 @@ def confirm_delete(api, run: str) -> bool:
     """Ask on the terminal (stdin) whether to delete `run`, saying what it holds when the
     server tells (a write token may not read: then the question names the run only).
     True for an answer starting with y, or a run the server does not know; end of input is a no."""
-    from gradwatch.server.client import ApiError, run_path
+    from gradwatch.server.commands.client import ApiError, run_path
 
     try:
         entry = api.get(run_path(run))
@@ -183,7 +182,7 @@ def confirm_delete(api, run: str) -> bool:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from gradwatch.server.report import write_report_from_args
+    from gradwatch.server.commands.report import write_report_from_args
 
     return write_report_from_args(args)
 
