@@ -118,6 +118,7 @@ def test_a_new_watch_on_the_same_spool_folder_sends_what_an_earlier_process_left
     assert not list(spool_dir.glob("*.gws"))
 
 
+@pytest.mark.slow
 def test_a_server_that_accepts_and_never_answers_is_given_up_after_the_send_timeout(tmp_path):
     """A WebSocket server that completes the handshake and then never reads an answer back:
     without a send timeout the batches would sit in memory in flight forever."""
@@ -209,6 +210,7 @@ def test_signal_handlers_are_installed_only_from_the_main_thread_and_only_when_a
             signal.signal(signum, handler)
 
 
+@pytest.mark.slow
 def test_a_stream_through_server_kills_and_quick_restarts_is_stored_exactly_once(server, tmp_path):
     """The CI-sized version of benchmarks/restart_bench.py: SIGKILL, restart 0.5 s later, twice,
     and `flush()` right after the stream, while the server may still be starting."""

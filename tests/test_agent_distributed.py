@@ -54,6 +54,7 @@ def series(server: ServerProcess, run: str) -> dict:
         return json.loads(answer.read())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("all_ranks", [False, True])
 def test_only_rank_zero_streams_unless_all_ranks(tmp_path, all_ranks):
     script = tmp_path / "rank.py"

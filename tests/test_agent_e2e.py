@@ -88,6 +88,7 @@ def server(tmp_path):
     process.stop()
 
 
+@pytest.mark.slow
 def test_every_step_is_stored_exactly_once_through_repeated_server_kills(server, tmp_path):
     steps = 20_000
     kills = {3_000, 7_000, 11_000, 15_000}
@@ -268,6 +269,7 @@ def wide_grads(step: int, tensors: int) -> dict:
     return {"layers": [{"weight": mx.array([v, float(index)])} for index in range(tensors)]}
 
 
+@pytest.mark.slow
 def test_batches_over_the_servers_message_limit_are_cut_until_they_fit(tmp_path):
     """`gradwatch serve --max-body 100000`: a 1,000-step batch of a 60-tensor watch is several
     times the limit. The server closes with 1009; the agent cuts smaller and every step is stored,

@@ -637,6 +637,7 @@ class BlackHole:
         self.listener.close()
 
 
+@pytest.mark.slow
 def test_a_server_that_never_answers_costs_the_training_thread_no_disk_io_and_no_steps(tmp_path):
     """While a connection attempt hangs (here until the open timeout), the spool is written by
     the sender thread only: the training thread never writes, and every step reaches it. The

@@ -17,6 +17,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = ROOT / "server"
 MAX_LINES = 500
@@ -99,6 +101,7 @@ def test_storage_and_wire_know_nothing_of_the_rooms_above():
             assert not bad, f"{path} imports {bad}"
 
 
+@pytest.mark.slow
 def test_wheel_holds_every_module_and_each_imports_from_it(tmp_path):
     source = tmp_path / "source"
     source.mkdir()

@@ -78,6 +78,7 @@ def test_a_hanging_webhook_does_not_hold_up_ingest(tmp_path):
         receiver.close()
 
 
+@pytest.mark.slow
 def test_a_webhook_trickling_a_byte_every_2_s_does_not_stop_a_healthy_one(tmp_path):
     """The issue's probe: with the old per-read timeout the single alert thread was held by
     such a receiver for good and a second webhook got nothing. Now each webhook has its own

@@ -8,6 +8,7 @@ import time
 import httpx
 import msgpack
 import numpy as np
+import pytest
 
 from tests.test_server_support import make_batch, post, start_server
 
@@ -33,6 +34,7 @@ def _wal_state(db_path) -> tuple[int, int]:
     return (stat.st_size, stat.st_mtime_ns)
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_large_batch_stores_it_whole_or_not_at_all(tmp_path):
     db_path = tmp_path / "crash.db"
     server = start_server(f"sqlite:///{db_path}", tmp_path, ["--max-body", str(256 * 2**20)])

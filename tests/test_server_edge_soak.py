@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_edge_soak_short_answers_every_case_right(tmp_path):
     rows_file = tmp_path / "rows.json"

@@ -155,6 +155,7 @@ def test_a_trickled_body_is_cut_at_its_deadline(strict):
     assert answer.lower().startswith(b"http/1.1 408") and b"took over 2 s" in answer
 
 
+@pytest.mark.slow
 def test_waiting_on_the_budget_is_not_idle(trickle_server):
     """Two uploads hold 99 kB each of the 200 kB budget and trickle a byte every 0.3 s, so they
     are cut only at their 20 s deadline; a complete 10 kB body waits on the budget all that

@@ -142,6 +142,7 @@ def test_the_old_release_database_upgrades_and_reads_back_exactly(old_database):
     assert upgrade_database(old_database) == (head_revision(), head_revision())  # a second start: nothing to do
 
 
+@pytest.mark.slow
 def test_several_servers_starting_at_once_upgrade_once(old_database):
     code = ("import sys; from gradwatch.server.storage import upgrade_database; "
             "print(upgrade_database(sys.argv[1]))")

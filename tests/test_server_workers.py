@@ -163,6 +163,7 @@ def post_with_retry(client: httpx.Client, run: str, part: dict) -> dict:
     raise RuntimeError("the server did not take the batch in 50 tries")
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_nothing_is_lost(tmp_path):
     """kill -9 of one of two workers while a writer sends batches: the port keeps answering
     through the survivor, a replacement starts on a fresh socket, every step is stored once."""
@@ -200,6 +201,7 @@ def test_a_killed_worker_is_restarted_and_nothing_is_lost(tmp_path):
     assert server.process.returncode == 0
 
 
+@pytest.mark.slow
 def test_n_crashes_within_a_minute_stop_the_server_with_an_error(tmp_path):
     """--workers 2: the second crash within a minute is one too many: exit 1, none left."""
     server, pids = start_workers(tmp_path)
@@ -214,6 +216,7 @@ def test_n_crashes_within_a_minute_stop_the_server_with_an_error(tmp_path):
     assert "stopping the others" in log
 
 
+@pytest.mark.slow
 def test_a_killed_supervisor_leaves_no_worker(tmp_path):
     server, pids = start_workers(tmp_path)
     server.kill()  # SIGKILL: no chance to forward anything
@@ -222,6 +225,7 @@ def test_a_killed_supervisor_leaves_no_worker(tmp_path):
         answering_worker(server.port)
 
 
+@pytest.mark.slow
 def test_a_taken_port_is_a_clear_error_even_for_another_reuseport_server(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -33,16 +33,38 @@ class DemoError(RuntimeError):
     """A problem the user can act on; printed as one line, no traceback."""
 
 
-class Stopped(Exception):
-    """SIGTERM or SIGHUP reached the demo: stop the children and exit."""
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP reached the demo: stop the children and exit. A BaseException, as
+    KeyboardInterrupt is, so no `except Exception` on the way up turns it into an error."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
+_received: list[int] = []  # the signals that reached the demo, kept for `_check_stopped`
+
+
 def _raise_stopped(signum: int, _frame) -> None:
+    _received.append(signum)
     raise Stopped(signum)
+
+
+def _check_stopped() -> None:
+    """Raise a signal's `Stopped` again: one that lands while `subprocess.Popen` runs its at-fork
+    hooks is swallowed there (Python ignores exceptions in those hooks), so the demo would train
+    on. Called after each child is started and while the demo waits."""
+    if _received:
+        raise Stopped(_received[0])
+
+
+def _wait(process: subprocess.Popen) -> int:
+    """`process.wait()` that notices a swallowed signal within 0.2 s."""
+    while True:
+        try:
+            return process.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            _check_stopped()
 
 
 def mlx_kernel_cache() -> str | None:
@@ -148,20 +170,24 @@ def start_server(db_url: str, port: int) -> subprocess.Popen:
     errors = tempfile.TemporaryFile(mode="w+")
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True, env=demo_environment(),
                               **child_options())
-    deadline = time.monotonic() + 30.0
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            errors.seek(0)
-            message = errors.read().strip().splitlines()
-            raise DemoError(message[-1] if message else f"the server exited with code {server.returncode}")
-        try:
-            ApiClient(f"http://127.0.0.1:{port}", timeout=1.0).get("/healthz")
-            if server.poll() is None:
-                return server
-        except ApiError:
-            time.sleep(0.1)
-    server.kill()
-    raise DemoError(f"the server did not answer on port {port} within 30 s")
+    try:
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            _check_stopped()
+            if server.poll() is not None:
+                errors.seek(0)
+                message = errors.read().strip().splitlines()
+                raise DemoError(message[-1] if message else f"the server exited with code {server.returncode}")
+            try:
+                ApiClient(f"http://127.0.0.1:{port}", timeout=1.0).get("/healthz")
+                if server.poll() is None:
+                    return server
+            except ApiError:
+                time.sleep(0.1)
+        raise DemoError(f"the server did not answer on port {port} within 30 s")
+    except BaseException:  # a signal or an error before the caller holds the process: stop it here
+        stop_child(server)
+        raise
 
 
 def wait_until_stored(api: ApiClient, run: str, steps: int, timeout: float = STORE_TIMEOUT_S) -> int:
@@ -218,12 +244,14 @@ def run_demo(args: argparse.Namespace) -> int:
     run = time.strftime("demo-%Y%m%d-%H%M%S")
     print(first_run_note(args.steps), flush=True)
     server = trainer = None
+    _received.clear()
     # Not a signal someone chose to ignore (`nohup gradwatch demo` keeps running on SIGHUP).
     previous = {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGTERM, signal.SIGHUP)
                 if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         ensure_mlx_loads()
         server = start_server(args.db, args.port)
+        _check_stopped()
         print(f"gradwatch dashboard: {base_url}/?run={urllib.parse.quote(run)}", flush=True)
         print(f"run name: {run}", flush=True)
         print(f"training a small MLP for {args.steps:,} steps with gradwatch attached "
@@ -231,7 +259,7 @@ def run_demo(args: argparse.Namespace) -> int:
         trainer = subprocess.Popen([sys.executable, "-m", "gradwatch.agent.demo", "--url", base_url,
                                     "--steps", str(args.steps), "--run", run],
                                    env=demo_environment(), **child_options())
-        if trainer.wait() != 0:
+        if _wait(trainer) != 0:
             raise DemoError(f"the training process failed (exit code {trainer.returncode}); its error is above")
         api = ApiClient(base_url)
         stored = wait_until_stored(api, run, args.steps)
@@ -241,7 +269,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if args.exit:
             return 0
         print(f"serving {base_url} — press Ctrl-C to stop", flush=True)
-        server.wait()
+        _wait(server)
         return 0
     except DemoError as error:
         print(f"gradwatch demo: {error}", file=sys.stderr)
