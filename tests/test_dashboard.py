@@ -189,6 +189,7 @@ def test_a_run_opened_before_it_exists_appears_when_its_first_points_arrive(page
     assert not page.recorded.page_errors
 
 
+@pytest.mark.slow
 def test_live_feed_reconnects_after_a_server_restart(browser, tmp_path):
     run = "restart-run"
     context = browser.new_context(viewport={"width": 1300, "height": 900})

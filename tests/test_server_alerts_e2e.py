@@ -133,6 +133,7 @@ def test_two_dispatchers_on_one_database_send_an_alert_once(tmp_path):
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_two_servers_on_one_database_alert_once(tmp_path):
     receiver = Receiver()
     first = alert_server(tmp_path, receiver)

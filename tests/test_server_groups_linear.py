@@ -114,6 +114,7 @@ def _post_names(client: httpx.Client, run: str, count: int, steps: int, rng) -> 
     return norms
 
 
+@pytest.mark.slow
 def test_many_tensor_names_grouped_through_the_server(tmp_path):
     """The issue's probe: 16,000 names over 32 steps answer within +100 MB of server peak RSS
     (it took +990 MB), each block's row its one tensor's norms; 100,000 names answer (or a

@@ -246,6 +246,7 @@ def post_all(port: int, bodies: list[bytes], media_type: str = msgpack_decode.ME
     return statuses
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc")
 def test_a_hostile_binary_body_raises_the_servers_memory_by_a_few_bodies(tmp_path):
     """16 MiB of empty maps in a column: the server's peak RSS rises by about one body and a
