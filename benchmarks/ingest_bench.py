@@ -153,6 +153,7 @@ class Tree:
 
     name: str
     site: Path | None = None
+    cli_module: str = "gradwatch.server.commands.cli"  # before the server's rooms: gradwatch.server.cli
 
 
 @dataclass
@@ -186,7 +187,8 @@ def commit_tree(commit: str):
                 (site / part).symlink_to(source / part)
         name = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", commit], check=True,
                               capture_output=True, text=True).stdout.strip()
-        yield Tree(name, site.parent)
+        rooms = (source / "server" / "commands" / "cli.py").is_file()
+        yield Tree(name, site.parent, "gradwatch.server.commands.cli" if rooms else "gradwatch.server.cli")
 
 
 @contextlib.contextmanager
@@ -263,7 +265,8 @@ def run_once(config: Config, bodies: list[bytes], writers: int, steps_each: int,
     with config.database.fresh() as url, tempfile.TemporaryDirectory() as logs:
         extra = ["--workers", str(config.workers)] if config.workers > 1 else []
         with tree_env(config.tree):
-            server = ServerProcess(url, extra_args=extra, log_path=Path(logs) / "server.log").start()
+            server = ServerProcess(url, extra_args=extra, log_path=Path(logs) / "server.log",
+                                   cli_module=config.tree.cli_module).start()
         with contextlib.closing(_Stop(server)):
             pids = sorted(wait_for_workers(server, config.workers)) if config.workers > 1 else []
             connections, spread = connect_writers(server.port, pids, writers, balance)

@@ -1,8 +1,8 @@
 """Ingest: `POST /api/runs/{run}/steps` and the agent's WebSocket `/ws/ingest`.
 
-Validation lives in `schemas` (batches, events, messages); the store stores;
-these handlers move bytes, run the work off the event loop, and tell the live
-feed what was stored.
+Decoding and validation live in the wire room (`server/wire`: batches, events,
+messages, in JSON or msgpack); the store stores; these handlers move bytes, run
+the work off the event loop, and tell the live feed what was stored.
 """
 from __future__ import annotations
 
@@ -35,8 +35,13 @@ def _publish(hub: LiveHub, run: str, batch, result) -> None:
 
 
 @router.post("/api/runs/{run}/steps", dependencies=WRITE, response_model=IngestAnswer)
-async def ingest_steps(name: RunName, request: Request, store: StoreDep, hub: HubDep) -> Response:
-    """Store a columnar batch (docs/wire.md). Idempotent on (run, step)."""
+async def ingest_steps(name: RunName, request: Request) -> Response:
+    """Store a columnar batch (docs/wire.md). Idempotent on (run, step).
+
+    The store and the live hub are read from `app.state` here rather than as dependencies:
+    this is the hot path, and FastAPI solves each dependency per request."""
+    store: Store = request.app.state.store
+    hub: LiveHub = request.app.state.hub
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in wire.MEDIA_TYPES:
         return json_response({"detail": f"the body must be {' or '.join(wire.MEDIA_TYPES)}, "
