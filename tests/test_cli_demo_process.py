@@ -144,6 +144,7 @@ def test_the_first_line_comes_before_the_server_starts(tmp_path):
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL],
                          ids=["SIGTERM", "SIGHUP", "SIGKILL"])
+@pytest.mark.slow
 def test_a_signal_to_the_demo_stops_its_server_and_trainer(tmp_path, signum):
     if signum == signal.SIGKILL and not sys.platform.startswith("linux"):
         pytest.skip("children follow a killed parent through Linux's PR_SET_PDEATHSIG only")

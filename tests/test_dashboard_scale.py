@@ -191,6 +191,7 @@ def test_report_draws_the_same_traces_as_the_page(page, server, tmp_path):  # no
     assert report_axis == page_axis
 
 
+@pytest.mark.slow
 def test_the_real_demo_run_fits_its_ordinary_steps(page, tmp_path, output_dir):  # noqa: F811
     """`gradwatch demo --exit` (real MLX training, real agent), then the page on its database:
     the corrupted batches are off-scale marks on the top edge, the ordinary steps fill the chart."""

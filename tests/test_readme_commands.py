@@ -26,6 +26,7 @@ def code_block(after_heading: str, language: str) -> str:
     return block.group(1)
 
 
+@pytest.mark.slow
 def test_readme_curl_lines_run_against_a_demo_run(tmp_path):
     script = code_block("## The REST API", "bash")
     assert re.search(r"^RUN=\S+", script, re.M) and script.count("curl ") >= 10
@@ -53,6 +54,7 @@ def test_readme_curl_lines_run_against_a_demo_run(tmp_path):
         demo.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_readme_mlx_lm_snippet_runs_with_mlx_lms_trainer(tmp_path):
     from tests.test_integration_mlx_lm import dataset, tiny_llama
