@@ -18,6 +18,51 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def listening_inodes(port: int) -> set[str]:
+    """Inodes of the sockets listening on 127.0.0.1/any `port` (Linux's /proc/net tables)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def holds_port(pid: int, port: int) -> bool:
+    """Whether `pid` or one of its children holds a socket listening on `port` (True where
+    /proc cannot tell, off Linux)."""
+    if not Path("/proc/net/tcp").exists():
+        return True
+    inodes = listening_inodes(port)
+    family = [pid] + [int(entry.name) for entry in Path("/proc").iterdir()
+                      if entry.name.isdigit() and _parent_of(entry) == pid]
+    for member in family:
+        try:
+            descriptors = os.listdir(f"/proc/{member}/fd")
+        except OSError:
+            continue
+        for fd in descriptors:
+            try:
+                target = os.readlink(f"/proc/{member}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                return True
+    return False
+
+
+def _parent_of(proc_entry: Path) -> int | None:
+    try:
+        return int((proc_entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class ServerProcess:
     """`gradwatch serve` in a child process on 127.0.0.1 and a free port.
 
@@ -31,6 +76,7 @@ class ServerProcess:
         self.db_url = db_url
         self.cli_module = cli_module  # an older release's CLI lives elsewhere (gradwatch.server.cli)
         self.port = port or free_port()
+        self.port_chosen_here = port is None  # may be chosen again if another process takes it first
         self.extra_args = list(extra_args or [])
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
@@ -44,6 +90,24 @@ class ServerProcess:
         return f"ws://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> "ServerProcess":
+        """Start the server and wait until *it* answers `/healthz`.
+
+        Under pytest-xdist another test's server can bind the free port between `free_port()`
+        and this server's bind: then a `/healthz` answer is not ours. The answer counts only
+        when this process (or one of its workers) holds the listening socket; a first start on
+        a port chosen here that loses it that way is tried again on a new free port."""
+        first_start = self.process is None
+        for _attempt in range(3):
+            if self._start_once(timeout):
+                return self
+            if not (first_start and self.port_chosen_here):
+                break
+            self.port = free_port()
+        raise RuntimeError(f"server exited with {self.process.returncode}: port {self.port} taken? "
+                           f"{self.cli_module} serve --db {self.db_url}")
+
+    def _start_once(self, timeout: float) -> bool:
+        """True once this process answers; False when it exited while another process held the port."""
         command = [sys.executable, "-m", self.cli_module, "serve", "--db", self.db_url,
                    "--port", str(self.port), *self.extra_args]
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
@@ -52,13 +116,16 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if listening_inodes(self.port):  # someone else listens there: the port was taken
+                    return False
                 raise RuntimeError(f"server exited with {self.process.returncode}: {command}")
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=1) as answer:
-                    if answer.status == 200:
-                        return self
+                    if answer.status == 200 and holds_port(self.process.pid, self.port):
+                        return True
             except OSError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"server did not answer /healthz within {timeout} s")
 
