@@ -3,33 +3,12 @@ summary extended block by block), late steps and chunk boundaries leave every st
 summary exactly equal to summarising the stored chunk afresh, and that to NumPy per block."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from gradwatch.server.storage.chunks import BLOCK, CHUNK, decode_summaries, summarize
 from gradwatch.server.storage import Store, create_schema, make_engine
 from gradwatch.server.storage.chunk_rows import KEY, SPEC
-
-
-@dataclass
-class Column:
-    values: np.ndarray
-    missing: np.ndarray | None = None
-
-
-@dataclass
-class Batch:
-    """A validated batch as the server's schema hands it to the store (columns: float64,
-    bools as 0/1, `missing` marks nulls)."""
-
-    steps: np.ndarray
-    columns: dict
-    tensor_names: list | None = None
-    tensor_norms: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.steps)
+from gradwatch.server.wire.models import Batch, Column
 
 
 def make_batch(steps: np.ndarray, rng) -> Batch:

@@ -55,6 +55,15 @@ def installed_version() -> str:
         return "(not installed)"
 
 
+def _server_options(parser: argparse.ArgumentParser, client, kind: str) -> None:
+    """`--url` and the `kind` ("read" or "write") `--token`, with their environment defaults."""
+    parser.add_argument("--url", default=client.url, help="server address (env GRADWATCH_URL; default: %(default)s)")
+    if kind == "write":
+        parser.add_argument("--token", default=client.token, help="write token (env GRADWATCH_TOKEN)")
+    else:
+        parser.add_argument("--token", default=client.read_token, help="read token (env GRADWATCH_READ_TOKEN)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradwatch",
@@ -81,9 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     recommend = commands.add_parser("recommend", help="print the clip-threshold recommendation for a run")
     recommend.add_argument("run", help="run name")
-    recommend.add_argument("--url", default=client.url,
-                        help="server address (env GRADWATCH_URL; default: %(default)s)")
-    recommend.add_argument("--token", default=client.read_token, help="read token (env GRADWATCH_READ_TOKEN)")
+    _server_options(recommend, client, "read")
     recommend.add_argument("--window", type=int, default=None,
                            help="last N steps, at least 100 (default: the last 10%% of the run, at least 500, at most 20,000)")
     recommend.add_argument("--target-clip-rate", type=float, default=None,
@@ -92,25 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     push = commands.add_parser("push", help="upload what an agent left in its spool folder")
     push.add_argument("dir", help="spool folder of a run")
-    push.add_argument("--url", default=client.url,
-                        help="server address (env GRADWATCH_URL; default: %(default)s)")
-    push.add_argument("--token", default=client.token, help="write token (env GRADWATCH_TOKEN)")
+    _server_options(push, client, "write")
     push.set_defaults(handler=_push)
 
     delete = commands.add_parser("delete", help="delete a run: its steps, tensor norms, events (write token)")
     delete.add_argument("run", help="run name")
-    delete.add_argument("--url", default=client.url,
-                        help="server address (env GRADWATCH_URL; default: %(default)s)")
-    delete.add_argument("--token", default=client.token, help="write token (env GRADWATCH_TOKEN)")
+    _server_options(delete, client, "write")
     delete.add_argument("-y", "--yes", action="store_true", help="delete without asking")
     delete.set_defaults(handler=_delete)
 
     report = commands.add_parser("report", help="write a run's charts as one offline HTML file")
     report.add_argument("run", help="run name")
     report.add_argument("-o", "--output", default=None, help="output file (default: RUN.html)")
-    report.add_argument("--url", default=client.url,
-                        help="server address (env GRADWATCH_URL; default: %(default)s)")
-    report.add_argument("--token", default=client.read_token, help="read token (env GRADWATCH_READ_TOKEN)")
+    _server_options(report, client, "read")
     report.set_defaults(handler=_report)
     return parser
 
