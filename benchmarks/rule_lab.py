@@ -24,23 +24,29 @@ import numpy as np
 MAD_TO_SIGMA = 1.4826
 
 
-def lab_rule(values: np.ndarray, *, k_gauss: float = 3.25, power: float = 2.5, quantile: float = 0.95,
-             k_min: float = 3.0, k_max: float = 5.5, tail_min: int = 100, history: int = 200,
+def lab_rule(values: np.ndarray, *, k_gauss: float = 3.25, power: float = 3.0, quantile: float = 0.95,
+             k_min: float = 3.0, k_max: float = 6.0, tail_min: int = 100, history: int = 200,
              warmup: int = 25, shift_window: int = 16, shift_span: int = 8, min_scale: float = 0.01,
              adaptive: bool = True, k_fixed: float = 5.0,
              feed: str = "skip", smooth: float = 0.0,
-             side: str = "both", entry_k: float | None = None, burst_k: float | None = None,
+             side: str = "upper_mean", entry_k: float | None = None, burst_k: float | None = None,
              shift_base_k: bool = False, chain_only_confirmed: bool = False) -> dict[str, np.ndarray]:
     """The adaptive rule over norms (log space), one step at a time.
 
-    k = clip(k_gauss · (tail / tail_gauss)^power, k_min, k_max), tail = Q_quantile(|h - m|) / MAD(h),
-    tail_gauss the same ratio for a normal sample; k_max while fewer than ``tail_min`` values are in
+    k = clip(k_gauss · (tail / tail_gauss)^power, k_min, k_max), tail by ``side``:
+    "upper_mean" (the shared rule's): (mean of h's values above its ``quantile`` − m) / MAD(h);
+    "both" (the first adaptive rule): Q_quantile(|h − m|) / MAD(h); "upper" / "lower": one tail's
+    order statistic at the same rank, over MAD(h). tail_gauss: the same ratio for a normal
+    sample; k_max while fewer than ``tail_min`` values are in
     the history. Shift: more than half of the last ``shift_window`` raw values above the bound for
     ``shift_span`` consecutive steps; the history becomes the recent values within the newest
     half's median ± k·scale.
     """
     gauss = NormalDist()
-    tail_gauss = gauss.inv_cdf(0.5 + quantile / 2) / gauss.inv_cdf(0.75)
+    if side == "upper_mean":   # E[X | X > z_q] / z_0.75
+        tail_gauss = gauss.pdf(gauss.inv_cdf(quantile)) / (1 - quantile) / gauss.inv_cdf(0.75)
+    else:
+        tail_gauss = gauss.inv_cdf(0.5 + quantile / 2) / gauss.inv_cdf(0.75)
     x = np.asarray(values, np.float64)
     n = len(x)
     finite = np.isfinite(x)
@@ -72,8 +78,13 @@ def lab_rule(values: np.ndarray, *, k_gauss: float = 3.25, power: float = 2.5, q
                 if len(h) >= tail_min and mad > 0:
                     if side == "both":
                         q = float(np.quantile(dev, quantile, method="lower"))
-                    else:   # the lower tail only: spikes are one-sided and never reach it
+                    elif side == "lower":   # the lower tail only: spikes are one-sided and never reach it
                         q = m - float(np.sort(h)[int((1 - quantile) / 2 * (len(h) - 1))])
+                    elif side == "upper":   # the upper tail only: the side the one-sided rule judges
+                        q = float(np.sort(h)[int((1 + quantile) / 2 * (len(h) - 1))]) - m
+                    else:   # "upper_mean": the mean of the values above the quantile, less the median
+                        count = len(h) - int(np.floor(round(quantile * len(h), 9)))
+                        q = float(np.mean(np.sort(h)[-count:])) - m
                     ratio = q / mad
                     tail = ratio if (smooth == 0 or tail is None) else tail + smooth * (ratio - tail)
                     k = min(max(k_gauss * (tail / tail_gauss) ** power, k_min), k_max)
@@ -165,26 +176,43 @@ def old_rule_loop(values: np.ndarray, k: float = 5.0, history: int = 200, warmup
     return {"spike": spike, "level_shift": shift, "transition": transition}
 
 
-def calibration(samples: int = 4000, size: int = 200, quantile: float = 0.9) -> None:
-    """The tail ratio Q_q(|dev|)/MAD of `size` log values: its spread for normal and Student-t tails."""
+def tail_ratio(h: np.ndarray, estimator: str, quantile: float = 0.95) -> float:
+    """One history's tail ratio, by the estimators the lab compares (see lab_rule's ``side``)."""
+    m = np.median(h)
+    mad = np.median(np.abs(h - m))
+    if estimator == "both":
+        return float(np.quantile(np.abs(h - m), quantile, method="lower") / mad)
+    if estimator == "upper":
+        return float((np.sort(h)[int((1 + quantile) / 2 * (len(h) - 1))] - m) / mad)
+    count = len(h) - int(np.floor(round(quantile * len(h), 9)))
+    return float((np.mean(np.sort(h)[-count:]) - m) / mad)
+
+
+def calibration(samples: int = 3000, size: int = 200, quantile: float = 0.95) -> None:
+    """The tail ratio of `size` log values by each estimator: its median and relative spread for
+    normal and Student-t tails, and how far apart normal and t(4) are in units of that spread
+    (what decides how well k can follow the tail); the k a 0.3% one-sided rate needs."""
     rng = np.random.default_rng(0)
-    print(f"tail = Q{quantile:g}(|h - median|) / MAD over {size} values ({samples} draws each)")
-    print(f"{'noise':<16}{'mean':>8}{'p5':>8}{'p95':>8}{'  k (σ units) for 0.3% one-sided':>34}")
-    for label, draw in (("normal", lambda m=size: rng.standard_normal(m)),
-                        ("student-t(10)", lambda m=size: rng.standard_t(10, m)),
-                        ("student-t(6)", lambda m=size: rng.standard_t(6, m)),
-                        ("student-t(4)", lambda m=size: rng.standard_t(4, m)),
-                        ("student-t(3)", lambda m=size: rng.standard_t(3, m))):
-        ratios = []
-        for _ in range(samples):
-            h = draw()
-            dev = np.abs(h - np.median(h))
-            ratios.append(np.quantile(dev, quantile, method="lower") / np.median(dev))
-        big = draw(2_000_000)   # the distribution's own quantiles, by a large sample
-        sigma = MAD_TO_SIGMA * np.median(np.abs(big))
-        k_needed = np.quantile(big, 1 - 0.003) / sigma
-        print(f"{label:<16}{np.mean(ratios):>8.3f}{np.percentile(ratios, 5):>8.3f}{np.percentile(ratios, 95):>8.3f}"
-              f"{k_needed:>34.2f}")
+    noises = (("normal", lambda m=size: rng.standard_normal(m)),
+              ("student-t(10)", lambda m=size: rng.standard_t(10, m)),
+              ("student-t(6)", lambda m=size: rng.standard_t(6, m)),
+              ("student-t(4)", lambda m=size: rng.standard_t(4, m)),
+              ("student-t(3)", lambda m=size: rng.standard_t(3, m)))
+    print(f"k (σ units) a 0.3% one-sided false-positive rate needs: " + ", ".join(
+        f"{label} {np.quantile(big := draw(2_000_000), 1 - 0.003) / (MAD_TO_SIGMA * np.median(np.abs(big))):.2f}"
+        for label, draw in noises))
+    for estimator, label in (("both", f"Q{quantile:g}(|h - m|) / MAD (two-sided, the first adaptive rule)"),
+                             ("upper", f"upper order statistic at rank {(1 + quantile) / 2:g} / MAD"),
+                             ("upper_mean", f"(mean of the values above Q{quantile:g} - m) / MAD (the shared rule)")):
+        print(f"\ntail = {label}, over {size} values ({samples} draws each)")
+        print(f"{'noise':<16}{'median':>8}{'cv':>8}")
+        rows = {}
+        for name, draw in noises:
+            ratios = np.array([tail_ratio(draw(), estimator, quantile) for _ in range(samples)])
+            rows[name] = (np.median(ratios), np.std(ratios) / np.median(ratios))
+            print(f"{name:<16}{rows[name][0]:>8.3f}{rows[name][1]:>8.3f}")
+        separation = np.log(rows["student-t(4)"][0] / rows["normal"][0]) / rows["student-t(4)"][1]
+        print(f"normal vs t(4): log ratio of medians / cv of t(4) = {separation:.2f} (higher: k follows the tail better)")
 
 
 if __name__ == "__main__":
@@ -193,8 +221,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     started = time.perf_counter()
     if not args.grid:
-        for q in (0.9, 0.95):
-            calibration(quantile=q)
+        calibration()
     else:
         from benchmarks.spike_recall import evaluate, print_summary
         grid = [("old (k=5, count shift)", None), ("adaptive (lab defaults = the shared rule's)", dict()),
@@ -204,6 +231,12 @@ if __name__ == "__main__":
                 ("adaptive, suspects (z > 3) kept out of the history too", dict(entry_k=3.0)),
                 ("adaptive, the step after a flag judged at k <= 3 (burst hysteresis)", dict(burst_k=3.0)),
                 ("adaptive, lower-tail quantile only", dict(side="lower")),
+                ("first adaptive rule (two-sided Q0.95, power 2.5, k_max 5.5)",
+                 dict(side="both", power=2.5, k_max=5.5)),
+                ("upper order statistic (rank 0.975), power 2.5, k_max 5.5", dict(side="upper", power=2.5, k_max=5.5)),
+                ("upper mean, power 2.5", dict(power=2.5)), ("upper mean, k_max 5.5", dict(k_max=5.5)),
+                ("burst hysteresis k <= 3.25 after a flag (two-sided)", dict(side="both", power=2.5, k_max=5.5,
+                                                                            burst_k=3.25)),
                 ("fixed k = 3.25 (new shift rule)", dict(adaptive=False, k_fixed=3.25)),
                 ("fixed k = 5 (new shift rule)", dict(adaptive=False, k_fixed=5.0))]
         for label, kw in grid:

@@ -120,12 +120,14 @@ class RobustDetector(SpikeDetector):
     def columns(self, info: DetectorInfo) -> dict[str, mx.array]:
         return {"robust_z": info.score, "level_shift": info.level_shift}
 
-    def _k(self, ordered_dev: mx.array, n: mx.array, mad: mx.array) -> mx.array:
-        """k for this step: fixed, or from the tail quantile of the sorted deviations."""
+    def _k(self, ordered: mx.array, n: mx.array, median: mx.array, mad: mx.array) -> mx.array:
+        """k for this step: fixed, or from the mean of the history's top values (sorted, the
+        n valid ones first) above its median, in MADs."""
         if self.k is not None:
             return mx.array(self.k, mx.float32)
-        rank = mx.clip((n - 1) * self._tail_num // self._tail_den, 0, self.history - 1)
-        tail = mx.take(ordered_dev, rank) / mx.where(mad > 0, mad, 1.0)
+        count = n - n * self._tail_num // self._tail_den
+        top = mx.where((self._slots >= n - count) & (self._slots < n), ordered, 0.0).sum() / mx.maximum(count, 1)
+        tail = (top - median) / mx.where(mad > 0, mad, 1.0)
         adaptive = mx.clip(self.k_gauss * (tail / self._tail_gauss) ** self.tail_power, self.k_min, self.k_max)
         return mx.where((n >= self.tail_min) & (mad > 0), adaptive, self.k_max)
 
@@ -148,7 +150,7 @@ class RobustDetector(SpikeDetector):
         ordered_dev = mx.sort(mx.where(valid, mx.abs(history - median), mx.inf))
         mad = mx.take(ordered_dev, mx.clip(middle, 0, size - 1)).sum() / 2
         scale = mx.maximum(MAD_TO_SIGMA * mad, self.min_scale)
-        k = self._k(ordered_dev, n, mad)
+        k = self._k(ordered, n, median, mad)
         ready = seen >= self.warmup_steps
         z = (log_x - median) / scale
         flagged = ready & finite & (z > k)

@@ -35,10 +35,13 @@ def run(detector, norms, compiled=False):
 
 
 def sequence(n=700, seed=0):
-    """Drifting log-normal norms with spikes, non-finite values, and a permanent 4x shift at 400."""
+    """Drifting log-normal norms with spikes, non-finite values, and a permanent 6x shift at 400.
+    (A 4x shift on this steep drift can sit just above the bound, when the history's upper tail
+    reads heavy, k at its cap: then it is flagged now and then until the history follows, not
+    declared; docs/diagnostics.md, "what it still cannot see".)"""
     rng = np.random.default_rng(seed)
     x = np.exp(np.linspace(1.0, -0.5, n) + 0.2 * rng.standard_normal(n))
-    x[400:] *= 4.0
+    x[400:] *= 6.0
     for i in (60, 61, 150, 300, 520, 650):
         x[i] *= 30.0
     x[10] = np.nan          # in warm-up: not counted
@@ -147,15 +150,15 @@ def test_columns_and_config():
     assert z.level_shift.item() is False
     assert RobustDetector().config() == {"name": "robust", "k": None, "history": 200, "warmup_steps": 25,
                                          "shift_window": 16, "shift_span": 8, "min_scale": 0.01,
-                                         "k_gauss": 3.25, "k_min": 3.0, "k_max": 5.5, "tail_quantile": 0.95,
-                                         "tail_power": 2.5, "tail_min": 100}
+                                         "k_gauss": 3.25, "k_min": 3.0, "k_max": 6.0, "tail_quantile": 0.95,
+                                         "tail_power": 3.0, "tail_min": 100}
     assert RobustDetector(k=4.0).config()["k"] == 4.0
     json.dumps(RobustDetector().config(), allow_nan=False)
 
 
 @pytest.mark.parametrize("make", [
     lambda: RobustDetector(k=0), lambda: RobustDetector(history=2), lambda: RobustDetector(warmup_steps=0),
-    lambda: RobustDetector(shift_window=30, history=20), lambda: RobustDetector(shift_span=0), lambda: RobustDetector(k_min=6.0),
+    lambda: RobustDetector(shift_window=30, history=20), lambda: RobustDetector(shift_span=0), lambda: RobustDetector(k_min=7.0),
     lambda: RobustDetector(min_scale=float("nan")),
 ])
 def test_bad_arguments_are_refused(make):

@@ -145,10 +145,10 @@ def test_300_tensor_run_is_a_heatmap_of_blocks_that_expand_into_modules(page, se
     for row, name in enumerate(heat["rows"]):
         np.testing.assert_allclose(heat["z"][row], np.log10(expected[name]), rtol=1e-5, atol=1e-6)
     # Which groups spike most often: the block whose layernorm spiked, at the top (bars are drawn
-    # bottom-up), at every spike; the adaptive rule may flag a noise step in another group
-    # (its false-positive budget), never as often.
+    # bottom-up), at every spike; the adaptive rule may flag a noise step in any group, that one
+    # included (its false-positive budget, about 0.1%), never as often as the spikes.
     bars = page.evaluate("document.getElementById('group-spikes').data[0]")
-    assert bars["y"][-1] == "model.layers.5" and bars["x"][-1] == len(LLAMA_SPIKES)
+    assert bars["y"][-1] == "model.layers.5" and len(LLAMA_SPIKES) <= bars["x"][-1] <= len(LLAMA_SPIKES) + 1
     assert all(count < len(LLAMA_SPIKES) for count in bars["x"][:-1]), bars
     # Expand one block: its modules appear under it; collapse: gone again.
     page.click("#group-chips button[data-group='model.layers.5']")

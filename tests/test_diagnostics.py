@@ -210,7 +210,11 @@ def test_level_shift_in_the_window_uses_the_new_regime():
     assert answer["window"]["clean_start"] == shift_step and answer["transition_left_out"] >= 5
     clean = norms[shift_step // 10:]
     tau, median = reference_tau(clean)
-    assert answer["threshold"] == pytest.approx(tau) and "level shift" in answer["rationale"]
+    # The rule may call a few of the new regime's own extremes spikes (k about 3.25 on normal noise:
+    # a false-positive rate of about 0.1-0.2%); leaving 1-3 of 480 values out moves τ well under 1%.
+    left_out = answer["spikes_left_out"] + answer["backward_left_out"]
+    assert left_out <= 4 and answer["window"]["clean_steps"] >= len(clean) - left_out
+    assert answer["threshold"] == pytest.approx(tau, rel=0.01) and "level shift" in answer["rationale"]
 
 
 def test_loss_spikes_name_the_gradient_spikes_before_them():

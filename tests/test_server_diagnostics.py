@@ -152,8 +152,11 @@ def test_level_shift_event_and_the_recommendation_for_the_new_regime(client):
     assert rec["level_shift"] and rec["level_shift_steps"] == [shift_step]
     assert rec["transition_left_out"] == shift_step - at  # the flagged steps before the shift
     clean = norms[shift_step:]  # the new regime: every step from the shift on is clean
-    assert rec["count"] == len(clean) and rec["window"]["clean_start"] == shift_step
-    assert rec["threshold"] == pytest.approx(robust_tau(clean), rel=1e-12)
+    # ... but for the odd extreme of its own noise the rule may call a spike (k about 3.25 on normal
+    # noise, a false-positive rate of about 0.1%): one or two of 585 left out move τ well under 1%.
+    left_out = rec["spikes_left_out"] + rec["backward_left_out"]
+    assert left_out <= 2 and rec["count"] == len(clean) - left_out and rec["window"]["clean_start"] == shift_step
+    assert rec["threshold"] == pytest.approx(robust_tau(clean), rel=1e-12 if not left_out else 1e-2)
     assert 4.0 < rec["median"] < 6.0 and any("level" in w for w in rec["warnings"])
 
 

@@ -14,15 +14,15 @@ from gradwatch.clip.spike_rule import RobustRule, adaptive_k, burst_runs, robust
 
 
 def reference_rule(values, k=None, history=200, warmup=25, window=16, span=8, min_scale=0.01,
-                   k_gauss=3.25, k_min=3.0, k_max=5.5, q=0.95, power=2.5, tail_min=100):
-    """The rule written out with lists, np.median and np.quantile (no bisection, no ring):
+                   k_gauss=3.25, k_min=3.0, k_max=6.0, q=0.95, power=3.0, tail_min=100):
+    """The rule written out with lists, np.median and np.mean (no bisection, no ring):
     returns (score, spike, level_shift, transition) lists over the finite values' positions."""
     hist: list[float] = []                        # unflagged log values, oldest first
     recent: list[tuple[int, float, bool]] = []    # (index, raw log value, flagged)
     seen = run = 0
     out = []
     gauss = statistics.NormalDist()
-    ratio_gauss = gauss.inv_cdf(0.5 + q / 2) / gauss.inv_cdf(0.75)
+    ratio_gauss = gauss.pdf(gauss.inv_cdf(q)) / (1 - q) / gauss.inv_cdf(0.75)   # E[X | X > z_q] / z_0.75
     for i, x in enumerate(values):
         if not math.isfinite(x):
             out.append([None, True, False, False])
@@ -41,7 +41,8 @@ def reference_rule(values, k=None, history=200, warmup=25, window=16, span=8, mi
             elif len(h) < tail_min or mad == 0:
                 kk = k_max
             else:
-                tail = float(np.quantile(dev, q, method="lower")) / mad
+                top = np.sort(h)[len(h) - (len(h) - math.floor(round(q * len(h), 9))):]   # the top 5%
+                tail = (float(np.mean(top)) - med) / mad
                 kk = min(max(k_gauss * (tail / ratio_gauss) ** power, k_min), k_max)
             z = (lx - med) / scale
             flagged = z > kk
@@ -115,7 +116,7 @@ def test_fixed_k_and_other_parameters_equal_the_reference():
 
 def test_k_adapts_to_the_tail_of_the_history():
     rng = np.random.default_rng(3)
-    assert tail_gauss() == pytest.approx(1.959964 / 0.674490, rel=1e-5)
+    assert tail_gauss() == pytest.approx(0.1031356 / 0.05 / 0.674490, rel=1e-5)   # φ(z_0.95) / 0.05 / z_0.75
     assert adaptive_k(tail_gauss()) == pytest.approx(3.25)
     light, heavy = RobustRule(), RobustRule()
     ks_light, ks_heavy = [], []

@@ -1,5 +1,5 @@
 """server/analysis/tensor_groups.py's group spikes use the shared rule's adaptive bound: equal to a plain
-per-step reference (np.median, np.quantile) on hard sequences, whatever the block shortcut does."""
+per-step reference (np.median, np.mean of the top values) on hard sequences, whatever the block shortcut does."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +17,8 @@ def per_step_adaptive(logs: np.ndarray, history=200, warmup=25, min_scale=0.01) 
         dev = np.abs(window - center)
         mad = np.median(dev)
         if len(window) >= rule.TAIL_MIN and mad > 0:
-            tail = np.quantile(dev, rule.TAIL_QUANTILE, method="lower") / mad
+            top = np.sort(window)[-(len(window) - int(np.floor(round(rule.TAIL_QUANTILE * len(window), 9)))):]
+            tail = (np.mean(top) - center) / mad   # the top 5% above the median, in MADs
             k = rule.adaptive_k(tail)
         else:
             k = rule.K_MAX

@@ -9,7 +9,7 @@ the spikes itself.
 The rule (``gradwatch.clip.spike_rule``): per finite value, the robust z-score
 against the median and MAD of the last 200 unflagged values (log norms; losses
 in linear space), a bound whose k adapts to that history's tail (about 3.25 for
-normal noise, up to 5.5 for heavy tails), and a level shift only for a new level
+normal noise, up to 6 for heavy tails), and a level shift only for a new level
 that persists (a burst and its aftermath never make one). Non-finite values are
 spikes and enter nothing.
 

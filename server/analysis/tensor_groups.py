@@ -203,10 +203,13 @@ def _fences(rows: np.ndarray, counts: np.ndarray | None = None, k: float | None 
     dev = np.sort(np.where(valid, np.abs(rows - center[:, None]), np.inf), axis=1)
     mad = (np.take_along_axis(dev, low, 1) + np.take_along_axis(dev, high, 1))[:, 0] / 2
     num, den = rule.quantile_fraction(rule.TAIL_QUANTILE)
-    tail = np.take_along_axis(dev, ((n - 1) * num // den)[:, None], 1)[:, 0]
+    count = n - n * num // den   # the top values the tail is the mean of (rule.tail_count)
+    columns = np.arange(width)[None, :]
+    top = (np.where((columns >= (n - count)[:, None]) & valid, ordered, 0.0).sum(axis=1)
+           / np.maximum(count, 1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        adaptive = np.clip(rule.K_GAUSS * (tail / np.where(mad > 0, mad, 1.0) / rule.tail_gauss()) ** rule.TAIL_POWER,
-                           rule.K_MIN, rule.K_MAX)
+        adaptive = np.clip(rule.K_GAUSS * ((top - center) / np.where(mad > 0, mad, 1.0) / rule.tail_gauss())
+                           ** rule.TAIL_POWER, rule.K_MIN, rule.K_MAX)
     k_rows = np.where((n >= rule.TAIL_MIN) & (mad > 0), adaptive, rule.K_MAX)
     return center + k_rows * np.maximum(MAD_TO_SIGMA * mad, MIN_SCALE)
 
