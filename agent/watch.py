@@ -85,6 +85,9 @@ class GradWatch:
             them separately). They dominate the wire and the spool: one value
             per tensor per step, against about a dozen for the rest of a step.
         config: a JSON-serialisable dict stored with the run's metadata.
+        optimizer: the run's optimizer (the object, or its name): its class name is stored
+            with the run's metadata, so the server's recommendation knows it (a sign-based
+            optimizer such as Lion gets a different threshold: docs/diagnostics.md).
         compile: compile the step's math with `mx.compile` (clipper and
             detector state as inputs/outputs).
         all_ranks: with a distributed clipper (`group=`), stream every rank
@@ -112,7 +115,7 @@ class GradWatch:
                  batch_interval: float = 0.25, spool_cap_bytes: int = DEFAULT_CAP_BYTES,
                  close_timeout: float = 10.0, max_inflight: int = 8, backoff_cap: float = 30.0,
                  max_batch_bytes: int = DEFAULT_BATCH_BYTES, skip_spikes: bool = False,
-                 send_timeout: float = 30.0, handle_signals: bool = True):
+                 send_timeout: float = 30.0, handle_signals: bool = True, optimizer: Any = None):
         if not isinstance(run, str) or not run:
             raise ValueError(f"run must be a non-empty string, got {run!r}")
         self.clipper = clipper
@@ -141,6 +144,8 @@ class GradWatch:
             token = os.environ.get("GRADWATCH_TOKEN") or None
         self.url = url
         self.config = config
+        self.optimizer_name = optimizer if isinstance(optimizer, str) or optimizer is None \
+            else type(optimizer).__name__
         self.close_timeout = float(close_timeout)
         self.recording = self.rank == 0 or all_ranks
         self.spool_dir = Path(spool_dir) if spool_dir is not None else default_spool_dir(run)
@@ -330,6 +335,8 @@ class GradWatch:
             "world_size": self.world_size,
             "config": self.config,
         }
+        if self.optimizer_name is not None:
+            meta["optimizer"] = self.optimizer_name
         self._sender.set_meta(meta)
 
     # -- lifecycle ---------------------------------------------------------------

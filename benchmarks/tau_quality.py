@@ -107,9 +107,9 @@ def family_of(name: str) -> str:
     return "shards" if any(name == c[0] for c in SHARD_CONDITIONS) else "isolated"
 
 
-def make_data(seed: int, steps: int, family: str = "isolated"):
+def make_data(seed: int, steps: int, family: str = "isolated", lion_lr: float = LION_LR):
     if family == "shards":
-        return make_shard_data(seed, steps)
+        return make_shard_data(seed, steps, lion_lr)
     chain = Markov2(seed)
     rng = np.random.default_rng(seed)
     batches = chain.sample(rng, steps * BATCH).reshape(steps, BATCH, CTX + 1)
@@ -121,7 +121,7 @@ def make_data(seed: int, steps: int, family: str = "isolated"):
     return batches, held_out, factors
 
 
-def make_shard_data(seed: int, steps: int):
+def make_shard_data(seed: int, steps: int, lion_lr: float = LION_LR):
     """As make_data, but the corrupted batches come in bursts of 3-6 consecutive steps (bad shards)."""
     chain = Markov2(seed)
     rng = np.random.default_rng(seed)
@@ -137,7 +137,7 @@ def make_shard_data(seed: int, steps: int):
             continue
         for s in range(start, start + length):
             factors[s] = float(np.exp(shard_rng.uniform(np.log(10), np.log(100))))
-    return batches, held_out, factors, "shards"
+    return batches, held_out, factors, "shards", lion_lr
 
 
 # -- model ---------------------------------------------------------------------------------------
@@ -172,8 +172,9 @@ def train(seed: int, data, steps: int, loss_scale: float, spikes: bool, clipper=
     model = TinyGPT()
     mx.eval(model.parameters())
     if len(data) > 3 and data[3] == "shards":   # Lion: a sign-based update, warm-up + cosine decay
-        lion = optim.join_schedules([optim.linear_schedule(LION_LR / WARMUP, LION_LR, WARMUP),
-                                     optim.cosine_decay(LION_LR, steps - WARMUP, LION_LR * 0.05)], [WARMUP])
+        peak = data[4]
+        lion = optim.join_schedules([optim.linear_schedule(peak / WARMUP, peak, WARMUP),
+                                     optim.cosine_decay(peak, steps - WARMUP, peak * 0.05)], [WARMUP])
         optimizer = optim.Lion(learning_rate=lion, weight_decay=0.01)
     else:
         optimizer = optim.AdamW(learning_rate=schedule(steps), weight_decay=0.01)
@@ -276,7 +277,10 @@ def pilot(url: str, seed: int, data, steps: int, loss_scale: float, spikes: bool
     """An unclipped run watched by the agent (monitor only); its recommendation and norms."""
     run = f"pilot-{name.replace(' ', '_').replace('.', '')}-{seed}"
     with tempfile.TemporaryDirectory() as spool:
-        with GradWatch(run=run, url=url, clipper=None, detectors=[], tensor_norms=False,
+        # the optimizer's name reaches the run's meta, as GradWatch(optimizer=optimizer) sends it:
+        # the recommendation for a sign-based one (Lion) differs (docs/diagnostics.md)
+        optimizer = "Lion" if len(data) > 3 and data[3] == "shards" else "AdamW"
+        with GradWatch(run=run, url=url, clipper=None, detectors=[], tensor_norms=False, optimizer=optimizer,
                        spool_dir=spool) as watch:
             loss = train(seed, data, steps, loss_scale, spikes, watch=watch)
             result = watch.flush(timeout=60)
@@ -351,9 +355,10 @@ def mean_sd(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def condition_job(url: str, name: str, scale: float, spikes: bool, seed: int, steps: int) -> dict:
+def condition_job(url: str, name: str, scale: float, spikes: bool, seed: int, steps: int,
+                  lion_lr: float = LION_LR) -> dict:
     """One condition and seed (runs in a worker process): the pilot, then every arm."""
-    data = make_data(seed, steps, family_of(name))
+    data = make_data(seed, steps, family_of(name), lion_lr)
     answer, norms, pilot_loss = pilot(url, seed, data, steps, scale, spikes, name)
     tau, median = answer["threshold"], answer["median"]
     losses = {"no clip (pilot)": pilot_loss}
@@ -396,6 +401,10 @@ def main(argv=None) -> dict:
                         help="isolated: issue 9's conditions and sequences (AdamW, isolated spikes); "
                              "shards: Lion with bursts of bad shards, loss x50 (issue 21)")
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds first..first+N-1 (other seeds: cases the defaults were not chosen on)")
+    parser.add_argument("--lion-lr", type=float, default=LION_LR,
+                        help=f"peak learning rate of the shards family's Lion (default {LION_LR:g})")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--workers", type=int, default=3,
                         help="worker processes (MLX's per-op latency, not CPU, bounds a tiny model: "
@@ -418,10 +427,11 @@ def main(argv=None) -> dict:
         try:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as pool:
-                jobs = [pool.submit(condition_job, server.url, name, scale, spikes, seed, steps)
-                        for seed in range(seeds) for name, scale, spikes in conditions]
+                seed_list = range(args.first_seed, args.first_seed + seeds)
+                jobs = [pool.submit(condition_job, server.url, name, scale, spikes, seed, steps, args.lion_lr)
+                        for seed in seed_list for name, scale, spikes in conditions]
                 jobs += [pool.submit(sequence_job, kind, seq_len, seed) for kind in sequences
-                         for seed in range(seeds)]
+                         for seed in seed_list]
                 for future in as_completed(jobs):
                     done = future.result()
                     if "kind" in done:

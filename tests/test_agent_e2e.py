@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 
@@ -220,7 +221,7 @@ def test_tensor_norms_and_run_metadata_reach_the_server(server, tmp_path):
     trees = [{"layers": [{"weight": mx.array(rng.standard_normal((3, 2)).astype(np.float32))}],
               "bias": mx.array(rng.standard_normal(2).astype(np.float32))} for _ in range(30)]
     with GradWatch("tensors", url=server.url, clipper=GlobalNorm(1.0), spool_dir=tmp_path / "spool",
-                   config={"lr": 3e-4}) as watch:
+                   config={"lr": 3e-4}, optimizer=optim.Lion(learning_rate=1e-4)) as watch:
         for tree in trees:
             mx.eval(watch.step(tree))
         assert watch.flush(timeout=20)
@@ -236,6 +237,9 @@ def test_tensor_norms_and_run_metadata_reach_the_server(server, tmp_path):
     assert meta["tensors"]["shapes"] == {"layers.0.weight": [3, 2], "bias": [2]}
     assert meta["mlx"] == mx.__version__ and meta["config"] == {"lr": 3e-4}
     assert {"host", "pid", "start_time"} <= set(meta)
+    # the optimizer's class name: the recommendation reads it (Lion is sign-based)
+    assert meta["optimizer"] == "Lion"
+    assert get(f"{server.url}/api/runs/tensors/recommendation")["optimizer"] == "Lion"
 
 
 def test_the_example_training_loop_streams_every_step(server):

@@ -274,3 +274,10 @@ def test_the_backward_pass_leaves_out_a_burst_the_forward_pass_could_not_judge()
     clean = np.delete(norms, range(5, 10))
     tau, _ = reference_tau(clean)
     assert answer["threshold"] == pytest.approx(tau)
+
+
+@pytest.mark.parametrize("name, sign", [("Lion", True), ("optim.Lion", True), ("lion8bit", True), ("SignSGD", True),
+                                        ("Signum", True), ("AdamW", False), ("SGD", False), ("", False),
+                                        (None, False), ("Adafactor", False)])
+def test_sign_based_optimizers_are_known_by_name(name, sign):
+    assert diagnostics.is_sign_based(name) is sign

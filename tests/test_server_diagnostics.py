@@ -226,3 +226,43 @@ def test_server_rules_cover_the_recent_span_and_agent_columns_the_whole_run(clie
     events = client.get("/api/runs/long/events").json()
     assert [(e["kind"], e["step"]) for e in events] == [("loss_spike", n - 100), ("level_shift", 4),
                                                         ("skipped", 3)]
+
+
+def test_a_sign_based_optimizer_gets_the_clean_windows_first_percentile(client):
+    """Lion (from the run's meta, or the request): τ is the 1st percentile of the clean window, so
+    nearly every step is clipped; the request's optimizer wins over the meta; AdamW keeps the rule."""
+    n = 2000
+    rng = np.random.default_rng(11)
+    norms = 20.0 * np.exp(rng.normal(0.0, 0.2, n))
+    bursts = [(1500, 4), (1800, 6)]
+    for start, length in bursts:
+        norms[start:start + length] *= 50.0
+    # meta reaches a run the way the agent sends it: with a batch, on the ingest WebSocket
+    with client.websocket_connect("/ws/ingest", headers={"Authorization": f"Bearer {WRITE}", "Host": "localhost"}) as socket:
+        for seq, (run, meta) in enumerate((("lion-meta", {"optimizer": "Lion"}),
+                                           ("lion-config", {"config": {"optimizer": "lion"}}), ("plain", {}))):
+            socket.send_json({"type": "batch", "seq": seq, "run": run, "meta": meta,
+                              "batch": {"step": list(range(n)), "pre_norm": norms.tolist()}})
+            assert socket.receive_json() == {"type": "ack", "seq": seq, "accepted": n, "duplicates": 0,
+                                             "conflicts": 0}
+    window = norms[-500:]
+    burst_steps = {s for start, length in bursts for s in range(start, start + length)}
+    clean = np.array([v for s, v in zip(range(n - 500, n), window) if s not in burst_steps])
+    for run in ("lion-meta", "lion-config"):
+        rec = client.get(f"/api/runs/{run}/recommendation").json()
+        assert rec["method"] == "sign-based" and rec["optimizer"].lower() == "lion"
+        # the two bursts, and maybe an extreme or two of the noise itself (about 0.1% of steps)
+        extra = rec["spikes_left_out"] + rec["backward_left_out"] - 10
+        assert rec["burst_steps_left_out"] == 10 and 0 <= extra <= 3
+        assert rec["window"]["clean_steps"] == len(clean) - extra
+        assert rec["threshold"] == pytest.approx(np.quantile(clean, 0.01), rel=1e-12 if not extra else 1e-2)
+        assert rec["clip_rate_clean"] == pytest.approx(np.mean(clean > rec["threshold"]), abs=(extra + 1) / len(clean))
+        assert rec["clip_rate_clean"] >= 0.98 and "sign-based" in rec["rationale"]
+    plain = client.get("/api/runs/plain/recommendation").json()
+    assert plain["method"] == "robust" and plain["optimizer"] is None and plain["ratio_to_median"] >= 1.0
+    asked = client.get("/api/runs/plain/recommendation", params={"optimizer": "optim.Lion"}).json()
+    assert asked["method"] == "sign-based" and asked["threshold"] < plain["median"]
+    overridden = client.get("/api/runs/lion-meta/recommendation", params={"optimizer": "AdamW"}).json()
+    assert overridden["method"] == "robust" and overridden["threshold"] == plain["threshold"]
+    rate = client.get("/api/runs/lion-meta/recommendation", params={"target_clip_rate": 0.1}).json()
+    assert rate["method"] == "target_clip_rate"   # an explicit clip rate wins

@@ -43,6 +43,16 @@ DEFAULT_MIN_WINDOW = 500
 DEFAULT_MAX_WINDOW = 20_000   # recent enough to be the regime the threshold is for; bounds the work
 MAX_BURSTS_LISTED = 50       # the answer lists the newest bursts it left out, and counts them all
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p95", 95.0), ("p99", 99.0), ("p99.9", 99.9))
+SIGN_BASED_QUANTILE = 0.01   # a sign-based optimizer: τ at the clean window's 1st percentile
+
+
+def is_sign_based(optimizer: str | None) -> bool:
+    """Whether an optimizer's name is a sign-based one (Lion, signSGD, Signum), whose step has
+    the same size whatever the gradient's norm: "Lion", "optim.Lion", "lion8bit", "SignSGD"."""
+    if not optimizer:
+        return False
+    name = "".join(ch for ch in str(optimizer).lower().rsplit(".", 1)[-1] if ch.isalnum())
+    return name.startswith("lion") or name.startswith("sign")
 
 
 # -- the recommendation ----------------------------------------------------------------
@@ -69,7 +79,8 @@ def _pct(r: float | None) -> str:
 
 def recommend(steps: Sequence[int] | np.ndarray, pre_norm: Sequence[float] | np.ndarray, *,
               window: int | None = None, target_clip_rate: float | None = None,
-              current_threshold: float | None = None, k: float = 3.0) -> dict[str, Any]:
+              current_threshold: float | None = None, k: float = 3.0,
+              optimizer: str | None = None) -> dict[str, Any]:
     """A clip threshold from a run's stored pre-clip norms, with what a user needs to decide.
 
     Args:
@@ -82,6 +93,13 @@ def recommend(steps: Sequence[int] | np.ndarray, pre_norm: Sequence[float] | np.
             of the clean window instead of the robust rule.
         current_threshold: the run's clip threshold, to report its clip rate.
         k: τ = exp(median + k·1.4826·MAD) of the clean window's log norms.
+        optimizer: the run's optimizer by name, when known. For a sign-based one (Lion,
+            signSGD: :func:`is_sign_based`) τ is the clean window's 1st percentile instead
+            (method ``"sign-based"``): such a step has the same size whatever the gradient's
+            norm, so clipping costs no step size and only sets how much each batch weighs in
+            the momentum; clipping (nearly) every step weighs every batch the same, and a burst
+            of bad batches no more than as many good ones (``benchmarks/tau_quality.py
+            --family shards``: docs/diagnostics.md). ``target_clip_rate`` still wins.
 
     Spikes are found with :func:`robust_spikes` (the agent's rule and defaults) over
     the window and the ``2·200`` steps before it (history), and again backwards in
@@ -141,7 +159,9 @@ def recommend(steps: Sequence[int] | np.ndarray, pre_norm: Sequence[float] | np.
     bursts = [run for run in burst_runs((w_spike | w_backward) & finite & ~w_transition, w_steps) if run[2] >= 2]
     result: dict[str, Any] = {
         "threshold": None, "reason": None,
-        "method": "target_clip_rate" if target_clip_rate is not None else "robust",
+        "method": "target_clip_rate" if target_clip_rate is not None else (
+            "sign-based" if is_sign_based(optimizer) else "robust"),
+        "optimizer": optimizer or None,
         "k": float(k), "target_clip_rate": None if target_clip_rate is None else float(target_clip_rate),
         "median": None, "ratio_to_median": None,
         "clip_rate_clean": None, "clip_rate_raw": None,
@@ -176,9 +196,11 @@ def recommend(steps: Sequence[int] | np.ndarray, pre_norm: Sequence[float] | np.
     median_log = float(np.median(logs))
     mad = float(np.median(np.abs(logs - median_log)))
     median = float(np.median(clean))
-    if target_clip_rate is None:
+    if result["method"] == "robust":
         tau = math.exp(median_log + k * MAD_TO_SIGMA * mad)
         tau = min(max(tau, median), 10 * median)
+    elif result["method"] == "sign-based":
+        tau = float(np.quantile(clean, SIGN_BASED_QUANTILE))
     else:
         tau = float(np.quantile(clean, 1.0 - float(target_clip_rate)))
     percentiles = {name: float(np.percentile(clean, q)) for name, q in PERCENTILES}
@@ -196,8 +218,11 @@ def recommend(steps: Sequence[int] | np.ndarray, pre_norm: Sequence[float] | np.
     result["candidates"] = [{"label": label, "threshold": float(t), "clip_rate": _rate(clean, t),
                              "clip_rate_raw": _rate(raw, t), "over": "clean window"}
                             for label, t in candidates]
-    how = (f"the {100 * (1 - float(target_clip_rate)):.4g}th percentile" if target_clip_rate is not None
-           else f"median × exp({k:g}·1.4826·MAD) of the log norms")
+    how = {"target_clip_rate": lambda: f"the {100 * (1 - float(target_clip_rate)):.4g}th percentile",
+           "robust": lambda: f"median × exp({k:g}·1.4826·MAD) of the log norms",
+           "sign-based": lambda: (f"the 1st percentile, as {optimizer} is sign-based (its step has the same "
+                                  f"size whatever the norm, so clipping nearly every step only gives every "
+                                  f"batch, a bad one too, the same weight in its momentum)")}[result["method"]]()
     shift = (f"; a level shift happened at step {shift_steps[-1]:,}" if shift_steps else "")
     result["rationale"] = (
         f"Clip at {_fmt(tau)} ({_fmt(tau / median) if median > 0 else 'n/a'}× the median norm "
@@ -220,7 +245,7 @@ def _bursts_text(bursts: list[tuple[int, int, int]]) -> str:
 
 
 RECOMMENDATION_KEYS = (
-    "threshold", "reason", "method", "k", "target_clip_rate", "median", "ratio_to_median",
+    "threshold", "reason", "method", "optimizer", "k", "target_clip_rate", "median", "ratio_to_median",
     "clip_rate_clean", "clip_rate_raw", "current_threshold", "current_clip_rate_clean",
     "current_clip_rate_raw", "clip_rate_at_1_clean", "clip_rate_at_1_raw", "spikes_left_out",
     "nonfinite_left_out", "transition_left_out", "backward_left_out", "burst_count", "burst_steps_left_out",

@@ -165,7 +165,8 @@ def covered(steps: np.ndarray) -> dict:
 
 
 def recommend(steps: np.ndarray, pre_norm: np.ndarray, threshold: np.ndarray | None = None, *,
-              window: int | None = None, target_clip_rate: float | None = None) -> dict:
+              window: int | None = None, target_clip_rate: float | None = None,
+              optimizer: str | None = None) -> dict:
     """`diagnostics.recommend` on a run's stored norms, with the fields older clients read.
 
     The threshold comes from the robust rule on a recent window of clean steps
@@ -178,7 +179,7 @@ def recommend(steps: np.ndarray, pre_norm: np.ndarray, threshold: np.ndarray | N
     from gradwatch.server.analysis import diagnostics  # pure numpy; imported here to keep `stats` light
 
     result = diagnostics.recommend(steps, pre_norm, window=window, target_clip_rate=target_clip_rate,
-                                   current_threshold=current_threshold(threshold))
+                                   current_threshold=current_threshold(threshold), optimizer=optimizer)
     span = result["window"]
     size = span["steps"]
     window_norms = pre_norm[len(pre_norm) - size:] if size else pre_norm[:0]

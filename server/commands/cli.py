@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="last N steps, at least 100 (default: the last 10%% of the run, at least 500, at most 20,000)")
     recommend.add_argument("--target-clip-rate", type=float, default=None,
                            help="optional: the (1 - rate) quantile of the clean window instead of the robust rule")
+    recommend.add_argument("--optimizer", default=None,
+                           help="the run's optimizer by name, e.g. Lion (default: what the run's meta says); "
+                                "a sign-based one gets the clean window's 1st percentile")
     recommend.set_defaults(handler=_recommend)
 
     push = commands.add_parser("push", help="upload what an agent left in its spool folder")

@@ -8,14 +8,14 @@ from .client import ApiClient, ApiError, run_path
 
 
 # The query parameters as the command line spells them (for errors in words).
-FLAG_NAMES = {"window": "--window", "target_clip_rate": "--target-clip-rate"}
+FLAG_NAMES = {"window": "--window", "target_clip_rate": "--target-clip-rate", "optimizer": "--optimizer"}
 
 
 def fetch_recommendation(url: str, run: str, window: int | None = None, target_clip_rate: float | None = None,
-                         token: str | None = None, timeout: float = 30.0) -> dict:
+                         token: str | None = None, timeout: float = 30.0, optimizer: str | None = None) -> dict:
     return ApiClient(url, token, timeout, names=FLAG_NAMES).get(
         run_path(run, "/recommendation"), window=window or None,
-        target_clip_rate=None if target_clip_rate is None else repr(target_clip_rate))
+        target_clip_rate=None if target_clip_rate is None else repr(target_clip_rate), optimizer=optimizer or None)
 
 
 def format_rate(rate: float | None) -> str:
@@ -87,7 +87,7 @@ def format_recommendation(run: str, rec: dict) -> str:
     lines += [f"it would have clipped {_rate(rec.get('clip_rate_raw'))} of the recommendation's window, {over}",
               "", rec.get("rationale", ""), ""]
     fields = [
-        ("method", rec.get("method", "")),
+        ("method", rec.get("method", "") + (f" (optimizer {rec['optimizer']})" if rec.get("optimizer") else "")),
         ("window", f"steps {_int(span.get('start'))}–{_int(span.get('end'))} ({_int(span.get('steps'))} steps, "
                    f"{clean} from {_int(span.get('clean_start'))})"),
         ("median norm", _number(rec.get("median")) + " (clean steps)"),
@@ -117,7 +117,8 @@ def format_recommendation(run: str, rec: dict) -> str:
 
 def print_recommendation(args: argparse.Namespace) -> int:
     try:
-        rec = fetch_recommendation(args.url, args.run, args.window, args.target_clip_rate, args.token)
+        rec = fetch_recommendation(args.url, args.run, args.window, args.target_clip_rate, args.token,
+                                   optimizer=getattr(args, "optimizer", None))
     except ApiError as error:
         print(f"gradwatch recommend: {error}", file=sys.stderr)
         return 1 if error.status is not None else 2

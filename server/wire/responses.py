@@ -108,7 +108,9 @@ class RecommendationOut(BaseModel):
     few clean steps; percentiles and candidates are over the clean window."""
     threshold: float | None
     reason: str | None
-    method: Literal["robust", "target_clip_rate"]
+    method: Literal["robust", "target_clip_rate", "sign-based"]
+    optimizer: str | None = Field(None, description="the optimizer it assumed (the request's `optimizer`, else "
+                                                    "the run's meta); a sign-based one changes the method")
     k: float
     target_clip_rate: float | None
     median: float | None

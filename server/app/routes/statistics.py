@@ -50,6 +50,18 @@ def recent_norms(store, name: str, window: int | None) -> tuple[np.ndarray, np.n
     return arrays.steps, arrays.values["pre_norm"], arrays.values["threshold"], window
 
 
+def optimizer_of(meta: dict) -> str | None:
+    """The optimizer's name a run's meta holds: `optimizer` (what `GradWatch(optimizer=...)` sends),
+    else `config.optimizer` (a user's config); a dict's `name` or `type`; None when neither."""
+    config = meta.get("config")
+    for value in (meta.get("optimizer"), config.get("optimizer") if isinstance(config, dict) else None):
+        if isinstance(value, dict):
+            value = value.get("name") or value.get("type")
+        if isinstance(value, str) and value.strip():
+            return value.strip()[:100]
+    return None
+
+
 @router.get("/api/runs/{run}/recommendation", response_model=RecommendationOut)
 def recommendation(name: RunName, store: StoreDep,
                    window: int | None = Query(None, ge=100, description=(
@@ -57,13 +69,20 @@ def recommendation(name: RunName, store: StoreDep,
                        "and at most 20,000 steps (the whole run when shorter)")),
                    target_clip_rate: float | None = Query(None, ge=0.0, lt=1.0, description=(
                        "optional, in [0, 1): the threshold becomes the (1 - rate) quantile of the "
-                       "clean window instead of the robust rule"))) -> Response:
+                       "clean window instead of the robust rule")),
+                   optimizer: str | None = Query(None, min_length=1, max_length=100, description=(
+                       "the run's optimizer by name (e.g. Lion); default: the run's meta `optimizer` "
+                       "(GradWatch(optimizer=...)) or `config.optimizer`. A sign-based one (Lion, "
+                       "signSGD) gets the clean window's 1st percentile (docs/diagnostics.md)"))) -> Response:
     """The clip threshold for the run: the robust rule on a recent window of clean steps
     (docs/diagnostics.md). 422 for a window below 100 or a rate outside [0, 1); a run with
     too few clean steps answers 200 with `threshold: null` and the `reason`."""
     steps, pre_norm, threshold, size = recent_norms(store, name, window)
+    if optimizer is None:
+        optimizer = optimizer_of(store.meta_of(name))
     try:
-        answer = stats.recommend(steps, pre_norm, threshold, window=size, target_clip_rate=target_clip_rate)
+        answer = stats.recommend(steps, pre_norm, threshold, window=size, target_clip_rate=target_clip_rate,
+                                 optimizer=optimizer)
     except ValueError as error:
         raise BatchError(str(error)) from None
     return json_response(answer)
