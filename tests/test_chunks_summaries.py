@@ -13,6 +13,7 @@ from gradwatch.server.storage.chunks import (BLOCK, CHUNK, MemorySource, bucket_
                                              merge_tensors, overview, series_from_arrays, summarize,
                                              summarize_tensors)
 from gradwatch.server.analysis.stats import downsample_indices
+from gradwatch.server.storage.chunks.tensors import TensorChunk
 
 SPEC = {"pre_norm": "float", "loss": "float", "clipped": "bool", "spike": "bool", "nonfinite": "bool"}
 
@@ -235,3 +236,27 @@ def test_tensor_heatmap_matches_a_loop_over_raw_rows():
                     assert math.isnan(result.norms[b, j])
                 else:
                     assert result.norms[b, j] == np.float32(max(values))
+
+
+def test_a_fresh_tensor_segment_and_its_summary_equal_the_general_path():
+    """The agent's case (ascending steps, each name once, nothing stored) takes a short cut in
+    merge_tensors and summarize_tensors: the same chunk and summary as the general path, NaN included."""
+    rng = np.random.default_rng(4)
+    steps = np.arange(4096 * 2 + 10, 4096 * 2 + 700, dtype=np.int64)
+    names = [f"layers.{i}.weight" for i in range(30)]
+    norms = rng.random((len(steps), len(names))).astype(np.float32)
+    norms[[5, 300], [3, 7]] = np.nan
+    fast = merge_tensors(None, 2, steps, names, norms)
+    general = merge_tensors(None, 2, steps, names, norms, accept=np.ones(len(steps), bool))  # no short cut
+    assert fast.present is None and general.present is None and fast.names == general.names
+    np.testing.assert_array_equal(fast.steps, general.steps)
+    np.testing.assert_array_equal(fast.norms, general.norms)
+    quick = summarize_tensors(fast)
+    slow = summarize_tensors(TensorChunk(2, steps, names, norms, np.ones(norms.shape, bool)))  # the masked path
+    np.testing.assert_array_equal(quick.start, slow.start)
+    np.testing.assert_array_equal(quick.max, slow.max)   # NaN where a NaN was seen, in both
+    np.testing.assert_array_equal(quick.seen, slow.seen)
+    block = (steps[5] // 64) * 64
+    assert np.isnan(quick.max[quick.start == block, 3]).all()
+    reference = np.max(norms[(steps >= block) & (steps < block + 64)][:, 0])
+    assert quick.max[quick.start == block, 0][0] == reference

@@ -274,23 +274,27 @@ _MAGIC = b"GWA1"
 def pack_arrays(arrays: Mapping[str, np.ndarray | bytes]) -> bytes:
     """Named numpy arrays (or raw bytes) in one blob: magic, header length, JSON header, 8-aligned data."""
     header = []
-    parts = []
+    parts: list = []
     offset = 0
     for name, array in arrays.items():
         if isinstance(array, (bytes, bytearray, memoryview)):
-            data, dtype, shape = bytes(array), "bytes", [len(array)]
+            data, dtype, shape = memoryview(array).cast("B"), "bytes", [len(array)]
         else:
             array = np.ascontiguousarray(array)
-            data, dtype, shape = array.tobytes(), array.dtype.newbyteorder("<").str, list(array.shape)
             if array.dtype.byteorder == ">":
-                data = array.astype(array.dtype.newbyteorder("<")).tobytes()
+                array = array.astype(array.dtype.newbyteorder("<"))
+            # the array's own buffer: one copy in all, by the join below (a tensor chunk is ~1 MB)
+            data, dtype, shape = array.reshape(-1).view(np.uint8).data, array.dtype.newbyteorder("<").str, \
+                list(array.shape)
         pad = -len(data) % 8
         header.append([name, dtype, shape, offset, len(data)])
-        parts.append(data + b"\0" * pad)
+        parts.append(data)
+        if pad:
+            parts.append(b"\0" * pad)
         offset += len(data) + pad
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(len(text) + 8) % 8)
-    return _MAGIC + struct.pack("<I", len(text)) + text + b"".join(parts)
+    return b"".join([_MAGIC, struct.pack("<I", len(text)), text, *parts])
 
 
 @functools.lru_cache(maxsize=256)

@@ -52,6 +52,10 @@ def merge_tensors(chunk: TensorChunk | None, chunk_id: int, steps: np.ndarray, n
     incoming = present
     steps = np.asarray(steps, np.int64)
     norms = np.asarray(norms, np.float32).reshape(len(steps), len(names))
+    if chunk is None and accept is None and present is None and _ascending_unique(steps, names):
+        # A new segment as the agent sends it (ascending steps, each tensor once): the rows as
+        # they are, without the matrix, the name index and the sort the general case builds.
+        return TensorChunk(chunk_id, steps, list(names), np.ascontiguousarray(norms), None)
     if chunk is None:
         chunk = TensorChunk(chunk_id, np.zeros(0, np.int64), [], np.zeros((0, 0), np.float32), None)
     take = np.ones(len(steps), bool) if accept is None else np.asarray(accept, bool).copy()
@@ -74,9 +78,13 @@ def merge_tensors(chunk: TensorChunk | None, chunk_id: int, steps: np.ndarray, n
     return TensorChunk(chunk_id, all_steps[order], all_names, matrix[order], None if present.all() else present)
 
 
+def _ascending_unique(steps: np.ndarray, names: list[str]) -> bool:
+    return len(steps) > 0 and bool(np.all(steps[1:] > steps[:-1])) and len(set(names)) == len(names)
+
+
 def encode_tensors(chunk: TensorChunk) -> bytes:
     arrays = {"steps": encode_steps(chunk.chunk_id, chunk.steps), "names": json.dumps(chunk.names).encode(),
-              "norms": chunk.norms.astype("<f4")}
+              "norms": chunk.norms.astype("<f4", copy=False)}
     if chunk.present is not None:
         arrays["present"] = np.packbits(chunk.present, axis=None, bitorder="little").tobytes()
     return pack_arrays(arrays)
@@ -94,9 +102,12 @@ def decode_tensors(chunk_id: int, blob: bytes) -> TensorChunk:
     return TensorChunk(chunk_id, steps, names, norms, present)
 
 
-def _bucket_max(labels: np.ndarray, norms: np.ndarray, seen: np.ndarray) -> tuple:
-    """Per run of equal labels: cut positions, max with NaN winning, and seen."""
+def _bucket_max(labels: np.ndarray, norms: np.ndarray, seen: np.ndarray | None) -> tuple:
+    """Per run of equal labels: cut positions, max with NaN winning, and seen (None: every cell)."""
     cuts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+    if seen is None:   # every cell reported: np.maximum keeps a NaN, one pass
+        return cuts, np.maximum.reduceat(norms, cuts, axis=0).astype(np.float32, copy=False), \
+            np.ones((len(cuts), norms.shape[1]), bool)
     nan = np.isnan(norms) & seen
     high = np.maximum.reduceat(np.where(seen & ~nan, norms, -np.inf), cuts, axis=0)
     any_nan = np.logical_or.reduceat(nan, cuts, axis=0)
@@ -110,9 +121,8 @@ def summarize_tensors(chunk: TensorChunk, width: int = BLOCK) -> TensorSummary:
     if len(chunk.steps) == 0:
         return TensorSummary(width, np.zeros(0, np.int64), np.zeros(0, np.int64), list(chunk.names),
                              np.zeros((0, len(chunk.names)), np.float32), np.zeros((0, len(chunk.names)), bool))
-    seen = np.ones(chunk.norms.shape, bool) if chunk.present is None else chunk.present
     labels = chunk.steps // width
-    cuts, high, any_seen = _bucket_max(labels, chunk.norms, seen)
+    cuts, high, any_seen = _bucket_max(labels, chunk.norms, chunk.present)
     return TensorSummary(width, labels[cuts] * width, chunk.steps[cuts], list(chunk.names), high, any_seen)
 
 
