@@ -17,14 +17,16 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
 from gradwatch.server.app.factory import create_app
 from gradwatch.server.app.settings import Settings
-from gradwatch.server.storage import SCHEMA_VERSION, SchemaError, upgrade_database
-from gradwatch.server.storage.migrate import head_revision
+from gradwatch.server.storage import SCHEMA_VERSION, SchemaError, Store, make_engine, upgrade_database
+from gradwatch.server.storage.migrate import alembic_config, head_revision
+from gradwatch.server.wire.columns import parse_batch
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 INPUT = json.loads((FIXTURES / "v2_input.json").read_text())
@@ -98,7 +100,7 @@ def _sent_alpha() -> dict[int, dict]:
 def test_the_old_release_database_upgrades_and_reads_back_exactly(old_database):
     with TestClient(create_app(Settings(db_url=old_database)), base_url="http://localhost") as client:
         health = client.get("/healthz").json()
-        assert health["schema_version"] == SCHEMA_VERSION == 5
+        assert health["schema_version"] == SCHEMA_VERSION == 6
         # The list leaves `meta` to GET /api/runs/{run} (issue 14); the rest is the old answer.
         assert client.get("/api/runs").json() == [{k: v for k, v in run.items() if k != "meta"}
                                                   for run in ANSWERS["runs"]]
@@ -151,13 +153,13 @@ def test_several_servers_starting_at_once_upgrade_once(old_database):
     results = [starter.communicate(timeout=120) for starter in starters]
     assert all(starter.returncode == 0 for starter in starters), results
     befores = sorted(out.strip() for out, _ in results)
-    progress = [err for out, err in results if out.strip() == "('0002', '0005')"][0]
+    progress = [err for out, err in results if out.strip() == "('0002', '0006')"][0]
     assert "moving steps into chunks" in progress and "steps" in progress.splitlines()[-1]  # said how far it got
-    assert befores == ["('0002', '0005')"] + ["('0005', '0005')"] * 3  # exactly one did the upgrade
+    assert befores == ["('0002', '0006')"] + ["('0006', '0006')"] * 3  # exactly one did the upgrade
     engine = create_engine(old_database)
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0005"]
-        assert connection.execute(text("SELECT version FROM schema_version")).scalars().all() == [5]
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0006"]
+        assert connection.execute(text("SELECT version FROM schema_version")).scalars().all() == [6]
         assert connection.execute(text("SELECT clip_flags FROM runs WHERE name = 'alpha'")).scalar() == 11
     engine.dispose()
 
@@ -195,3 +197,48 @@ def test_a_fresh_database_at_head_matches_the_tables(tmp_path):
     assert diff == []
     assert {"chunks", "chunk_columns", "chunk_summaries", "tensor_chunks", "tensor_summaries"} <= tables
     assert not tables & {"steps", "tensor_norms", "tensor_layouts"}  # moved into chunks by 0005
+
+
+def test_schema_6_keys_chunk_columns_by_chunk_and_keeps_every_row(tmp_path):
+    """0005 -> 0006 rebuilds `chunk_columns` keyed (run, chunk, segment, column): every blob is kept
+    bit for bit, the run reads the same, and a downgrade puts the old key back."""
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'rekey.db'}"
+
+    def migrate(action, revision: str) -> None:
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            action(alembic_config(connection), revision)
+        engine.dispose()
+
+    def rows_and_key() -> tuple[list, list[str]]:
+        engine = create_engine(url)
+        with engine.connect() as connection:
+            rows = sorted(connection.execute(text("SELECT run_id, name, chunk_id, seg, data FROM chunk_columns")).all())
+            key = [row[2] for row in connection.execute(text("PRAGMA index_info('chunk_columns')")).all()]
+        engine.dispose()
+        return rows, key
+
+    migrate(command.upgrade, "0005")
+    engine = make_engine(url)
+    steps = list(range(9000))
+    norms = np.exp(np.random.default_rng(2).normal(0, 0.3, len(steps)))
+    store = Store(engine)
+    for begin in range(0, len(steps), 2000):
+        part = slice(begin, begin + 2000)
+        store.ingest("r", parse_batch({"step": steps[part], "pre_norm": norms[part].tolist(),
+                                       "loss": [1.0] * len(steps[part])}))
+    engine.dispose()
+    before, old_key = rows_and_key()
+    assert upgrade_database(url) == ("0005", "0006")
+    after, new_key = rows_and_key()
+    assert old_key == ["run_id", "name", "chunk_id", "seg"] and new_key == ["run_id", "chunk_id", "seg", "name"]
+    assert after == before and len({row[2] for row in after}) == 3   # 3 chunks, every blob kept
+    engine = make_engine(url)
+    arrays = Store(engine).arrays("r", ("pre_norm",))
+    engine.dispose()
+    assert arrays.steps.tolist() == steps and np.array_equal(arrays.values["pre_norm"], norms)
+    migrate(command.downgrade, "0005")
+    back, key = rows_and_key()
+    assert key == ["run_id", "name", "chunk_id", "seg"] and back == before

@@ -6,12 +6,13 @@ only moves their blobs in and out of the database, so ingest, reads and the
 migration share one spelling of the SQL.
 
 - A chunk holds steps [c*CHUNK, (c+1)*CHUNK). Its steps and each registry
-  column are rows of `chunk_columns` (run_id, name, chunk_id, seg), so a read
-  of one column of a whole run is one range scan of that column's rows, and a
-  column added to the registry later needs no table change (a chunk without
-  its row decodes it as all null). A column all null in what a write stores
-  gets no row (each row a batch writes is a B-tree leaf page rewritten in the
-  WAL: rows are ordered by column name first).
+  column are rows of `chunk_columns` keyed (run_id, chunk_id, seg, name): the
+  rows one batch writes are neighbours in the table's B-tree, so the WAL gets a
+  few leaf pages per batch, not one per column (schema 6; keyed by name first,
+  827 KB of WAL per 2,000-step batch against 521 KB). A read of one column
+  passes over the other columns' keys of the same chunks. A column added to the
+  registry later needs no table change (a chunk without its row decodes it as
+  all null). A column all null in what a write stores gets no row.
 - Segments: a batch that only appends to a chunk writes its own rows as the
   chunk's next segment instead of rewriting the chunk (an agent appending
   2,000 steps at a time otherwise rewrote each 4,096-step chunk two or three

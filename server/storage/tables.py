@@ -35,7 +35,7 @@ from __future__ import annotations
 from sqlalchemy import (BigInteger, Column, Double, ForeignKey, Index, Integer, LargeBinary, MetaData,
                         SmallInteger, String, Table, Text)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 metadata = MetaData()
 
@@ -69,9 +69,9 @@ chunks = Table(
 chunk_columns = Table(
     "chunk_columns", metadata,
     Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
-    Column("name", String(40), primary_key=True),
     Column("chunk_id", BigInteger, primary_key=True),
     Column("seg", Integer, primary_key=True),
+    Column("name", String(40), primary_key=True),
     Column("data", LargeBinary, nullable=False),
     sqlite_with_rowid=False,
 )
