@@ -14,7 +14,8 @@ release: `git worktree add /tmp/rel 3c20f55; mkdir -p /tmp/relpkg/gradwatch; tou
   decoder, so any commit's store takes them), stored one after another through
   `Store.ingest` into a fresh SQLite file, in a fresh process per run: CPU of the ingesting
   thread per batch (what the store costs, steady on a loaded machine), of the whole process
-  (with the WAL checkpointer thread) and wall time; with `--against-path`, that commit
+  (with the WAL checkpointer thread), wall time, and the bytes the process wrote per batch
+  (/proc/self/io `wchar`: WAL appends and checkpoint copies); with `--against-path`, that commit
   alternating with the working tree, `--repeat` runs each, medians and ratios.
   `--profile`: the working tree under cProfile, the `--top` functions by cumulative and
   by own time.
@@ -65,6 +66,12 @@ with tempfile.TemporaryDirectory() as folder:
     for item in batches[:2]:
         store.ingest("warmup", item)
     thread = []
+    def written():                    # bytes this process wrote (WAL appends and checkpoints), Linux
+        try:
+            return int(next(l for l in open("/proc/self/io") if l.startswith("wchar")).split()[1])
+        except (OSError, StopIteration):
+            return 0
+    start_written = written()
     process, wall = time.process_time(), time.perf_counter()
     for item in batches:
         started = time.thread_time()
@@ -73,8 +80,9 @@ with tempfile.TemporaryDirectory() as folder:
     wall = time.perf_counter() - wall
     time.sleep(0.3)                   # the WAL checkpointer thread finishes its last checkpoint
     process = time.process_time() - process
+    wrote = written() - start_written
     engine.dispose()
-print(json.dumps({"thread": thread, "process": process, "wall": wall}))
+print(json.dumps({"thread": thread, "process": process, "wall": wall, "written": wrote}))
 """
 
 
@@ -134,13 +142,14 @@ def storage_side(steps: int, batch: int, profile: bool, top: int, against: str |
         thread = float(np.median([sum(r["thread"]) / n * 1000 for r in runs]))
         process = float(np.median([r["process"] / n * 1000 for r in runs]))
         wall = float(np.median([r["wall"] / n * 1000 for r in runs]))
-        medians[name] = {"thread_ms": thread, "process_ms": process, "wall_ms": wall}
+        written = float(np.median([r.get("written", 0) / n / 1024 for r in runs]))
+        medians[name] = {"thread_ms": thread, "process_ms": process, "wall_ms": wall, "written_kb": written}
         line = f"  {against if name == 'against' else name}: ingest thread CPU {thread:.2f}, process CPU {process:.2f}"
         if against and name != "against":
             base = medians["against"]
             line += (f" ({base['thread_ms'] / thread:.2f}x and {base['process_ms'] / process:.2f}x "
                      f"as fast as against)")
-        print(line + f", wall {wall:.2f}")
+        print(line + f", wall {wall:.2f}, written {written:.0f} KB per batch (WAL and checkpoints)")
     return medians
 
 

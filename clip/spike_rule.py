@@ -100,12 +100,6 @@ def quantile_fraction(quantile: float) -> tuple[int, int]:
     return frac.numerator, frac.denominator
 
 
-def tail_count(n: int, quantile: float = TAIL_QUANTILE) -> int:
-    """How many of the top values of a history of ``n`` the tail is the mean of: n - ⌊q·n⌋."""
-    num, den = quantile_fraction(quantile)
-    return n - n * num // den
-
-
 def top_mean(ordered: Sequence[float], count: int) -> float:
     """The mean of the last ``count`` values of a sorted sequence, summed one by one from the
     smallest (the fast path and MLX-free callers repeat this order, so the bits agree; Python's
@@ -242,7 +236,8 @@ class RobustRule:
         n = len(ordered)
         if n < self.tail_min or not mad > 0:
             return self.k_max
-        tail = (top_mean(ordered, n - n * self._tail_num // self._tail_den) - median) / mad
+        count = n - n * self._tail_num // self._tail_den   # the top values above the q quantile: n - ⌊q·n⌋
+        tail = (top_mean(ordered, count) - median) / mad
         return min(max(self.k_gauss * (tail / self._tail_gauss) ** self.tail_power, self.k_min), self.k_max)
 
     def judge(self, value: float) -> Verdict:

@@ -203,7 +203,7 @@ def _fences(rows: np.ndarray, counts: np.ndarray | None = None, k: float | None 
     dev = np.sort(np.where(valid, np.abs(rows - center[:, None]), np.inf), axis=1)
     mad = (np.take_along_axis(dev, low, 1) + np.take_along_axis(dev, high, 1))[:, 0] / 2
     num, den = rule.quantile_fraction(rule.TAIL_QUANTILE)
-    count = n - n * num // den   # the top values the tail is the mean of (rule.tail_count)
+    count = n - n * num // den   # the top values the tail is the mean of: n - ⌊q·n⌋, as the rule's
     columns = np.arange(width)[None, :]
     top = (np.where((columns >= (n - count)[:, None]) & valid, ordered, 0.0).sum(axis=1)
            / np.maximum(count, 1))

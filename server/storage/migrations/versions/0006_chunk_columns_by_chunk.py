@@ -3,11 +3,13 @@
 A batch writes one row per column of one segment. Keyed by the column's name
 first, those rows lay in as many places of the table's B-tree as there are
 columns, and each wrote a page of its own (a 16 KiB leaf, for a ~3 KB share of it)
-into the WAL: 827 KB of WAL per 2,000-step batch. Keyed by chunk and segment
-first, the rows a batch writes are neighbours: 521 KB, and the ingesting thread's
-CPU per batch 2.71 -> 2.31 ms (benchmarks/ingest_profile.py). Reading one column of a whole run
-now passes over the other columns' keys (a 1M-step run's `pre_norm`, cold: 23 ->
-39 ms); the overview reads summaries and is unchanged.
+into the WAL: 827 KB of WAL appended per 2,000-step batch. Keyed by chunk and segment
+first, the rows a batch writes are neighbours: 521 KB, and the ingesting thread's CPU
+per batch 2.71 -> 2.31 ms (in process, checkpoints held off). With the shared checkpoints
+of storage/wal.py, `benchmarks/ingest_profile.py --against-path` measured the store at
+1,644 -> 793 KB written and 4.01 -> 2.45 ms of process CPU per batch. Reading one column
+of a whole run now passes over the other columns' keys (a 1M-step run's `pre_norm`, cold:
+23 -> 39 ms); the overview reads summaries and is unchanged.
 
 SQLite cannot change a primary key in place: the rows are copied into a new table
 (WITHOUT ROWID, as before), which then takes the old one's name. PostgreSQL swaps
