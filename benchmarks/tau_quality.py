@@ -103,6 +103,11 @@ class Markov2:
         return out
 
 
+def lion_family(data) -> bool:
+    """Whether `make_data` made this for the shards family (Lion; its peak lr is data[4])."""
+    return len(data) > 3 and data[3] == "shards"
+
+
 def family_of(name: str) -> str:
     return "shards" if any(name == c[0] for c in SHARD_CONDITIONS) else "isolated"
 
@@ -171,7 +176,7 @@ def train(seed: int, data, steps: int, loss_scale: float, spikes: bool, clipper=
     mx.random.seed(seed)
     model = TinyGPT()
     mx.eval(model.parameters())
-    if len(data) > 3 and data[3] == "shards":   # Lion: a sign-based update, warm-up + cosine decay
+    if lion_family(data):   # Lion: a sign-based update, warm-up + cosine decay
         peak = data[4]
         lion = optim.join_schedules([optim.linear_schedule(peak / WARMUP, peak, WARMUP),
                                      optim.cosine_decay(peak, steps - WARMUP, peak * 0.05)], [WARMUP])
@@ -279,7 +284,7 @@ def pilot(url: str, seed: int, data, steps: int, loss_scale: float, spikes: bool
     with tempfile.TemporaryDirectory() as spool:
         # the optimizer's name reaches the run's meta, as GradWatch(optimizer=optimizer) sends it:
         # the recommendation for a sign-based one (Lion) differs (docs/diagnostics.md)
-        optimizer = "Lion" if len(data) > 3 and data[3] == "shards" else "AdamW"
+        optimizer = "Lion" if lion_family(data) else "AdamW"
         with GradWatch(run=run, url=url, clipper=None, detectors=[], tensor_norms=False, optimizer=optimizer,
                        spool_dir=spool) as watch:
             loss = train(seed, data, steps, loss_scale, spikes, watch=watch)

@@ -218,11 +218,14 @@ def recommend(steps: Sequence[int] | np.ndarray, pre_norm: Sequence[float] | np.
     result["candidates"] = [{"label": label, "threshold": float(t), "clip_rate": _rate(clean, t),
                              "clip_rate_raw": _rate(raw, t), "over": "clean window"}
                             for label, t in candidates]
-    how = {"target_clip_rate": lambda: f"the {100 * (1 - float(target_clip_rate)):.4g}th percentile",
-           "robust": lambda: f"median × exp({k:g}·1.4826·MAD) of the log norms",
-           "sign-based": lambda: (f"the 1st percentile, as {optimizer} is sign-based (its step has the same "
-                                  f"size whatever the norm, so clipping nearly every step only gives every "
-                                  f"batch, a bad one too, the same weight in its momentum)")}[result["method"]]()
+    if result["method"] == "robust":
+        how = f"median × exp({k:g}·1.4826·MAD) of the log norms"
+    elif result["method"] == "sign-based":
+        how = (f"the 1st percentile, as {optimizer} is sign-based (its step has the same size whatever "
+               f"the norm, so clipping nearly every step only gives every batch, a bad one too, the same "
+               f"weight in its momentum)")
+    else:
+        how = f"the {100 * (1 - float(target_clip_rate)):.4g}th percentile"
     shift = (f"; a level shift happened at step {shift_steps[-1]:,}" if shift_steps else "")
     result["rationale"] = (
         f"Clip at {_fmt(tau)} ({_fmt(tau / median) if median > 0 else 'n/a'}× the median norm "
