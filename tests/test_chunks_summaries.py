@@ -106,6 +106,44 @@ def test_combined_summaries_equal_summaries_of_the_raw_values(width):
     assert decode_summary(encode_summary(combined)).nums["pre_norm"].min.tolist() == s.min.tolist()
 
 
+@pytest.mark.parametrize("seed", [3, 4])
+def test_segments_cut_anywhere_join_to_the_summary_of_the_whole_chunk(seed):
+    """A chunk cut into segments at random steps (inside blocks too), each summarised on its
+    own, concatenated and `join_split_blocks`-ed: the summary of the uncut chunk, the first
+    step holding a tied minimum included, the sums to their last bits (another order)."""
+    from gradwatch.server.storage.chunks.summaries import join_split_blocks
+
+    rng = np.random.default_rng(seed)
+    steps = np.sort(rng.choice(CHUNK, 3000, replace=False))
+    columns = make_run(steps, seed=seed)
+    inside = int(np.flatnonzero(steps // BLOCK == steps[1500] // BLOCK)[0]) + 1   # a row with one before it in its block
+    columns["pre_norm"][[inside - 1, inside]] = 1e-9   # a tie for the block's minimum, cut apart below
+    [chunk] = series_from_arrays(steps, SPEC, columns)
+    cuts = np.unique(np.r_[0, rng.choice(np.arange(1, len(steps)), 12, replace=False), inside, len(steps)])
+    parts = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        part = type(chunk)(chunk.chunk_id, chunk.steps[a:b], {n: v[a:b] for n, v in chunk.values.items()},
+                           {n: (ok[a:b] if ok is not None else None) for n, ok in chunk.valid.items()})
+        parts.append(summarize(part, SPEC, "pre_norm"))
+    joined = join_split_blocks(concat(parts))
+    whole = summarize(chunk, SPEC, "pre_norm")
+    assert len(concat(parts)) > len(whole)   # some block was cut
+    for name in ("start", "rows", "first", "last"):
+        assert getattr(joined, name).tolist() == getattr(whole, name).tolist()
+    for name in ("pre_norm", "loss"):
+        a, b = joined.nums[name], whole.nums[name]
+        for field in ("count", "nan", "inf", "min", "min_step", "max", "max_step"):
+            assert getattr(a, field).tolist() == getattr(b, field).tolist(), (name, field)
+        assert np.allclose(a.sum, b.sum, rtol=1e-13, atol=0) and np.allclose(a.sumsq, b.sumsq, rtol=1e-13, atol=0)
+    assert steps[inside - 1] in whole.nums["pre_norm"].min_step.tolist()   # the first step of the tie
+    for name in ("clipped", "spike"):
+        assert joined.flags[name].true.tolist() == whole.flags[name].true.tolist()
+        assert joined.flags[name].valid.tolist() == whole.flags[name].valid.tolist()
+    for side in ("at_min", "at_max"):
+        (values, ok), (other, other_ok) = getattr(joined, side)["loss"], getattr(whole, side)["loss"]
+        assert ok.tolist() == other_ok.tolist() and values[ok].tolist() == other[other_ok].tolist()
+
+
 def reference_overview(steps, pre, keep, lo, hi, points):
     """Independent per-bucket loop on raw values over the same grid: the rows an overview must hold."""
     inside = np.flatnonzero((steps >= lo) & (steps <= hi))

@@ -166,7 +166,7 @@ def test_a_version_1_database_is_migrated_without_duplicate_clip_events(store):
         engine = make_engine(url.render_as_string(hide_password=False))
         create_schema(engine)
         migrated = Store(engine)
-        assert count_rows(migrated, "SELECT MAX(version) FROM schema_version") == SCHEMA_VERSION == 6
+        assert count_rows(migrated, "SELECT MAX(version) FROM schema_version") == SCHEMA_VERSION == 7
         assert count_rows(migrated, "SELECT COUNT(*) FROM events WHERE kind = 'clip'") == 1
         agent_clip = {"step": 3, "kind": "clip", "value": None, "threshold": None,
                       "message": "agent: clipped by hand", "time": None, "detail": {"by": "agent"}}

@@ -100,7 +100,7 @@ def _sent_alpha() -> dict[int, dict]:
 def test_the_old_release_database_upgrades_and_reads_back_exactly(old_database):
     with TestClient(create_app(Settings(db_url=old_database)), base_url="http://localhost") as client:
         health = client.get("/healthz").json()
-        assert health["schema_version"] == SCHEMA_VERSION == 6
+        assert health["schema_version"] == SCHEMA_VERSION == 7
         # The list leaves `meta` to GET /api/runs/{run} (issue 14); the rest is the old answer.
         assert client.get("/api/runs").json() == [{k: v for k, v in run.items() if k != "meta"}
                                                   for run in ANSWERS["runs"]]
@@ -153,13 +153,13 @@ def test_several_servers_starting_at_once_upgrade_once(old_database):
     results = [starter.communicate(timeout=120) for starter in starters]
     assert all(starter.returncode == 0 for starter in starters), results
     befores = sorted(out.strip() for out, _ in results)
-    progress = [err for out, err in results if out.strip() == "('0002', '0006')"][0]
+    progress = [err for out, err in results if out.strip() == "('0002', '0007')"][0]
     assert "moving steps into chunks" in progress and "steps" in progress.splitlines()[-1]  # said how far it got
-    assert befores == ["('0002', '0006')"] + ["('0006', '0006')"] * 3  # exactly one did the upgrade
+    assert befores == ["('0002', '0007')"] + ["('0007', '0007')"] * 3  # exactly one did the upgrade
     engine = create_engine(old_database)
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0006"]
-        assert connection.execute(text("SELECT version FROM schema_version")).scalars().all() == [6]
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0007"]
+        assert connection.execute(text("SELECT version FROM schema_version")).scalars().all() == [7]
         assert connection.execute(text("SELECT clip_flags FROM runs WHERE name = 'alpha'")).scalar() == 11
     engine.dispose()
 
@@ -199,10 +199,18 @@ def test_a_fresh_database_at_head_matches_the_tables(tmp_path):
     assert not tables & {"steps", "tensor_norms", "tensor_layouts"}  # moved into chunks by 0005
 
 
-def test_schema_6_keys_chunk_columns_by_chunk_and_keeps_every_row(tmp_path):
-    """0005 -> 0006 rebuilds `chunk_columns` keyed (run, chunk, segment, column): every blob is kept
-    bit for bit, the run reads the same, and a downgrade puts the old key back."""
+def test_schemas_6_and_7_rekey_the_chunk_tables_and_keep_every_row(tmp_path):
+    """Down from head to 0005 and up again, on a run written at head in 500-step batches (so
+    each chunk has several segments, each with its own summary entries):
+    - 0007's downgrade merges each chunk's summary segments into one row per chunk and width,
+      which decodes to the run's summary as head read it (NumPy checks the block counts);
+    - 0006 rebuilds `chunk_columns` keyed (run, chunk, segment, column), every blob bit for bit,
+      and its downgrade puts the old key back;
+    - 0007 keys `chunk_summaries` by (run, width, chunk, segment), the stored rows segment 0,
+      and the run reads the same and takes new segments after."""
     from alembic import command
+
+    from gradwatch.server.storage.chunks import BLOCK, decode_summaries
 
     url = f"sqlite:///{tmp_path / 'rekey.db'}"
 
@@ -212,33 +220,69 @@ def test_schema_6_keys_chunk_columns_by_chunk_and_keeps_every_row(tmp_path):
             action(alembic_config(connection), revision)
         engine.dispose()
 
-    def rows_and_key() -> tuple[list, list[str]]:
+    def rows_and_key(table: str) -> tuple[list, list[str]]:
+        columns = {"chunk_columns": "run_id, name, chunk_id, seg, data"}.get(table, "*")
         engine = create_engine(url)
         with engine.connect() as connection:
-            rows = sorted(connection.execute(text("SELECT run_id, name, chunk_id, seg, data FROM chunk_columns")).all())
-            key = [row[2] for row in connection.execute(text("PRAGMA index_info('chunk_columns')")).all()]
+            rows = sorted(connection.execute(text(f"SELECT {columns} FROM {table}")).all())
+            key = [row[2] for row in connection.execute(text(f"PRAGMA index_info('{table}')")).all()]
         engine.dispose()
         return rows, key
 
-    migrate(command.upgrade, "0005")
-    engine = make_engine(url)
-    steps = list(range(9000))
-    norms = np.exp(np.random.default_rng(2).normal(0, 0.3, len(steps)))
-    store = Store(engine)
-    for begin in range(0, len(steps), 2000):
-        part = slice(begin, begin + 2000)
-        store.ingest("r", parse_batch({"step": steps[part], "pre_norm": norms[part].tolist(),
-                                       "loss": [1.0] * len(steps[part])}))
-    engine.dispose()
-    before, old_key = rows_and_key()
-    assert upgrade_database(url) == ("0005", "0006")
-    after, new_key = rows_and_key()
-    assert old_key == ["run_id", "name", "chunk_id", "seg"] and new_key == ["run_id", "chunk_id", "seg", "name"]
-    assert after == before and len({row[2] for row in after}) == 3   # 3 chunks, every blob kept
-    engine = make_engine(url)
-    arrays = Store(engine).arrays("r", ("pre_norm",))
-    engine.dispose()
-    assert arrays.steps.tolist() == steps and np.array_equal(arrays.values["pre_norm"], norms)
+    def ingest(steps: range) -> None:
+        engine = make_engine(url)
+        store = Store(engine)
+        for begin in range(steps.start, steps.stop, 500):
+            part = slice(begin, min(begin + 500, steps.stop))
+            store.ingest("r", parse_batch({"step": all_steps[part], "pre_norm": norms[part].tolist(),
+                                           "loss": [1.0] * len(all_steps[part]),
+                                           "spike": (norms[part] > 2.5).tolist()}))
+        engine.dispose()
+
+    def read_back(last: int) -> tuple:
+        engine = make_engine(url)
+        store = Store(engine)
+        arrays = store.arrays("r", ("pre_norm",))
+        with store.reader.snapshot() as cursor:
+            summary = store.reader.rows.summaries(cursor, store.run_id("r"), 0, 10, BLOCK)
+        engine.dispose()
+        assert arrays.steps.tolist() == all_steps[:last] and np.array_equal(arrays.values["pre_norm"], norms[:last])
+        return summary
+
+    all_steps = list(range(14000))
+    norms = np.exp(np.random.default_rng(2).normal(0, 0.3, len(all_steps)))
+    assert upgrade_database(url) == (None, "0007")
+    ingest(range(0, 7000))
+    summary = read_back(7000)
+    blocks = np.asarray(all_steps[:7000]) // BLOCK
+    assert summary.rows.tolist() == np.bincount(blocks).tolist()
+    assert summary.nums["pre_norm"].max.tolist() == [norms[:7000][blocks == b].max() for b in np.unique(blocks)]
+    segmented, _ = rows_and_key("chunk_summaries")
+    assert max(row[3] for row in segmented if row[2] == 1) == 5   # chunk 1: 4096-4499, then 5 appends
+
     migrate(command.downgrade, "0005")
-    back, key = rows_and_key()
-    assert key == ["run_id", "name", "chunk_id", "seg"] and back == before
+    summaries_5, _ = rows_and_key("chunk_summaries")
+    assert [row[:3] for row in summaries_5] == [(1, w, c) for w in (0, BLOCK) for c in range(2)]
+    merged = decode_summaries([row[3] for row in summaries_5 if row[1] == BLOCK])
+    assert merged.start.tolist() == summary.start.tolist() and merged.rows.tolist() == summary.rows.tolist()
+    assert merged.nums["pre_norm"].max.tolist() == summary.nums["pre_norm"].max.tolist()
+    assert np.allclose(merged.nums["pre_norm"].sum, summary.nums["pre_norm"].sum, rtol=1e-12, atol=0)
+    before, old_key = rows_and_key("chunk_columns")
+    assert old_key == ["run_id", "name", "chunk_id", "seg"]
+
+    migrate(command.upgrade, "0006")
+    after, new_key = rows_and_key("chunk_columns")
+    assert new_key == ["run_id", "chunk_id", "seg", "name"]
+    assert after == before and len({row[2] for row in after}) == 2   # 2 chunks, every blob kept
+    assert upgrade_database(url) == ("0006", "0007")
+    summaries_7, key_7 = rows_and_key("chunk_summaries")
+    assert key_7 == ["run_id", "width", "chunk_id", "seg"]
+    assert summaries_7 == [(*row[:3], 0, row[3]) for row in summaries_5]
+    assert read_back(7000).rows.tolist() == summary.rows.tolist()
+    ingest(range(7000, 14000))   # appends after the migration: new segments beside segment 0
+    assert read_back(14000).rows.tolist() == np.bincount(np.asarray(all_steps) // BLOCK).tolist()
+
+    migrate(command.downgrade, "0006")
+    migrate(command.downgrade, "0005")
+    back, key = rows_and_key("chunk_columns")
+    assert key == ["run_id", "name", "chunk_id", "seg"] and {row[2] for row in back} == {0, 1, 2, 3}

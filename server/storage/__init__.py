@@ -5,7 +5,7 @@
   (`migrations/`: the Alembic revisions)
 - `chunks/`: the chunk layout in pure NumPy (codec, merge, summaries, overview, tensor norms);
   `chunk_rows` moves its blobs in and out of the tables
-- `engine`: engines and raw connections; `ingest`, `reads`, `cache`, `tails`, `wal`, `serialise`
+- `engine`: engines and raw connections; `ingest`, `reads`, `cache`, `wal`, `serialise`
 - `store.Store`: the facade routes use
 
 Imports nothing of the app, analysis, alerts or commands rooms.

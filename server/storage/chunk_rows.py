@@ -17,15 +17,23 @@ migration share one spelling of the SQL.
   chunk's next segment instead of rewriting the chunk (an agent appending
   2,000 steps at a time otherwise rewrote each 4,096-step chunk two or three
   times: measured, 1.3x the CPU of a row per step per batch, against 0.8x with
-  segments). Segments hold consecutive, ascending step ranges, so a chunk is
-  its segments concatenated. A step landing inside a chunk, or a chunk with
-  MAX_SEGMENTS segments, rewrites it as one segment.
+  segments). Such a batch needs none of the chunk's stored rows, so ingest
+  does not read them (`Ingestor._appends`). Segments hold consecutive,
+  ascending step ranges, so a chunk is its segments concatenated. A step
+  landing inside a chunk, or a chunk with MAX_SEGMENTS segments, rewrites it
+  as one segment.
 - `chunks` (run_id, chunk_id, n, version, segments): the steps a chunk holds,
   the run version that last wrote it (a reader that holds version v fetches
   only the chunks written after v) and how many segments it has.
-- `chunk_summaries` (run_id, width, chunk_id): the chunk's summary entries per
-  64 steps; the overview's coarser widths (512, 4,096) are combined from them
-  at read time.
+- `chunk_summaries` (run_id, width, chunk_id, seg): per segment, the 64-step
+  summary entries of that segment's rows (width 64) and the rows an overview
+  always keeps (width 0; a segment without any has no such row, segment 0
+  always has one). An append writes its own entries, not the chunk's again (a
+  500-step batch rewrote the chunk's whole summary, 48 KB, eight times per
+  chunk; schema 7). A 64-step block two segments share has an entry in each:
+  reads merge them (`summaries.join_split_blocks`), so a reader sees one entry
+  per block as before; the overview's coarser widths (512, 4,096) are combined
+  from them at read time.
 - `tensor_chunks` / `tensor_summaries`: per-tensor norms of a chunk's steps
   (a steps x tensors float32 matrix) and their per-64-step maxima.
 
@@ -46,7 +54,8 @@ from gradwatch.server.storage.chunks import (BLOCK, CHUNK, Chunk, TensorChunk, T
                                              summarize_tensors)
 from gradwatch.server.storage.chunks.codec import NULL, CodecError, empty_values, pack_arrays, unpack_arrays
 from gradwatch.server.storage.chunks.downsample import kept_rows_of
-from gradwatch.server.storage.chunks.summaries import Summary, empty_summary, extend, summary_matrices
+from gradwatch.server.storage.chunks.summaries import (Summary, empty_summary, encode_matrices, join_split_blocks,
+                                                       summary_matrices)
 from gradwatch.server.storage.registry import FLOAT_FIELDS, STEP_COLUMNS, value_columns
 
 SPEC: dict[str, str] = {column.name: column.type for column in STEP_COLUMNS if column.name != "step"}
@@ -62,14 +71,17 @@ _UPSERT = {
                "segments = excluded.segments"),
     "chunk_columns": ("INSERT INTO chunk_columns (run_id, name, chunk_id, seg, data) VALUES (?, ?, ?, ?, ?) "
                       "ON CONFLICT (run_id, name, chunk_id, seg) DO UPDATE SET data = excluded.data"),
-    "chunk_summaries": ("INSERT INTO chunk_summaries (run_id, width, chunk_id, data) VALUES (?, ?, ?, ?) "
-                        "ON CONFLICT (run_id, width, chunk_id) DO UPDATE SET data = excluded.data"),
+    "chunk_summaries": ("INSERT INTO chunk_summaries (run_id, width, chunk_id, seg, data) VALUES (?, ?, ?, ?, ?) "
+                        "ON CONFLICT (run_id, width, chunk_id, seg) DO UPDATE SET data = excluded.data"),
     "tensor_chunks": ("INSERT INTO tensor_chunks (run_id, chunk_id, seg, n, version, data) VALUES (?, ?, ?, ?, ?, ?) "
                       "ON CONFLICT (run_id, chunk_id, seg) DO UPDATE SET n = excluded.n, "
                       "version = excluded.version, data = excluded.data"),
     "tensor_summaries": ("INSERT INTO tensor_summaries (run_id, chunk_id, seg, data) VALUES (?, ?, ?, ?) "
                          "ON CONFLICT (run_id, chunk_id, seg) DO UPDATE SET data = excluded.data"),
 }
+
+_UNSEGMENTED_SUMMARY_UPSERT = ("INSERT INTO chunk_summaries (run_id, width, chunk_id, data) VALUES (?, ?, ?, ?) "
+                               "ON CONFLICT (run_id, width, chunk_id) DO UPDATE SET data = excluded.data")
 
 NULL_BLOB = bytes([NULL])   # an all-null column's blob (`codec.encode_column`)
 CHUNK_TABLES = ("chunks", "chunk_columns", "chunk_summaries", "tensor_chunks", "tensor_summaries")
@@ -88,12 +100,6 @@ def complete(chunk: Chunk) -> Chunk:
             chunk.values[name] = empty_values(kind, len(chunk.steps))
             chunk.valid[name] = np.zeros(len(chunk.steps), bool)
     return chunk
-
-
-def tail_rows(chunk: Chunk, start: int) -> Chunk:
-    """The rows of `chunk` from position `start` on (an append's new rows)."""
-    return Chunk(chunk.chunk_id, chunk.steps[start:], {n: v[start:] for n, v in chunk.values.items()},
-                 {n: (ok[start:] if ok is not None else None) for n, ok in chunk.valid.items()})
 
 
 def pack_rows(chunk: Chunk) -> bytes:
@@ -123,26 +129,27 @@ def unpack_rows(chunk_id: int, blob: bytes, columns: tuple[str, ...]) -> Chunk:
     return chunk
 
 
-def summary_of(chunk: Chunk, before: Summary | None = None, first_changed: int | None = None) -> Summary:
-    """The chunk's 64-step summary (the only width stored: coarser ones are combined from it
+def summary_of(chunk: Chunk) -> Summary:
+    """The rows' 64-step summary (the only width stored: coarser ones are combined from it
     when read, many chunks in one vectorised pass; writing three widths at ingest took 55% of a
-    batch's time). Given the chunk's summary `before` a change whose smallest step is
-    `first_changed`, only the blocks from that step on are summarised again."""
-    if before is None or first_changed is None:
-        return summarize(chunk, SPEC, KEY)
-    block_start = first_changed - first_changed % BLOCK
-    kept = int(np.searchsorted(before.start, block_start, side="left"))
-    rows = int(np.searchsorted(chunk.steps, block_start, side="left"))
-    tail = Chunk(chunk.chunk_id, chunk.steps[rows:], {n: v[rows:] for n, v in chunk.values.items()},
-                 {n: (ok[rows:] if ok is not None else None) for n, ok in chunk.valid.items()})
-    return extend(before, kept, summary_matrices(tail, SPEC, KEY))
+    batch's time)."""
+    return summarize(chunk, SPEC, KEY)
+
+
+def summary_blob(chunk: Chunk) -> bytes:
+    """`encode_summary(summary_of(chunk))` of a chunk with rows, without the Summary object."""
+    return encode_matrices(*summary_matrices(chunk, SPEC, KEY))
 
 
 class ChunkRows:
-    """SQL for the chunk tables; `sql` turns `?` into the driver's placeholder."""
+    """SQL for the chunk tables; `sql` turns `?` into the driver's placeholder.
 
-    def __init__(self, sql):
+    `summary_segments=False` writes `chunk_summaries` as schema 5 and 6 had it (no `seg`:
+    one summary per chunk and width), for migration 0005, which stores whole chunks only."""
+
+    def __init__(self, sql, summary_segments: bool = True):
         self.sql = sql
+        self.summary_segments = summary_segments
 
     # ----- steps -----
 
@@ -177,62 +184,87 @@ class ChunkRows:
                            (*names, run_id, since_version, first, last))
         return _decode_rows(cursor.fetchall(), columns)
 
+    def chunk_state(self, cursor, run_id: int, chunk_id: int) -> tuple[int, int] | None:
+        """(rows, segments) of a stored chunk, None when it is not stored."""
+        cursor.execute(self.sql("SELECT n, segments FROM chunks WHERE run_id = ? AND chunk_id = ?"), (run_id, chunk_id))
+        row = cursor.fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
     def write(self, cursor, run_id: int, version: int, chunks: list[Chunk],
-              summaries: dict[int, Summary] | None = None,
-              appends: dict[int, tuple[int, Chunk]] | None = None, fresh: set[int] | frozenset = frozenset()
+              appends: dict[int, tuple[int, int]] | None = None, fresh: set[int] | frozenset = frozenset()
               ) -> None:
-        """Upsert the chunks, their summaries (computed here unless given by chunk id) and their
-        `chunks` rows. A chunk in `appends` (chunk id -> (segment number, the appended rows))
-        gets only those rows, as that segment; any other is written whole as segment 0 (and
-        its other segments removed, unless it is in `fresh`: stored for the first time)."""
+        """Upsert the chunks, their summaries and their `chunks` rows.
+
+        A chunk in `appends` (chunk id -> (segment number, rows stored before)) holds only
+        rows appended after the stored ones: they are written as that segment, with their
+        own summary entries and kept rows, and the chunk counts both. Any other chunk is
+        written whole as segment 0, and its other segments removed unless it is in `fresh`
+        (stored for the first time)."""
         if not chunks:
             return
-        summaries = summaries or {}
         appends = appends or {}
         column_rows, summary_rows, chunk_rows, rewritten = [], [], [], []
         for chunk in map(complete, chunks):
-            seg, part = appends.get(chunk.chunk_id, (0, chunk))
-            for name, blob in encode_chunk(complete(part), SPEC).items():
+            seg, before = appends.get(chunk.chunk_id, (0, 0))
+            for name, blob in encode_chunk(chunk, SPEC).items():
                 if blob != NULL_BLOB:   # an all-null column needs no row: a missing one reads as null
                     column_rows.append((run_id, name, chunk.chunk_id, seg, blob))
             if seg == 0 and chunk.chunk_id not in fresh:
                 rewritten.append((run_id, chunk.chunk_id))
-            summary = summaries.get(chunk.chunk_id) or summary_of(chunk)
-            summary_rows.append((run_id, BLOCK, chunk.chunk_id, encode_summary(summary)))
-            summary_rows.append((run_id, KEPT_WIDTH, chunk.chunk_id, pack_rows(kept_rows_of(chunk, KEY, KEPT_FLAGS))))
-            chunk_rows.append((run_id, chunk.chunk_id, len(chunk), version, seg + 1))
-        if rewritten:   # by the key's prefix (run, name, chunk): a few index seeks per chunk
+            summary_rows.append((BLOCK, chunk.chunk_id, seg, summary_blob(chunk)))
+            kept = kept_rows_of(chunk, KEY, KEPT_FLAGS)
+            if seg == 0 or len(kept):   # segment 0 always has one: a chunk without it is decoded instead
+                summary_rows.append((KEPT_WIDTH, chunk.chunk_id, seg, pack_rows(kept)))
+            chunk_rows.append((run_id, chunk.chunk_id, before + len(chunk), version, seg + 1))
+        if rewritten:   # by the key's prefix: a few index seeks per chunk
             names = ("step",) + tuple(SPEC)
             cursor.executemany(self.sql(f"DELETE FROM chunk_columns WHERE run_id = ? AND name IN "
                                         f"({', '.join('?' * len(names))}) AND chunk_id = ? AND seg > 0"),
                                [(r, *names, c) for r, c in rewritten])
+            if self.summary_segments:
+                cursor.executemany(self.sql("DELETE FROM chunk_summaries WHERE run_id = ? AND width IN (?, ?) "
+                                            "AND chunk_id = ? AND seg > 0"),
+                                   [(r, KEPT_WIDTH, BLOCK, c) for r, c in rewritten])
         cursor.executemany(self.sql(_UPSERT["chunk_columns"]), column_rows)
-        cursor.executemany(self.sql(_UPSERT["chunk_summaries"]), summary_rows)
+        if self.summary_segments:
+            cursor.executemany(self.sql(_UPSERT["chunk_summaries"]), [(run_id, *row) for row in summary_rows])
+        else:
+            cursor.executemany(self.sql(_UNSEGMENTED_SUMMARY_UPSERT),
+                               [(run_id, width, chunk_id, data) for width, chunk_id, _, data in summary_rows])
         cursor.executemany(self.sql(_UPSERT["chunks"]), chunk_rows)
 
     def summaries(self, cursor, run_id: int, first: int, last: int, width: int) -> Summary:
         """Entries of `width` (a multiple of BLOCK) over the stored chunks first..last, ascending."""
         cursor.execute(self.sql("SELECT data FROM chunk_summaries WHERE run_id = ? AND width = ? "
-                                "AND chunk_id BETWEEN ? AND ? ORDER BY chunk_id"), (run_id, BLOCK, first, last))
-        blobs = [row[0] for row in cursor.fetchall()]
-        if not blobs:
-            return empty_summary(SPEC, KEY, width)
-        summary = decode_summaries(blobs)
-        return summary if width == BLOCK else combine(summary, width)
+                                "AND chunk_id BETWEEN ? AND ? ORDER BY chunk_id, seg"), (run_id, BLOCK, first, last))
+        return _joined([row[0] for row in cursor.fetchall()], width)
+
+    def summaries_of(self, cursor, run_id: int, chunk_ids: list[int]) -> Summary:
+        """The 64-step entries of the stored chunks among `chunk_ids` (sorted), ascending."""
+        blobs: list[bytes] = []
+        for group in _groups(chunk_ids):
+            cursor.execute(self.sql(f"SELECT data FROM chunk_summaries WHERE run_id = ? AND width = ? AND chunk_id "
+                                    f"IN ({', '.join('?' * len(group))}) ORDER BY chunk_id, seg"),
+                           (run_id, BLOCK, *group))
+            blobs.extend(bytes(row[0]) for row in cursor.fetchall())
+        return _joined(blobs, BLOCK)
 
     def kept_rows(self, cursor, run_id: int, chunk_ids: list[int], columns: tuple[str, ...]) -> dict[int, Chunk]:
-        """The kept rows (`KEPT_FLAGS`, non-finite key) of the chunks among `chunk_ids`."""
-        out: dict[int, Chunk] = {}
+        """The kept rows (`KEPT_FLAGS`, non-finite key) of the chunks among `chunk_ids`, each its
+        segments' joined; a chunk whose rows are not readable is left out (the overview decodes it)."""
+        parts: dict[int, list[Chunk]] = defaultdict(list)
+        unreadable: set[int] = set()
         for group in _groups(sorted(set(chunk_ids))):
             cursor.execute(self.sql(f"SELECT chunk_id, data FROM chunk_summaries WHERE run_id = ? AND width = ? "
-                                    f"AND chunk_id IN ({', '.join('?' * len(group))})"),
+                                    f"AND chunk_id IN ({', '.join('?' * len(group))}) ORDER BY chunk_id, seg"),
                            (run_id, KEPT_WIDTH, *group))
             for chunk_id, data in cursor.fetchall():
                 try:
-                    out[chunk_id] = unpack_rows(chunk_id, bytes(data), columns)
-                except CodecError:   # not readable: the overview decodes the chunk instead
-                    continue
-        return out
+                    parts[chunk_id].append(unpack_rows(chunk_id, bytes(data), columns))
+                except CodecError:
+                    unreadable.add(chunk_id)
+        return {chunk_id: found[0] if len(found) == 1 else join_segments(chunk_id, found, columns)
+                for chunk_id, found in parts.items() if chunk_id not in unreadable}
 
     # ----- per-tensor norms -----
 
@@ -305,6 +337,14 @@ class ChunkRows:
         for table in CHUNK_TABLES:
             cursor.execute(self.sql(f"DELETE FROM {table} WHERE run_id = ?"), (run_id,))
         return {"steps": steps, "tensor_norms": tensor_steps}
+
+
+def _joined(blobs: list, width: int) -> Summary:
+    """Stored 64-step summary blobs (by chunk, then segment) as one summary of `width`."""
+    if not blobs:
+        return empty_summary(SPEC, KEY, width)
+    summary = join_split_blocks(decode_summaries(blobs))
+    return summary if width == BLOCK else combine(summary, width)
 
 
 def _decode_rows(rows: list[tuple], columns: tuple[str, ...]) -> dict[int, Chunk]:

@@ -29,9 +29,8 @@ import orjson
 from sqlalchemy import Engine
 
 from gradwatch.server.storage.engine import Database, rollback_quietly
-from gradwatch.server.storage.chunks import CHUNK, BatchMerge, merge_batch, merge_tensors, split_by_chunk
-from gradwatch.server.storage.chunk_rows import MAX_SEGMENTS, SPEC, ChunkRows, complete, summary_of, tail_rows
-from gradwatch.server.storage.tails import Tail, TailCache
+from gradwatch.server.storage.chunks import CHUNK, merge_batch, merge_tensors, split_by_chunk
+from gradwatch.server.storage.chunk_rows import MAX_SEGMENTS, SPEC, ChunkRows
 from gradwatch.server.storage.serialise import encode_floats
 from gradwatch.server.storage.wal import WalCheckpointer
 
@@ -103,8 +102,6 @@ class Ingestor(Database):
         self._run_ids = run_ids
         self._write_lock = threading.Lock() if self.is_sqlite else None
         self.rows = ChunkRows(self._sql)
-        self.tails = TailCache()
-        self._pending = threading.local()   # .tail: set in a transaction, kept once it commits
         self.on_stored: list[Callable[[Any, StoredRows], None]] = []
         self.after_commit: list[Callable[[str, Batch, IngestResult], None]] = []  # committed; must not block
         self.max_meta_bytes = MAX_RUN_META_BYTES
@@ -112,26 +109,26 @@ class Ingestor(Database):
         if self.is_sqlite and str(self.read("PRAGMA journal_mode")[0][0]).lower() == "wal":
             self.checkpointer = WalCheckpointer(engine, self._write_lock)
 
-    def _ensure_run(self, cursor, name: str) -> tuple[int, int, float, int | None]:
-        """The run's id (creating the run), version, creation time and last stored step (None
-        before any), the run's row locked until commit.
+    def _ensure_run(self, cursor, name: str) -> tuple[int, int, int | None]:
+        """The run's id (creating the run), version and last stored step (None before any), the
+        run's row locked until commit.
 
         SQLite holds the database's write lock already (`BEGIN IMMEDIATE`); PostgreSQL
         takes the row lock (`FOR UPDATE`), so batches of one run from several servers
         merge into its chunks one after the other and none overwrites another's rows.
         """
         lock = "" if self.is_sqlite else " FOR UPDATE"
-        cursor.execute(self._sql(f"SELECT id, version, created, last_step FROM runs WHERE name = ?{lock}"), (name,))
+        cursor.execute(self._sql(f"SELECT id, version, last_step FROM runs WHERE name = ?{lock}"), (name,))
         row = cursor.fetchone()
         if row:
-            return row[0], row[1], row[2], row[3]
+            return row[0], row[1], row[2]
         stamp = now()
         cursor.execute(self._sql("INSERT INTO runs (name, created, updated, meta, steps, clips, clip_flags, "
                                  "spikes, nonfinite, version) VALUES (?, ?, ?, '{}', 0, 0, 0, 0, 0, 0) "
                                  "ON CONFLICT (name) DO NOTHING"), (name, stamp, stamp))
-        cursor.execute(self._sql(f"SELECT id, version, created, last_step FROM runs WHERE name = ?{lock}"), (name,))
+        cursor.execute(self._sql(f"SELECT id, version, last_step FROM runs WHERE name = ?{lock}"), (name,))
         row = cursor.fetchone()
-        return row[0], row[1], row[2], row[3]
+        return row[0], row[1], row[2]
 
     def ingest(self, run: str, batch: Batch | None, meta: dict | None = None,
                events: list[dict] | None = None) -> IngestResult:
@@ -161,7 +158,6 @@ class Ingestor(Database):
                 raw.info[INGEST_CONFIGURED] = True
             try:
                 self._begin(cursor, write=True)
-                self._pending.tail = None
                 result = self._ingest_in_transaction(cursor, run, batch, meta, events)
                 if self.is_sqlite:
                     cursor.execute("COMMIT")
@@ -169,8 +165,6 @@ class Ingestor(Database):
                         self.checkpointer.request()
                 else:
                     raw.commit()
-                if self._pending.tail is not None:
-                    self.tails.put(*self._pending.tail)
                 if result.run_id is not None:  # only once committed: no reader sees it before
                     self._run_ids[run] = result.run_id
                 if result.accepted and batch is not None:
@@ -193,7 +187,7 @@ class Ingestor(Database):
                                events: list[dict] | None) -> IngestResult:
         if (batch is None or not len(batch)) and not events and not meta:
             return IngestResult(run=run, accepted=0, duplicates=0, conflicts=0)  # stores no run
-        run_id, version, created, last_step = self._ensure_run(cursor, run)
+        run_id, version, last_step = self._ensure_run(cursor, run)
         meta_text = self._merged_meta(cursor, run, run_id, meta) if meta else None
         stamp = now()
         accepted = duplicates = conflicts = 0
@@ -203,22 +197,22 @@ class Ingestor(Database):
         first = last = None
         if batch is not None and len(batch):
             steps = batch.steps
-            ids = [chunk_id for chunk_id, _ in split_by_chunk(steps)]
-            tail = self.tails.get((run_id, created), version)
-            if tail is not None and tail.chunk.chunk_id not in ids:
-                tail = None   # the batch does not touch the chunk this process wrote last
-            held = {tail.chunk.chunk_id: tail.chunk} if tail is not None else {}
-            # a chunk past the run's last stored step holds nothing yet: no query for it
+            by_chunk = split_by_chunk(steps)
+            appends = self._appends(cursor, run_id, last_step, steps, by_chunk)
+            # a chunk past the run's last stored step holds nothing yet, and an append needs
+            # none of the stored rows: neither is read
             newest = -1 if last_step is None else last_step // CHUNK
-            wanted = [i for i in ids if i not in held and i <= newest]
-            loaded = {**(self.rows.load(cursor, run_id, wanted) if wanted else {}), **held}
+            wanted = [i for i, _ in by_chunk if i <= newest and i not in appends]
+            loaded = self.rows.load(cursor, run_id, wanted) if wanted else {}
             sent = {name: (column.values, column.missing) for name, column in batch.columns.items()}
             merge = merge_batch(loaded.get, steps, sent, SPEC)
             new_mask = merge.added
             accepted, duplicates, conflicts = int(new_mask.sum()), int(merge.duplicate.sum()), len(merge.conflicts)
             if accepted:
                 version += 1
-                self._write_chunks(cursor, run_id, created, version, steps, merge, tail)
+                changed = [result.chunk for result in merge.chunks.values() if result.changed]
+                fresh = {chunk.chunk_id for chunk in changed if chunk.chunk_id > newest}
+                self.rows.write(cursor, run_id, version, changed, appends, fresh)
             for conflict in merge.conflicts:
                 differing = list(conflict.fields)
                 event_rows.append(_event_row(
@@ -289,29 +283,23 @@ class Ingestor(Database):
             raise MetaTooLarge(run, len(text), self.max_meta_bytes)
         return text.decode()
 
-    def _write_chunks(self, cursor, run_id: int, created: float, version: int, steps: np.ndarray,
-                      merge: BatchMerge, tail: Tail | None) -> None:
-        """Write the changed chunks; the held tail's summary is extended, not recomputed (and an
-        append to it is a new segment), and the newest chunk written becomes the run's tail once
-        the transaction commits."""
-        changed = [result for result in merge.chunks.values() if result.changed]
-        summaries, appends, segments = {}, {}, {}
-        for result in changed:
-            chunk = result.chunk
-            before = tail if tail is not None and tail.chunk.chunk_id == chunk.chunk_id else None
-            first = int(steps[result.rows[result.added]].min())
-            summaries[chunk.chunk_id] = summary_of(chunk, before.summary if before else None, first)
-            segments[chunk.chunk_id] = 1
-            old = before.chunk if before is not None else None
-            if old is not None and len(old) and first > int(old.steps[-1]) and before.segments < MAX_SEGMENTS:
-                # only appended: the new rows are the merged chunk's last ones, written as a segment
-                appends[chunk.chunk_id] = (before.segments, tail_rows(chunk, len(old)))
-                segments[chunk.chunk_id] = before.segments + 1
-        fresh = {result.chunk.chunk_id for result in changed if len(result.chunk) == int(result.added.sum())}
-        self.rows.write(cursor, run_id, version, [result.chunk for result in changed], summaries, appends, fresh)
-        newest = max(changed, key=lambda result: result.chunk.chunk_id).chunk
-        self._pending.tail = ((run_id, created), Tail(version, complete(newest), summaries[newest.chunk_id],
-                                                      segments[newest.chunk_id]))
+    def _appends(self, cursor, run_id: int, last_step: int | None, steps: np.ndarray,
+                 by_chunk: list[tuple[int, np.ndarray]]) -> dict[int, tuple[int, int]]:
+        """{chunk id: (segment number, rows stored)} for the run's newest chunk when every step
+        the batch sends to it comes after the run's last stored step (what an agent sends):
+        those rows are all new, so they are merged into nothing and written as the chunk's next
+        segment, without reading the chunk. Empty otherwise, or when the chunk has
+        MAX_SEGMENTS segments (it is read and rewritten as one)."""
+        if last_step is None:
+            return {}
+        newest = last_step // CHUNK
+        rows = next((rows for chunk_id, rows in by_chunk if chunk_id == newest), None)
+        if rows is None or int(steps[rows].min()) <= last_step:
+            return {}
+        state = self.rows.chunk_state(cursor, run_id, newest)
+        if state is None or state[1] >= MAX_SEGMENTS:
+            return {}
+        return {newest: (state[1], state[0])}
 
     @staticmethod
     def _nonfinite_rows(batch: Batch) -> np.ndarray:

@@ -17,9 +17,8 @@ import numpy as np
 import orjson
 from sqlalchemy import Engine
 
-from gradwatch.server.storage.chunks import (BLOCK, CHUNK, Chunk, Series, combine, decode_summaries, heatmap,
-                                             overview)
-from gradwatch.server.storage.chunks.summaries import Summary, empty_summary
+from gradwatch.server.storage.chunks import BLOCK, CHUNK, Chunk, Series, combine, heatmap, overview
+from gradwatch.server.storage.chunks.summaries import Summary
 from gradwatch.server.storage.cache import EDGE_CHUNKS, OverviewEntry, RunCache
 from gradwatch.server.storage.chunk_rows import KEPT_FLAGS, KEY, SPEC, ChunkRows, arrays_of
 from gradwatch.server.storage.engine import Database
@@ -236,11 +235,7 @@ class Reader(Database):
             return OverviewEntry(version)
         parts: dict[int, Summary] = {}
         if changed and entry.levels:
-            cursor.execute(self.sql(f"SELECT data FROM chunk_summaries WHERE run_id = ? AND width = ? AND chunk_id "
-                                    f"IN ({', '.join('?' * len(changed))}) ORDER BY chunk_id"),
-                           (run_id, BLOCK, *changed))
-            blobs = [bytes(row[0]) for row in cursor.fetchall()]
-            block = decode_summaries(blobs) if blobs else empty_summary(SPEC, KEY, BLOCK)
+            block = self.rows.summaries_of(cursor, run_id, changed)
             try:
                 parts = {width: block if width == BLOCK else combine(block, width) for width in entry.levels}
                 return entry.refreshed(version, changed, parts)

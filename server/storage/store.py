@@ -105,5 +105,4 @@ class Store(Database):
             raw.close()
         self._run_ids.pop(name, None)
         self.cache.forget(run_id)
-        self.ingestor.tails.forget(run_id)
         return removed

@@ -16,9 +16,10 @@ Layout:
   a summary entry per 64 steps written at ingest (server/storage/chunks/ for
   the codec, storage/chunk_rows.py for the rows). Measured against the row per
   step it replaced (schema 4): `benchmarks/scale_bench.py`. A batch that only
-  appends to a chunk adds a segment (`seg`) holding just its rows instead of
-  rewriting the chunk; a chunk is rewritten whole (one segment) when a step
-  lands inside it or it has `MAX_SEGMENTS` segments.
+  appends to a chunk adds a segment (`seg`) holding just its rows, with their
+  own summary entries, instead of rewriting the chunk and its summary; a chunk
+  is rewritten whole (one segment) when a step lands inside it or it has
+  `MAX_SEGMENTS` segments.
 - `tensor_chunks` + `tensor_summaries`: per-tensor norms in the same chunks,
   a steps x tensors float32 matrix with the chunk's tensor names, and the
   per-64-step maxima the heatmap of a long run reads; each batch adds its rows
@@ -35,7 +36,7 @@ from __future__ import annotations
 from sqlalchemy import (BigInteger, Column, Double, ForeignKey, Index, Integer, LargeBinary, MetaData,
                         SmallInteger, String, Table, Text)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 metadata = MetaData()
 
@@ -81,6 +82,7 @@ chunk_summaries = Table(
     Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
     Column("width", Integer, primary_key=True),
     Column("chunk_id", BigInteger, primary_key=True),
+    Column("seg", Integer, primary_key=True),
     Column("data", LargeBinary, nullable=False),
     sqlite_with_rowid=False,
 )

@@ -101,10 +101,13 @@ def chunk_ids(steps: np.ndarray) -> np.ndarray:
 def split_by_chunk(steps: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """[(chunk_id, row indices of `steps` in that chunk)], chunks ascending; any row order in."""
     ids = chunk_ids(steps)
+    if not len(ids):
+        return []
+    if ids.min() == ids.max():   # one chunk (most batches): no sort
+        return [(int(ids[0]), np.arange(len(ids)))]
     order = np.argsort(ids, kind="stable")
     ordered = ids[order]
-    cuts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(ordered) else np.zeros(0, int)
-    bounds = np.r_[cuts, len(ordered)]
+    bounds = np.concatenate(([0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1, [len(ordered)]))
     return [(int(ordered[a]), order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 

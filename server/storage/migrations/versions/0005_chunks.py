@@ -184,7 +184,7 @@ def upgrade() -> None:
     def sql(statement: str) -> str:
         return statement if sqlite else statement.replace("?", "%s")
 
-    rows_io = ChunkRows(sql)
+    rows_io = ChunkRows(sql, summary_segments=False)   # chunk_summaries as this revision makes it
     cursor = bind.connection.cursor()
     cursor.execute("SELECT id, name, steps, version FROM runs ORDER BY id")
     runs = cursor.fetchall()
