@@ -209,3 +209,42 @@ def test_batch_repeating_a_step_is_refused():
 
 def test_block_divides_chunk():
     assert CHUNK % BLOCK == 0 and Chunk.empty(0, SPEC).nbytes() == 0
+
+
+def test_segments_decode_as_their_chunks_joined():
+    """A chunk stored as segments (few steps: offsets; many: a bitmap; a column null in one
+    segment, absent from another) reads as each segment decoded and concatenated, and segments
+    that share a step are refused."""
+    from gradwatch.server.storage.chunks import decode_segments
+
+    spec = {"pre_norm": "float", "loss": "float", "spike": "bool"}
+    rng = np.random.default_rng(11)
+    bounds = [0, 5, 700, 760, 2100, 4096]          # 5 and 60 steps: offsets; the rest: bitmaps
+    base = 3 * CHUNK
+    segments, expected_steps, expected = [], [], {name: [] for name in spec}
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        steps = base + np.sort(rng.choice(np.arange(a, b), max(1, (b - a) * 3 // 4), replace=False))
+        pre = rng.lognormal(size=len(steps))
+        pre[0] = np.nan
+        loss_ok = rng.random(len(steps)) < 0.7 if a else np.zeros(len(steps), bool)   # all null in the first
+        chunk = Chunk(3, steps, {"pre_norm": pre, "loss": np.where(loss_ok, rng.normal(size=len(steps)), np.nan),
+                                 "spike": pre > 2.0}, {"pre_norm": None, "loss": loss_ok, "spike": None})
+        blobs = encode_chunk(chunk, spec)
+        if a == 2100:
+            del blobs["loss"]                      # a segment without the column's row (all null)
+            loss_ok[:] = False
+        segments.append(blobs)
+        one = decode_chunk(3, blobs, spec)
+        expected_steps.append(steps)
+        for name in spec:
+            expected[name].append((one.values[name], one.valid[name]))
+    joined = decode_segments(3, segments, spec)
+    assert joined.steps.tolist() == np.concatenate(expected_steps).tolist()
+    for name in spec:
+        values = np.concatenate([v for v, _ in expected[name]])
+        valid = np.concatenate([np.ones(len(v), bool) if ok is None else ok for v, ok in expected[name]])
+        got_valid = np.ones(len(joined.steps), bool) if joined.valid[name] is None else joined.valid[name]
+        assert got_valid.tolist() == valid.tolist(), name
+        assert np.array_equal(joined.values[name][valid], values[valid], equal_nan=True), name
+    with pytest.raises(CodecError):
+        decode_segments(3, [segments[1], segments[1]], spec)

@@ -106,6 +106,35 @@ def test_combined_summaries_equal_summaries_of_the_raw_values(width):
     assert decode_summary(encode_summary(combined)).nums["pre_norm"].min.tolist() == s.min.tolist()
 
 
+def test_grouping_the_stored_matrices_equals_grouping_field_by_field():
+    """`group_by` on a matrix-backed summary (what is decoded) and on the same summary held field
+    by field: every field equal, ties and empty entries (a column all null) included."""
+    from gradwatch.server.storage.chunks.summaries import Summary, group_by
+
+    steps = np.sort(np.random.default_rng(5).choice(4 * CHUNK, 7000, replace=False))
+    columns = make_run(steps, seed=5)
+    columns["loss"] = (columns["loss"][0], columns["loss"][1] | (steps // BLOCK % 7 == 0))   # some blocks all null
+    source = store(steps, columns)
+    matrix = concat([decode_summary(source.block_summaries[c]) for c in sorted(source.block_summaries)])
+    fields = Summary(matrix.width, matrix.start, matrix.rows, matrix.first, matrix.last, dict(matrix.nums),
+                     dict(matrix.flags), matrix.key, dict(matrix.at_min), dict(matrix.at_max))
+    labels = matrix.start // (5 * BLOCK)
+    a, b = group_by(matrix, labels, 5 * BLOCK), group_by(fields, labels, 5 * BLOCK)
+    assert a.matrices is not None and b.matrices is None and a.width == b.width == 5 * BLOCK
+    for name in ("start", "rows", "first", "last"):
+        assert getattr(a, name).tolist() == getattr(b, name).tolist()
+    for name in a.nums:
+        for field in ("count", "nan", "inf", "min", "min_step", "max", "max_step", "sum", "sumsq"):
+            assert np.array_equal(getattr(a.nums[name], field), getattr(b.nums[name], field), equal_nan=True), field
+    for name in a.flags:
+        assert a.flags[name].true.tolist() == b.flags[name].true.tolist()
+        assert a.flags[name].valid.tolist() == b.flags[name].valid.tolist()
+    for side in ("at_min", "at_max"):
+        for name, (values, ok) in getattr(a, side).items():
+            other, other_ok = getattr(b, side)[name]
+            assert ok.tolist() == other_ok.tolist() and values[ok].tolist() == other[other_ok].tolist()
+
+
 @pytest.mark.parametrize("seed", [3, 4])
 def test_segments_cut_anywhere_join_to_the_summary_of_the_whole_chunk(seed):
     """A chunk cut into segments at random steps (inside blocks too), each summarised on its

@@ -102,3 +102,36 @@ def test_appended_batches_keep_each_chunk_summary_equal_to_a_fresh_one(tmp_path)
                     assert s.min_step[entry] == chunk.steps[rows][np.flatnonzero(pre[rows] == finite.min())[0]]
     finally:
         engine.dispose()
+
+
+def test_kept_rows_round_trip_and_the_schema_6_layout_still_reads():
+    """`pack_rows` -> `unpack_rows`: every column's values and nulls back as they were (NaN,
+    +-Inf, bools, a column null in every row read back as null); a blob in the layout schemas 5
+    and 6 wrote (an array per column) reads the same."""
+    from gradwatch.server.storage.chunk_rows import pack_rows, unpack_rows
+    from gradwatch.server.storage.chunks import Chunk
+    from gradwatch.server.storage.chunks.codec import pack_arrays
+
+    steps = np.array([4100, 4105, 4170, 5000], np.int64)
+    values = {"pre_norm": np.array([np.nan, np.inf, 3.5, -np.inf]), "loss": np.array([1.0, np.nan, 2.0, 0.0]),
+              "spike": np.array([True, False, True, False]), "lr": np.array([np.nan] * 4)}
+    valid = {"pre_norm": None, "loss": np.array([True, False, True, True]), "spike": np.array([True, True, False, True]),
+             "lr": np.zeros(4, bool)}
+    chunk = Chunk(1, steps, values, valid)
+    old_layout = {"step": steps}
+    for name in values:
+        old_layout["v:" + name] = values[name]
+        if valid[name] is not None:
+            old_layout["m:" + name] = valid[name]
+    columns = ("pre_norm", "loss", "spike", "lr", "z")
+    for blob in (pack_rows(chunk), pack_arrays(old_layout)):
+        back = unpack_rows(1, blob, columns)
+        assert back.steps.tolist() == steps.tolist()
+        assert np.array_equal(back.values["pre_norm"], values["pre_norm"], equal_nan=True)
+        assert back.valid["pre_norm"] is None
+        assert back.valid["loss"].tolist() == [True, False, True, True]
+        assert back.values["loss"][[0, 2, 3]].tolist() == [1.0, 2.0, 0.0]
+        assert back.values["spike"].dtype == bool and back.values["spike"].tolist() == [True, False, True, False]
+        assert back.valid["spike"].tolist() == [True, True, False, True]
+        for null in ("lr", "z"):   # null in every row, and never stored
+            assert not back.valid[null].any() and np.isnan(back.values[null]).all()

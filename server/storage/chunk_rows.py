@@ -42,13 +42,14 @@ a batch changes, sent with `executemany` (psycopg pipelines them).
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Iterable
 
 import numpy as np
 
 from gradwatch.server.storage.chunks import (BLOCK, CHUNK, Chunk, TensorChunk, TensorSummary, combine,
-                                             decode_chunk, decode_summaries, decode_tensor_summary,
+                                             decode_chunk, decode_segments, decode_summaries, decode_tensor_summary,
                                              decode_tensors, encode_chunk, encode_summary,
                                              encode_tensor_summary, encode_tensors, merge_tensors, summarize,
                                              summarize_tensors)
@@ -63,7 +64,7 @@ KEY = "pre_norm"          # the column the overview keeps the min and max of
 KEPT_FLAGS = ("spike", "nonfinite")   # rows the overview always keeps (with a non-finite key)
 KEPT_WIDTH = 0            # `chunk_summaries.width` of the row holding a chunk's kept rows
 IDS_PER_QUERY = 400       # chunk ids bound in one IN (...)
-MAX_SEGMENTS = 8          # an append past this many segments rewrites the chunk as one
+MAX_SEGMENTS = 16         # an append past this many segments rewrites the chunk as one
 
 _UPSERT = {
     "chunks": ("INSERT INTO chunks (run_id, chunk_id, n, version, segments) VALUES (?, ?, ?, ?, ?) "
@@ -103,29 +104,50 @@ def complete(chunk: Chunk) -> Chunk:
 
 
 def pack_rows(chunk: Chunk) -> bytes:
-    """A few rows of a chunk as plain arrays in one blob (no per-column codec: these are the
-    handful of rows an overview always keeps, written with every batch)."""
-    arrays: dict[str, np.ndarray] = {"step": chunk.steps}
-    for name, values in chunk.values.items():
-        arrays["v:" + name] = values
+    """A few rows of a chunk in one blob: their steps, the columns' names, and the values and
+    valid masks as two (columns x rows) matrices, float64 (bools as 0/1). No per-column codec:
+    these are the handful of rows an overview always keeps, written with every segment, and a
+    long run's overview reads one blob per segment (one matrix each, not an array per
+    column: a 1M-step run's 961 blobs unpacked in 28 -> 6 ms). A column null in every row is
+    left out (read back as null)."""
+    names = [name for name in chunk.values if chunk.valid.get(name) is None or chunk.valid[name].any()]
+    values = np.empty((len(names), len(chunk.steps)), np.float64)
+    valid = np.ones((len(names), len(chunk.steps)), dtype=bool)
+    for row, name in enumerate(names):
+        values[row] = chunk.values[name]
         if chunk.valid.get(name) is not None:
-            arrays["m:" + name] = chunk.valid[name]
-    return pack_arrays(arrays)
+            valid[row] = chunk.valid[name]
+    return pack_arrays({"step": chunk.steps, "names": json.dumps(names).encode(), "values": values, "valid": valid})
+
+
+def _as_kind(kind: str, values: np.ndarray) -> np.ndarray:
+    return values if kind == "float" else values != 0 if kind == "bool" else values.astype(np.int64)
 
 
 def unpack_rows(chunk_id: int, blob: bytes, columns: tuple[str, ...]) -> Chunk:
-    """`pack_rows` back, with `columns` (a column not stored is all null)."""
+    """`pack_rows` back, with `columns` (a column not stored is all null). Reads the layout of
+    schemas 5 and 6 too (an array per column: `v:name`, and `m:name` where some are null)."""
     arrays = unpack_arrays(blob)
     steps = arrays.get("step")
     if not isinstance(steps, np.ndarray) or steps.dtype != np.int64:
         raise CodecError(f"chunk {chunk_id}: not a kept-rows blob")
     chunk = Chunk(chunk_id, steps)
+    if "names" in arrays:
+        stored = {name: row for row, name in enumerate(json.loads(arrays["names"]))}
+        matrix, masks = arrays["values"], arrays["valid"]
+        if matrix.shape != (len(stored), len(steps)) or masks.shape != matrix.shape:
+            raise CodecError(f"chunk {chunk_id}: kept rows of the wrong shape")
     for name in columns:
-        values = arrays.get("v:" + name)
+        if "names" in arrays:
+            row = stored.get(name)
+            values = None if row is None else _as_kind(SPEC[name], matrix[row])
+            valid = None if row is None or masks[row].all() else masks[row]
+        else:
+            values, valid = arrays.get("v:" + name), arrays.get("m:" + name)
         if values is None:
             chunk.values[name], chunk.valid[name] = empty_values(SPEC[name], len(steps)), np.zeros(len(steps), bool)
         else:
-            chunk.values[name], chunk.valid[name] = values, arrays.get("m:" + name)
+            chunk.values[name], chunk.valid[name] = values, valid
     return chunk
 
 
@@ -354,10 +376,11 @@ def _decode_rows(rows: list[tuple], columns: tuple[str, ...]) -> dict[int, Chunk
         blobs[chunk_id][seg][name] = data
     out: dict[int, Chunk] = {}
     for chunk_id in sorted(blobs):
-        parts = [decode_chunk(chunk_id, segment, SPEC, columns)
-                 for _, segment in sorted(blobs[chunk_id].items()) if "step" in segment]
-        if parts:
-            out[chunk_id] = parts[0] if len(parts) == 1 else join_segments(chunk_id, parts, columns)
+        segments = [segment for _, segment in sorted(blobs[chunk_id].items()) if "step" in segment]
+        if len(segments) == 1:
+            out[chunk_id] = decode_chunk(chunk_id, segments[0], SPEC, columns)
+        elif segments:
+            out[chunk_id] = decode_segments(chunk_id, segments, SPEC, columns)
     return out
 
 

@@ -9,7 +9,7 @@ they need or answer from the summaries (`overview`, `heatmap`). Alembic
 revision 0005 moved the row-per-step tables into this layout.
 """
 from .codec import (BLOCK, CHUNK, Chunk, CodecError, check_spec, chunk_ids, column_storage, decode_chunk,
-                    decode_column, decode_steps, encode_chunk, encode_column, encode_steps, fits_float32,
+                    decode_column, decode_segments, decode_steps, encode_chunk, encode_column, encode_steps, fits_float32,
                     pack_arrays, split_by_chunk, unpack_arrays)
 from .downsample import (LEVELS, ChunkSource, Grid, MemorySource, Series, bucket_grid, overview,
                          series_from_arrays)

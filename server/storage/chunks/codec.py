@@ -142,6 +142,32 @@ def decode_steps(chunk_id: int, blob: bytes) -> np.ndarray:
     return offsets + chunk_id * CHUNK
 
 
+_POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.int64)
+
+
+def decode_segment_steps(chunk_id: int, blobs: list[bytes]) -> tuple[np.ndarray, list[int]]:
+    """The steps of a chunk stored in segments (disjoint, ascending: the segments' step blobs in
+    order) and how many each segment holds, from one presence bitmap: a segment's bitmap is
+    OR-ed in and counted, not expanded to its steps (a 500-step segment's bitmap is 4,096 bits)."""
+    present = np.zeros(_BITMAP_BYTES, np.uint8)
+    counts = []
+    for blob in blobs:
+        if blob[:1] == bytes([_STEPS_BITMAP]):
+            bits = np.frombuffer(memoryview(blob)[1:], np.uint8)
+            if len(bits) != _BITMAP_BYTES:
+                raise CodecError(f"steps bitmap must be {_BITMAP_BYTES} bytes, got {len(bits)}")
+            present |= bits
+            counts.append(int(_POPCOUNT[bits].sum()))
+        else:
+            offsets = decode_steps(chunk_id, blob) - chunk_id * CHUNK
+            present |= np.packbits(np.bincount(offsets, minlength=CHUNK).astype(bool), bitorder="little")
+            counts.append(len(offsets))
+    steps = np.flatnonzero(np.unpackbits(present, bitorder="little")) + chunk_id * CHUNK
+    if len(steps) != sum(counts):
+        raise CodecError(f"chunk {chunk_id}: its segments share steps")
+    return steps, counts
+
+
 # ----- columns -----
 
 def fits_float32(values: np.ndarray) -> bool:
@@ -250,6 +276,26 @@ def encode_chunk(chunk: Chunk, spec: Spec, level: int = 0) -> dict[str, bytes]:
         else:
             out[name] = bytes([NULL]) if n else encode_column(kind, empty_values(kind, 0))
     return out
+
+
+def decode_segments(chunk_id: int, segments: list[Mapping[str, bytes]], spec: Spec,
+                    columns: tuple[str, ...] | None = None) -> Chunk:
+    """A chunk stored as segments (each a `{'step': ..., name: ...}` of `encode_chunk`, disjoint
+    ascending steps, in order) decoded as one chunk: `decode_chunk` of each, joined, with the
+    steps read at once (`decode_segment_steps`)."""
+    steps, counts = decode_segment_steps(chunk_id, [segment["step"] for segment in segments])
+    chunk = Chunk(chunk_id, steps)
+    for name in (columns if columns is not None else tuple(spec)):
+        kind = spec[name]
+        parts = [decode_column(kind, segment[name], n) if name in segment
+                 else (empty_values(kind, n), np.zeros(n, dtype=bool)) for segment, n in zip(segments, counts)]
+        chunk.values[name] = np.concatenate([values for values, _ in parts])
+        if all(valid is None for _, valid in parts):
+            chunk.valid[name] = None
+        else:
+            chunk.valid[name] = np.concatenate([np.ones(n, bool) if valid is None else valid
+                                                for (_, valid), n in zip(parts, counts)])
+    return chunk
 
 
 def decode_chunk(chunk_id: int, blobs: Mapping[str, bytes], spec: Spec,

@@ -245,21 +245,31 @@ def concat(summaries: list[Summary]) -> Summary:
          for n in head.at_max})
 
 
-def group_by(summary: Summary, labels: np.ndarray) -> Summary:
+def group_by(summary: Summary, labels: np.ndarray, width: int | None = None) -> Summary:
     """Merge consecutive entries with equal `labels` (non-decreasing) into one entry each;
-    `start` of a merged entry is its first entry's start. The general form of `combine`."""
+    `start` of a merged entry is its first entry's start. The general form of `combine`;
+    `width` (default: the summary's) is the merged entries'."""
     m = len(summary)
+    width = summary.width if width is None else width
     if m == 0:
-        return summary
-    cuts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+        if width == summary.width:
+            return summary
+        empty = summary.take(slice(0, 0))
+        if empty.matrices is not None:
+            return from_matrices({**empty.matrices[0], "width": width}, empty.matrices[1], empty.matrices[2])
+        empty.width = width
+        return empty
+    cuts = np.concatenate(([0], np.flatnonzero(labels[1:] != labels[:-1]) + 1))
+    if summary.matrices is not None:
+        return _group_matrices(summary.matrices, cuts, width)
     add = np.add.reduceat
-    out = Summary(summary.width, summary.start[cuts], add(summary.rows, cuts), summary.first[cuts],
+    out = Summary(width, summary.start[cuts], add(summary.rows, cuts), summary.first[cuts],
                   np.maximum.reduceat(summary.last, cuts), key=summary.key)
     key_pick = None
     for name, s in summary.nums.items():
         mn = np.minimum.reduceat(s.min, cuts)
         mx = np.maximum.reduceat(s.max, cuts)
-        group = np.repeat(np.arange(len(cuts)), np.diff(np.r_[cuts, m]))
+        group = np.repeat(np.arange(len(cuts)), np.diff(np.append(cuts, m)))
         has = s.count > 0
         min_pick = _first_where(has & (s.min == mn[group]), cuts, m)
         max_pick = _first_where(has & (s.max == mx[group]), cuts, m)
@@ -281,23 +291,93 @@ def group_by(summary: Summary, labels: np.ndarray) -> Summary:
     return out
 
 
+def _group_matrices(matrices: tuple[dict, np.ndarray, np.ndarray], cuts: np.ndarray, width: int) -> Summary:
+    """`group_by` on a summary's two stored matrices (`_layout`): each statistic of every
+    column in one NumPy call over a (entries x columns) block, and the result is again a
+    matrix-backed summary. A whole run's 64-step entries (a 1M-step run: 16k entries)
+    combine in a few milliseconds instead of one pass per column and field."""
+    meta, ints, floats = matrices
+    k, b, a = len(meta["nums"]), len(meta["flags"]), len(meta["anchors"])
+    m, g = len(ints), len(cuts)
+    out_ints = np.empty((g, ints.shape[1]), np.int64)
+    out_floats = np.empty((g, floats.shape[1]), np.float64)
+    add = np.add.reduceat
+    out_ints[:, 0] = ints[cuts, 0]
+    out_ints[:, 1] = add(ints[:, 1], cuts)
+    out_ints[:, 2] = ints[cuts, 2]
+    out_ints[:, 3] = np.maximum.reduceat(ints[:, 3], cuts)
+    group = np.repeat(np.arange(g), np.diff(np.append(cuts, m)))
+    entry = np.arange(m)[:, None]
+    key_pick = None
+    if k:
+        num_i = ints[:, 4:4 + 5 * k].reshape(m, k, 5)
+        num_f = floats[:, :4 * k].reshape(m, k, 4)
+        out_i = out_ints[:, 4:4 + 5 * k].reshape(g, k, 5)
+        out_f = out_floats[:, :4 * k].reshape(g, k, 4)
+        out_i[:, :, :3] = add(num_i[:, :, :3], cuts, axis=0)   # count, nan, inf
+        mn = np.minimum.reduceat(num_f[:, :, 0], cuts, axis=0)
+        mx = np.maximum.reduceat(num_f[:, :, 1], cuts, axis=0)
+        has = num_i[:, :, 0] > 0
+        picks = []
+        for stat, extreme in ((0, mn), (1, mx)):   # the first entry holding the group's extreme
+            pick = np.minimum.reduceat(np.where(has & (num_f[:, :, stat] == extreme[group]), entry, m), cuts, axis=0)
+            picks.append(np.minimum(pick, m - 1))
+        count = out_i[:, :, 0]
+        for stat, pick in zip((3, 4), picks):   # min_step, max_step
+            out_i[:, :, stat] = np.where(count > 0, np.take_along_axis(num_i[:, :, stat], pick, axis=0), -1)
+        out_f[:, :, 0], out_f[:, :, 1] = mn, mx
+        with np.errstate(over="ignore", invalid="ignore"):
+            out_f[:, :, 2:] = add(num_f[:, :, 2:], cuts, axis=0)   # sum, sumsq
+        if meta["key"] is not None:
+            column = meta["nums"].index(meta["key"])
+            key_pick = (picks[0][:, column], picks[1][:, column], count[:, column] > 0)
+    if b:
+        out_ints[:, 4 + 5 * k:4 + 5 * k + 2 * b] = add(ints[:, 4 + 5 * k:4 + 5 * k + 2 * b], cuts, axis=0)
+    if a:
+        min_pick, max_pick, has = key_pick
+        anchor_i = ints[:, 4 + 5 * k + 2 * b:].reshape(m, a, 2)
+        anchor_f = floats[:, 4 * k:].reshape(m, a, 2)
+        out_ai = out_ints[:, 4 + 5 * k + 2 * b:].reshape(g, a, 2)
+        out_af = out_floats[:, 4 * k:].reshape(g, a, 2)
+        for side, pick in ((0, min_pick), (1, max_pick)):
+            out_ai[:, :, side] = (anchor_i[pick, :, side] != 0) & has[:, None]
+            out_af[:, :, side] = anchor_f[pick, :, side]
+    return from_matrices({**meta, "width": width}, out_ints, out_floats)
+
+
 def join_split_blocks(summary: Summary) -> Summary:
     """Entries in step order where a block may have several consecutive entries (a chunk's
     segments, each summarising its own rows: a block a batch boundary cut in two has an entry
     in each) with each block's entries merged into one. As summarising the block's rows at
     once, but for the float sums, added in another order (they may differ in the last bits)."""
     start = summary.start
-    if len(start) < 2 or bool(np.all(start[1:] != start[:-1])):
+    split = start[1:] == start[:-1]
+    if not split.any():
         return summary
-    return group_by(summary, start)
+    if summary.matrices is None:
+        return group_by(summary, start)
+    # one entry per block (its first, a row gather), then the split blocks' rows overwritten
+    # by their entries grouped: only those are grouped (a 500-step batch splits one block in 8)
+    firsts = np.flatnonzero(np.concatenate(([True], ~split)))
+    sizes = np.diff(np.append(firsts, len(start)))
+    involved = np.repeat(sizes > 1, sizes)
+    joined = group_by(summary.take(np.flatnonzero(involved)), start[involved])
+    out = summary.take(firsts)
+    rows = np.flatnonzero(sizes > 1)
+    out.matrices[1][rows] = joined.matrices[1]
+    out.matrices[2][rows] = joined.matrices[2]
+    return from_matrices(*out.matrices)   # fields read again from the matrices (the bool views are copies)
 
 
 def combine(summary: Summary, width: int) -> Summary:
     """Summaries of summaries: entries `width` steps wide (a multiple of the current width)."""
     if width % summary.width:
         raise ValueError(f"width {width} is not a multiple of {summary.width}")
-    out = group_by(summary, summary.start // width)
-    out.width = width
+    out = group_by(summary, summary.start // width, width)
+    if out.matrices is not None:   # its fields are views of the matrices: set the column, not the field
+        out.matrices[1][:, 0] //= width
+        out.matrices[1][:, 0] *= width
+        return out
     out.start = out.start // width * width
     return out
 
