@@ -128,6 +128,8 @@ def merge_chunk(chunk: Chunk, steps: np.ndarray, values: Mapping[str, np.ndarray
     if n and (steps.min() // CHUNK != chunk.chunk_id or steps.max() // CHUNK != chunk.chunk_id):
         raise ValueError(f"steps outside chunk {chunk.chunk_id}")
     rows = np.arange(n)
+    if not len(chunk.steps):   # nothing stored (a new chunk, an append's rows): every row is new
+        return _fresh(chunk.chunk_id, steps, values, valid, spec, rows)
     position = np.searchsorted(chunk.steps, steps)
     found = position < len(chunk.steps)
     found[found] = chunk.steps[position[found]] == steps[found]
@@ -191,6 +193,19 @@ def merge_chunk(chunk: Chunk, steps: np.ndarray, values: Mapping[str, np.ndarray
                 joined = joined[order]
             merged.valid[name] = None if joined.all() else joined
     return MergeResult(merged, rows, added, duplicate, conflicts)
+
+
+def _fresh(chunk_id: int, steps: np.ndarray, values: Mapping[str, np.ndarray],
+           valid: Mapping[str, np.ndarray | None], spec: Spec, rows: np.ndarray) -> MergeResult:
+    """`merge_chunk` into a chunk holding nothing: the rows themselves, in step order."""
+    n = len(steps)
+    order = None if n < 2 or bool(np.all(steps[1:] > steps[:-1])) else np.argsort(steps, kind="stable")
+    merged = Chunk(chunk_id, steps if order is None else steps[order])
+    for name in spec:
+        ok = valid[name]
+        merged.values[name] = values[name] if order is None else values[name][order]
+        merged.valid[name] = None if ok is None else ok if order is None else ok[order]
+    return MergeResult(merged, rows, np.ones(n, dtype=bool), np.zeros(n, dtype=bool))
 
 
 def merge_batch(load: Callable[[int], Chunk | None], steps: np.ndarray, columns: Mapping[str, ColumnInput],
