@@ -286,3 +286,54 @@ def test_schemas_6_and_7_rekey_the_chunk_tables_and_keep_every_row(tmp_path):
     migrate(command.downgrade, "0005")
     back, key = rows_and_key("chunk_columns")
     assert key == ["run_id", "name", "chunk_id", "seg"] and {row[2] for row in back} == {0, 1, 2, 3}
+
+
+def test_schema_7_on_postgresql_downgrades_merging_segments_and_upgrades_again(postgres_url):
+    """PostgreSQL's path of 0007 (a column added, the primary key swapped): a run written in
+    500-step batches has summary segments; down to 0006 each chunk has one summary row per
+    width whose entries count every step; up again, the run reads the same and appends."""
+    from alembic import command
+
+    from gradwatch.server.storage.chunks import BLOCK, decode_summaries
+    from tests.test_server_support import fresh_postgres_db
+
+    url = fresh_postgres_db(postgres_url)
+    steps = list(range(6000))
+    norms = np.exp(np.random.default_rng(4).normal(0, 0.3, len(steps)))
+
+    def ingest(lo: int, hi: int) -> None:
+        engine = make_engine(url)
+        store = Store(engine)
+        for begin in range(lo, hi, 500):
+            part = slice(begin, min(begin + 500, hi))
+            store.ingest("r", parse_batch({"step": steps[part], "pre_norm": norms[part].tolist()}))
+        engine.dispose()
+
+    def migrate(action, revision: str) -> None:
+        engine = make_engine(url)
+        with engine.begin() as connection:
+            action(alembic_config(connection), revision)
+        engine.dispose()
+
+    upgrade_database(url)
+    ingest(0, 5000)
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT MAX(seg) FROM chunk_summaries")).scalar() >= 1
+    engine.dispose()
+    migrate(command.downgrade, "0006")
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT width, chunk_id, data FROM chunk_summaries ORDER BY width, chunk_id")).all()
+        columns = [row[0] for row in connection.execute(text(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'chunk_summaries'")).all()]
+    engine.dispose()
+    assert "seg" not in columns and [row[:2] for row in rows] == [(w, c) for w in (0, BLOCK) for c in range(2)]
+    merged = decode_summaries([bytes(row[2]) for row in rows if row[0] == BLOCK])
+    assert merged.rows.tolist() == np.bincount(np.asarray(steps[:5000]) // BLOCK).tolist()
+    assert upgrade_database(url) == ("0006", head_revision())
+    ingest(5000, 6000)
+    engine = make_engine(url)
+    arrays = Store(engine).arrays("r", ("pre_norm",))
+    engine.dispose()
+    assert arrays.steps.tolist() == steps and np.array_equal(arrays.values["pre_norm"], norms)
