@@ -107,7 +107,8 @@ def test_appended_batches_keep_each_chunk_summary_equal_to_a_fresh_one(tmp_path)
 def test_kept_rows_round_trip_and_the_schema_6_layout_still_reads():
     """`pack_rows` -> `unpack_rows`: every column's values and nulls back as they were (NaN,
     +-Inf, bools, a column null in every row read back as null); a blob in the layout schemas 5
-    and 6 wrote (an array per column) reads the same."""
+    and 6 wrote (an array per column) reads the same, and so do a chunk's segments, of one
+    layout or of both, unpacked together."""
     from gradwatch.server.storage.chunk_rows import pack_rows, unpack_rows
     from gradwatch.server.storage.chunks import Chunk
     from gradwatch.server.storage.chunks.codec import pack_arrays
@@ -124,7 +125,16 @@ def test_kept_rows_round_trip_and_the_schema_6_layout_still_reads():
         if valid[name] is not None:
             old_layout["m:" + name] = valid[name]
     columns = ("pre_norm", "loss", "spike", "lr", "z")
-    for blob in (pack_rows(chunk), pack_arrays(old_layout)):
+
+    def half(rows: slice) -> Chunk:
+        return Chunk(1, steps[rows], {n: v[rows] for n, v in values.items()},
+                     {n: (None if ok is None else ok[rows]) for n, ok in valid.items()})
+
+    segments = [pack_rows(half(slice(0, 1))), pack_rows(half(slice(1, 4)))]   # loss all valid in the first
+    mixed = [pack_arrays({"step": steps[:2], **{k: v[:2] for k, v in old_layout.items() if k != "step"}}),
+             pack_rows(half(slice(2, 4)))]
+    uneven = [pack_rows(half(slice(0, 1))), pack_rows(half(slice(1, 2))), pack_rows(half(slice(2, 4)))]   # loss: no row in the 2nd
+    for blob in (pack_rows(chunk), pack_arrays(old_layout), segments, mixed, uneven):
         back = unpack_rows(1, blob, columns)
         assert back.steps.tolist() == steps.tolist()
         assert np.array_equal(back.values["pre_norm"], values["pre_norm"], equal_nan=True)

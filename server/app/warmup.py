@@ -12,7 +12,7 @@ import numpy as np
 
 from gradwatch.server.analysis import diagnostics, stats
 from gradwatch.server.storage.chunks import MemorySource, overview, series_from_arrays
-from gradwatch.server.storage.chunk_rows import KEY, SPEC, arrays_of, pack_rows, summary_of, unpack_rows
+from gradwatch.server.storage.chunk_rows import KEY, SPEC, arrays_of, pack_rows, summary_blob, unpack_rows
 from gradwatch.server.storage.serialise import encode_series
 
 
@@ -35,7 +35,7 @@ def warm_up(store=None, steps: int = 5_000) -> None:
     source = MemorySource(SPEC, KEY)
     for chunk in chunks:
         source.put(chunk)
-        summary_of(chunk)
+        summary_blob(chunk)
         unpack_rows(chunk.chunk_id, pack_rows(chunk), ("pre_norm",))
     fields = ("pre_norm", "threshold", "clipped", "spike", "nonfinite")
     series = overview(source, SPEC, 0, steps - 1, 500, fields, key=KEY)

@@ -3,8 +3,8 @@
 Reads of a run's whole columns (stats, recommendation, what-if, histogram,
 CSV, derived events) go through `RunCache.get`. An entry remembers the run
 version it was read at; when the run's version moves, only the chunks written
-after it are read (`chunks.version > cached`: an append rewrites the tail
-chunk, a late step its own chunk) and spliced into the arrays in place of the
+after it are read (`chunks.version > cached`: an append writes to the newest
+chunk, a late step to its own chunk) and spliced into the arrays in place of the
 old copies of those chunks. The entries together hold at most `max_bytes`
 (`serve --cache-mb`); the least recently used go first, and an answer larger
 than the whole budget is returned without being kept.

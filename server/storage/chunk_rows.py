@@ -42,6 +42,7 @@ a batch changes, sent with `executemany` (psycopg pipelines them).
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
 from typing import Iterable
@@ -50,9 +51,8 @@ import numpy as np
 
 from gradwatch.server.storage.chunks import (BLOCK, CHUNK, Chunk, TensorChunk, TensorSummary, combine,
                                              decode_chunk, decode_segments, decode_summaries, decode_tensor_summary,
-                                             decode_tensors, encode_chunk, encode_summary,
-                                             encode_tensor_summary, encode_tensors, merge_tensors, summarize,
-                                             summarize_tensors)
+                                             decode_tensors, encode_chunk, encode_tensor_summary, encode_tensors,
+                                             merge_tensors, summarize_tensors)
 from gradwatch.server.storage.chunks.codec import NULL, CodecError, empty_values, pack_arrays, unpack_arrays
 from gradwatch.server.storage.chunks.downsample import kept_rows_of
 from gradwatch.server.storage.chunks.summaries import (Summary, empty_summary, encode_matrices, join_split_blocks,
@@ -124,16 +124,48 @@ def _as_kind(kind: str, values: np.ndarray) -> np.ndarray:
     return values if kind == "float" else values != 0 if kind == "bool" else values.astype(np.int64)
 
 
-def unpack_rows(chunk_id: int, blob: bytes, columns: tuple[str, ...]) -> Chunk:
-    """`pack_rows` back, with `columns` (a column not stored is all null). Reads the layout of
-    schemas 5 and 6 too (an array per column: `v:name`, and `m:name` where some are null)."""
-    arrays = unpack_arrays(blob)
-    steps = arrays.get("step")
-    if not isinstance(steps, np.ndarray) or steps.dtype != np.int64:
-        raise CodecError(f"chunk {chunk_id}: not a kept-rows blob")
+def unpack_rows(chunk_id: int, blobs: bytes | list[bytes], columns: tuple[str, ...]) -> Chunk:
+    """`pack_rows` back, with `columns` (a column not stored is all null); several blobs (a
+    chunk's segments, in order) as one chunk, their matrices joined before any column is cut
+    out. Reads the layout of schemas 5 and 6 too (an array per column: `v:name`, and `m:name`
+    where some are null)."""
+    parts = [unpack_arrays(blob) for blob in ([blobs] if isinstance(blobs, (bytes, bytearray, memoryview)) else blobs)]
+    for arrays in parts:
+        steps = arrays.get("step")
+        if not isinstance(steps, np.ndarray) or steps.dtype != np.int64:
+            raise CodecError(f"chunk {chunk_id}: not a kept-rows blob")
+    if not all("names" in arrays and arrays["names"] == parts[0]["names"] for arrays in parts):
+        chunks = [_unpack_one(chunk_id, arrays, columns) for arrays in parts]
+        return chunks[0] if len(chunks) == 1 else join_segments(chunk_id, chunks, columns)
+    steps = np.concatenate([arrays["step"] for arrays in parts]) if len(parts) > 1 else parts[0]["step"]
+    matrix = np.concatenate([arrays["values"] for arrays in parts], axis=1) if len(parts) > 1 else parts[0]["values"]
+    masks = np.concatenate([arrays["valid"] for arrays in parts], axis=1) if len(parts) > 1 else parts[0]["valid"]
+    stored = _names(bytes(parts[0]["names"]))
+    if matrix.shape != (len(stored), len(steps)) or masks.shape != matrix.shape:
+        raise CodecError(f"chunk {chunk_id}: kept rows of the wrong shape")
+    chunk = Chunk(chunk_id, steps)
+    for name in columns:
+        row = stored.get(name)
+        if row is None:
+            chunk.values[name], chunk.valid[name] = empty_values(SPEC[name], len(steps)), np.zeros(len(steps), bool)
+        else:
+            chunk.values[name] = _as_kind(SPEC[name], matrix[row])
+            chunk.valid[name] = None if masks[row].all() else masks[row]
+    return chunk
+
+
+@functools.lru_cache(maxsize=64)
+def _names(text: bytes) -> dict[str, int]:
+    """A kept-rows blob's column names -> row (the blobs of a run share theirs: parsed once)."""
+    return {name: row for row, name in enumerate(json.loads(text))}
+
+
+def _unpack_one(chunk_id: int, arrays: dict, columns: tuple[str, ...]) -> Chunk:
+    """One kept-rows blob of either layout, unpacked (`unpack_rows` when segments differ)."""
+    steps = arrays["step"]
     chunk = Chunk(chunk_id, steps)
     if "names" in arrays:
-        stored = {name: row for row, name in enumerate(json.loads(arrays["names"]))}
+        stored = _names(bytes(arrays["names"]))
         matrix, masks = arrays["values"], arrays["valid"]
         if matrix.shape != (len(stored), len(steps)) or masks.shape != matrix.shape:
             raise CodecError(f"chunk {chunk_id}: kept rows of the wrong shape")
@@ -151,15 +183,10 @@ def unpack_rows(chunk_id: int, blob: bytes, columns: tuple[str, ...]) -> Chunk:
     return chunk
 
 
-def summary_of(chunk: Chunk) -> Summary:
-    """The rows' 64-step summary (the only width stored: coarser ones are combined from it
-    when read, many chunks in one vectorised pass; writing three widths at ingest took 55% of a
-    batch's time)."""
-    return summarize(chunk, SPEC, KEY)
-
-
 def summary_blob(chunk: Chunk) -> bytes:
-    """`encode_summary(summary_of(chunk))` of a chunk with rows, without the Summary object."""
+    """The 64-step summary of a chunk's rows, encoded (the only width stored: coarser ones are
+    combined from it when read, many chunks in one vectorised pass; writing three widths at
+    ingest took 55% of a batch's time). Straight from the two matrices, no Summary object."""
     return encode_matrices(*summary_matrices(chunk, SPEC, KEY))
 
 
@@ -274,19 +301,20 @@ class ChunkRows:
     def kept_rows(self, cursor, run_id: int, chunk_ids: list[int], columns: tuple[str, ...]) -> dict[int, Chunk]:
         """The kept rows (`KEPT_FLAGS`, non-finite key) of the chunks among `chunk_ids`, each its
         segments' joined; a chunk whose rows are not readable is left out (the overview decodes it)."""
-        parts: dict[int, list[Chunk]] = defaultdict(list)
-        unreadable: set[int] = set()
+        blobs: dict[int, list[bytes]] = defaultdict(list)
         for group in _groups(sorted(set(chunk_ids))):
             cursor.execute(self.sql(f"SELECT chunk_id, data FROM chunk_summaries WHERE run_id = ? AND width = ? "
                                     f"AND chunk_id IN ({', '.join('?' * len(group))}) ORDER BY chunk_id, seg"),
                            (run_id, KEPT_WIDTH, *group))
             for chunk_id, data in cursor.fetchall():
-                try:
-                    parts[chunk_id].append(unpack_rows(chunk_id, bytes(data), columns))
-                except CodecError:
-                    unreadable.add(chunk_id)
-        return {chunk_id: found[0] if len(found) == 1 else join_segments(chunk_id, found, columns)
-                for chunk_id, found in parts.items() if chunk_id not in unreadable}
+                blobs[chunk_id].append(bytes(data))
+        out: dict[int, Chunk] = {}
+        for chunk_id, found in blobs.items():
+            try:
+                out[chunk_id] = unpack_rows(chunk_id, found, columns)
+            except CodecError:
+                continue
+        return out
 
     # ----- per-tensor norms -----
 
@@ -365,8 +393,9 @@ def _joined(blobs: list, width: int) -> Summary:
     """Stored 64-step summary blobs (by chunk, then segment) as one summary of `width`."""
     if not blobs:
         return empty_summary(SPEC, KEY, width)
-    summary = join_split_blocks(decode_summaries(blobs))
-    return summary if width == BLOCK else combine(summary, width)
+    summary = decode_summaries(blobs)
+    # a coarser width groups a split block's entries with the rest of its group: no join first
+    return join_split_blocks(summary) if width == BLOCK else combine(summary, width)
 
 
 def _decode_rows(rows: list[tuple], columns: tuple[str, ...]) -> dict[int, Chunk]:

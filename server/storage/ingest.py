@@ -2,10 +2,12 @@
 
 One transaction per batch on a raw DBAPI connection. The run's row is locked
 first (SQLite: `BEGIN IMMEDIATE` holds the write lock; PostgreSQL: `SELECT
-... FOR UPDATE`), then the chunks the batch touches are read, the batch is
-merged into them (`server/storage/chunks/merge.py`: a step not stored yet is added,
-an equal resend is a duplicate, a different one a conflict, stored as a
-`conflict` event and never an overwrite), and the changed chunks are written
+... FOR UPDATE`), then the chunks the batch touches are read (but the run's
+newest chunk when the batch only appends to it: those rows are written as the
+chunk's next segment, `Ingestor._appends`), the batch is merged into them
+(`server/storage/chunks/merge.py`: a step not stored yet is added, an equal
+resend is a duplicate, a different one a conflict, stored as a `conflict`
+event and never an overwrite), and the changed chunks are written
 back with their summaries and the run's new version. A late step lands in its
 own chunk; no other chunk is read or written. The batch is all or nothing.
 Clip events are not stored: reads derive them from the clipped steps.

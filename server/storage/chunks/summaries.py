@@ -293,9 +293,10 @@ def group_by(summary: Summary, labels: np.ndarray, width: int | None = None) -> 
 
 def _group_matrices(matrices: tuple[dict, np.ndarray, np.ndarray], cuts: np.ndarray, width: int) -> Summary:
     """`group_by` on a summary's two stored matrices (`_layout`): each statistic of every
-    column in one NumPy call over a (entries x columns) block, and the result is again a
-    matrix-backed summary. A whole run's 64-step entries (a 1M-step run: 16k entries)
-    combine in a few milliseconds instead of one pass per column and field."""
+    column in one NumPy call over a (entries x columns) block. Not faster than a pass per
+    field (a 1M-step run's 16k entries to chunks: 5.6 against 5.2 ms), but the result is
+    again matrix-backed, so `join_split_blocks` can write grouped entries into a matrix and
+    what follows (take, concat, encode) moves whole matrices."""
     meta, ints, floats = matrices
     k, b, a = len(meta["nums"]), len(meta["flags"]), len(meta["anchors"])
     m, g = len(ints), len(cuts)

@@ -61,7 +61,8 @@ def upgrade() -> None:
 def _merge_segments() -> None:
     """Each chunk's summary segments as one segment 0 (what schema 6 reads): the 64-step
     entries joined (a block two segments share merged), the kept rows concatenated."""
-    from gradwatch.server.storage.chunk_rows import BLOCK, KEPT_WIDTH, SPEC, ChunkRows, encode_summary, pack_rows
+    from gradwatch.server.storage.chunk_rows import KEPT_WIDTH, SPEC, ChunkRows, pack_rows
+    from gradwatch.server.storage.chunks import BLOCK, encode_summary
 
     bind = op.get_bind()
     sqlite = bind.dialect.name == "sqlite"
