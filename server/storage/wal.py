@@ -30,18 +30,21 @@ class WalCheckpointer:
     The thread exits after `IDLE_S` without commits and is started again on
     the next one.
 
-    A checkpoint starts at most every `COALESCE_S` (0.1 s): the commits of that
-    time share it. A page that several batches rewrite (a chunk's summary, the
+    A checkpoint starts at most every `COALESCE_S` (0.3 s): the commits of that
+    time share it. A page that several batches rewrite (a segment's summary, the
     B-tree leaves a run's rows go to, the `runs` row) is then copied into the
     database file once, not once per batch: the checkpoints' CPU per 2,000-step
-    batch went from 0.87 to 0.22 ms (`benchmarks/ingest_profile.py`, process CPU
-    minus the ingesting thread's). The WAL holds at most that much more
-    (~0.1 s of ingest, a few MB).
+    batch went from 0.87 to 0.22 ms at 0.1 s (`benchmarks/ingest_profile.py`,
+    process CPU minus the ingesting thread's), and 0.3 s raised JSON ingest over
+    HTTP by a further 9% at 1,000-step batches, 5% at 2,000 and 2% at 500
+    (`benchmarks/ingest_bench.py --against`, 0.1 s against 0.3 s alternated). The
+    WAL holds at most that much more: ~0.3 s of ingest, about 30 MB at full speed,
+    under `LIMIT`.
     """
 
-    LIMIT = 4096   # frames (pages): 16 MB of WAL at SQLite's default page size
+    LIMIT = 4096   # frames (pages): 64 MB of WAL at 16 KiB pages (engine.SQLITE_PAGE_SIZE)
     IDLE_S = 30.0
-    COALESCE_S = 0.1
+    COALESCE_S = 0.3
 
     def __init__(self, engine: Engine, write_lock: threading.Lock | None):
         self.engine = engine
@@ -68,7 +71,7 @@ class WalCheckpointer:
                         self._thread = None
                         return
                 continue
-            time.sleep(self.COALESCE_S)   # the commits of the next 0.1 s share this checkpoint
+            time.sleep(self.COALESCE_S)   # the commits of the next COALESCE_S share this checkpoint
             self._wanted.clear()
             try:
                 self.checkpoint()
