@@ -145,3 +145,54 @@ def test_kept_rows_round_trip_and_the_schema_6_layout_still_reads():
         assert back.valid["spike"].tolist() == [True, True, False, True]
         for null in ("lr", "z"):   # null in every row, and never stored
             assert not back.valid[null].any() and np.isnan(back.values[null]).all()
+
+
+def test_overview_of_appended_segments_equals_the_overview_of_whole_chunks(tmp_path):
+    """A run stored in 300-step appends (chunks of up to 14 segments, each with its summary
+    entries and kept rows) gives, at every width the overview uses, the same series as the
+    same steps held as whole chunks in memory (`MemorySource`, one summary per chunk): every
+    spike and non-finite step kept, min and max per bucket, the values beside them."""
+    from gradwatch.server.storage.chunks import MemorySource, overview, series_from_arrays
+
+    rng = np.random.default_rng(21)
+    engine = make_engine(f"sqlite:///{tmp_path / 'segments.db'}")
+    create_schema(engine)
+    store = Store(engine)
+    try:
+        total = 3 * CHUNK + 1000
+        pre = np.exp(rng.normal(0.0, 0.3, total))
+        pre[rng.choice(total, 12, replace=False)] = np.nan          # kept rows: a few non-finite norms...
+        spike = np.zeros(total, bool)
+        spike[rng.choice(total, 12, replace=False)] = True           # ...and flags on ordinary norms
+        loss = rng.normal(size=total)
+
+        def batch_of(rows: slice) -> Batch:
+            return Batch(np.arange(total)[rows], {"pre_norm": Column(pre[rows]), "loss": Column(loss[rows]),
+                                                  "spike": Column(spike[rows].astype(float)),
+                                                  "clipped": Column((pre[rows] > 1.2).astype(float)),
+                                                  "time": Column(1.7e9 + np.arange(total)[rows] * 0.25)})
+
+        batches = [batch_of(slice(start, min(start + 300, total))) for start in range(0, total, 300)]
+        for batch in batches:
+            store.ingest("run", batch)
+        run_id = store.run_id("run")
+        assert store.reader.read("SELECT MAX(seg) FROM chunk_summaries WHERE run_id = ?", (run_id,))[0][0] >= 10
+        steps = np.concatenate([batch.steps for batch in batches])
+        columns = {name: (np.concatenate([batch.columns[name].values for batch in batches]),
+                          np.concatenate([batch.columns[name].missing if batch.columns[name].missing is not None
+                                          else np.zeros(len(batch), bool) for batch in batches]))
+                   for name in batches[0].columns}
+        memory = MemorySource(SPEC, KEY)
+        for chunk in series_from_arrays(steps, SPEC, columns):
+            memory.put(chunk)
+        fields = ("pre_norm", "loss", "clipped", "spike", "time")
+        for lo, hi, points in ((0, total - 1, 60), (0, total - 1, 400), (700, 9000, 300), (100, 250, 1000)):
+            stored = store.reader.overview(run_id, lo, hi, points, fields)
+            expected = overview(memory, SPEC, lo, hi, points, fields, key=KEY)
+            kept = np.flatnonzero((np.isnan(pre) | spike)[lo:hi + 1]) + lo
+            assert set(kept.tolist()) <= set(stored.steps.tolist()), (lo, hi, points)
+            assert stored.steps.tolist() == expected.steps.tolist(), (lo, hi, points)
+            for name in fields:
+                assert np.array_equal(stored.values[name], expected.values[name], equal_nan=True), name
+    finally:
+        engine.dispose()
