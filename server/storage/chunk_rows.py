@@ -134,24 +134,14 @@ def unpack_rows(chunk_id: int, blobs: bytes | list[bytes], columns: tuple[str, .
         steps = arrays.get("step")
         if not isinstance(steps, np.ndarray) or steps.dtype != np.int64:
             raise CodecError(f"chunk {chunk_id}: not a kept-rows blob")
+    if len(parts) == 1:
+        return _unpack_one(chunk_id, parts[0], columns)
     if not all("names" in arrays and arrays["names"] == parts[0]["names"] for arrays in parts):
-        chunks = [_unpack_one(chunk_id, arrays, columns) for arrays in parts]
-        return chunks[0] if len(chunks) == 1 else join_segments(chunk_id, chunks, columns)
-    steps = np.concatenate([arrays["step"] for arrays in parts]) if len(parts) > 1 else parts[0]["step"]
-    matrix = np.concatenate([arrays["values"] for arrays in parts], axis=1) if len(parts) > 1 else parts[0]["values"]
-    masks = np.concatenate([arrays["valid"] for arrays in parts], axis=1) if len(parts) > 1 else parts[0]["valid"]
-    stored = _names(bytes(parts[0]["names"]))
-    if matrix.shape != (len(stored), len(steps)) or masks.shape != matrix.shape:
-        raise CodecError(f"chunk {chunk_id}: kept rows of the wrong shape")
-    chunk = Chunk(chunk_id, steps)
-    for name in columns:
-        row = stored.get(name)
-        if row is None:
-            chunk.values[name], chunk.valid[name] = empty_values(SPEC[name], len(steps)), np.zeros(len(steps), bool)
-        else:
-            chunk.values[name] = _as_kind(SPEC[name], matrix[row])
-            chunk.valid[name] = None if masks[row].all() else masks[row]
-    return chunk
+        return join_segments(chunk_id, [_unpack_one(chunk_id, arrays, columns) for arrays in parts], columns)
+    joined = {"step": np.concatenate([arrays["step"] for arrays in parts]), "names": parts[0]["names"],
+              "values": np.concatenate([arrays["values"] for arrays in parts], axis=1),
+              "valid": np.concatenate([arrays["valid"] for arrays in parts], axis=1)}
+    return _unpack_one(chunk_id, joined, columns)
 
 
 @functools.lru_cache(maxsize=64)
@@ -161,7 +151,7 @@ def _names(text: bytes) -> dict[str, int]:
 
 
 def _unpack_one(chunk_id: int, arrays: dict, columns: tuple[str, ...]) -> Chunk:
-    """One kept-rows blob of either layout, unpacked (`unpack_rows` when segments differ)."""
+    """One kept-rows blob of either layout (or several of the matrix layout joined), unpacked."""
     steps = arrays["step"]
     chunk = Chunk(chunk_id, steps)
     if "names" in arrays:
