@@ -1,10 +1,10 @@
 """The 1M-step overview over HTTP, read cold and again, against the release 3c20f55.
 
-    python benchmarks/overview_release_bench.py [--steps N] [--points P] [--reads R] [--rounds K]
-                                                [--against COMMIT]
+    python benchmarks/overview_release_bench.py [--steps N] [--batch B] [--points P] [--reads R]
+                                                [--rounds K] [--against COMMIT]
 
 Each round starts a fresh server of each tree (the release first in odd rounds, the working
-tree first in even ones), stores an N-step run in it (2,000-step JSON batches, as
+tree first in even ones), stores an N-step run in it (B-step JSON batches, 2,000 by default, as
 `benchmarks/ingest_bench.py` builds them), restarts it (nothing of the run in memory), then
 `GET /api/runs/{run}/series?points=P` R times: read 1 is cold, the median of reads 2..R the warm
 figure (the dashboard's zoom-out and refetch). Times are client-side, over HTTP on one
@@ -58,12 +58,13 @@ def measure(tree: Tree, bodies: list[bytes], points: int, reads: int) -> list[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1_000_000)
+    parser.add_argument("--batch", type=int, default=2000, help="steps per posted batch (smaller: more segments per chunk)")
     parser.add_argument("--points", type=int, default=2000)
     parser.add_argument("--reads", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--against", default="3c20f55", metavar="COMMIT")
     options = parser.parse_args()
-    bodies = make_batches(options.steps, 2000)
+    bodies = make_batches(options.steps, options.batch)
     results: dict[str, list[list[float]]] = {}
     with contextlib.ExitStack() as stack:
         trees = [stack.enter_context(commit_tree(options.against)), Tree("working tree")]
