@@ -18,6 +18,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_port_pair() -> int:
+    """A port P with P and P + 1 both free now (MLX's ring backend listens on both)."""
+    while True:
+        port = free_port()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
+def launch_two_ranks(script: Path, *args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`mlx.launch -n 2 --backend ring script args`, retried while the ring cannot bind its ports.
+
+    Under pytest-xdist another test can take a port between `free_port_pair()` and the ring's
+    bind; that shows as "Address already in use" from the launcher or as "Couldn't bind socket
+    (error: 98)" from a rank (whose failure the launcher may not pass on in its exit status).
+    """
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    base = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "mlx.launch"]
+    for _ in range(5):
+        command = base + ["-n", "2", "--backend", "ring", "--python", sys.executable,
+                          "--starting-port", str(free_port_pair()), str(script), *args]
+        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        output = result.stdout + result.stderr
+        if "ddress already in use" not in output and "Couldn't bind socket" not in output:
+            return result
+    return result
+
+
 def listening_inodes(port: int) -> set[str]:
     """Inodes of the sockets listening on 127.0.0.1/any `port` (Linux's /proc/net tables)."""
     inodes: set[str] = set()

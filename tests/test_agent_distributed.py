@@ -3,18 +3,15 @@ only rank 0 streams by default; `all_ranks=True` streams each rank as `<run>-ran
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.procs import ServerProcess, free_port
+from tests.procs import ServerProcess, launch_two_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
-LAUNCH = Path(sys.executable).with_name("mlx.launch")
 
 RANK_SCRIPT = textwrap.dedent("""
     import sys
@@ -37,20 +34,6 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def launch_two_ranks(script: Path, *args: str) -> subprocess.CompletedProcess:
-    base = [str(LAUNCH)] if LAUNCH.exists() else [sys.executable, "-m", "mlx.launch"]
-    for _ in range(3):  # the ring listens on port and port + 1; retry if another process took one
-        command = base + ["-n", "2", "--backend", "ring", "--python", sys.executable,
-                          "--starting-port", str(free_port()), str(script), *args]
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
-        output = result.stdout + result.stderr
-        # "Address already in use" from the launcher, "Couldn't bind socket (error: 98)" from a rank
-        # (whose failure the launcher may not pass on in its exit status)
-        if "ddress already in use" not in output and "Couldn't bind socket" not in output:
-            return result
-    return result
-
-
 def series(server: ServerProcess, run: str) -> dict:
     with urllib.request.urlopen(f"{server.url}/api/runs/{run}/series?points=1000&fields=pre_norm,loss",
                                 timeout=30) as answer:
@@ -63,7 +46,8 @@ def test_only_rank_zero_streams_unless_all_ranks(tmp_path, all_ranks):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     with ServerProcess(f"sqlite:///{tmp_path / 'db.sqlite'}") as server:
-        result = launch_two_ranks(script, server.url, str(tmp_path / "spool"), "1" if all_ranks else "0")
+        result = launch_two_ranks(script, server.url, str(tmp_path / "spool"), "1" if all_ranks else "0",
+                                  cwd=ROOT)
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-3000:]
         with urllib.request.urlopen(server.url + "/api/runs", timeout=30) as answer:
