@@ -22,7 +22,9 @@ How the memory stays bounded (tests/test_wire_memory.py measures it):
    names are read one by one with containers refused, charged per name.
 So parsing holds the body's typed arrays in place, plain values within the allowance
 and the checks' small temporaries: about 1x the body at the peak (the skeleton's copy
-of the body while it is read), ≤ 1.5x the body plus PLAIN_SLACK for any body.
+of the body while it is read; the unpackers start with a small buffer, not msgpack's
+default 1 MiB, which would be another 1x of a 1 MiB body), ≤ 1.5x the body plus
+PLAIN_SLACK for any body.
 """
 from __future__ import annotations
 
@@ -86,8 +88,11 @@ def invalid(error: Exception) -> BatchError:
 def skeleton(data: bytes | bytearray | memoryview, descend: dict[str, dict]) -> Section:
     """The sections of the top-level value and, for maps, of the members named in
     `descend` (a tree of keys: `{"batch": {"tensor_norms": {}}}`). Builds only keys."""
-    unpacker = msgpack.Unpacker(max_buffer_size=max(1, len(data)), max_str_len=KEY_BYTES, max_bin_len=0,
-                                max_array_len=0, max_map_len=0, max_ext_len=0)
+    # read_size: the buffer the unpacker starts with (1 MiB by default), replaced by one of the
+    # body's size at `feed`; a small one keeps the peak at one copy of the body, not 1 MiB more.
+    unpacker = msgpack.Unpacker(max_buffer_size=max(1, len(data)), read_size=max(1, min(len(data), 4096)),
+                                max_str_len=KEY_BYTES, max_bin_len=0, max_array_len=0, max_map_len=0,
+                                max_ext_len=0)
     try:
         unpacker.feed(data)
         top = _section(unpacker, descend)
@@ -165,7 +170,8 @@ class Reader:
 
     def names(self, section: Section) -> Any:
         """Tensor names, one at a time: a name that is a container or over 4,000 bytes is refused."""
-        unpacker = msgpack.Unpacker(max_buffer_size=max(1, section.size), **_NAME_LIMITS)
+        unpacker = msgpack.Unpacker(max_buffer_size=max(1, section.size),
+                                    read_size=max(1, min(section.size, 4096)), **_NAME_LIMITS)
         unpacker.feed(self.view[section.start:section.end])
         try:
             count = unpacker.read_array_header()
