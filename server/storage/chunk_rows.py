@@ -33,7 +33,8 @@ migration share one spelling of the SQL.
   chunk; schema 7). A 64-step block two segments share has an entry in each:
   reads merge them (`summaries.join_split_blocks`), so a reader sees one entry
   per block as before; the overview's coarser widths (512, 4,096) are combined
-  from them at read time.
+  from them at read time. Once the run has moved past a chunk, its summary
+  segments are joined into one (`compact.py`).
 - `tensor_chunks` / `tensor_summaries`: per-tensor norms of a chunk's steps
   (a steps x tensors float32 matrix) and their per-64-step maxima.
 
@@ -66,7 +67,7 @@ KEPT_WIDTH = 0            # `chunk_summaries.width` of the row holding a chunk's
 IDS_PER_QUERY = 400       # chunk ids bound in one IN (...)
 MAX_SEGMENTS = 16         # an append past this many segments rewrites the chunk as one
 
-_UPSERT = {
+UPSERT = {
     "chunks": ("INSERT INTO chunks (run_id, chunk_id, n, version, segments) VALUES (?, ?, ?, ?, ?) "
                "ON CONFLICT (run_id, chunk_id) DO UPDATE SET n = excluded.n, version = excluded.version, "
                "segments = excluded.segments"),
@@ -136,12 +137,26 @@ def unpack_rows(chunk_id: int, blobs: bytes | list[bytes], columns: tuple[str, .
             raise CodecError(f"chunk {chunk_id}: not a kept-rows blob")
     if len(parts) == 1:
         return _unpack_one(chunk_id, parts[0], columns)
-    if not all("names" in arrays and arrays["names"] == parts[0]["names"] for arrays in parts):
+    joined = _joined_matrices(parts)
+    if joined is None:
         return join_segments(chunk_id, [_unpack_one(chunk_id, arrays, columns) for arrays in parts], columns)
-    joined = {"step": np.concatenate([arrays["step"] for arrays in parts]), "names": parts[0]["names"],
-              "values": np.concatenate([arrays["values"] for arrays in parts], axis=1),
-              "valid": np.concatenate([arrays["valid"] for arrays in parts], axis=1)}
     return _unpack_one(chunk_id, joined, columns)
+
+
+def join_packed_rows(blobs: list[bytes]) -> bytes | None:
+    """Kept-rows blobs of one chunk's segments (in order) as one blob, as `pack_rows` of all
+    their rows would be; None when they are not all of the matrix layout with the same
+    columns (the blobs are left as they are: `unpack_rows` reads them)."""
+    joined = _joined_matrices([unpack_arrays(blob) for blob in blobs])
+    return None if joined is None else pack_arrays(joined)
+
+
+def _joined_matrices(parts: list[dict]) -> dict | None:
+    if not all("names" in arrays and arrays["names"] == parts[0]["names"] for arrays in parts):
+        return None
+    return {"step": np.concatenate([arrays["step"] for arrays in parts]), "names": parts[0]["names"],
+            "values": np.concatenate([arrays["values"] for arrays in parts], axis=1),
+            "valid": np.concatenate([arrays["valid"] for arrays in parts], axis=1)}
 
 
 @functools.lru_cache(maxsize=64)
@@ -264,13 +279,13 @@ class ChunkRows:
                 cursor.executemany(self.sql("DELETE FROM chunk_summaries WHERE run_id = ? AND width IN (?, ?) "
                                             "AND chunk_id = ? AND seg > 0"),
                                    [(r, KEPT_WIDTH, BLOCK, c) for r, c in rewritten])
-        cursor.executemany(self.sql(_UPSERT["chunk_columns"]), column_rows)
+        cursor.executemany(self.sql(UPSERT["chunk_columns"]), column_rows)
         if self.summary_segments:
-            cursor.executemany(self.sql(_UPSERT["chunk_summaries"]), [(run_id, *row) for row in summary_rows])
+            cursor.executemany(self.sql(UPSERT["chunk_summaries"]), [(run_id, *row) for row in summary_rows])
         else:
             cursor.executemany(self.sql(_UNSEGMENTED_SUMMARY_UPSERT),
                                [(run_id, width, chunk_id, data) for width, chunk_id, _, data in summary_rows])
-        cursor.executemany(self.sql(_UPSERT["chunks"]), chunk_rows)
+        cursor.executemany(self.sql(UPSERT["chunks"]), chunk_rows)
 
     def summaries(self, cursor, run_id: int, first: int, last: int, width: int) -> Summary:
         """Entries of `width` (a multiple of BLOCK) over the stored chunks first..last, ascending."""
@@ -363,9 +378,9 @@ class ChunkRows:
             for table in ("tensor_chunks", "tensor_summaries"):
                 cursor.executemany(self.sql(f"DELETE FROM {table} WHERE run_id = ? AND chunk_id = ? AND seg > 0"),
                                    whole)
-        cursor.executemany(self.sql(_UPSERT["tensor_chunks"]),
+        cursor.executemany(self.sql(UPSERT["tensor_chunks"]),
                            [(run_id, c.chunk_id, seg, len(c.steps), version, encode_tensors(c)) for seg, c in parts])
-        cursor.executemany(self.sql(_UPSERT["tensor_summaries"]),
+        cursor.executemany(self.sql(UPSERT["tensor_summaries"]),
                            [(run_id, c.chunk_id, seg, encode_tensor_summary(summarize_tensors(c))) for seg, c in parts])
 
     def delete_run(self, cursor, run_id: int) -> dict[str, int]:

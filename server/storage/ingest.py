@@ -33,6 +33,7 @@ from sqlalchemy import Engine
 from gradwatch.server.storage.engine import Database, rollback_quietly
 from gradwatch.server.storage.chunks import CHUNK, merge_batch, merge_tensors, split_by_chunk
 from gradwatch.server.storage.chunk_rows import MAX_SEGMENTS, SPEC, ChunkRows
+from gradwatch.server.storage.compact import COMPACT_GROUP, compact_summaries
 from gradwatch.server.storage.serialise import encode_floats
 from gradwatch.server.storage.wal import WalCheckpointer
 
@@ -215,6 +216,10 @@ class Ingestor(Database):
                 changed = [result.chunk for result in merge.chunks.values() if result.changed]
                 fresh = {chunk.chunk_id for chunk in changed if chunk.chunk_id > newest}
                 self.rows.write(cursor, run_id, version, changed, appends, fresh)
+                if fresh and newest >= 0 and max(fresh) // COMPACT_GROUP > newest // COMPACT_GROUP:
+                    # the run moved past the group of chunks its newest was in: join their segments' summaries
+                    group = newest // COMPACT_GROUP * COMPACT_GROUP
+                    compact_summaries(self.rows, cursor, run_id, group, group + COMPACT_GROUP - 1)
             for conflict in merge.conflicts:
                 differing = list(conflict.fields)
                 event_rows.append(_event_row(
