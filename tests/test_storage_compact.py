@@ -142,3 +142,29 @@ def test_joined_kept_row_blobs_equal_packing_all_the_rows_at_once():
     assert join_packed_rows([blobs[0], pack_rows(other)]) is None   # other columns: left apart
     joined = unpack_rows(0, blobs, ("pre_norm", "loss"))
     assert joined.steps.tolist() == steps.tolist()
+
+
+def test_a_summary_blob_that_does_not_decode_does_not_fail_the_batch_that_passes_it(tmp_path, caplog):
+    """Joining is an optimisation: a broken blob leaves the group in segments and the batch
+    that opened the next group is stored all the same (refused, the agent would resend it
+    forever)."""
+    steps = np.arange(COMPACT_GROUP * CHUNK + 600)
+    columns = columns_of(steps, seed=6)
+    engine = make_engine(f"sqlite:///{tmp_path / 'broken.db'}")
+    create_schema(engine)
+    store = Store(engine)
+    try:
+        boundary = COMPACT_GROUP * CHUNK
+        for start in range(0, boundary, 300):
+            store.ingest("run", batch_of(steps, columns, np.arange(start, min(start + 300, boundary))))
+        run_id = store.run_id("run")
+        with engine.begin() as connection:
+            connection.exec_driver_sql("UPDATE chunk_summaries SET data = x'00' WHERE run_id = ? AND width = ? "
+                                       "AND chunk_id = 2 AND seg = 3", (run_id, BLOCK))
+        with caplog.at_level("WARNING", logger="gradwatch.server"):
+            result = store.ingest("run", batch_of(steps, columns, np.arange(boundary, len(steps))))
+        assert result.accepted == 600 and store.reader.read("SELECT last_step FROM runs")[0][0] == len(steps) - 1
+        assert "not joined" in caplog.text
+        assert summary_segments(store, run_id, BLOCK)[0] > 1      # the group left in segments
+    finally:
+        engine.dispose()

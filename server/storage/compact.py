@@ -11,6 +11,7 @@ little, and an agent's 2,000-step batches (3 per chunk) pay nothing for it.
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 
 import numpy as np
@@ -21,6 +22,7 @@ from gradwatch.server.storage.chunks.codec import CodecError
 from gradwatch.server.storage.chunks.summaries import (Summary, decode_summaries, encode_matrices, encode_summary,
                                                        join_split_blocks)
 
+log = logging.getLogger("gradwatch.server")
 COMPACT_SEGMENTS = 6   # chunks with this many segments or more have their summaries joined...
 COMPACT_GROUP = 8      # ...this many chunks at a time
 
@@ -50,7 +52,13 @@ def compact_summaries(rows: ChunkRows, cursor, run_id: int, first: int, last: in
     ids = [chunk_id for chunk_id in ids if len(entries[chunk_id]) > 1]
     if not ids:
         return 0
-    joined = join_split_blocks(decode_summaries([blob for chunk_id in ids for blob in entries[chunk_id]]))
+    try:
+        joined = join_split_blocks(decode_summaries([blob for chunk_id in ids for blob in entries[chunk_id]]))
+    except (CodecError, ValueError, KeyError) as error:
+        # A blob that does not decode must not fail the batch that happened to pass these chunks
+        # (the agent would resend it forever): leave them in segments; reads report the blob.
+        log.warning("run %s: summaries of chunks %s-%s not joined: %s", run_id, first, last, error)
+        return 0
     bounds = np.searchsorted(joined.start, np.array([*ids, ids[-1] + 1]) * CHUNK)
     written = [(run_id, BLOCK, chunk_id, 0, _entries_blob(joined, bounds[i], bounds[i + 1]))
                for i, chunk_id in enumerate(ids)]
@@ -59,7 +67,7 @@ def compact_summaries(rows: ChunkRows, cursor, run_id: int, first: int, last: in
         if len(kept[chunk_id]) > 1:   # segment 0 has one (written with it)
             try:
                 blob = join_packed_rows(kept[chunk_id])
-            except CodecError:
+            except (CodecError, ValueError, KeyError):
                 continue   # left in segments, read as they are
             if blob is not None:
                 written.append((run_id, KEPT_WIDTH, chunk_id, 0, blob))
