@@ -80,7 +80,6 @@ def compact_summaries(rows: ChunkRows, cursor, run_id: int, first: int, last: in
     return len(ids)
 
 
-
 def _entries_blob(joined: Summary, begin: int, end: int) -> bytes:
     """Entries begin..end of a joined summary, encoded (straight from its matrices when it has them)."""
     if joined.matrices is None:

@@ -9,7 +9,9 @@ chunk's next segment, `Ingestor._appends`), the batch is merged into them
 resend is a duplicate, a different one a conflict, stored as a `conflict`
 event and never an overwrite), and the changed chunks are written
 back with their summaries and the run's new version. A late step lands in its
-own chunk; no other chunk is read or written. The batch is all or nothing.
+own chunk; no other chunk is read or written. A batch that opens a chunk in the
+next group of eight joins the summary segments of the group the run moved past
+(`compact.py`). The batch is all or nothing.
 Clip events are not stored: reads derive them from the clipped steps.
 
 Whoever wants to know of newly stored rows (the live feed) registers a

@@ -9,7 +9,7 @@ little-endian bytes; `tensor_norms.norms` is one such array of float32, row by r
 no object per value, never converted), so it has one dtype per kind of column: steps
 int64/uint64, float columns float32/float64, bool columns bool, tensor norms float32.
 
-How the memory stays bounded (tests/test_wire_memory.py measures it):
+How the memory stays bounded (tests/test_server_parse_memory.py measures it):
 1. the skeleton: msgpack's streaming `Unpacker` reads the map headers and keys of the
    message, the batch and `tensor_norms`, and `skip()`s every value, noting where it
    starts and ends (`tell()`); nothing is built but the keys;
