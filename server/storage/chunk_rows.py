@@ -54,7 +54,8 @@ from gradwatch.server.storage.chunks import (BLOCK, CHUNK, Chunk, TensorChunk, T
                                              decode_chunk, decode_segments, decode_summaries, decode_tensor_summary,
                                              decode_tensors, encode_chunk, encode_tensor_summary, encode_tensors,
                                              merge_tensors, summarize_tensors)
-from gradwatch.server.storage.chunks.codec import NULL, CodecError, empty_values, pack_arrays, unpack_arrays
+from gradwatch.server.storage.chunks.codec import (NULL, CodecError, empty_values, join_segments, pack_arrays,
+                                                   unpack_arrays)
 from gradwatch.server.storage.chunks.downsample import kept_rows_of
 from gradwatch.server.storage.chunks.summaries import (Summary, empty_summary, encode_matrices, join_split_blocks,
                                                        summary_matrices)
@@ -416,17 +417,6 @@ def _decode_rows(rows: list[tuple], columns: tuple[str, ...]) -> dict[int, Chunk
         elif segments:
             out[chunk_id] = decode_segments(chunk_id, segments, SPEC, columns)
     return out
-
-
-def join_segments(chunk_id: int, parts: list[Chunk], columns: tuple[str, ...]) -> Chunk:
-    """Segments of one chunk (ascending, disjoint step ranges) as one chunk."""
-    joined = Chunk(chunk_id, np.concatenate([p.steps for p in parts]))
-    for name in columns:
-        joined.values[name] = np.concatenate([p.values[name] for p in parts])
-        oks = [p.valid.get(name) for p in parts]
-        joined.valid[name] = None if all(ok is None for ok in oks) else np.concatenate(
-            [np.ones(len(p.steps), bool) if ok is None else ok for p, ok in zip(parts, oks)])
-    return joined
 
 
 def _join_tensor_rows(rows: list[tuple]) -> list[TensorChunk]:

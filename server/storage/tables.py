@@ -17,7 +17,8 @@ Layout:
   the codec, storage/chunk_rows.py for the rows). Measured against the row per
   step it replaced (schema 4): `benchmarks/scale_bench.py`. A batch that only
   appends to a chunk adds a segment (`seg`) holding just its rows, with their
-  own summary entries, instead of rewriting the chunk and its summary; a chunk
+  own summary entries, instead of rewriting the chunk and its summary (joined
+  into one once the run has moved past the chunk: storage/compact.py); a chunk
   is rewritten whole (one segment) when a step lands inside it or it has
   `MAX_SEGMENTS` segments.
 - `tensor_chunks` + `tensor_summaries`: per-tensor norms in the same chunks,

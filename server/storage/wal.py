@@ -35,11 +35,12 @@ class WalCheckpointer:
     B-tree leaves a run's rows go to, the `runs` row) is then copied into the
     database file once, not once per batch: the checkpoints' CPU per 2,000-step
     batch went from 0.87 to 0.22 ms at 0.1 s (`benchmarks/ingest_profile.py`,
-    process CPU minus the ingesting thread's), and 0.3 s raised JSON ingest over
-    HTTP by a further 9% at 1,000-step batches, 5% at 2,000 and 2% at 500
-    (`benchmarks/ingest_bench.py --against`, 0.1 s against 0.3 s alternated). The
-    WAL holds at most that much more: ~0.3 s of ingest, about 30 MB at full speed,
-    under `LIMIT`.
+    process CPU minus the ingesting thread's). 0.3 s measured a further 2-9% over
+    0.1 s in runs under a second long, which can leave a checkpoint after the
+    timed window; over 4 s runs (1,000,000 steps) 1.0 s gained only 2% more on
+    0.3 s, within the noise (`benchmarks/ingest_bench.py --against`, alternated).
+    The WAL holds at most that much more: ~0.3 s of ingest, about 30 MB at full
+    speed, under `LIMIT`.
     """
 
     LIMIT = 4096   # frames (pages): 64 MB of WAL at 16 KiB pages (engine.SQLITE_PAGE_SIZE)

@@ -281,31 +281,39 @@ def encode_chunk(chunk: Chunk, spec: Spec, level: int = 0) -> dict[str, bytes]:
 def decode_segments(chunk_id: int, segments: list[Mapping[str, bytes]], spec: Spec,
                     columns: tuple[str, ...] | None = None) -> Chunk:
     """A chunk stored as segments (each a `{'step': ..., name: ...}` of `encode_chunk`, disjoint
-    ascending steps, in order) decoded as one chunk: `decode_chunk` of each, joined, with the
-    steps read at once (`decode_segment_steps`)."""
+    ascending steps, in order) decoded as one chunk: each segment's columns decoded and the
+    segments joined, with the steps read at once (`decode_segment_steps`)."""
     steps, counts = decode_segment_steps(chunk_id, [segment["step"] for segment in segments])
-    chunk = Chunk(chunk_id, steps)
-    for name in (columns if columns is not None else tuple(spec)):
-        kind = spec[name]
-        parts = [decode_column(kind, segment[name], n) if name in segment
-                 else (empty_values(kind, n), np.zeros(n, dtype=bool)) for segment, n in zip(segments, counts)]
-        chunk.values[name] = np.concatenate([values for values, _ in parts])
-        if all(valid is None for _, valid in parts):
-            chunk.valid[name] = None
-        else:
-            chunk.valid[name] = np.concatenate([np.ones(n, bool) if valid is None else valid
-                                                for (_, valid), n in zip(parts, counts)])
-    return chunk
+    names = columns if columns is not None else tuple(spec)
+    bounds = np.cumsum([0, *counts])
+    parts = [_decode_columns(Chunk(chunk_id, steps[a:b]), segment, spec, names)
+             for segment, a, b in zip(segments, bounds[:-1], bounds[1:])]
+    return join_segments(chunk_id, parts, names)
+
+
+def join_segments(chunk_id: int, parts: list[Chunk], columns: tuple[str, ...]) -> Chunk:
+    """Segments of one chunk (ascending, disjoint step ranges) as one chunk."""
+    joined = Chunk(chunk_id, np.concatenate([p.steps for p in parts]))
+    for name in columns:
+        joined.values[name] = np.concatenate([p.values[name] for p in parts])
+        oks = [p.valid.get(name) for p in parts]
+        joined.valid[name] = None if all(ok is None for ok in oks) else np.concatenate(
+            [np.ones(len(p.steps), bool) if ok is None else ok for p, ok in zip(parts, oks)])
+    return joined
 
 
 def decode_chunk(chunk_id: int, blobs: Mapping[str, bytes], spec: Spec,
                  columns: tuple[str, ...] | None = None) -> Chunk:
     """Decode the steps and the wanted columns (all of `spec` by default); a column
     of `spec` missing from `blobs` (added to the registry later) decodes as all null."""
-    steps = decode_steps(chunk_id, blobs["step"])
-    n = len(steps)
-    chunk = Chunk(chunk_id, steps)
-    for name in (columns if columns is not None else tuple(spec)):
+    chunk = Chunk(chunk_id, decode_steps(chunk_id, blobs["step"]))
+    return _decode_columns(chunk, blobs, spec, columns if columns is not None else tuple(spec))
+
+
+def _decode_columns(chunk: Chunk, blobs: Mapping[str, bytes], spec: Spec, columns: tuple[str, ...]) -> Chunk:
+    """`columns` of `blobs` decoded into `chunk` (its steps set); a column without a blob is all null."""
+    n = len(chunk.steps)
+    for name in columns:
         kind = spec[name]
         blob = blobs.get(name)
         if blob is None:
